@@ -1,0 +1,1 @@
+"""Post-processing of run files. Never imports mpi4py, the offload or the LWK runtime."""

@@ -1,0 +1,243 @@
+"""Options: one declaration each, readable from the command line, the environment and a file.
+
+Every option is declared once here with its type, default and help. The CLI builds its
+argument groups from these declarations, and `resolve` gives each option its value by the
+precedence users of HPC tools expect: command line > environment (``MCKMPI_<NAME>``) >
+configuration file > default. The file is TOML, one table per section::
+
+    # mckmpi.toml (or the file named by MCKMPI_CONFIG, or ~/.config/mckmpi/config.toml)
+    [partition]
+    linux_cores = "1"
+    mem = "512M"
+    [run]
+    out = "results"
+
+Environment variables are how ``mpiexec``/``srun`` hand the same settings to every rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mckmpi.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting: its CLI flags, its environment variable and its file key derive from `name`."""
+
+    name: str
+    section: str
+    help: str
+    default: Any = None
+    type: Callable[[str], Any] = str
+    flags: tuple[str, ...] = ()
+    choices: tuple[str, ...] | None = None
+    metavar: str | None = None
+    flag: bool = False  # a switch without a value (store_true)
+
+    @property
+    def env(self) -> str:
+        return "MCKMPI_" + self.name.upper()
+
+    @property
+    def cli_flags(self) -> tuple[str, ...]:
+        return self.flags or ("--" + self.name.replace("_", "-"),)
+
+    def convert(self, raw: Any, origin: str) -> Any:
+        """Turn a string (or a TOML value) into the option's type, naming where it came from."""
+        if self.flag:
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off", ""):
+                return False
+            raise UsageError(f"{origin}: expected a boolean for {self.name}, got {raw!r}")
+        value = self.type(raw if isinstance(raw, str) else str(raw))
+        if self.choices is not None and value not in self.choices:
+            raise UsageError(
+                f"{origin}: invalid {self.name} {raw!r} (choose from {', '.join(self.choices)})"
+            )
+        return value
+
+
+@dataclass
+class Settings:
+    """Resolved option values, with the origin of each for provenance and error messages."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+    origins: dict[str, str] = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+_REGISTRY: dict[str, Option] = {}
+
+
+def option(**kwargs: Any) -> Option:
+    """Declare an option; names are unique across sections (one env var per name)."""
+    opt = Option(**kwargs)
+    if opt.name in _REGISTRY:
+        raise ValueError(f"option {opt.name} declared twice")
+    _REGISTRY[opt.name] = opt
+    return opt
+
+
+def options(*sections: str) -> list[Option]:
+    """The declared options of the given sections, in declaration order."""
+    return [o for o in _REGISTRY.values() if o.section in sections]
+
+
+def add_arguments(parser: argparse.ArgumentParser, *sections: str) -> None:
+    """One argument group per section; defaults are left out so `resolve` can layer them."""
+    for section in sections:
+        group = parser.add_argument_group(f"{section} options")
+        for opt in options(section):
+            shown = "on" if opt.flag and opt.default else opt.default
+            helptext = f"{opt.help} [env {opt.env}; default {shown}]"
+            if opt.flag:
+                group.add_argument(
+                    *opt.cli_flags, dest=opt.name, action="store_const", const=True,
+                    default=argparse.SUPPRESS, help=helptext,
+                )
+            else:
+                group.add_argument(
+                    *opt.cli_flags, dest=opt.name, default=argparse.SUPPRESS,
+                    metavar=opt.metavar, choices=opt.choices, help=helptext,
+                )
+
+
+def config_file(env: Mapping[str, str] = os.environ) -> Path | None:
+    """The configuration file in effect: MCKMPI_CONFIG, ./mckmpi.toml, ~/.config/mckmpi/config.toml."""
+    if env.get("MCKMPI_CONFIG"):
+        path = Path(env["MCKMPI_CONFIG"])
+        if not path.is_file():
+            raise UsageError(f"MCKMPI_CONFIG names a missing file: {path}")
+        return path
+    for path in (Path("mckmpi.toml"), Path.home() / ".config" / "mckmpi" / "config.toml"):
+        if path.is_file():
+            return path
+    return None
+
+
+def _read_file(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"{path}: not valid TOML: {exc}") from None
+
+
+def resolve(
+    args: argparse.Namespace | None,
+    *sections: str,
+    env: Mapping[str, str] = os.environ,
+    file: Path | None = None,
+) -> Settings:
+    """Values of the sections' options: CLI > environment > file > default."""
+    path = file if file is not None else config_file(env)
+    table = _read_file(path)
+    settings = Settings()
+    given = vars(args) if args is not None else {}
+    for opt in options(*sections):
+        if opt.name in given:
+            origin, raw = "command line", given[opt.name]
+        elif opt.env in env:
+            origin, raw = opt.env, env[opt.env]
+        elif opt.name in table.get(opt.section, {}):
+            origin, raw = f"{path} [{opt.section}]", table[opt.section][opt.name]
+        else:
+            settings.values[opt.name] = opt.default
+            settings.origins[opt.name] = "default"
+            continue
+        settings.values[opt.name] = opt.convert(raw, origin)
+        settings.origins[opt.name] = origin
+    return settings
+
+
+def to_env(settings: Settings) -> dict[str, str]:
+    """The settings as MCKMPI_* variables, so a launcher can hand them to every rank."""
+    out = {}
+    for name, value in settings.values.items():
+        if value is None:
+            continue
+        opt = _REGISTRY[name]
+        out[opt.env] = ("1" if value else "0") if opt.flag else str(value)
+    return out
+
+
+# --- declarations -------------------------------------------------------------------------
+# Declared here, in one place, so that `mckmpi <cmd> --help`, the environment and the
+# configuration file always agree on names, types and defaults.
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise UsageError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise UsageError(f"must be at least 1: {text!r}")
+    return value
+
+
+def _size(text: str) -> int:
+    from mckmpi.utility.units import parse_size
+
+    return parse_size(text)
+
+
+def _cpulist(text: str) -> tuple[int, ...]:
+    from mckmpi.utility.units import parse_cpulist
+
+    return parse_cpulist(text)
+
+
+MODE = option(
+    name="mode", section="partition", default="linux", choices=("linux", "lwk"),
+    help="linux: the baseline, ranks on every core with default Linux/Python behaviour; "
+         "lwk: ranks on LWK cores with arena memory and the cooperative scheduler",
+)
+LINUX_CORES = option(
+    name="linux_cores", section="partition", default="1", metavar="N|LIST",
+    help="service cores per node kept for Linux and the proxy: a count or a CPU list",
+)
+LWK_CORES = option(
+    name="lwk_cores", section="partition", type=_cpulist, metavar="LIST",
+    help="CPU list for the LWK side (default: every allowed CPU that is not a Linux core)",
+)
+MEM = option(
+    name="mem", section="partition", default=256 * 1024**2, type=_size, metavar="SIZE",
+    help="arena memory per rank in lwk mode (512M, 2G)",
+)
+OVERSUBSCRIBE = option(
+    name="oversubscribe", section="partition", default=False, flag=True,
+    help="allow more ranks than cores: ranks then share cores round-robin",
+)
+VNODES = option(
+    name="vnodes", section="partition", default=1, type=_positive_int, metavar="K",
+    help="split each host's ranks and CPUs into K virtual nodes, each with its own proxy",
+)
+OUT = option(
+    name="out", section="run", default="results", metavar="PATH",
+    help="run file: a directory (a name is chosen) or a path ending in .h5",
+)
+TRACE_WRITER = option(
+    name="trace_writer", section="run", default="auto", choices=("auto", "parallel", "gather"),
+    help="how the run file is written: parallel HDF5 (collective), gathered to rank 0, "
+         "or auto (parallel when h5py has MPI)",
+)

@@ -1,0 +1,76 @@
+"""What an app sees of the harness: `mckmpi.context()`.
+
+Under `mckmpi run` the context carries the rank's placement, its partition, the memory
+provider (the LWK arena in lwk mode, numpy in linux mode), the scheduler and the tracer.
+An app started without the harness (``mpiexec -n 2 python apps/stencil.py``) gets a bare
+context with the same interface: numpy memory, no scheduler, a tracer that keeps nothing.
+So every app runs unchanged in both modes and bare, and the harness's own cost can be
+measured against the bare run.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from mckmpi.partition import NodePlan, RankPlan
+from mckmpi.placement import Placement, from_env
+from mckmpi.trace.tracer import Tracer
+
+
+class NumpyMemory:
+    """Linux-mode memory: numpy's default allocator, with the arena's interface."""
+
+    empty = staticmethod(np.empty)
+    zeros = staticmethod(np.zeros)
+    full = staticmethod(np.full)
+    empty_like = staticmethod(np.empty_like)
+    zeros_like = staticmethod(np.zeros_like)
+
+    @staticmethod
+    def asarray(a: Any, dtype: Any = None) -> np.ndarray:
+        return np.array(a, dtype=dtype)
+
+    def free(self, arr: np.ndarray) -> None:
+        """Nothing to return: the array's memory goes back when the array dies."""
+
+    def stats(self) -> dict[str, Any]:
+        return {}
+
+
+@dataclass
+class Context:
+    """The harness as one rank's app sees it."""
+
+    placement: Placement
+    mode: str = "linux"
+    harness: bool = False
+    tracer: Tracer = field(default_factory=lambda: Tracer(enabled=False))
+    mem: Any = field(default_factory=NumpyMemory)
+    scheduler: Any = None
+    node_plan: NodePlan | None = None
+    comm: Any = None  # MPI.COMM_WORLD once initialised
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rank_plan(self) -> RankPlan | None:
+        return None if self.node_plan is None else self.node_plan.rank(self.placement.local_rank)
+
+
+_current: Context | None = None
+
+
+def context() -> Context:
+    """The running rank's context; a bare one when the app runs without the harness."""
+    global _current
+    if _current is None:
+        _current = Context(placement=from_env(os.environ))
+    return _current
+
+
+def set_context(ctx: Context | None) -> None:
+    global _current
+    _current = ctx

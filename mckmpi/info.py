@@ -1,0 +1,106 @@
+"""Facts about the node: versions, MPI, parallel HDF5, kernel features, limits.
+
+`mckmpi info` prints these (what a user runs first on a new cluster) and every run file
+stores the version part as provenance, so both come from here.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import mckmpi
+
+
+def versions() -> dict[str, str]:
+    """Versions of everything that shapes a measurement (imports MPI: call after init)."""
+    import h5py
+    import mpi4py
+    from mpi4py import MPI
+
+    return {
+        "mckmpi": mckmpi.__version__,
+        "python": platform.python_version(),
+        "python_implementation": platform.python_implementation(),
+        "numpy": np.__version__,
+        "mpi4py": mpi4py.__version__,
+        "mpi_library": MPI.Get_library_version().strip("\x00 \n").splitlines()[0],
+        "mpi_standard": "{}.{}".format(*MPI.Get_version()),
+        "h5py": h5py.version.version,
+        "hdf5": h5py.version.hdf5_version,
+        "h5py_mpi": str(bool(h5py.get_config().mpi)),
+        "kernel": platform.release(),
+        "machine": platform.machine(),
+    }
+
+
+def cgroup_version() -> str:
+    if Path("/sys/fs/cgroup/cgroup.controllers").is_file():
+        return "v2"
+    if Path("/sys/fs/cgroup/cpuset").is_dir():
+        hybrid = Path("/sys/fs/cgroup/unified/cgroup.controllers").is_file()
+        return "v1 (hybrid, v2 at /sys/fs/cgroup/unified)" if hybrid else "v1"
+    return "none found"
+
+
+def hugepages() -> dict[str, str]:
+    out = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("HugePages_Total", "HugePages_Free", "Hugepagesize"):
+            out[key] = value.strip()
+    for name in ("enabled", "shmem_enabled"):
+        p = Path("/sys/kernel/mm/transparent_hugepage") / name
+        out[f"thp_{name}"] = p.read_text().strip() if p.is_file() else "absent"
+    return out
+
+
+def limits() -> dict[str, str]:
+    def fmt(v: int) -> str:
+        return "unlimited" if v == resource.RLIM_INFINITY else str(v)
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    nsoft, nhard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return {
+        "memlock": f"{fmt(soft)} (hard {fmt(hard)})",
+        "nofile": f"{fmt(nsoft)} (hard {fmt(nhard)})",
+        "nr_open": Path("/proc/sys/fs/nr_open").read_text().strip(),
+        "uid": str(os.getuid()),
+        "sched_rt_runtime_us": Path("/proc/sys/kernel/sched_rt_runtime_us").read_text().strip(),
+    }
+
+
+def seccomp() -> dict[str, Any]:
+    """What the kernel offers for syscall offload (user notification, ADDFD)."""
+    actions = Path("/proc/sys/kernel/seccomp/actions_avail")
+    avail = actions.read_text().split() if actions.is_file() else []
+    return {"actions_avail": " ".join(avail) or "none", "user_notif": "user_notif" in avail}
+
+
+def gather() -> dict[str, dict[str, Any]]:
+    """Everything `mckmpi info` shows, by section."""
+    from mckmpi.partition import read_host
+    from mckmpi.utility.units import format_cpulist, format_size
+
+    host = read_host()
+    return {
+        "versions": versions(),
+        "node": {
+            "hostname": platform.node(),
+            "cpus (cpuset)": format_cpulist(host.cpus),
+            "cpus (this process)": format_cpulist(os.sched_getaffinity(0)),
+            "numa nodes": ", ".join(f"{n}: {format_cpulist(c)}" for n, c in host.numa.items()) or "1",
+            "memory available": format_size(host.mem_available),
+            "cgroup": cgroup_version(),
+            "python": sys.executable,
+        },
+        "hugepages": hugepages(),
+        "limits": limits(),
+        "seccomp": seccomp(),
+    }

@@ -1,0 +1,277 @@
+"""The partition plan of a node: Linux (service) cores, LWK cores per rank, memory per rank.
+
+IHK "reserves" CPUs and memory for the LWK and "assigns" them to it; mckmpi computes the
+same split in user space. The plan is a pure function of facts passed in (the node's CPUs,
+NUMA layout, available memory, rank count, options), so every rank of a node computes the
+same plan without talking, and tests need neither MPI nor root. `read_host` gathers the
+facts of the running host.
+
+Why the node's CPUs come from the cpuset and not from this process's affinity: launchers bind
+each rank to its own core (Open MPI binds to core by default, srun --cpu-bind likewise), so the
+affinity differs between ranks of one node. The cpuset of the process's cgroup (Slurm's job
+cpuset, or the whole machine) is the same for all of them; under Slurm the union of the
+step's binding masks (SLURM_CPU_BIND_LIST) narrows it to the step's CPUs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mckmpi.errors import PartitionError
+from mckmpi.utility.units import format_cpulist, format_size, parse_cpulist, parse_cpumask
+
+
+@dataclass(frozen=True)
+class NodeFacts:
+    """What the plan is computed from: the node's usable CPUs, NUMA layout and memory."""
+
+    cpus: tuple[int, ...]
+    numa: Mapping[int, tuple[int, ...]] = field(default_factory=dict)
+    mem_available: int = 0
+
+    def numa_of(self, cpu: int) -> int:
+        for node, cpus in self.numa.items():
+            if cpu in cpus:
+                return node
+        return 0
+
+    def split(self, k: int) -> list[NodeFacts]:
+        """K virtual nodes: contiguous CPU slices (NUMA nodes stay together when they can)
+        and an equal share of memory each."""
+        n = len(self.cpus)
+        if k > n:
+            raise PartitionError(f"--vnodes {k} needs at least {k} CPUs; this host allows {n}")
+        return [
+            NodeFacts(
+                cpus=self.cpus[v * n // k:(v + 1) * n // k],
+                numa=self.numa,
+                mem_available=self.mem_available // k,
+            )
+            for v in range(k)
+        ]
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """The cores and memory of one local rank."""
+
+    local_rank: int
+    cpus: tuple[int, ...]
+    numa_node: int
+    mem: int
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    """One node's split. In linux mode every CPU stays Linux's and ranks spread over all of
+    them, as users run jobs today; in lwk mode ranks never share a core with the proxy
+    unless oversubscription was asked for."""
+
+    mode: str
+    cpus: tuple[int, ...]
+    linux_cpus: tuple[int, ...]
+    lwk_cpus: tuple[int, ...]
+    ranks: tuple[RankPlan, ...]
+    mem_per_rank: int
+    oversubscribed: bool
+
+    def rank(self, local_rank: int) -> RankPlan:
+        return self.ranks[local_rank]
+
+    def describe(self) -> str:
+        """One line for logs and the run file."""
+        return (
+            f"{self.mode}: linux cpus {format_cpulist(self.linux_cpus)}, lwk cpus "
+            f"{format_cpulist(self.lwk_cpus) or '-'}, {len(self.ranks)} ranks, "
+            f"mem/rank {format_size(self.mem_per_rank) if self.mem_per_rank else '-'}"
+            + (", oversubscribed" if self.oversubscribed else "")
+        )
+
+
+def plan_node(
+    facts: NodeFacts,
+    nranks: int,
+    *,
+    mode: str,
+    linux_cores: str = "1",
+    lwk_cores: tuple[int, ...] | None = None,
+    mem: int = 256 * 1024**2,
+    oversubscribe: bool = False,
+) -> NodePlan:
+    """Split one node's CPUs and memory among Linux and `nranks` ranks, or explain why not."""
+    if nranks < 1:
+        raise PartitionError(f"a node needs at least one rank, got {nranks}")
+    if not facts.cpus:
+        raise PartitionError("no CPUs are allowed on this node")
+    if mode == "linux":
+        linux, lwk = facts.cpus, facts.cpus
+    else:
+        linux = _linux_cpus(facts, linux_cores)
+        lwk = _lwk_cpus(facts, linux, lwk_cores)
+    if mode == "lwk" and not lwk and not oversubscribe:
+        raise PartitionError(
+            f"no LWK cores left: the node's {len(facts.cpus)} CPUs are all Linux cores; use "
+            "fewer --linux-cores, or --oversubscribe to run ranks on the Linux cores"
+        )
+    shared_pool = lwk or linux
+    if nranks > len(shared_pool) and not oversubscribe:
+        side = "CPUs" if mode == "linux" else f"LWK cores (of {len(facts.cpus)} CPUs, {len(linux)} kept for Linux)"
+        raise PartitionError(
+            f"{nranks} ranks need {nranks} cores but the node has {len(shared_pool)} {side}: "
+            "use --oversubscribe, fewer ranks per node"
+            + (" or fewer --linux-cores" if mode == "lwk" else "")
+        )
+    oversubscribed = nranks > len(shared_pool) or (mode == "lwk" and not lwk)
+    per_rank = max(1, len(shared_pool) // nranks)
+    ranks = []
+    for r in range(nranks):
+        if nranks <= len(shared_pool):
+            cpus = shared_pool[r * per_rank:(r + 1) * per_rank]
+        else:
+            cpus = (shared_pool[r % len(shared_pool)],)
+        ranks.append(RankPlan(local_rank=r, cpus=cpus, numa_node=facts.numa_of(cpus[0]),
+                              mem=mem if mode == "lwk" else 0))
+    if mode == "lwk" and facts.mem_available and nranks * mem > facts.mem_available:
+        raise PartitionError(
+            f"--mem {format_size(mem)} x {nranks} ranks = {format_size(nranks * mem)} exceeds the "
+            f"{format_size(facts.mem_available)} available on this node"
+        )
+    return NodePlan(
+        mode=mode, cpus=facts.cpus, linux_cpus=linux, lwk_cpus=lwk if mode == "lwk" else (),
+        ranks=tuple(ranks), mem_per_rank=mem if mode == "lwk" else 0, oversubscribed=oversubscribed,
+    )
+
+
+def _linux_cpus(facts: NodeFacts, spec: str) -> tuple[int, ...]:
+    spec = str(spec).strip()
+    if spec.isdigit():
+        count = int(spec)
+        if count < 1:
+            raise PartitionError("--linux-cores must keep at least one core for Linux and the proxy")
+        if count > len(facts.cpus):
+            raise PartitionError(f"--linux-cores {count} exceeds the node's {len(facts.cpus)} CPUs")
+        return _spread(facts, count)
+    cpus = parse_cpulist(spec)
+    _check_known(facts, cpus, "--linux-cores")
+    if not cpus:
+        raise PartitionError("--linux-cores must keep at least one core for Linux and the proxy")
+    return cpus
+
+
+def _spread(facts: NodeFacts, count: int) -> tuple[int, ...]:
+    """The lowest CPUs, one per NUMA node in turn, so each memory domain keeps a service core."""
+    by_node: dict[int, list[int]] = {}
+    for cpu in facts.cpus:
+        by_node.setdefault(facts.numa_of(cpu), []).append(cpu)
+    queues = [by_node[n] for n in sorted(by_node)]
+    chosen: list[int] = []
+    while len(chosen) < count:
+        for q in queues:
+            if q and len(chosen) < count:
+                chosen.append(q.pop(0))
+    return tuple(sorted(chosen))
+
+
+def _lwk_cpus(facts: NodeFacts, linux: tuple[int, ...], spec: tuple[int, ...] | None) -> tuple[int, ...]:
+    if spec is None:
+        return tuple(c for c in facts.cpus if c not in linux)
+    _check_known(facts, spec, "--lwk-cores")
+    overlap = set(spec) & set(linux)
+    if overlap:
+        raise PartitionError(
+            f"--lwk-cores and the Linux cores overlap on CPU {format_cpulist(overlap)}"
+        )
+    return tuple(spec)
+
+
+def _check_known(facts: NodeFacts, cpus: tuple[int, ...], what: str) -> None:
+    unknown = sorted(set(cpus) - set(facts.cpus))
+    if unknown:
+        raise PartitionError(
+            f"{what} names CPU {format_cpulist(unknown)}, not allowed on this node "
+            f"(allowed: {format_cpulist(facts.cpus)})"
+        )
+
+
+# --- facts of the running host -------------------------------------------------------------
+
+
+def cgroup_cpus(proc: Path = Path("/proc/self"), sysfs: Path = Path("/sys/fs/cgroup")) -> tuple[int, ...] | None:
+    """The effective cpuset of this process's cgroup (v2 unified or v1 cpuset controller)."""
+    try:
+        lines = (proc / "cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        hier, controllers, path = line.split(":", 2)
+        if hier == "0" and controllers == "":
+            candidates = [sysfs / path.lstrip("/"), sysfs / "unified" / path.lstrip("/")]
+            names = ("cpuset.cpus.effective",)
+        elif "cpuset" in controllers.split(","):
+            candidates = [sysfs / "cpuset" / path.lstrip("/")]
+            names = ("cpuset.effective_cpus", "cpuset.cpus")
+        else:
+            continue
+        for directory in candidates:
+            # Walk up: a child cgroup without the file inherits its parent's set.
+            d = directory
+            while True:
+                for name in names:
+                    f = d / name
+                    if f.is_file():
+                        text = f.read_text().strip()
+                        if text:
+                            return parse_cpulist(text)
+                if d == sysfs or d.parent == d:
+                    break
+                d = d.parent
+    return None
+
+
+def slurm_step_cpus(env: Mapping[str, str]) -> tuple[int, ...] | None:
+    """CPUs of this node's tasks of a Slurm step: the union of SLURM_CPU_BIND_LIST masks."""
+    masks = env.get("SLURM_CPU_BIND_LIST")
+    if not masks or "mask" not in env.get("SLURM_CPU_BIND_TYPE", "mask"):
+        return None
+    cpus: set[int] = set()
+    for m in masks.split(","):
+        if m.strip():
+            cpus.update(parse_cpumask(m.strip()))
+    return tuple(sorted(cpus)) or None
+
+
+def numa_layout(sysfs: Path = Path("/sys/devices/system/node")) -> dict[int, tuple[int, ...]]:
+    """NUMA node -> CPUs from sysfs; a machine without the directory is one node."""
+    layout = {}
+    for d in sorted(sysfs.glob("node[0-9]*")):
+        try:
+            layout[int(d.name[4:])] = parse_cpulist((d / "cpulist").read_text().strip())
+        except OSError:
+            continue
+    return layout
+
+
+def mem_available(meminfo: Path = Path("/proc/meminfo")) -> int:
+    """MemAvailable in bytes: what can be reserved without pushing the node into reclaim."""
+    for line in meminfo.read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def read_host(env: Mapping[str, str] = os.environ) -> NodeFacts:
+    """The facts of this host as a job step sees them."""
+    cpus = cgroup_cpus() or tuple(sorted(os.sched_getaffinity(0)))
+    step = slurm_step_cpus(env)
+    if step:
+        cpus = tuple(c for c in cpus if c in step) or step
+    return NodeFacts(cpus=cpus, numa=numa_layout(), mem_available=mem_available())
+
+
+def node_facts(host: NodeFacts, vnodes: int, vnode: int) -> NodeFacts:
+    """The share of the host that virtual node `vnode` of `vnodes` owns."""
+    return host if vnodes == 1 else host.split(vnodes)[vnode]
+

@@ -1,0 +1,255 @@
+"""`mckmpi run`: the per-rank launcher (McKernel's mcexec).
+
+One `mckmpi run` per rank, started by mpiexec or srun. The stages, in order:
+
+1. placement from the launcher's environment (before MPI, so errors are symmetric);
+2. the node's partition plan (pure computation; every rank of a node gets the same plan);
+3. MPI init, then placement checked against MPI and the plan against the node's ranks;
+4. pinning: the rank's main thread to its cores; in lwk mode MPI's helper threads go to
+   the Linux cores, where McKernel would run them;
+5. the app: a Python file or module run in-process with its own ``sys.argv`` (a non-Python
+   binary is exec'd after pinning instead); an unhandled exception on any rank aborts
+   COMM_WORLD, like ``python -m mpi4py``;
+6. the run file, written collectively by all ranks.
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import shutil
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mckmpi.config import Settings
+from mckmpi.context import Context, set_context
+from mckmpi.errors import PartitionError, UsageError
+from mckmpi.partition import NodePlan, node_facts, plan_node, read_host
+from mckmpi.placement import Placement, from_env, verify, with_vnodes
+from mckmpi.trace.schema import RANKS_DTYPE
+from mckmpi.trace.tracer import Tracer
+from mckmpi.utility.units import format_cpulist
+
+
+@dataclass(frozen=True)
+class App:
+    """What to run: a Python file, a Python module (-m) or any other executable."""
+
+    kind: str  # "file" | "module" | "binary"
+    target: str
+    args: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return Path(self.target).stem if self.kind != "module" else self.target.rsplit(".", 1)[-1]
+
+
+def resolve_app(argv: list[str], module: str | None) -> App:
+    """Classify the command after ``--``; a missing file is a user error, found before MPI."""
+    if module:
+        return App("module", module, tuple(argv))
+    if not argv:
+        raise UsageError("nothing to run: give an app after --, e.g. mckmpi run -- apps/fwq.py")
+    target, args = argv[0], tuple(argv[1:])
+    path = Path(target)
+    if path.suffix == ".py":
+        if not path.is_file():
+            raise UsageError(f"app not found: {target}")
+        return App("file", str(path), args)
+    if "/" not in target:
+        found = shutil.which(target)
+        if found is None:
+            raise UsageError(f"app not found on PATH: {target}")
+        path = Path(found)
+    if not path.is_file():
+        raise UsageError(f"app not found: {target}")
+    if _is_python_script(path):
+        return App("file", str(path), args)
+    if not os.access(path, os.X_OK):
+        raise UsageError(f"app is not executable: {target}")
+    return App("binary", str(path), args)
+
+
+def _is_python_script(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        first = fh.readline(256)
+    return first.startswith(b"#!") and b"python" in first
+
+
+def announces_errors() -> bool:
+    """Whether this rank reports errors that every rank finds (node-local rank 0 does)."""
+    try:
+        return from_env(os.environ).local_rank == 0
+    except UsageError:
+        return True
+
+
+def plan_for(placement: Placement, settings: Settings, env: dict[str, str] | None = None) -> NodePlan:
+    """The partition plan of the placement's (virtual) node."""
+    facts = node_facts(read_host(env if env is not None else os.environ), placement.vnodes, placement.vnode)
+    return plan_node(
+        facts, placement.local_size, mode=settings.mode, linux_cores=settings.linux_cores,
+        lwk_cores=settings.lwk_cores, mem=settings.mem, oversubscribe=settings.oversubscribe,
+    )
+
+
+def pin(plan: NodePlan, local_rank: int) -> None:
+    """Main thread to the rank's cores; other threads to the Linux cores in lwk mode."""
+    cpus = plan.rank(local_rank).cpus
+    os.sched_setaffinity(0, cpus)
+    if plan.mode != "lwk":
+        return
+    me = str(threading.get_native_id())
+    for tid in os.listdir("/proc/self/task"):
+        if tid != me:
+            try:
+                os.sched_setaffinity(int(tid), plan.linux_cpus)
+            except (ProcessLookupError, OSError):
+                pass  # a thread that ended meanwhile
+
+
+def run(settings: Settings, app: App, argv: list[str]) -> int:
+    """Run `app` as this rank; returns the exit status (errors after MPI init abort the job)."""
+    if settings.mode == "lwk":
+        raise UsageError("--mode lwk needs the LWK runtime, which this build does not include yet")
+    placement = with_vnodes(from_env(os.environ), settings.vnodes)
+    plan = plan_for(placement, settings)
+    if app.kind == "binary":
+        pin(plan, placement.local_rank)
+        os.execv(app.target, [app.target, *app.args])
+
+    from mpi4py import MPI
+
+    world = MPI.COMM_WORLD
+    try:
+        return _run_in_mpi(settings, app, argv, placement, plan, world)
+    except UsageError as exc:
+        if placement.local_rank == 0:
+            print(f"mckmpi: error: {exc}", file=sys.stderr, flush=True)
+        world.Abort(exc.exit_code)
+    except BaseException:
+        # A failure of the harness itself on one rank must not leave the others waiting.
+        traceback.print_exc()
+        sys.stderr.flush()
+        world.Abort(1)
+    return 1  # not reached: Abort does not return
+
+
+def _run_in_mpi(settings: Settings, app: App, argv: list[str], placement: Placement,
+                plan: NodePlan, world: Any) -> int:
+    from mckmpi.trace.clock import measure_offsets
+
+    placement, node_comm = verify(placement, world)
+    plans = node_comm.allgather(plan)
+    if any(p != plan for p in plans):
+        raise PartitionError(
+            f"ranks of node {placement.node} computed different partition plans "
+            f"({'; '.join(sorted({p.describe() for p in plans}))}): their cpusets differ"
+        )
+    pin(plan, placement.local_rank)
+    offset_ns, rtt_ns = measure_offsets(world)
+
+    tracer = Tracer()
+    rp = plan.rank(placement.local_rank)
+    row = np.zeros((), dtype=RANKS_DTYPE)
+    row["rank"], row["node"], row["local_rank"], row["vnode"] = (
+        placement.rank, placement.node, placement.local_rank, placement.vnode)
+    row["host"], row["pid"] = placement.host.encode()[:64], os.getpid()
+    row["cpus"] = format_cpulist(rp.cpus).encode()
+    row["linux_cpus"] = format_cpulist(plan.linux_cpus).encode()
+    row["numa_node"], row["mem"] = rp.numa_node, rp.mem
+    row["clock_offset_ns"], row["clock_rtt_ns"] = offset_ns, rtt_ns
+    tracer.scalar("", "ranks", row)
+
+    ctx = Context(placement=placement, mode=settings.mode, harness=True, tracer=tracer,
+                  node_plan=plan, comm=world)
+    set_context(ctx)
+    started = time.monotonic_ns()
+    status = _run_app(app, world)
+    tracer.scalar("app", "wall_ns", time.monotonic_ns() - started, units="ns")
+    set_context(None)
+
+    path = _run_file_path(settings, app, placement, world)
+    _write(world, path, tracer, settings, app, argv, placement, plan, node_comm)
+    if placement.rank == 0:
+        print(f"mckmpi: run file {path}", file=sys.stderr, flush=True)
+    return status
+
+
+def _run_app(app: App, world: Any) -> int:
+    """Run the app in this interpreter; any unhandled exception aborts COMM_WORLD."""
+    saved_argv, saved_path0 = sys.argv, sys.path[0]
+    try:
+        if app.kind == "module":
+            sys.argv = [app.target, *app.args]
+            runpy.run_module(app.target, run_name="__main__", alter_sys=True)
+        else:
+            sys.argv = [app.target, *app.args]
+            sys.path[0] = str(Path(app.target).resolve().parent)
+            runpy.run_path(app.target, run_name="__main__")
+    except SystemExit as exc:
+        code = exc.code
+        if code is None or code == 0:
+            return 0
+        if not isinstance(code, int):
+            print(code, file=sys.stderr, flush=True)
+            code = 1
+        world.Abort(code)
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        world.Abort(1)
+    finally:
+        sys.argv, sys.path[0] = saved_argv, saved_path0
+    return 0
+
+
+def _run_file_path(settings: Settings, app: App, placement: Placement, world: Any) -> Path:
+    """Rank 0 names the file (job id or time stamp) and tells everyone."""
+    name = None
+    if placement.rank == 0:
+        out = Path(settings.out)
+        if out.suffix == ".h5":
+            out.parent.mkdir(parents=True, exist_ok=True)
+            name = str(out)
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            job = os.environ.get("SLURM_JOB_ID")
+            step = os.environ.get("SLURM_STEP_ID")
+            stamp = f"job{job}.{step}" if job else time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
+            name = str(out / f"{app.name}-{settings.mode}-{stamp}.h5")
+    return Path(world.bcast(name, root=0))
+
+
+def _write(world: Any, path: Path, tracer: Tracer, settings: Settings, app: App, argv: list[str],
+           placement: Placement, plan: NodePlan, node_comm: Any) -> None:
+    from mckmpi.info import versions
+    from mckmpi.trace.writer import write_run
+
+    hosts = sorted(set(world.allgather(placement.host)))
+    node_plans = world.allgather(plan.describe() if node_comm.Get_rank() == 0 else None)
+    root = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": " ".join(argv),
+        "app": app.target,
+        "app_args": " ".join(app.args),
+        "mode": settings.mode,
+        "world_size": placement.size,
+        "nnodes": placement.nnodes,
+        "vnodes": settings.vnodes,
+        "launcher": placement.launcher,
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
+        "slurm_nodelist": os.environ.get("SLURM_JOB_NODELIST", ""),
+    }
+    provenance: dict[str, Any] = dict(versions())
+    provenance["hosts"] = hosts
+    provenance["node_plans"] = [p for p in node_plans if p is not None]
+    provenance["settings"] = [f"{k}={v} ({settings.origins[k]})" for k, v in sorted(settings.values.items())]
+    write_run(world, path, tracer, root, provenance, method=settings.trace_writer)

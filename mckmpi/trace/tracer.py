@@ -1,0 +1,68 @@
+"""The one tracing API: what the runtime, the proxy's records and every app write through.
+
+A `Tracer` collects, per rank, named data under a group (one group per concern: noise,
+offload, memory, scheduler, app). Nothing is written while the app runs; the writer lays
+the data of all ranks out at the end of the job. Three kinds cover every trace:
+
+- ``scalar(group, name, value)``: one value per rank          -> dataset [ranks]
+- ``array(group, name, values)``: a same-shaped array per rank -> dataset [ranks, ...]
+- ``table(group, name, rows)``: any number of records per rank -> one table with a 'rank' column
+
+Units are attributes; times are int64 nanoseconds. The empty group is the file's root
+(the runner's /ranks table). A disabled tracer (an app run without
+the harness) accepts the same calls and keeps nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from mckmpi.trace.schema import ARRAY, SCALAR, TABLE
+
+
+@dataclass
+class Record:
+    kind: str
+    data: np.ndarray
+    units: dict[str, str]
+
+
+@dataclass
+class Tracer:
+    """Per-rank collection of traced data and job-level attributes."""
+
+    enabled: bool = True
+    records: dict[str, Record] = field(default_factory=dict)
+    group_attrs: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def scalar(self, group: str, name: str, value: Any, units: str = "") -> None:
+        """One number (or short string) per rank."""
+        self._put(group, name, SCALAR, np.asarray(value), {"": units} if units else {})
+
+    def array(self, group: str, name: str, values: np.ndarray, units: str = "") -> None:
+        """An array of the same shape and dtype on every rank (e.g. FWQ samples)."""
+        self._put(group, name, ARRAY, np.asarray(values), {"": units} if units else {})
+
+    def table(self, group: str, name: str, rows: np.ndarray, units: dict[str, str] | None = None) -> None:
+        """Structured records, any count per rank; `units` maps field name -> unit."""
+        rows = np.asarray(rows)
+        if rows.dtype.names is None or rows.ndim != 1:
+            raise TypeError(f"{group}/{name}: a table needs a 1-D structured array")
+        if "rank" in rows.dtype.names:
+            raise TypeError(f"{group}/{name}: 'rank' is added by the writer")
+        self._put(group, name, TABLE, rows, dict(units or {}))
+
+    def attrs(self, group: str, **values: Any) -> None:
+        """Job-level attributes of a group (rank 0's values are written)."""
+        if self.enabled:
+            self.group_attrs.setdefault(group, {}).update(values)
+
+    def _put(self, group: str, name: str, kind: str, data: np.ndarray, units: dict[str, str]) -> None:
+        if not self.enabled:
+            return
+        if not name or "/" in name:
+            raise ValueError(f"bad trace name {group!r}/{name!r}")
+        self.records[f"{group}/{name}" if group else name] = Record(kind, data, units)

@@ -1,0 +1,135 @@
+"""`mckmpi run` end to end under mpiexec: run files, vnodes, failures that end the job."""
+
+import json
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import APPS, job_env, mckmpi, mpirun
+from mckmpi.trace.reader import open_run
+from mckmpi.utility.units import format_cpulist
+
+FWQ = str(APPS / "fwq.py")
+
+
+def _partition_show(*args):
+    proc = mckmpi("partition", "show", "--json", *args)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def _ranks(path):
+    with open_run(path) as run:
+        return run.ranks, run.attrs, run["noise/fwq_ns"][()]
+
+
+def test_two_ranks_run_file_matches_partition_show(tmp_path):
+    out = tmp_path / "r.h5"
+    proc = mpirun(2, "run", "--out", str(out), "--", FWQ, "--samples", "30", "--quantum-us", "100")
+    assert proc.returncode == 0, proc.stderr
+    ranks, attrs, samples = _ranks(out)
+    assert attrs["complete"] and attrs["world_size"] == 2 and attrs["launcher"] == "openmpi"
+    assert samples.shape == (2, 30) and (samples > 0).all()
+    plan = _partition_show("--ranks", "2")[0]
+    for r in ranks:
+        want = plan["ranks"][r["local_rank"]]
+        assert r["cpus"].decode() == format_cpulist(want["cpus"])
+    assert not (tmp_path / "r.h5.partial").exists()
+
+
+def test_vnodes_run_file_matches_partition_show(tmp_path):
+    out = tmp_path / "v.h5"
+    proc = mpirun(2, "run", "--vnodes", "2", "--out", str(out), "--", FWQ, "--samples", "20",
+                  "--quantum-us", "100")
+    assert proc.returncode == 0, proc.stderr
+    ranks, attrs, _ = _ranks(out)
+    assert attrs["nnodes"] == 2 and sorted(ranks["node"]) == [0, 1]
+    plans = _partition_show("--vnodes", "2", "--ranks", "2")
+    for r in ranks:
+        plan = plans[r["vnode"]]
+        assert r["cpus"].decode() == format_cpulist(plan["ranks"][r["local_rank"]]["cpus"])
+        assert r["linux_cpus"].decode() == format_cpulist(plan["linux_cpus"])
+
+
+def test_four_ranks_oversubscribed(tmp_path):
+    out = tmp_path / "o.h5"
+    proc = mpirun(4, "run", "--oversubscribe", "--out", str(out), "--", FWQ, "--samples", "10",
+                  "--quantum-us", "100", oversubscribe=True)
+    assert proc.returncode == 0, proc.stderr
+    ranks, attrs, samples = _ranks(out)
+    assert list(ranks["rank"]) == [0, 1, 2, 3] and samples.shape == (4, 10)
+
+
+def test_singleton_and_directory_output(tmp_path):
+    proc = mckmpi("run", "--out", str(tmp_path), "--", FWQ, "--samples", "10", "--quantum-us", "50")
+    assert proc.returncode == 0, proc.stderr
+    files = list(tmp_path.glob("fwq-linux-*.h5"))
+    assert len(files) == 1
+    ranks, attrs, _ = _ranks(files[0])
+    assert attrs["launcher"] == "singleton" and len(ranks) == 1
+
+
+def test_gather_writer_same_layout(tmp_path):
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    for path, writer in ((a, "parallel"), (b, "gather")):
+        proc = mpirun(2, "run", "--trace-writer", writer, "--out", str(path), "--", FWQ,
+                      "--samples", "10", "--quantum-us", "50")
+        assert proc.returncode == 0, proc.stderr
+    with h5py.File(a) as fa, h5py.File(b) as fb:
+        names_a, names_b = [], []
+        fa.visit(names_a.append)
+        fb.visit(names_b.append)
+        assert names_a == names_b
+        assert fa["noise/fwq_ns"].shape == fb["noise/fwq_ns"].shape
+
+
+def test_rank_that_raises_aborts_the_job_quickly(tmp_path):
+    app = tmp_path / "boom.py"
+    app.write_text(
+        "import time\nfrom mpi4py import MPI\n"
+        "if MPI.COMM_WORLD.Get_rank() == 1:\n    raise ValueError('rank one failed')\n"
+        "MPI.COMM_WORLD.Barrier()\n"
+    )
+    t0 = time.monotonic()
+    proc = mpirun(2, "run", "--out", str(tmp_path), "--", str(app), timeout=30)
+    assert proc.returncode != 0
+    assert time.monotonic() - t0 < 10
+    assert "ValueError: rank one failed" in proc.stderr
+    assert not list(tmp_path.glob("*.h5"))
+    left = subprocess.run(["pgrep", "-f", str(app)], capture_output=True, text=True)
+    assert left.stdout == ""
+
+
+def test_app_sys_exit_code_propagates(tmp_path):
+    app = tmp_path / "leave.py"
+    app.write_text("import sys\nsys.exit(3)\n")
+    proc = mpirun(2, "run", "--out", str(tmp_path), "--", str(app), timeout=30)
+    assert proc.returncode == 3
+
+
+def test_module_and_argv(tmp_path):
+    pkg = tmp_path / "argv_probe.py"
+    pkg.write_text("import sys, mckmpi\nctx = mckmpi.context()\n"
+                   "print('ARGV', sys.argv[1:], ctx.harness, ctx.placement.rank)\n")
+    env = job_env(PYTHONPATH=str(tmp_path))
+    proc = mckmpi("run", "--out", str(tmp_path), "-m", "argv_probe", "--", "a", "--b", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "ARGV ['a', '--b'] True 0" in proc.stdout
+
+
+def test_binary_is_execd_and_pinned(tmp_path):
+    proc = mckmpi("run", "--", "/bin/grep", "Cpus_allowed_list", "/proc/self/status")
+    assert proc.returncode == 0, proc.stderr
+    plan = _partition_show("--ranks", "1")[0]
+    assert proc.stdout.split()[-1] == format_cpulist(plan["ranks"][0]["cpus"])
+
+
+def test_bare_app_runs_without_harness():
+    proc = subprocess.run(["mpiexec", "-n", "2", sys.executable, FWQ, "--samples", "5", "--quantum-us", "50"],
+                          capture_output=True, text=True, timeout=60, env=job_env())
+    assert proc.returncode == 0, proc.stderr
+    assert "fwq: 2 ranks" in proc.stdout
