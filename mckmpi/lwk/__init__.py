@@ -1,0 +1,1 @@
+"""The lightweight-kernel side of a rank: arena memory, scheduler and runtime."""
