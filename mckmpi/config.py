@@ -241,3 +241,25 @@ TRACE_WRITER = option(
     help="how the run file is written: parallel HDF5 (collective), gathered to rank 0, "
          "or auto (parallel when h5py has MPI)",
 )
+HUGEPAGES = option(
+    name="hugepages", section="lwk", default="auto", choices=("auto", "never", "require"),
+    help="huge pages for the arena: auto uses hugetlbfs pages when reserved, else THP; "
+         "require fails when neither is possible",
+)
+MEMLOCK = option(
+    name="memlock", section="lwk", default="auto", choices=("auto", "never", "require"),
+    help="lock the arena in memory (mlock); auto records why when it is not permitted",
+)
+MEM_FALLBACK = option(
+    name="mem_fallback", section="lwk", default="error", choices=("error", "linux"),
+    help="when the arena is exhausted: a MemoryError, or a counted numpy allocation",
+)
+RANK_POLICY = option(
+    name="rank_policy", section="lwk", default="fifo", choices=("fifo", "other"),
+    help="scheduling policy of the rank's thread: SCHED_FIFO when permitted and the rank "
+         "owns its cores (the reason is recorded when not), or the default SCHED_OTHER",
+)
+SWITCH_INTERVAL = option(
+    name="switch_interval", section="lwk", default=0.1, type=float, metavar="SECONDS",
+    help="Python's thread switch interval during the app (default Python: 0.005)",
+)

@@ -117,8 +117,6 @@ def pin(plan: NodePlan, local_rank: int) -> None:
 
 def run(settings: Settings, app: App, argv: list[str]) -> int:
     """Run `app` as this rank; returns the exit status (errors after MPI init abort the job)."""
-    if settings.mode == "lwk":
-        raise UsageError("--mode lwk needs the LWK runtime, which this build does not include yet")
     placement = with_vnodes(from_env(os.environ), settings.vnodes)
     plan = plan_for(placement, settings)
     if app.kind == "binary":
@@ -170,10 +168,24 @@ def _run_in_mpi(settings: Settings, app: App, argv: list[str], placement: Placem
 
     ctx = Context(placement=placement, mode=settings.mode, harness=True, tracer=tracer,
                   node_plan=plan, comm=world)
+    runtime = None
+    if settings.mode == "lwk":
+        from mckmpi.lwk.runtime import boot
+
+        runtime = boot(settings, plan, rp)
+        ctx.mem, ctx.scheduler = runtime.arena, runtime.scheduler
     set_context(ctx)
     started = time.monotonic_ns()
-    status = _run_app(app, world)
+    if runtime is None:
+        status = _run_app(app, world)
+    else:
+        # The app is the scheduler's first task, so it may yield, spawn and join anywhere.
+        runtime.start_app()
+        status = runtime.scheduler.run(lambda: _run_app(app, world))
     tracer.scalar("app", "wall_ns", time.monotonic_ns() - started, units="ns")
+    if runtime is not None:
+        runtime.record(tracer)
+        runtime.finish()
     set_context(None)
 
     path = _run_file_path(settings, app, placement, world)

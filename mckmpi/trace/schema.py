@@ -24,6 +24,9 @@ PARTIAL_SUFFIX = ".partial"
 #: Kinds of recorded data and how they are laid out across ranks.
 SCALAR, ARRAY, TABLE = "scalar", "array", "table"
 
+#: Width of per-rank string scalars (reasons, policy names): one dtype on every rank.
+STRING_BYTES = 128
+
 RANKS_DTYPE = np.dtype([
     ("rank", "i4"),
     ("node", "i4"),

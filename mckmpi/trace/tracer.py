@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from mckmpi.trace.schema import ARRAY, SCALAR, TABLE
+from mckmpi.trace.schema import ARRAY, SCALAR, STRING_BYTES, TABLE
 
 
 @dataclass
@@ -39,8 +39,13 @@ class Tracer:
     group_attrs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def scalar(self, group: str, name: str, value: Any, units: str = "") -> None:
-        """One number (or short string) per rank."""
-        self._put(group, name, SCALAR, np.asarray(value), {"": units} if units else {})
+        """One number (or short string) per rank. Strings become fixed-width bytes, so every
+        rank's value has the same dtype whatever its length."""
+        if isinstance(value, str):
+            data = np.asarray(value.encode()[:STRING_BYTES], dtype=f"S{STRING_BYTES}")
+        else:
+            data = np.asarray(value)
+        self._put(group, name, SCALAR, data, {"": units} if units else {})
 
     def array(self, group: str, name: str, values: np.ndarray, units: str = "") -> None:
         """An array of the same shape and dtype on every rank (e.g. FWQ samples)."""

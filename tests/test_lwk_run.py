@@ -1,0 +1,109 @@
+"""`mckmpi run --mode lwk` end to end: arena, scheduler, GC control and pinning in a real job."""
+
+import h5py
+import pytest
+
+from conftest import APPS, mckmpi, mpirun
+from mckmpi.utility.units import format_cpulist
+
+PROBE = r'''
+import gc, os, threading, weakref
+import numpy as np
+import mckmpi, mckmpi.lwk
+from mpi4py import MPI
+
+ctx = mckmpi.context()
+assert ctx.mode == "lwk" and ctx.scheduler is not None
+a = ctx.mem.zeros(1000)
+assert ctx.mem.contains(a.ctypes.data, a.nbytes)
+
+class Node:
+    pass
+n = Node(); n.self = n
+ref = weakref.ref(n)
+del n
+junk = [[i] for i in range(100000)]  # would trigger automatic collections if the GC ran
+assert ref() is not None, "a cycle was collected before the safepoint"
+mckmpi.lwk.safepoint()
+assert ref() is None, "the safepoint did not collect the cycle"
+
+order = []
+def worker(tag):
+    for i in range(3):
+        order.append((tag, i))
+        ctx.scheduler.yield_()
+tasks = [ctx.scheduler.spawn(worker, t) for t in "ab"]
+for t in tasks:
+    ctx.scheduler.join(t)
+assert order == [("a", 0), ("b", 0), ("a", 1), ("b", 1), ("a", 2), ("b", 2)], order
+
+status = open("/proc/thread-self/status").read()
+mine = [l.split()[-1] for l in status.splitlines() if l.startswith("Cpus_allowed_list")][0]
+others = set()
+for tid in os.listdir("/proc/self/task"):
+    if int(tid) != threading.get_native_id():
+        st = open(f"/proc/self/task/{tid}/status").read()
+        others.add([l.split()[-1] for l in st.splitlines() if l.startswith("Cpus_allowed_list")][0])
+print(f"PIN rank={MPI.COMM_WORLD.Get_rank()} main={mine} others={sorted(others)}", flush=True)
+'''
+
+
+@pytest.fixture
+def probe(tmp_path):
+    path = tmp_path / "probe.py"
+    path.write_text(PROBE)
+    return path
+
+
+def _plan(ranks):
+    import json
+
+    proc = mckmpi("partition", "show", "--json", "--mode", "lwk", "--ranks", str(ranks), "--oversubscribe")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)[0]
+
+
+def test_lwk_two_ranks_record_memory_and_scheduler(tmp_path, probe):
+    out = tmp_path / "lwk.h5"
+    proc = mpirun(2, "run", "--mode", "lwk", "--oversubscribe", "--mem", "64M", "--out", str(out),
+                  "--", str(probe))
+    assert proc.returncode == 0, proc.stderr
+    plan = _plan(2)
+    for line in (l for l in proc.stdout.splitlines() if l.startswith("PIN")):
+        rank = int(line.split()[1].split("=")[1])
+        assert f"main={format_cpulist(plan['ranks'][rank]['cpus'])}" in line
+        # MPI's helper threads run on the Linux cores, like McKernel's service side.
+        assert f"others=['{format_cpulist(plan['linux_cpus'])}']" in line or "others=[]" in line
+    with h5py.File(out) as f:
+        assert list(f["memory/size"][()]) == [64 * 1024**2] * 2
+        assert (f["memory/allocations"][()] >= 1).all()
+        assert (f["scheduler/tasks_spawned"][()] >= 3).all()
+        assert (f["scheduler/safepoints"][()] == 1).all()
+        assert not f["scheduler/gc_enabled"][()].any()
+        # Oversubscribed ranks share a core: FIFO would starve one of them, so it is refused.
+        assert all(b"oversubscribed" in r for r in f["scheduler/policy_reason"][()])
+        assert f.attrs["mode"] == "lwk"
+
+
+def test_lwk_single_rank_gets_fifo_when_it_owns_its_core(tmp_path):
+    out = tmp_path / "one.h5"
+    proc = mckmpi("run", "--mode", "lwk", "--mem", "32M", "--out", str(out), "--",
+                  str(APPS / "fwq.py"), "--samples", "20", "--quantum-us", "100")
+    assert proc.returncode == 0, proc.stderr
+    with h5py.File(out) as f:
+        assert f["scheduler/policy"][0] == b"SCHED_FIFO", f["scheduler/policy_reason"][0]
+        assert f["memory/size"][0] == 32 * 1024**2
+        assert f["ranks"]["mem"][0] == 32 * 1024**2
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--mem", "100T"], "exceeds"),
+    (["--mem", "zero"], "not a size"),
+    (["--hugepages", "require", "--mem", "64M"], "huge"),
+])
+def test_lwk_bad_input_is_one_line(args, match):
+    proc = mckmpi("run", "--mode", "lwk", *args, "--", str(APPS / "fwq.py"), "--samples", "5", timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("mckmpi: error:")]
+    assert len(lines) == 1 and match in lines[0].lower(), proc.stderr
