@@ -214,7 +214,8 @@ MODE = option(
 )
 LINUX_CORES = option(
     name="linux_cores", section="partition", default="1", metavar="N|LIST",
-    help="service cores per node kept for Linux and the proxy: a count or a CPU list",
+    help="service cores per node kept for Linux and the proxy: a count (2) or a CPU list "
+         "(0,4; a single CPU as 3-3)",
 )
 LWK_CORES = option(
     name="lwk_cores", section="partition", type=_cpulist, metavar="LIST",
@@ -231,6 +232,11 @@ OVERSUBSCRIBE = option(
 VNODES = option(
     name="vnodes", section="partition", default=1, type=_positive_int, metavar="K",
     help="split each host's ranks and CPUs into K virtual nodes, each with its own proxy",
+)
+CPUSET = option(
+    name="cpuset", section="partition", metavar="NAME",
+    help="plan inside the cpuset reservation NAME made by `mckmpi partition reserve` "
+         "(lwk mode); each rank is moved into its lwk cpuset",
 )
 OUT = option(
     name="out", section="run", default="results", metavar="PATH",

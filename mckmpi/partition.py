@@ -96,7 +96,7 @@ def plan_node(
     nranks: int,
     *,
     mode: str,
-    linux_cores: str = "1",
+    linux_cores: str | tuple[int, ...] = "1",
     lwk_cores: tuple[int, ...] | None = None,
     mem: int = 256 * 1024**2,
     oversubscribe: bool = False,
@@ -145,17 +145,17 @@ def plan_node(
     )
 
 
-def _linux_cpus(facts: NodeFacts, spec: str) -> tuple[int, ...]:
-    spec = str(spec).strip()
-    if spec.isdigit():
+def _linux_cpus(facts: NodeFacts, spec: str | tuple[int, ...]) -> tuple[int, ...]:
+    """A count ('2': the lowest CPUs, spread over NUMA nodes) or a list ('0,4' or a tuple).
+    A lone number is a count: CPU 3 alone is written '3-3'."""
+    if isinstance(spec, str) and spec.strip().isdigit():
         count = int(spec)
-        if count < 1:
-            raise PartitionError("--linux-cores must keep at least one core for Linux and the proxy")
         if count > len(facts.cpus):
             raise PartitionError(f"--linux-cores {count} exceeds the node's {len(facts.cpus)} CPUs")
-        return _spread(facts, count)
-    cpus = parse_cpulist(spec)
-    _check_known(facts, cpus, "--linux-cores")
+        cpus = _spread(facts, count)
+    else:
+        cpus = spec if isinstance(spec, tuple) else parse_cpulist(spec)
+        _check_known(facts, cpus, "--linux-cores")
     if not cpus:
         raise PartitionError("--linux-cores must keep at least one core for Linux and the proxy")
     return cpus

@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -91,13 +91,23 @@ def announces_errors() -> bool:
         return True
 
 
-def plan_for(placement: Placement, settings: Settings, env: dict[str, str] | None = None) -> NodePlan:
-    """The partition plan of the placement's (virtual) node."""
-    facts = node_facts(read_host(env if env is not None else os.environ), placement.vnodes, placement.vnode)
-    return plan_node(
-        facts, placement.local_size, mode=settings.mode, linux_cores=settings.linux_cores,
-        lwk_cores=settings.lwk_cores, mem=settings.mem, oversubscribe=settings.oversubscribe,
-    )
+def vnode_plan(settings: Settings, vnode: int, nranks: int) -> NodePlan:
+    """The plan of virtual node `vnode` of this host with `nranks` ranks, as `settings` ask:
+    within the host's cpuset, or within the reservation named by --cpuset (its Linux and
+    LWK lists)."""
+    host = read_host(os.environ)
+    linux_cores, lwk_cores = settings.linux_cores, settings.lwk_cores
+    if settings.cpuset:
+        if settings.mode != "lwk":
+            raise UsageError("--cpuset reserves an LWK side: use it with --mode lwk")
+        from mckmpi.cpuset import load
+
+        r = load(settings.cpuset)
+        host = replace(host, cpus=tuple(sorted(set(r.linux_cpus) | set(r.lwk_cpus))))
+        linux_cores, lwk_cores = r.linux_cpus, r.lwk_cpus
+    return plan_node(node_facts(host, settings.vnodes, vnode), nranks, mode=settings.mode,
+                     linux_cores=linux_cores, lwk_cores=lwk_cores, mem=settings.mem,
+                     oversubscribe=settings.oversubscribe)
 
 
 def pin(plan: NodePlan, local_rank: int) -> None:
@@ -118,7 +128,7 @@ def pin(plan: NodePlan, local_rank: int) -> None:
 def run(settings: Settings, app: App, argv: list[str]) -> int:
     """Run `app` as this rank; returns the exit status (errors after MPI init abort the job)."""
     placement = with_vnodes(from_env(os.environ), settings.vnodes)
-    plan = plan_for(placement, settings)
+    plan = vnode_plan(settings, placement.vnode, placement.local_size)
     if app.kind == "binary":
         pin(plan, placement.local_rank)
         os.execv(app.target, [app.target, *app.args])
@@ -151,6 +161,10 @@ def _run_in_mpi(settings: Settings, app: App, argv: list[str], placement: Placem
             f"ranks of node {placement.node} computed different partition plans "
             f"({'; '.join(sorted({p.describe() for p in plans}))}): their cpusets differ"
         )
+    if settings.cpuset:
+        from mckmpi.cpuset import attach, load
+
+        attach(load(settings.cpuset), "lwk", os.getpid())
     pin(plan, placement.local_rank)
     offset_ns, rtt_ns = measure_offsets(world)
 

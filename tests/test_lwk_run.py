@@ -107,3 +107,24 @@ def test_lwk_bad_input_is_one_line(args, match):
     assert "Traceback" not in proc.stderr
     lines = [l for l in proc.stderr.splitlines() if l.startswith("mckmpi: error:")]
     assert len(lines) == 1 and match in lines[0].lower(), proc.stderr
+
+
+def test_rank_runs_inside_a_reserved_cpuset(tmp_path):
+    name = f"mckmpi-test-{tmp_path.name[-12:]}".replace("_", "-")
+    reserved = mckmpi("partition", "reserve", "--name", name, "--linux-cores", "1")
+    assert reserved.returncode == 0, reserved.stderr
+    try:
+        app = tmp_path / "where.py"
+        app.write_text("print('CG', [l for l in open('/proc/self/cgroup') if ':cpuset:' in l or l.startswith('0::')])\n")
+        proc = mckmpi("run", "--mode", "lwk", "--cpuset", name, "--mem", "16M", "--out", str(tmp_path), "--", str(app))
+        assert proc.returncode == 0, proc.stderr
+        assert f"/{name}/lwk" in proc.stdout
+    finally:
+        released = mckmpi("partition", "release", "--name", name)
+        assert released.returncode == 0, released.stdout + released.stderr
+    assert mckmpi("partition", "status", "--name", name).stdout.strip() == "no cpuset reservations"
+
+
+def test_cpuset_needs_lwk_mode(tmp_path):
+    proc = mckmpi("run", "--cpuset", "anything", "--", str(APPS / "fwq.py"))
+    assert proc.returncode == 2 and "--mode lwk" in proc.stderr

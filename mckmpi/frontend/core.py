@@ -10,6 +10,7 @@ import sys
 from mckmpi import config
 from mckmpi.errors import UsageError
 from mckmpi.frontend.registry import command
+from mckmpi.partition import node_facts, plan_node, read_host
 
 
 # --- run ------------------------------------------------------------------------------------
@@ -50,41 +51,84 @@ def _cmd_run(args: argparse.Namespace) -> int:
 # --- partition -----------------------------------------------------------------------------
 
 
-@command("partition", "show the partition plan of this host",
+@command("partition", "show, reserve or release this host's partition",
          """Show how this host's CPUs and memory are split between Linux (service) cores and
-LWK cores per rank, with the same options `mckmpi run` takes:
+LWK cores per rank, with the same options `mckmpi run` takes; as root, reserve the split as
+cpuset cgroups (IHK's reserve) and release it again:
 
   mckmpi partition show --mode lwk --ranks 4 --oversubscribe
-  mckmpi partition show --mode lwk --vnodes 2 --ranks 2 --linux-cores 1 --oversubscribe""")
+  mckmpi partition show --mode lwk --vnodes 2 --ranks 2 --linux-cores 1 --oversubscribe
+  mckmpi partition reserve --linux-cores 1          # cpusets NAME/linux and NAME/lwk
+  mpiexec -n 1 mckmpi run --mode lwk --cpuset mckmpi -- apps/fwq.py
+  mckmpi partition status
+  mckmpi partition release                          # undoes exactly what reserve changed
+
+Only processes mckmpi starts are moved into the cpusets, unless reserve is given
+--system-wide (then every movable task of the parent cgroup goes to the Linux side).
+release works from the state file reserve wrote, also after a crash.""")
 def _build_partition(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=("show",), help="show: print the plan as a table")
+    p.add_argument("action", choices=("show", "reserve", "release", "status"),
+                   help="show the plan; reserve/release/status of cpuset cgroups (root)")
     p.add_argument("--ranks", type=int, metavar="N",
-                   help="ranks on this host (default: one per available core)")
-    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+                   help="show: ranks on this host (default: one per available core)")
+    p.add_argument("--json", action="store_true", help="show, status: print JSON")
+    p.add_argument("--name", default="mckmpi",
+                   help="reserve, release, status: the reservation's name [mckmpi]")
+    p.add_argument("--system-wide", action="store_true",
+                   help="reserve: also move every other task of the parent cgroup to the Linux side")
+    p.add_argument("--cgroup", type=int, choices=(1, 2),
+                   help="reserve: cgroup version to use (default: the one with a cpuset controller)")
     config.add_arguments(p, "partition")
 
 
 @_build_partition.run
 def _cmd_partition(args: argparse.Namespace) -> int:
-    from mckmpi.partition import node_facts, plan_node, read_host
+    if args.action == "show":
+        return _partition_show(args)
+    from mckmpi import cpuset
+
+    if args.action == "reserve":
+        s = config.resolve(args, "partition")
+        host = read_host()
+        linux = plan_node(host, 1, mode="lwk", linux_cores=s.linux_cores, lwk_cores=s.lwk_cores,
+                          mem=s.mem, oversubscribe=True)
+        r = cpuset.reserve(linux.linux_cpus, linux.lwk_cpus, name=args.name,
+                           system_wide=args.system_wide,
+                           hierarchy=cpuset.detect(args.cgroup) if args.cgroup else None)
+        print(f"reserved {r.describe()}")
+        return 0
+    if args.action == "release":
+        summary = cpuset.release(args.name)
+        print(summary.describe())
+        return 0 if summary.ok else 1
+    states = cpuset.status(args.name if args.name != "mckmpi" else None)
+    if args.json:
+        print(json.dumps([st.as_dict() for st in states], indent=2, default=str))
+        return 0
+    if not states:
+        print("no cpuset reservations")
+    for st in states:
+        print(st.describe())
+    return 0
+
+
+def _partition_show(args: argparse.Namespace) -> int:
+    from mckmpi.runner import vnode_plan
     from mckmpi.utility.table import render
     from mckmpi.utility.units import format_cpulist, format_size
 
     s = config.resolve(args, "partition")
-    host = read_host()
-    k = s.vnodes
-    slices = [node_facts(host, k, v) for v in range(k)]
     if args.ranks is not None and args.ranks < 1:
         raise UsageError(f"--ranks must be at least 1, got {args.ranks}")
-    total = args.ranks
+    k = s.vnodes
     plans = []
-    for v, facts in enumerate(slices):
-        if total is None:
+    for v in range(k):
+        if args.ranks is None:
+            facts = node_facts(read_host(), k, v)
             n = len(facts.cpus) if s.mode == "linux" else max(1, len(facts.cpus) - _count(s.linux_cores))
         else:
-            n = -(-(v + 1) * total // k) - -(-v * total // k)
-        plans.append(plan_node(facts, n, mode=s.mode, linux_cores=s.linux_cores, lwk_cores=s.lwk_cores,
-                               mem=s.mem, oversubscribe=s.oversubscribe))
+            n = -(-(v + 1) * args.ranks // k) - -(-v * args.ranks // k)
+        plans.append(vnode_plan(s, v, n))
     if args.json:
         print(json.dumps([_plan_json(v, p) for v, p in enumerate(plans)], indent=2))
         return 0
