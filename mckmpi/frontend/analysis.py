@@ -1,25 +1,285 @@
-"""Post-processing commands: report (and, with them, the other analysis commands)."""
+"""Post-processing commands: report, compare, simulate, study (collect, plot).
+
+They parse, call `mckmpi.analysis` and print; none of them imports mpi4py or the runtime,
+so run files are read anywhere. Study actions register with `@study_action`, so other
+concerns (planning and submitting studies) can add theirs to the same command.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from mckmpi.frontend.registry import command
+
+
+def _plots_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plots", metavar="DIR", help="also write PNG plots into DIR")
+
+
+def _print_json(obj: Any) -> None:
+    from mckmpi.analysis.summary import plain
+
+    print(json.dumps(plain(obj), indent=2))
+
+
+def _print_plots(paths: list[Path]) -> None:
+    for path in paths:
+        print(f"plot  {path}")
 
 
 # --- report --------------------------------------------------------------------------------
 
 
-@command("report", "tables of what a run file holds")
+@command(
+    "report",
+    "tables (and plots) of what a run file holds",
+    """Tables of one run file: header and provenance, ranks, FWQ/FTQ/detour noise per rank,
+offloaded system calls, memory and scheduler counters, app figures.
+
+  mckmpi report results/demo/fwq-linux.h5
+  mckmpi report RUN.h5 --plots results/plots      (PNG: FWQ over time, noise tail,
+                                                  detour histogram, offload latency CDF,
+                                                  per-iteration time)
+  mckmpi report RUN.h5 --json                     (every number, every rank)
+
+FWQ excess = sample - the rank's smallest sample; percentiles are exact samples.""",
+)
 def _build_report(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_file", help="an HDF5 run file written by mckmpi run")
+    _plots_option(p)
+    p.add_argument("--json", action="store_true", help="print the statistics as JSON")
 
 
 @_build_report.run
 def _cmd_report(args: argparse.Namespace) -> int:
-    from mckmpi.analysis.report import text
+    from mckmpi.analysis.report import render_summary
+    from mckmpi.analysis.summary import summarize
     from mckmpi.trace.reader import open_run
 
     with open_run(args.run_file) as run:
-        print(text(run))
+        summary = summarize(run)
+    plots: list[Path] = []
+    if args.plots:
+        from mckmpi.analysis.plots import report_plots
+
+        plots = report_plots(summary, Path(args.plots))
+    if args.json:
+        _print_json({**summary.to_json(), "plots": plots})
+    else:
+        print(render_summary(summary))
+        _print_plots(plots)
+    return 0
+
+
+# --- compare -------------------------------------------------------------------------------
+
+
+@command(
+    "compare",
+    "two run files side by side with ratios (e.g. linux vs lwk)",
+    """Compare two run files metric by metric: B/A ratios, and for every metric with a
+direction (noise, latency, time: lower is better) which run is better and by how much.
+
+  mckmpi compare results/demo/fwq-linux.h5 results/demo/fwq-lwk.h5 --plots results/demo""",
+)
+def _build_compare(p: argparse.ArgumentParser) -> None:
+    p.add_argument("a", metavar="A.h5", help="first run file (the baseline, e.g. linux mode)")
+    p.add_argument("b", metavar="B.h5", help="second run file (e.g. lwk mode)")
+    _plots_option(p)
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+
+
+@_build_compare.run
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from mckmpi.analysis import compare
+    from mckmpi.analysis.summary import summarize
+    from mckmpi.trace.reader import open_run
+
+    with open_run(args.a) as ra, open_run(args.b) as rb:
+        a, b = summarize(ra), summarize(rb)
+    plots: list[Path] = []
+    if args.plots:
+        from mckmpi.analysis.plots import compare_plots
+
+        plots = compare_plots(a, b, compare.labels(a, b), Path(args.plots))
+    if args.json:
+        _print_json({**compare.to_json(a, b), "plots": plots})
+    else:
+        print(compare.text(a, b))
+        _print_plots(plots)
+    return 0
+
+
+# --- simulate ------------------------------------------------------------------------------
+
+
+@command(
+    "simulate",
+    "predict the slowdown of a bulk-synchronous app at 10^3..10^6 ranks",
+    """Predict how measured noise is amplified at scale: every iteration each of P ranks
+computes --work-us of work, then all synchronise, so the slowest rank sets the pace. Each
+rank's noise is drawn independently from the measured per-core traces (FWQ samples or
+detour events); the maximum over P ranks is drawn exactly, without simulating ranks.
+
+  mckmpi simulate --from results/demo/fwq-linux.h5 --ranks 1e3,1e4,1e5,1e6 --work-us 1000""",
+)
+def _build_simulate(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--from",
+        dest="run_file",
+        required=True,
+        metavar="RUN.h5",
+        help="run file with FWQ samples or detour events",
+    )
+    p.add_argument(
+        "--ranks", required=True, metavar="LIST", help="rank counts, e.g. 1e3,1e4,1e5,1e6"
+    )
+    p.add_argument(
+        "--work-us",
+        type=float,
+        required=True,
+        metavar="W",
+        help="work per iteration and rank, in microseconds",
+    )
+    p.add_argument(
+        "--iterations",
+        type=int,
+        default=10_000,
+        metavar="N",
+        help="iterations of the Monte Carlo run [10000]",
+    )
+    p.add_argument(
+        "--source",
+        choices=("auto", "fwq", "detours"),
+        default="auto",
+        help="which trace the noise comes from [auto: FWQ if recorded, else detours]",
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed [0]")
+    _plots_option(p)
+    p.add_argument("--json", action="store_true", help="print the prediction as JSON")
+
+
+@_build_simulate.run
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from mckmpi.analysis import simulate
+    from mckmpi.trace.reader import open_run
+
+    ranks = simulate.parse_ranks(args.ranks)
+    with open_run(args.run_file) as run:
+        dist = simulate.load(run, args.work_us * 1e3, args.source)
+    sim = simulate.simulate(dist, ranks, args.iterations, args.seed, path=args.run_file)
+    plots: list[Path] = []
+    if args.plots:
+        from mckmpi.analysis.plots import simulation
+
+        plots = [simulation(sim, Path(args.plots) / f"simulate-{Path(args.run_file).stem}.png")]
+    if args.json:
+        _print_json({**sim.to_json(), "plots": plots})
+    else:
+        print(simulate.text(sim))
+        _print_plots(plots)
+    return 0
+
+
+# --- study ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StudyAction:
+    name: str
+    summary: str
+    build: Callable[[argparse.ArgumentParser], None]
+    handler: Callable[[argparse.Namespace], int]
+
+
+STUDY_ACTIONS: list[StudyAction] = []
+
+
+def study_action(name: str, summary: str) -> Callable:
+    """Register an action of `mckmpi study` (same shape as `@command`: the decorated
+    function fills the action's parser; `.run` attaches its handler)."""
+
+    def register(build: Callable[[argparse.ArgumentParser], None]) -> Callable:
+        def attach(handler: Callable[[argparse.Namespace], int]) -> Callable:
+            STUDY_ACTIONS.append(StudyAction(name, summary, build, handler))
+            return handler
+
+        build.run = attach  # type: ignore[attr-defined]
+        return build
+
+    return register
+
+
+@command(
+    "study",
+    "tables and scaling plots of many runs",
+    """Scaling and noise studies over many run files:
+
+  mckmpi study collect results/study -o results/study.h5   (one row per run: app, mode,
+                                                          nodes, ranks, size, times,
+                                                          speedup, efficiency)
+  mckmpi study plot results/study.h5 --plots results/plots  (speedup and parallel
+                                                          efficiency per mode)""",
+)
+def _build_study(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="action", metavar="ACTION")
+    sub.required = True
+    for action in STUDY_ACTIONS:
+        ap = sub.add_parser(action.name, help=action.summary, description=action.summary)
+        action.build(ap)
+        ap.set_defaults(study_handler=action.handler)
+
+
+@_build_study.run
+def _cmd_study(args: argparse.Namespace) -> int:
+    return int(args.study_handler(args) or 0)
+
+
+@study_action("collect", "summarise every run file under DIR into a study file")
+def _build_collect(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "directory", metavar="DIR", help="directory searched recursively for *.h5 run files"
+    )
+    p.add_argument("-o", "--output", required=True, metavar="STUDY.h5", help="study file to write")
+
+
+@_build_collect.run
+def _cmd_collect(args: argparse.Namespace) -> int:
+    import sys
+
+    from mckmpi.analysis import study
+
+    collected = study.collect(args.directory)
+    path = study.write(collected.rows, args.output, source=str(Path(args.directory).resolve()))
+    print(study.text(collected.rows))
+    for skipped, why in collected.skipped:
+        print(f"mckmpi: skipped {skipped}: {why}", file=sys.stderr)
+    print(
+        f"\nstudy file {path}: {len(collected.rows)} runs, {len(collected.skipped)} files skipped"
+    )
+    return 0
+
+
+@study_action("plot", "scaling plots (speedup, parallel efficiency per mode) of a study file")
+def _build_study_plot(p: argparse.ArgumentParser) -> None:
+    p.add_argument("study_file", metavar="STUDY.h5", help="written by `mckmpi study collect`")
+    p.add_argument("--plots", required=True, metavar="DIR", help="directory for the PNG plots")
+
+
+@_build_study_plot.run
+def _cmd_study_plot(args: argparse.Namespace) -> int:
+    from mckmpi.analysis import scaling, study
+    from mckmpi.analysis.plots import scaling_plots
+
+    rows = study.read(args.study_file)
+    print(study.text(rows))
+    curves = scaling.curves(rows)
+    _print_plots(scaling_plots(curves, Path(args.plots)))
+    if not curves:
+        print("no run with a time to plot")
     return 0

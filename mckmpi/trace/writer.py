@@ -9,6 +9,12 @@ gathered to rank 0, which writes the same layout alone.
 The file is created as ``NAME.partial`` with ``complete = False``, flipped to True after the
 last byte, closed, and only then renamed: a job killed while writing leaves a file that
 says it is incomplete, never one that looks complete.
+
+Memory stays bounded for large traces (10^8 samples): arrays are chunked one rank per chunk
+row, so a rank's data is written (and later read) without touching other ranks' chunks;
+data is written in blocks of at most `WRITE_BLOCK` bytes, so writing copies no more than
+one block of a record (a parallel writer's record may even be a `numpy.memmap`); the single
+writer receives one rank's records at a time instead of gathering the whole job into rank 0.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import h5py
 import numpy as np
 
-from mckmpi.trace.schema import PARTIAL_SUFFIX, SCHEMA, SCHEMA_VERSION, TABLE
+from mckmpi.trace.schema import ARRAY, PARTIAL_SUFFIX, SCHEMA, SCHEMA_VERSION, TABLE
 from mckmpi.trace.tracer import Record, Tracer
 
 if TYPE_CHECKING:
@@ -29,6 +35,12 @@ if TYPE_CHECKING:
 
 #: Datasets above this size are chunked (and compressed when one writer writes them).
 CHUNK_THRESHOLD = 1 << 20
+#: Target size of one chunk of a per-rank array.
+CHUNK_BYTES = 1 << 20
+#: Largest slice of one record handed to HDF5 in one write call.
+WRITE_BLOCK = 64 << 20
+#: Message tag of the single writer's rank-by-rank collection.
+GATHER_TAG = 0x6D636C
 
 
 @dataclass(frozen=True)
@@ -83,7 +95,7 @@ def _create(f: h5py.File, lay: Layout, compress: bool) -> h5py.Dataset:
     nbytes = int(np.prod(lay.shape)) * lay.dtype.itemsize
     kwargs: dict[str, Any] = {}
     if nbytes > CHUNK_THRESHOLD and lay.shape[0] > 0:
-        kwargs["chunks"] = True
+        kwargs["chunks"] = _chunks(lay)
         if compress:
             kwargs.update(compression="gzip", compression_opts=1, shuffle=True)
     if lay.kind != TABLE and lay.dtype.kind == "f":
@@ -95,14 +107,44 @@ def _create(f: h5py.File, lay: Layout, compress: bool) -> h5py.Dataset:
     return ds
 
 
-def _slab(lay: Layout, rank: int, rec: Record) -> tuple[slice | int, np.ndarray]:
+def _chunks(lay: Layout) -> tuple[int, ...] | bool:
+    """Per-rank arrays: one rank per chunk row, about `CHUNK_BYTES` each, so reading or
+    writing one rank never decompresses another's data. Other kinds: h5py's guess."""
+    if lay.kind != ARRAY or len(lay.shape) < 2 or 0 in lay.shape:
+        return True
+    inner = int(np.prod(lay.shape[2:])) * lay.dtype.itemsize
+    length = max(1, min(lay.shape[1], CHUNK_BYTES // max(1, inner)))
+    return (1, length) + tuple(lay.shape[2:])
+
+
+def _blocks(count: int, row_bytes: int, align: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges over `count` rows of `row_bytes`, each at most `WRITE_BLOCK`
+    bytes (at least one row) and a multiple of `align` rows long."""
+    step = max(1, WRITE_BLOCK // max(1, row_bytes))
+    step = max(align, step - step % align) if align > 1 else step
+    return [(a, min(a + step, count)) for a in range(0, count, step)]
+
+
+def _write_record(ds: h5py.Dataset, lay: Layout, rank: int, rec: Record) -> None:
+    """This rank's part of one dataset, in bounded blocks."""
+    data = rec.data
     if lay.kind == TABLE:
-        rows = np.empty(rec.data.shape[0], dtype=lay.dtype)
-        rows["rank"] = rank
-        for name in rec.data.dtype.names:
-            rows[name] = rec.data[name]
-        return slice(lay.offsets[rank], lay.offsets[rank + 1]), rows
-    return rank, rec.data
+        first = lay.offsets[rank]
+        for a, b in _blocks(data.shape[0], lay.dtype.itemsize, 1):
+            rows = np.empty(b - a, dtype=lay.dtype)
+            rows["rank"] = rank
+            for name in data.dtype.names:
+                rows[name] = data[name][a:b]
+            ds[first + a:first + b] = rows
+        return
+    if lay.kind != ARRAY or data.ndim == 0:
+        ds[rank] = data
+        return
+    chunks = ds.chunks
+    align = chunks[1] if chunks else 1
+    row_bytes = int(np.prod(data.shape[1:])) * data.dtype.itemsize
+    for a, b in _blocks(data.shape[0], row_bytes, align):
+        ds[rank, a:b] = data[a:b]
 
 
 def _write_attrs(obj: h5py.HLObject, values: dict[str, Any]) -> None:
@@ -131,17 +173,25 @@ def write_run(
 
     if parallel:
         with h5py.File(partial, "w", driver="mpio", comm=comm) as f:
-            _write_all(f, layouts, root_attrs, provenance, group_attrs, compress=False,
-                       slabs=[(rank, tracer.records)])
+            datasets = _write_header(f, layouts, root_attrs, provenance, group_attrs,
+                                     compress=False)
+            _write_records(layouts, datasets, rank, tracer.records)
+            f.flush()
             comm.Barrier()
             f.attrs["complete"] = True
+    elif rank == 0:
+        with h5py.File(partial, "w") as f:
+            datasets = _write_header(f, layouts, root_attrs, provenance, group_attrs, compress=True)
+            _write_records(layouts, datasets, 0, tracer.records)
+            for peer in range(1, size):
+                # One rank's records in memory at a time: ask, receive, write, drop.
+                comm.send(None, dest=peer, tag=GATHER_TAG)
+                _write_records(layouts, datasets, peer, comm.recv(source=peer, tag=GATHER_TAG))
+            f.flush()
+            f.attrs["complete"] = True
     else:
-        gathered = comm.gather(tracer.records, root=0)
-        if rank == 0:
-            with h5py.File(partial, "w") as f:
-                _write_all(f, layouts, root_attrs, provenance, group_attrs, compress=True,
-                           slabs=list(enumerate(gathered)))
-                f.attrs["complete"] = True
+        comm.recv(source=0, tag=GATHER_TAG)
+        comm.send(tracer.records, dest=0, tag=GATHER_TAG)
     comm.Barrier()
     if rank == 0:
         os.replace(partial, path)
@@ -149,15 +199,15 @@ def write_run(
     return path
 
 
-def _write_all(
+def _write_header(
     f: h5py.File,
     layouts: list[Layout],
     root_attrs: dict[str, Any],
     provenance: dict[str, Any],
     group_attrs: dict[str, dict[str, Any]],
     compress: bool,
-    slabs: list[tuple[int, dict[str, Record]]],
-) -> None:
+) -> list[h5py.Dataset]:
+    """Attributes and every dataset, created empty (collectively when parallel)."""
     f.attrs["schema"] = SCHEMA
     f.attrs["schema_version"] = SCHEMA_VERSION
     f.attrs["complete"] = False
@@ -166,14 +216,13 @@ def _write_all(
     datasets = [_create(f, lay, compress) for lay in layouts]
     for group, values in sorted(group_attrs.items()):
         _write_attrs(f.require_group(group), values)
+    return datasets
+
+
+def _write_records(layouts: list[Layout], datasets: list[h5py.Dataset], rank: int,
+                   records: dict[str, Record]) -> None:
     for lay, ds in zip(layouts, datasets):
-        for r, records in slabs:
-            rec = records.get(lay.key)
-            if rec is None:
-                continue
-            sel, data = _slab(lay, r, rec)
-            if lay.kind == TABLE and data.shape[0] == 0:
-                continue
-            ds[sel] = data
-    f.flush()
+        rec = records.get(lay.key)
+        if rec is not None and not (lay.kind == TABLE and rec.data.shape[0] == 0):
+            _write_record(ds, lay, rank, rec)
 

@@ -1,0 +1,330 @@
+"""Checkpoint: a compute loop that writes its state every K iterations and verifies it.
+
+Each rank evolves a state of --elements float64 values with a chaotic map (bitwise
+reproducible, never decaying), with one allreduce per iteration that couples the ranks as a
+bulk-synchronous code would. The run has two phases of --iterations each: first without
+checkpoints (the baseline throughput), then writing the state every --every iterations to
+its own file (two alternating slots per rank, so the previous checkpoint survives a failed
+write). Every checkpoint is read back and compared with what was written; at the end the
+run restarts from a checkpoint on disk, recomputes up to the last iteration and must reach
+the final state bit for bit.
+
+Writing modes:
+- default (synchronous): the compute loop writes, reads back and compares, then goes on;
+- --async: the state is copied to a snapshot buffer and written by a worker thread pinned
+  to the rank's first CPU (a `WorkerPool`) while the loop computes; the next checkpoint
+  waits for the previous write. With the LWK scheduler (lwk mode) a writer task hands the
+  snapshot to the pool and waits for it without blocking the compute task, which yields
+  once per iteration. Syscalls then go wherever the rank's I/O goes (offloaded in lwk mode);
+  a dedicated asynchronous offload channel is not used. On a rank with a single core the
+  writer shares that core, so the overlap hides I/O waits rather than CPU time.
+
+Records: app/iter_ns, app/compute_ns, app/comm_ns (the allreduce), app/ckpt_ns (time the
+loop spent on checkpointing: copy, write and verify, or waiting for the previous write)
+[ranks, iterations] of the checkpointed phase, app/base_iter_ns of the baseline phase;
+table app/checkpoints (iter, start_ns, bytes, write_ns, verify_ns); scalars
+app/throughput_base and app/throughput_ckpt (iterations per second); attrs of app: name,
+elements, iterations, every, async_mode (sync | thread | scheduler), fsync, verified.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from mpi4py import MPI
+
+import mckmpi
+from mckmpi import appkit
+from mckmpi.appkit import clock
+
+RATE = 3.9  # the logistic map's parameter: chaotic, values stay in (0, 1)
+CKPT_DTYPE = np.dtype([("iter", "i4"), ("start_ns", "i8"), ("bytes", "i8"), ("write_ns", "i8"),
+                       ("verify_ns", "i8")])
+
+
+def parse(argv: list[str]) -> tuple[appkit.AppParser, argparse.Namespace]:
+    p = appkit.parser("checkpoint", __doc__)
+    p.add_argument("--elements", type=appkit.positive_int, default=1 << 20,
+                   help="float64 values of state per rank [1048576 = 8 MiB]")
+    p.add_argument("--iterations", type=appkit.positive_int, default=100,
+                   help="iterations of each phase [100]")
+    p.add_argument("--warmup", type=appkit.nonnegative_int, default=5,
+                   help="untimed iterations before the baseline phase [5]")
+    p.add_argument("--every", type=appkit.positive_int, default=10,
+                   help="checkpoint every K iterations [10]")
+    p.add_argument("--async", dest="async_", action="store_true",
+                   help="overlap writing with compute (see above)")
+    p.add_argument("--fsync", action="store_true", help="fsync every checkpoint before verifying it")
+    p.add_argument("--dir", default=None,
+                   help="where checkpoint files go (created if missing, kept) "
+                        "[a fresh temporary directory, removed at the end]")
+    p.add_argument("--keep", action="store_true", help="keep the checkpoint files")
+    args = p.parse_args(argv)
+    if args.every > args.iterations:
+        p.error(f"--every {args.every} exceeds --iterations {args.iterations}: "
+                "no checkpoint would be written")
+    return p, args
+
+
+def step(state: np.ndarray, tmp: np.ndarray) -> None:
+    """state = RATE * state * (1 - state), in place."""
+    np.multiply(state, state, out=tmp)
+    np.subtract(state, tmp, out=state)
+    np.multiply(state, RATE, out=state)
+
+
+def write_and_verify(path: str, data: np.ndarray, readbuf: np.ndarray, same: np.ndarray,
+                     fsync: bool) -> tuple[int, int, int, bool]:
+    """Write `data` to `path`, read it back and compare: (start, write ns, verify ns, equal)."""
+    t0 = clock()
+    view = memoryview(data).cast("B")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        done = 0
+        while done < len(view):
+            done += os.write(fd, view[done:])
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    t1 = clock()
+    back = memoryview(readbuf).cast("B")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        done = 0
+        while done < len(back):
+            got = os.readv(fd, [back[done:]])
+            if got == 0:
+                break
+            done += got
+    finally:
+        os.close(fd)
+    np.equal(readbuf, data, out=same)
+    equal = done == len(back) and bool(same.all())
+    return t0, t1 - t0, clock() - t1, equal
+
+
+class Checkpointer:
+    """Takes checkpoints synchronously, on a worker thread, or via a scheduler task + thread."""
+
+    def __init__(self, mode: str, paths: list[str], mem: Any, elements: int, count: int,
+                 fsync: bool, sched: Any) -> None:
+        self.mode = mode
+        self.paths = paths
+        self.fsync = fsync
+        self.readbuf = mem.empty(elements)
+        self.same = mem.empty(elements, dtype=np.bool_)
+        self.snapshot = mem.empty(elements) if mode != "sync" else None
+        self.log = np.zeros(count, dtype=CKPT_DTYPE)
+        self.ok = True
+        self.sched = sched
+        self.pool = None
+        self.job = None
+        self.pending = self.pending_iter = -1
+        if mode != "sync":
+            from mckmpi.lwk.scheduler import WorkerPool
+
+            self.pool = WorkerPool([min(os.sched_getaffinity(0))])
+        if mode == "scheduler":
+            from mckmpi.lwk.scheduler import Event
+
+            self.ready, self.idle = Event("snapshot ready"), Event("writer idle")
+            self.idle.set()
+            self.stopping = False
+            self.writer = sched.spawn(self._writer, name="checkpoint-writer")
+
+    def take(self, c: int, iteration: int, state: np.ndarray) -> None:
+        """Checkpoint `c` of `state`; returns as soon as `state` may change again."""
+        if self.mode == "sync":
+            self._done(c, iteration, write_and_verify(self.paths[c % 2], state, self.readbuf,
+                                                      self.same, self.fsync))
+            return
+        self.wait()
+        np.copyto(self.snapshot, state)
+        self.pending, self.pending_iter = c, iteration
+        if self.mode == "thread":
+            self.job = self.pool.submit(write_and_verify, self.paths[c % 2], self.snapshot,
+                                        self.readbuf, self.same, self.fsync)
+        else:
+            self.idle.clear()
+            self.ready.set()
+            self.sched.yield_()  # let the writer hand the snapshot to the pool now
+
+    def wait(self) -> None:
+        """Until the write in flight (if any) is done and verified."""
+        if self.mode == "thread" and self.job is not None:
+            job, self.job = self.job, None
+            self._done(self.pending, self.pending_iter, job.result())
+        elif self.mode == "scheduler":
+            self.idle.wait()
+
+    def close(self) -> None:
+        self.wait()
+        if self.mode == "scheduler":
+            self.stopping = True
+            self.ready.set()
+            self.sched.join(self.writer)
+        if self.pool is not None:
+            self.pool.close()
+
+    def _writer(self) -> None:
+        while True:
+            self.ready.wait()
+            self.ready.clear()
+            if self.stopping:
+                return
+            job = self.pool.submit(write_and_verify, self.paths[self.pending % 2], self.snapshot,
+                                   self.readbuf, self.same, self.fsync)
+            self._done(self.pending, self.pending_iter, job.result())  # blocks this task only
+            self.idle.set()
+
+    def _done(self, c: int, iteration: int, result: tuple[int, int, int, bool]) -> None:
+        start, write_ns, verify_ns, equal = result
+        self.log[c] = (iteration, start, self.readbuf.nbytes, write_ns, verify_ns)
+        self.ok = self.ok and equal
+
+
+def checkpoint_dir(p: appkit.AppParser, args: argparse.Namespace, comm: Any) -> tuple[Path, bool]:
+    """The directory of the files, and whether it is a temporary one (removed at the end);
+    a --dir of the user's stays, and only the run's own files leave it. A directory that
+    cannot be used is a usage error on every rank alike."""
+    temporary = args.dir is None
+    name, problem = args.dir, None
+    if temporary and comm.Get_rank() == 0:
+        try:
+            name = tempfile.mkdtemp(prefix="mckmpi-checkpoint-")
+        except OSError as exc:
+            problem = f"cannot create a temporary directory: {exc.strerror}"
+    if temporary:
+        name, problem = comm.bcast((name, problem), root=0)
+    if problem is None:
+        try:
+            Path(name).mkdir(parents=True, exist_ok=True)  # ranks on other nodes too
+            if not os.access(name, os.W_OK | os.X_OK):
+                problem = f"--dir {name}: not writable"
+        except OSError as exc:
+            problem = f"--dir {name}: {exc.strerror}"
+    problem = next((x for x in comm.allgather(problem) if x), None)
+    if problem is not None:
+        p.error(problem)
+    return Path(name), temporary
+
+
+def main(argv: list[str] | None = None) -> None:
+    p, args = parse(sys.argv[1:] if argv is None else argv)
+    ctx = mckmpi.context()
+    comm = MPI.COMM_WORLD
+    rank = comm.Get_rank()
+    inj = appkit.injector(args, p, comm)
+    mem = ctx.mem
+    n, every = args.iterations, args.every
+    count = n // every
+    mode = "sync" if not args.async_ else "thread" if ctx.scheduler is None else "scheduler"
+    directory, temporary = checkpoint_dir(p, args, comm)
+    paths = [str(directory / f"ckpt-r{rank:05d}-{slot}.bin") for slot in (0, 1)]
+
+    state = mem.empty(args.elements)
+    state[...] = np.random.default_rng(rank).uniform(0.1, 0.9, args.elements)
+    tmp = mem.empty(args.elements)
+    loc, glob = mem.zeros(1), mem.zeros(1)
+    base_iter_ns = mem.zeros(n, dtype=np.int64)
+    iter_ns, compute_ns, comm_ns, ckpt_ns = (mem.zeros(n, dtype=np.int64) for _ in range(4))
+    walls = [0, 0]
+    sched = ctx.scheduler if mode == "scheduler" else None
+    writer = Checkpointer(mode, paths, mem, args.elements, count, args.fsync, sched)
+
+    def run() -> None:
+        c = clock
+        for _ in range(args.warmup):
+            step(state, tmp)
+            comm.Allreduce(loc, glob, op=MPI.SUM)
+        inj.start(comm)
+        start = c()
+        for i in range(n):
+            t0 = c()
+            step(state, tmp)
+            loc[0] = state.sum()
+            t1 = c()
+            if t1 >= inj.due:
+                inj.fire()
+                t1 = c()
+            comm.Allreduce(loc, glob, op=MPI.SUM)
+            base_iter_ns[i] = c() - t0
+        walls[0] = c() - start
+        comm.Barrier()
+        start = c()
+        for i in range(n):
+            t0 = c()
+            step(state, tmp)
+            loc[0] = state.sum()
+            t1 = c()
+            if t1 >= inj.due:
+                inj.fire()
+                t1 = c()
+            comm.Allreduce(loc, glob, op=MPI.SUM)
+            t2 = c()
+            if (i + 1) % every == 0:
+                writer.take((i + 1) // every - 1, i + 1, state)
+            elif sched is not None:
+                sched.yield_()
+            t3 = c()
+            iter_ns[i] = t3 - t0
+            compute_ns[i] = t1 - t0
+            comm_ns[i] = t2 - t1
+            ckpt_ns[i] = t3 - t2
+        writer.wait()
+        walls[1] = c() - start
+        inj.stop()
+        writer.close()
+
+    appkit.run_phases(ctx, run)
+    # Restart: the newest checkpoint before the end (the older slot if the newest is the end).
+    c = count - 2 if count >= 2 and count * every == n else count - 1
+    restart = writer.readbuf
+    with open(paths[c % 2], "rb", buffering=0) as fh:
+        fh.readinto(memoryview(restart).cast("B"))
+    for _ in range((c + 1) * every, n):  # the restart continues the checkpointed phase
+        step(restart, tmp)
+    restarted = bool(np.array_equal(restart, state))
+    if not args.keep:
+        for path in paths:
+            Path(path).unlink(missing_ok=True)
+    comm.Barrier()
+    if temporary and not args.keep and rank == 0:
+        shutil.rmtree(directory, ignore_errors=True)
+    verified = comm.allreduce(writer.ok and restarted, op=MPI.LAND)
+
+    tracer = ctx.tracer
+    appkit.record_phases(tracer, n, iter_ns, compute_ns, comm_ns)
+    tracer.array("app", "ckpt_ns", ckpt_ns, units="ns")
+    tracer.array("app", "base_iter_ns", base_iter_ns, units="ns")
+    tracer.table("app", "checkpoints", writer.log,
+                 units={"start_ns": "ns", "bytes": "B", "write_ns": "ns", "verify_ns": "ns"})
+    base_rate, ckpt_rate = n / walls[0] * 1e9, n / walls[1] * 1e9
+    tracer.scalar("app", "throughput_base", base_rate, units="1/s")
+    tracer.scalar("app", "throughput_ckpt", ckpt_rate, units="1/s")
+    tracer.attrs("app", name="checkpoint", elements=args.elements, iterations=n, every=every,
+                 async_mode=mode, fsync=args.fsync, verified=verified)
+    inj.record(tracer)
+    if rank == 0:
+        mib = args.elements * 8 / 2**20
+        print(f"checkpoint: {comm.Get_size()} ranks x {mib:.1f} MiB, {count} checkpoints ({mode}): "
+              f"{base_rate:.1f} it/s without, {ckpt_rate:.1f} it/s with "
+              f"({(base_rate / ckpt_rate - 1) * 100:+.1f} % time); median write "
+              f"{appkit.ms(np.median(writer.log['write_ns']))}, verify "
+              f"{appkit.ms(np.median(writer.log['verify_ns']))}; restart from checkpoint "
+              f"{c + 1} {'matches' if restarted else 'DIFFERS'}; {'verified' if verified else 'FAILED'}"
+              + (f"; files kept in {directory}" if args.keep else ""))
+    appkit.verify_all(comm, verified, "a checkpoint did not read back as written, or the restart "
+                                      "from it did not reproduce the final state")
+
+
+if __name__ == "__main__":
+    main()

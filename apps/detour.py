@@ -1,0 +1,126 @@
+"""Selfish detour (after netgauge's selfish benchmark).
+
+Each rank spins reading the clock for a fixed duration. A gap between two consecutive reads
+above the threshold is a detour: the rank was away doing something else (an interrupt,
+another thread, the kernel, the interpreter). Every detour is recorded with its start and
+duration; the noise fraction is the sum of the durations over the measured span.
+
+The threshold defaults to 5x the minimum loop time, measured on each rank with the same
+loop just before the run. The loop is Python (a clock read, a subtraction, a comparison),
+so its minimum time (around 0.1-0.2 us) bounds the shortest detour it can see; the
+threshold and the minimum loop time are recorded with the events.
+
+Records: table noise/detours (start_ns, duration_ns: CLOCK_MONOTONIC ns, sorted by start);
+scalars noise/detour_span_ns, noise/detour_threshold_ns, noise/detour_min_loop_ns,
+noise/detour_dropped (events beyond --max-events, counted but not kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+from mpi4py import MPI
+
+import mckmpi
+from mckmpi import appkit
+from mckmpi.appkit import NEVER, clock
+
+DETOUR_DTYPE = np.dtype([("start_ns", "i8"), ("duration_ns", "i8")])
+
+
+def parse(argv: list[str]) -> tuple[appkit.AppParser, argparse.Namespace]:
+    p = appkit.parser("detour", __doc__)
+    p.add_argument("--duration-s", type=appkit.positive_float, default=10.0,
+                   help="how long each rank spins [10 s]")
+    p.add_argument("--threshold-ns", type=appkit.nonnegative_int, default=0,
+                   help="gaps above this are detours; 0 = 5x the minimum loop time [0]")
+    p.add_argument("--max-events", type=appkit.positive_int, default=100_000,
+                   help="detours kept per rank; later ones are only counted [100000]")
+    return p, p.parse_args(argv)
+
+
+def min_loop_ns(span_ns: int = 50_000_000) -> int:
+    """Shortest time between two reads in the detour loop, over `span_ns` of spinning."""
+    c = clock
+    best = NEVER
+    last = c()
+    end = last + span_ns
+    while last < end:
+        now = c()
+        if now - last < best:
+            best = now - last
+        last = now
+    return best
+
+
+def spin(starts: np.ndarray, durations: np.ndarray, span_ns: int, threshold: int,
+         inj: appkit.Injector) -> tuple[int, int, int]:
+    """Spin for `span_ns`; returns (first read, last read, detours seen)."""
+    c = clock
+    cap = len(starts)
+    n = 0
+    first = last = c()
+    end = first + span_ns
+    next_event = min(end, inj.due)
+    while True:
+        now = c()
+        if now - last > threshold:
+            if n < cap:
+                starts[n] = last
+                durations[n] = now - last
+            n += 1
+        if now >= next_event:
+            if now >= end:
+                return first, now, n
+            inj.fire()
+            next_event = min(end, inj.due)
+        last = now
+
+
+def main(argv: list[str] | None = None) -> None:
+    p, args = parse(sys.argv[1:] if argv is None else argv)
+    ctx = mckmpi.context()
+    comm = MPI.COMM_WORLD
+    inj = appkit.injector(args, p, comm)
+    span_ns = round(args.duration_s * 1e9)
+    starts = ctx.mem.zeros(args.max_events, dtype=np.int64)
+    durations = ctx.mem.zeros(args.max_events, dtype=np.int64)
+    loop_ns = max(1, min_loop_ns())
+    threshold = args.threshold_ns or 5 * loop_ns
+    result = (0, 0, 0)
+
+    def measure() -> None:
+        nonlocal result
+        inj.start(comm)
+        result = spin(starts, durations, span_ns, threshold, inj)
+        inj.stop()
+
+    appkit.run_phases(ctx, measure)
+    first, last, n = result
+    kept = min(n, args.max_events)
+    events = np.empty(kept, dtype=DETOUR_DTYPE)
+    events["start_ns"], events["duration_ns"] = starts[:kept], durations[:kept]
+    measured = last - first
+    ok = (measured >= span_ns and bool(np.all(np.diff(events["start_ns"]) > 0))
+          and bool(np.all(events["duration_ns"] > threshold)))
+    appkit.verify_all(comm, ok, "detour events are not a sorted set of gaps above the threshold")
+    tracer = ctx.tracer
+    tracer.table("noise", "detours", events, units={"start_ns": "ns", "duration_ns": "ns"})
+    tracer.scalar("noise", "detour_span_ns", measured, units="ns")
+    tracer.scalar("noise", "detour_threshold_ns", threshold, units="ns")
+    tracer.scalar("noise", "detour_min_loop_ns", loop_ns, units="ns")
+    tracer.scalar("noise", "detour_dropped", n - kept, units="count")
+    inj.record(tracer)
+    fraction = float(events["duration_ns"].sum()) / measured
+    fractions = comm.gather(fraction, root=0)
+    counts = comm.gather(n, root=0)
+    if comm.Get_rank() == 0:
+        print(f"detour: {comm.Get_size()} ranks x {measured / 1e9:.2f} s, threshold {threshold} ns "
+              f"(rank 0 loop {loop_ns} ns); detours per rank {counts}, noise fraction per rank "
+              + " ".join(f"{f:.2e}" for f in fractions))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,398 @@
+"""PNG plots of reports, comparisons, simulations and studies (matplotlib, Agg, no pyplot).
+
+Each plot says what it shows in its title, has units on both axes and at most a few
+labelled series, so it reads without a legend hunt. Figures are built on `Figure` directly
+(no global pyplot state, no display needed), which also keeps plotting usable from threads
+and servers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator, NullLocator, ScalarFormatter
+
+from mckmpi.analysis.app import AppStats
+from mckmpi.analysis.noise import FwqRank
+from mckmpi.analysis.report import fmt
+from mckmpi.analysis.scaling import Curve
+from mckmpi.analysis.simulate import Simulation
+from mckmpi.analysis.stats import LOG_EDGES_NS, order_index
+from mckmpi.analysis.summary import RunSummary
+
+#: Ranks drawn in a per-rank panel plot: the ones with the largest p99.9 excess.
+MAX_PANELS = 8
+DPI = 110
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    return path
+
+
+def _legend(ax: Axes, n: int) -> None:
+    if n > 1:
+        ax.legend(frameon=False, fontsize="small")
+
+
+def fwq_timeline(panels: Sequence[tuple[str, FwqRank]], title: str, path: Path) -> Path:
+    """FWQ sample durations over time, one panel per (label, rank), sharing the y axis.
+
+    Each panel shows the min..max band of the samples in each of up to 2000 time bins and the
+    rank's noise-free quantum as a dashed line."""
+    panels = [(label, r) for label, r in panels if r.envelope is not None][:MAX_PANELS]
+    fig = Figure(figsize=(9, 1.9 * max(1, len(panels)) + 0.8), layout="constrained")
+    axes = fig.subplots(max(1, len(panels)), 1, sharey=True, squeeze=False)[:, 0]
+    for ax, (label, r) in zip(axes, panels):
+        env = r.envelope
+        assert env is not None
+        ax.fill_between(
+            env.time_s,
+            env.low_ns / 1e3,
+            env.high_ns / 1e3,
+            step="mid",
+            color="C0",
+            alpha=0.35,
+            linewidth=0,
+        )
+        ax.plot(env.time_s, env.high_ns / 1e3, color="C0", linewidth=0.6, drawstyle="steps-mid")
+        ax.axhline(r.quantum_ns / 1e3, color="k", linestyle="--", linewidth=0.8)
+        ax.set_title(
+            f"{label}: min {fmt(r.quantum_ns / 1e3)} us (dashed), p99.9 excess "
+            f"{fmt(r.p999_ns / 1e3)} us, max excess {fmt(r.max_ns / 1e3)} us",
+            fontsize="small",
+            loc="left",
+        )
+        ax.set_ylabel("sample [us]")
+        ax.grid(alpha=0.3)
+    axes[-1].set_xlabel("time since the rank's first sample [s]")
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def excess_ccdf(series: Sequence[tuple[str, np.ndarray]], title: str, path: Path) -> Path:
+    """Fraction of FWQ samples whose excess exceeds x, log-log (the noise tail)."""
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    left = math.inf
+    for i, (label, counts) in enumerate(series):
+        total = counts.sum()
+        if total == 0:
+            continue
+        above = total - np.cumsum(counts)  # samples >= the next edge
+        x = LOG_EDGES_NS[1:] / 1e3
+        keep = above > 0
+        ax.step(x[keep], above[keep] / total, where="post", color=f"C{i}", label=label)
+        # Start the axis a decade before the tail leaves 1 (the bulk of the samples).
+        leaving = np.flatnonzero(above < 0.99 * total)
+        if leaving.size:
+            left = min(left, x[leaving[0]] / 10)
+    if math.isfinite(left):
+        ax.set_xlim(left=left)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("FWQ excess over the rank's minimum [us]")
+    ax.set_ylabel("fraction of samples above")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    _legend(ax, len(series))
+    return _save(fig, path)
+
+
+def detour_histogram(series: Sequence[tuple[str, np.ndarray]], title: str, path: Path) -> Path:
+    """Detour counts per duration bin (20 bins per decade), log-log."""
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    for i, (label, counts) in enumerate(series):
+        if counts.sum() == 0:
+            continue
+        ax.stairs(
+            np.where(counts > 0, counts, np.nan),
+            LOG_EDGES_NS / 1e3,
+            color=f"C{i}",
+            label=f"{label} ({int(counts.sum())} detours)",
+            linewidth=1.5,
+        )
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(left=max(1e-3, _first_nonzero_edge(series)))
+    ax.set_xlabel("detour duration [us]")
+    ax.set_ylabel("detours per bin (20 bins per decade)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    _legend(ax, len(series))
+    return _save(fig, path)
+
+
+def _first_nonzero_edge(series: Sequence[tuple[str, np.ndarray]]) -> float:
+    firsts = [LOG_EDGES_NS[np.flatnonzero(c)[0]] / 1e3 for _, c in series if c.sum()]
+    return min(firsts) / 2 if firsts else 1e-3
+
+
+def latency_cdf(series: Sequence[tuple[str, np.ndarray]], title: str, path: Path) -> Path:
+    """Empirical CDF of offload latencies (sorted ns arrays), log x."""
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    for i, (label, lat) in enumerate(series):
+        if lat.size == 0:
+            continue
+        p50 = lat[order_index(0.5, lat.size)] / 1e3
+        x = np.maximum(lat, 1) / 1e3
+        # A rise from 0 at the first value, so even a single call draws a visible step.
+        ax.step(
+            np.concatenate([x[:1], x]),
+            np.arange(lat.size + 1) / lat.size,
+            where="post",
+            color=f"C{i}",
+            marker="o" if lat.size < 30 else None,
+            markersize=3,
+            label=f"{label} (n={lat.size}, p50 {fmt(p50)} us)",
+        )
+    ax.set_xscale("log")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("latency of an offloaded call, trap to completion [us]")
+    ax.set_ylabel("fraction of calls at or below")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    _legend(ax, len(series))
+    return _save(fig, path)
+
+
+def iteration_times(series: Sequence[tuple[str, AppStats]], title: str, path: Path) -> Path:
+    """Per-iteration time of the slowest rank (line) and the min..median band of the ranks."""
+    fig = Figure(figsize=(9, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    for i, (label, a) in enumerate(series):
+        if a.iterations == 0:
+            continue
+        it = np.arange(a.iterations)
+        ax.fill_between(
+            it,
+            a.per_iteration_min / 1e6,
+            a.per_iteration_median / 1e6,
+            step="mid",
+            color=f"C{i}",
+            alpha=0.25,
+            linewidth=0,
+        )
+        ax.plot(
+            it,
+            a.per_iteration_max / 1e6,
+            color=f"C{i}",
+            linewidth=0.8,
+            drawstyle="steps-mid",
+            label=f"{label}: slowest rank, median {a.iter_p50_ns / 1e6:.4g} ms",
+        )
+    ax.set_xlabel("iteration")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("iteration time [ms]")
+    ax.set_title(title + "\nline: slowest rank; band: fastest to median rank")
+    ax.grid(alpha=0.3)
+    ax.legend(frameon=False, fontsize="small")
+    return _save(fig, path)
+
+
+def _worst(fwq: Sequence[FwqRank], n: int) -> list[FwqRank]:
+    recorded = [r for r in fwq if r.samples]
+    return sorted(sorted(recorded, key=lambda r: r.p999_ns, reverse=True)[:n], key=lambda r: r.rank)
+
+
+def _pooled(hists: Sequence[np.ndarray | None]) -> np.ndarray:
+    present = [h for h in hists if h is not None]
+    return np.sum(present, axis=0) if present else np.zeros(len(LOG_EDGES_NS) - 1, dtype=np.int64)
+
+
+def report_plots(s: RunSummary, out_dir: Path) -> list[Path]:
+    """The plots of `mckmpi report` for whatever the run recorded."""
+    stem, name = s.path.stem, s.path.name
+    written = []
+    shown = _worst(s.fwq, MAX_PANELS)
+    if shown:
+        recorded = sum(1 for r in s.fwq if r.samples)
+        which = (
+            ""
+            if len(shown) == recorded
+            else f" ({len(shown)} of {recorded} ranks with the largest p99.9)"
+        )
+        written.append(
+            fwq_timeline(
+                [(f"rank {r.rank}", r) for r in shown],
+                f"FWQ samples over time, {name}{which}",
+                out_dir / f"{stem}-fwq-timeline.png",
+            )
+        )
+        series = [(f"rank {r.rank}", r.histogram) for r in shown if r.histogram is not None]
+        if recorded > MAX_PANELS:
+            series = [(f"all {recorded} ranks", _pooled([r.histogram for r in s.fwq]))]
+        written.append(
+            excess_ccdf(series, f"FWQ noise tail, {name}", out_dir / f"{stem}-fwq-excess.png")
+        )
+    if s.detour_histogram.sum():
+        written.append(
+            detour_histogram(
+                [(f"{len(s.detours)} ranks", s.detour_histogram)],
+                f"detour durations, all {len(s.detours)} ranks, {name}",
+                out_dir / f"{stem}-detours.png",
+            )
+        )
+    if s.calls:
+        written.append(
+            latency_cdf(
+                [(c.call, c.latencies_ns) for c in s.calls[:6]],
+                f"offloaded system calls, {name}",
+                out_dir / f"{stem}-offload-latency.png",
+            )
+        )
+    if s.app is not None and s.app.iterations:
+        written.append(
+            iteration_times(
+                [(s.app.name or "app", s.app)],
+                f"per-iteration time, {name}",
+                out_dir / f"{stem}-iterations.png",
+            )
+        )
+    return written
+
+
+def compare_plots(
+    a: RunSummary, b: RunSummary, labels: tuple[str, str], out_dir: Path
+) -> list[Path]:
+    """Overlays of two runs (A in blue, B in orange), for what both recorded."""
+    prefix = f"compare-{a.path.stem}-vs-{b.path.stem}"
+    title = f"{labels[0]} ({a.path.name}) vs {labels[1]} ({b.path.name})"
+    written = []
+    worst = [(label, _worst(s.fwq, 1)) for label, s in zip(labels, (a, b))]
+    if all(w for _, w in worst):
+        written.append(
+            fwq_timeline(
+                [(f"{label}, rank {w[0].rank} (largest p99.9)", w[0]) for label, w in worst],
+                f"FWQ samples over time: {title}",
+                out_dir / f"{prefix}-fwq-timeline.png",
+            )
+        )
+        written.append(
+            excess_ccdf(
+                [
+                    (label, _pooled([r.histogram for r in s.fwq]))
+                    for label, s in zip(labels, (a, b))
+                ],
+                f"FWQ noise tail, all ranks: {title}",
+                out_dir / f"{prefix}-fwq-excess.png",
+            )
+        )
+    if a.detour_histogram.sum() or b.detour_histogram.sum():
+        written.append(
+            detour_histogram(
+                [(labels[0], a.detour_histogram), (labels[1], b.detour_histogram)],
+                f"detour durations: {title}",
+                out_dir / f"{prefix}-detours.png",
+            )
+        )
+    if a.calls or b.calls:
+        pooled = [
+            (label, np.sort(np.concatenate([c.latencies_ns for c in s.calls] or [np.zeros(0)])))
+            for label, s in zip(labels, (a, b))
+        ]
+        written.append(
+            latency_cdf(
+                pooled,
+                f"offloaded system calls, all calls: {title}",
+                out_dir / f"{prefix}-offload-latency.png",
+            )
+        )
+    apps = [
+        (label, s.app) for label, s in zip(labels, (a, b)) if s.app is not None and s.app.iterations
+    ]
+    if apps:
+        written.append(
+            iteration_times(
+                apps, f"per-iteration time: {title}", out_dir / f"{prefix}-iterations.png"
+            )
+        )
+    return written
+
+
+def simulation(sim: Simulation, path: Path) -> Path:
+    """Slowdown and expected noise of the slowest rank against the rank count."""
+    p = np.array([x.ranks for x in sim.predictions], dtype=float)
+    fig = Figure(figsize=(10, 4.2), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    left.plot(p, [x.slowdown for x in sim.predictions], "o-", color="C0", label="exact expectation")
+    left.plot(
+        p,
+        [x.mc_slowdown for x in sim.predictions],
+        "x",
+        color="C1",
+        markersize=9,
+        label=f"Monte Carlo, {sim.iterations} iterations",
+    )
+    for x in sim.predictions:
+        left.annotate(
+            f"{x.slowdown:.3g}",
+            (x.ranks, x.slowdown),
+            textcoords="offset points",
+            xytext=(0, 7),
+            ha="center",
+            fontsize="small",
+        )
+    left.set_xscale("log")
+    left.set_xlabel("ranks (cores)")
+    left.set_ylabel("slowdown (iteration time / work)")
+    left.set_title("predicted slowdown", fontsize="medium")
+    left.grid(alpha=0.3, which="both")
+    left.legend(frameon=False, fontsize="small")
+    right.plot(p, [x.expected_max_ns / 1e3 for x in sim.predictions], "o-", color="C2")
+    right.set_xscale("log")
+    right.set_yscale("log")
+    right.set_xlabel("ranks (cores)")
+    right.set_ylabel("noise of the slowest rank per iteration [us]")
+    right.set_title("expected max noise per iteration", fontsize="medium")
+    right.grid(alpha=0.3, which="both")
+    fig.suptitle(
+        f"{sim.work_ns / 1e3:.4g} us of work per iteration, noise from the {sim.source} "
+        f"trace of {Path(sim.path).name}"
+    )
+    return _save(fig, path)
+
+
+def scaling_plots(curves: Sequence[Curve], out_dir: Path) -> list[Path]:
+    """One figure per app, scaling kind and problem: speedup and efficiency against ranks,
+    one line per mode, with the ideal as a dashed line."""
+    groups: dict[tuple[str, str, str], list[Curve]] = {}
+    for c in curves:
+        groups.setdefault((c.app, c.scaling, c.problem), []).append(c)
+    written = []
+    for (app, kind, problem), series in sorted(groups.items()):
+        fig = Figure(figsize=(10, 4.2), layout="constrained")
+        left, right = fig.subplots(1, 2)
+        ranks = np.unique(np.concatenate([c.ranks for c in series])).astype(float)
+        left.plot(ranks, ranks / ranks[0], "--", color="0.5", label="ideal")
+        right.axhline(1.0, linestyle="--", color="0.5", label="ideal")
+        for i, c in enumerate(sorted(series, key=lambda c: c.mode)):
+            left.plot(c.ranks, c.speedup, "o-", color=f"C{i}", label=c.mode)
+            right.plot(c.ranks, c.efficiency, "o-", color=f"C{i}", label=c.mode)
+        for ax in (left, right):
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(ranks)
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.set_xlabel("ranks")
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(frameon=False, fontsize="small")
+        left.set_yscale("log", base=2)
+        left.yaxis.set_major_formatter(ScalarFormatter())
+        left.set_ylabel("speedup over the fewest ranks" + (" (scaled)" if kind == "weak" else ""))
+        right.set_ylabel("parallel efficiency")
+        right.set_ylim(0, max(1.1, max(float(np.nanmax(c.efficiency)) for c in series) * 1.05))
+        left.set_title("speedup", fontsize="medium")
+        right.set_title("efficiency", fontsize="medium")
+        fig.suptitle(f"{app}: {kind} scaling, {problem}")
+        slug = f"{app}-{kind}-{problem}".replace(" ", "_").replace("/", "_")
+        written.append(_save(fig, out_dir / f"scaling-{slug}.png"))
+    return written

@@ -1,0 +1,124 @@
+"""Benchmark: what tracing costs the measured work, FWQ under `mckmpi run` vs bare.
+
+apps/fwq.py runs as a 2-rank job twice per round, alternating, in the same benchmark run:
+under the harness (`mckmpi run --mode linux`, tracing on: the samples go into a run file)
+and bare (`mpiexec python apps/fwq.py`, the tracer keeps nothing). Compared: rank 0's median
+FWQ sample, and the median per kernel repetition (median / calibrated repetitions), which
+removes the run-to-run spread of the calibration, and each round's pair. Goal: the traced
+median within 1% of the bare one; the spread of each side over its rounds says how much of
+a difference this host can resolve. Every run's median comes from the app's own summary
+line; the traced runs' run files are checked to hold the samples.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+
+from mckmpi.bench.report import launch_env
+from mckmpi.demo import app_path
+from mckmpi.launchers import command
+from mckmpi.trace.reader import open_run
+
+RANKS = 2
+_MEDIAN = re.compile(r"median\s+(\d+)\s*ns")
+_REPS = re.compile(r"\((\d+)\s+(?:reps\b|x\s)")
+
+
+def _fwq(traced: bool, samples: int, quantum_us: float, out: pathlib.Path) -> dict:
+    fwq = [str(app_path("fwq")), "--samples", str(samples), "--quantum-us", str(quantum_us)]
+    if traced:
+        job = [
+            sys.executable,
+            "-m",
+            "mckmpi",
+            "run",
+            "--mode",
+            "linux",
+            "--out",
+            str(out),
+            "--",
+            *fwq,
+        ]
+    else:
+        job = [sys.executable, *fwq]
+    proc = subprocess.run(
+        command("mpiexec", RANKS, job),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=launch_env(),
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"fwq ({'traced' if traced else 'bare'}) failed:\n{proc.stderr[-2000:]}")
+    median = _MEDIAN.search(proc.stdout)
+    if median is None:
+        raise RuntimeError(f"no 'median N ns' in the output of apps/fwq.py:\n{proc.stdout[-1000:]}")
+    reps = _REPS.search(proc.stdout)
+    result = {"median_ns": int(median.group(1)), "reps": int(reps.group(1)) if reps else None}
+    if traced:
+        with open_run(out) as run:
+            shape = run["noise/fwq_ns"].shape
+        if shape != (RANKS, samples):
+            raise RuntimeError(f"run file {out} holds FWQ samples of shape {shape}")
+    return result
+
+
+def _ratio(traced: list[float], bare: list[float]) -> float:
+    return statistics.median(traced) / statistics.median(bare)
+
+
+def run(out_dir: pathlib.Path, quick: bool = False) -> dict:
+    """Alternate traced and bare FWQ jobs; write bench-tracing.json."""
+    rounds = 2 if quick else 5
+    samples = 500 if quick else 3000
+    quantum_us = 1000.0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work = pathlib.Path(tempfile.mkdtemp(prefix="bench-tracing-", dir=out_dir))
+    runs: dict[str, list[dict]] = {"traced": [], "bare": []}
+    try:
+        for i in range(rounds):
+            # Alternate which goes first, so a drifting machine does not favour one side.
+            order = (True, False) if i % 2 == 0 else (False, True)
+            for traced in order:
+                runs["traced" if traced else "bare"].append(
+                    _fwq(traced, samples, quantum_us, work / f"fwq-{i}.h5")
+                )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    medians = {k: [r["median_ns"] for r in v] for k, v in runs.items()}
+    per_rep = {k: [r["median_ns"] / r["reps"] for r in v if r["reps"]] for k, v in runs.items()}
+    ratio = _ratio(medians["traced"], medians["bare"])
+    # Each round's traced run against the bare run next to it: drift between rounds cancels.
+    paired = [t / b for t, b in zip(medians["traced"], medians["bare"])]
+    result = {
+        "benchmark": "tracing",
+        "quick": quick,
+        "ranks": RANKS,
+        "rounds": rounds,
+        "samples": samples,
+        "quantum_us": quantum_us,
+        "goal": "traced median FWQ sample within 1% of the bare one",
+        "traced_median_ns": statistics.median(medians["traced"]),
+        "bare_median_ns": statistics.median(medians["bare"]),
+        "ratio_traced_vs_bare_median": ratio,
+        "difference_percent": (ratio - 1) * 100,
+        "paired_ratios": paired,
+        "median_paired_ratio": statistics.median(paired),
+        "spread_percent": {k: (max(v) / min(v) - 1) * 100 for k, v in medians.items()},
+        "runs": runs,
+        "cpus": sorted(os.sched_getaffinity(0)),
+    }
+    if all(r["reps"] for v in runs.values() for r in v):
+        result["traced_median_ns_per_rep"] = statistics.median(per_rep["traced"])
+        result["bare_median_ns_per_rep"] = statistics.median(per_rep["bare"])
+        result["ratio_traced_vs_bare_per_rep"] = _ratio(per_rep["traced"], per_rep["bare"])
+    (out_dir / "bench-tracing.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
