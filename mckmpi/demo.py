@@ -1,15 +1,39 @@
-"""The main job: a small study on this host, with its report (`mckmpi demo`)."""
+"""The main job (`mckmpi demo`): a small Linux-vs-LWK study on this host, with its report.
+
+FWQ, selfish detour and the stencil run in linux mode and in lwk mode under the same
+background noise: a daemon-like process with periodic CPU bursts and small file writes.
+In linux mode the noise may run anywhere, as daemons do on an untuned node, and ranks use
+every core; in lwk mode it is confined to the Linux cores, as Linux services are on a
+McKernel node, and the noise benchmarks run one rank per LWK core. Each pair of runs is
+compared, plots go to the output directory, and the headline numbers with their goals to
+`summary.json` there.
+"""
 
 from __future__ import annotations
 
+import json
+import math
+import os
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from mckmpi.errors import UsageError
 from mckmpi.launchers import command, root_env
 
 APPS = Path(__file__).resolve().parent.parent / "apps"
+
+#: The background noise: 2 ms of CPU every 10 ms and a 4 KiB write (DESIGN 1.2).
+NOISE = {"period_ms": 10.0, "burst_ms": 2.0, "write_bytes": 4096}
+
+#: (section, metric) of the comparison -> the goal factor by which lwk must be lower.
+GOALS = {
+    ("FWQ", "excess p99.9, worst rank"): 10.0,
+    ("detours", "noise fraction, mean of ranks"): 10.0,
+    ("app", "iteration p50 (slowest rank)"): None,
+}
 
 
 def app_path(name: str) -> Path:
@@ -21,29 +45,106 @@ def app_path(name: str) -> Path:
 
 
 def launch(nranks: int, run_args: list[str], app: list[str], *, oversubscribe: bool = False,
-           timeout: float = 600) -> subprocess.CompletedProcess:
-    """Start `mckmpi run RUN_ARGS -- APP` as `nranks` ranks and wait (output passes through)."""
+           timeout: float = 600, quiet: bool = False) -> subprocess.CompletedProcess:
+    """Start `mckmpi run RUN_ARGS -- APP` as `nranks` ranks and wait."""
     cmd = command("mpiexec", nranks, [sys.executable, "-m", "mckmpi", "run", *run_args, "--", *app],
                   oversubscribe=oversubscribe)
-    print("$ " + " ".join(cmd[:1] + cmd[1:]), flush=True)
-    return subprocess.run(cmd, env=root_env(), timeout=timeout, check=False)
+    output = subprocess.PIPE if quiet else None
+    return subprocess.run(cmd, env=root_env(), timeout=timeout, check=False, text=True,
+                          stdout=output, stderr=output)
 
 
-def demo(out: str, samples: int = 2000) -> int:
-    """A 2-rank FWQ job in linux mode and the report of its run file."""
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    run_file = out_dir / "fwq-linux.h5"
-    print(f"[demo 1/2] FWQ, 2 ranks, linux mode, {samples} samples per rank", flush=True)
-    proc = launch(2, ["--mode", "linux", "--out", str(run_file)],
-                  [str(app_path("fwq")), "--samples", str(samples)])
-    if proc.returncode != 0:
-        print(f"mckmpi: demo job failed with exit status {proc.returncode}", file=sys.stderr)
-        return proc.returncode
-    print("[demo 2/2] report", flush=True)
-    from mckmpi.analysis.report import text
+@dataclass(frozen=True)
+class Job:
+    app: str
+    mode: str
+    ranks: int
+    args: tuple[str, ...]
+    oversubscribe: bool = False
+
+
+def layout(cpus: int, samples: int, detour_s: float) -> list[Job]:
+    """The jobs for a host with `cpus` CPUs: linux mode on every core, lwk mode on the cores
+    left after one Linux core (the stencil keeps its rank count and oversubscribes)."""
+    if cpus < 2:
+        raise UsageError("the demo needs at least 2 CPUs: one Linux core and one LWK core")
+    lwk = cpus - 1
+    fwq = ("--samples", str(samples), "--quantum-us", "1000")
+    detour = ("--duration-s", f"{detour_s:g}")
+    stencil = ("--local", "256x256", "--iterations", "300", "--scaling", "weak")
+    return [
+        Job("fwq", "linux", cpus, fwq), Job("fwq", "lwk", lwk, fwq),
+        Job("detour", "linux", cpus, detour), Job("detour", "lwk", lwk, detour),
+        Job("stencil", "linux", cpus, stencil),
+        Job("stencil", "lwk", cpus, stencil, oversubscribe=cpus > lwk),
+    ]
+
+
+def demo(out: str, samples: int = 3000, detour_s: float = 3.0) -> int:
+    """Run the study, print the comparisons and write plots and summary.json to `out`."""
+    from mckmpi.analysis import compare
+    from mckmpi.analysis.plots import compare_plots
+    from mckmpi.analysis.summary import summarize
+    from mckmpi.noise import start_noise
+    from mckmpi.partition import plan_node, read_host
     from mckmpi.trace.reader import open_run
 
-    with open_run(run_file) as run:
-        print(text(run))
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    host = read_host()
+    linux_cpus = plan_node(host, 1, mode="lwk", oversubscribe=True).linux_cpus
+    jobs = layout(len(host.cpus), samples, detour_s)
+    print(f"mckmpi demo: {len(host.cpus)} CPUs; linux mode runs ranks on every core, lwk mode "
+          f"keeps CPU {linux_cpus[0]} for Linux (noise, proxy) and runs the noise benchmarks "
+          f"one rank per LWK core ({len(host.cpus) - 1}); background noise: "
+          f"{NOISE['burst_ms']:g} ms of CPU every {NOISE['period_ms']:g} ms and a "
+          f"{NOISE['write_bytes']} B write", flush=True)
+    started = time.monotonic()
+    files: dict[tuple[str, str], Path] = {}
+    for i, job in enumerate(jobs, 1):
+        path = out_dir / f"{job.app}-{job.mode}.h5"
+        where = "anywhere" if job.mode == "linux" else f"CPU {','.join(map(str, linux_cpus))}"
+        print(f"[{i}/{len(jobs)} {time.monotonic() - started:5.1f}s] {job.app}, {job.mode} mode, "
+              f"{job.ranks} rank(s){', oversubscribed' if job.oversubscribe else ''}; "
+              f"noise {where}", flush=True)
+        run_args = ["--mode", job.mode, "--out", str(path)]
+        if job.oversubscribe:
+            run_args.append("--oversubscribe")
+        with start_noise(None if job.mode == "linux" else linux_cpus, **NOISE):
+            proc = launch(job.ranks, run_args, [str(app_path(job.app)), *job.args],
+                          oversubscribe=job.oversubscribe, quiet=True)
+        if proc.returncode != 0:
+            sys.stderr.write(proc.stdout + proc.stderr)
+            print(f"mckmpi: demo job {job.app} ({job.mode}) failed with exit status "
+                  f"{proc.returncode}", file=sys.stderr)
+            return proc.returncode
+        files[(job.app, job.mode)] = path
+
+    summary: dict[str, object] = {"cpus": len(host.cpus), "linux_cpus": list(linux_cpus),
+                                  "noise": NOISE, "jobs": [job.__dict__ for job in jobs],
+                                  "headlines": []}
+    for app in dict.fromkeys(job.app for job in jobs):
+        with open_run(files[(app, "linux")]) as ra, open_run(files[(app, "lwk")]) as rb:
+            a, b = summarize(ra), summarize(rb)
+        print(f"\n=== {app}: linux (A) vs lwk (B) " + "=" * 40)
+        print(compare.text(a, b))
+        plots = compare_plots(a, b, compare.labels(a, b), out_dir / app)
+        print("plots: " + ", ".join(str(p) for p in plots))
+        for m in compare.metrics(a, b):
+            if (m.section, m.name) in GOALS:
+                goal = GOALS[(m.section, m.name)]
+                factor = m.a / m.b if m.b else math.inf
+                summary["headlines"].append({  # type: ignore[union-attr]
+                    "app": app, "metric": f"{m.section} {m.name}", "unit": m.unit,
+                    "linux": m.a, "lwk": m.b, "linux_over_lwk": factor,
+                    "goal_linux_over_lwk": goal, "goal_met": None if goal is None else factor >= goal,
+                })
+    print(f"\n=== summary ({time.monotonic() - started:.0f} s) " + "=" * 40)
+    for h in summary["headlines"]:  # type: ignore[union-attr]
+        goal = "" if h["goal_linux_over_lwk"] is None else \
+            f"  goal >= {h['goal_linux_over_lwk']:g}x: {'met' if h['goal_met'] else 'NOT met'}"
+        print(f"{h['app']:8} {h['metric']:40} linux {h['linux']:10.4g}  lwk {h['lwk']:10.4g} "
+              f"{h['unit']:3}  linux/lwk {h['linux_over_lwk']:7.3g}{goal}")
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    print(f"written: {out_dir / 'summary.json'}, run files and plots in {out_dir}{os.sep}")
     return 0

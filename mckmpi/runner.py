@@ -133,6 +133,11 @@ def run(settings: Settings, app: App, argv: list[str]) -> int:
         pin(plan, placement.local_rank)
         os.execv(app.target, [app.target, *app.args])
 
+    if plan.oversubscribed:
+        # Ranks that share a core must not busy-poll while they wait for each other: Open MPI
+        # yields when it knows it is oversubscribed, but it cannot see mckmpi's pinning.
+        os.environ.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
+
     from mpi4py import MPI
 
     world = MPI.COMM_WORLD
