@@ -16,7 +16,7 @@ step's binding masks (SLURM_CPU_BIND_LIST) narrows it to the step's CPUs.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -159,6 +159,22 @@ def _linux_cpus(facts: NodeFacts, spec: str | tuple[int, ...]) -> tuple[int, ...
     if not cpus:
         raise PartitionError("--linux-cores must keep at least one core for Linux and the proxy")
     return cpus
+
+
+def core_spec_linux_cores(facts: NodeFacts, spec_cpus: Iterable[int]) -> tuple[int, ...] | None:
+    """Slurm's specialised CPUs (CoreSpecCount/CPUSpecList) as this node's Linux cores.
+
+    Slurm keeps specialised cores for the system daemons, the role McKernel gives its Linux
+    cores, so they are the natural home of Linux and the proxy. That works only where the
+    ranks may run on them: a job owns them when it asks (`--core-spec=0`, if the cluster has
+    AllowSpecResourcesUsage=YES) or when nothing fences CPUs off. None when some of them lie
+    outside the node's allowed CPUs (Slurm keeps them from the job; the usual default then
+    applies) or when they would leave no CPU for the LWK.
+    """
+    spec = tuple(sorted(set(spec_cpus)))
+    if not spec or not set(spec) <= set(facts.cpus) or len(spec) >= len(facts.cpus):
+        return None
+    return spec
 
 
 def _spread(facts: NodeFacts, count: int) -> tuple[int, ...]:

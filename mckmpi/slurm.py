@@ -7,7 +7,10 @@ have (no REST daemon, no accounting database required):
 - jobs are submitted with ``sbatch --parsable`` and followed by polling ``scontrol show job``
   (``sbatch --wait`` polls the controller slowly and blocks the caller);
 - a job the controller has already forgotten (older than MinJobAge) is looked up with
-  ``sacct`` and, on clusters without accounting, in the plain-text job completion log.
+  ``sacct`` and, on clusters without accounting, in the plain-text job completion log;
+- partitions and nodes (CPUs, specialised cores, host names) come from ``scontrol show
+  partition`` and ``scontrol show node``, so a study plan is checked against the cluster
+  before anything is submitted.
 
 Every function takes an optional ``env``: the environment of the Slurm commands (for
 example one whose SLURM_CONF points at a particular cluster). By default they inherit ours.
@@ -21,10 +24,12 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypedDict
 
 from mckmpi.errors import UsageError
+from mckmpi.utility.units import parse_cpulist
 
 # States after which a job never changes again.
 FINAL_STATES = frozenset({
@@ -69,6 +74,35 @@ class JobState(TypedDict):
     source: str  # "scontrol", "sacct" or "jobcomp": where the record came from
 
 
+@dataclass(frozen=True)
+class NodeInfo:
+    """A node as the controller describes it.
+
+    `spec_cpus` are the CPUs Slurm reserves for the system (CoreSpecCount/CPUSpecList, in
+    Slurm's abstract CPU numbering, which is Linux's on nodes without hyper-threads);
+    `usable_cpus` is what a job may be given without asking for them (CPUEfctv).
+    """
+
+    name: str
+    hostname: str
+    cpus: int
+    usable_cpus: int
+    core_spec_count: int
+    spec_cpus: tuple[int, ...]
+    partitions: tuple[str, ...]
+    state: str
+
+
+@dataclass(frozen=True)
+class PartitionInfo:
+    """A partition: its name, its node list (Slurm syntax), whether it is the default."""
+
+    name: str
+    nodes: str
+    default: bool
+    state: str
+
+
 def in_slurm_job(env: Mapping[str, str] | None = None) -> bool:
     """True inside a Slurm allocation (batch script, salloc shell or srun task)."""
     env = os.environ if env is None else env
@@ -106,6 +140,64 @@ def mpi_plugins(env: Mapping[str, str] | None = None) -> list[str]:
         raise SlurmError(f"srun --mpi=list failed: {_last_line(res)}")
     text = res.stdout + res.stderr  # older releases print the list on stderr
     return [ln.strip() for ln in text.splitlines() if ln.startswith("\t") and ln.strip()]
+
+
+def config(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The controller's running configuration (`scontrol show config`) as key -> value."""
+    res = _run(["scontrol", "show", "config"], env)
+    if res.returncode != 0:
+        raise SlurmError(f"scontrol show config failed: {_last_line(res)}")
+    conf = {}
+    for line in res.stdout.splitlines():
+        key, sep, value = line.partition(" = ")
+        if sep:
+            conf[key.strip()] = value.strip()
+    return conf
+
+
+def partitions(env: Mapping[str, str] | None = None) -> list[PartitionInfo]:
+    """Every partition the controller knows, in its order."""
+    res = _run(["scontrol", "show", "partition", "-o"], env)
+    if res.returncode != 0:
+        raise SlurmError(f"scontrol show partition failed: {_last_line(res)}")
+    out = []
+    for line in res.stdout.splitlines():
+        if line.startswith("PartitionName="):
+            rec = parse_fields(line)
+            out.append(PartitionInfo(name=rec["PartitionName"], nodes=rec.get("Nodes", ""),
+                                     default=rec.get("Default") == "YES",
+                                     state=rec.get("State", "UNKNOWN")))
+    return out
+
+
+def nodes(nodelist: str, env: Mapping[str, str] | None = None) -> list[NodeInfo]:
+    """The nodes of a Slurm node list ('n[1-4]'), as `scontrol show node` describes them."""
+    if not nodelist.strip() or nodelist == "(null)":
+        raise SlurmError("empty Slurm node list")
+    res = _run(["scontrol", "show", "node", "-o", nodelist], env)
+    if res.returncode != 0:
+        raise SlurmError(f"scontrol show node {nodelist} failed: {_last_line(res)}")
+    return [parse_node(parse_fields(line)) for line in res.stdout.splitlines()
+            if line.startswith("NodeName=")]
+
+
+def parse_node(rec: Mapping[str, str]) -> NodeInfo:
+    """A NodeInfo from one `scontrol show node -o` record."""
+    def number(key: str, default: int) -> int:
+        value = rec.get(key, "")
+        return int(value) if value.isdigit() else default
+
+    cpus = number("CPUTot", 0)
+    spec_list = rec.get("CPUSpecList", "")
+    spec = parse_cpulist(spec_list) if spec_list not in ("", "(null)") else ()
+    parts = rec.get("Partitions", "")
+    return NodeInfo(
+        name=rec["NodeName"], hostname=rec.get("NodeHostName") or rec["NodeName"], cpus=cpus,
+        # Releases before 22.05 print no CPUEfctv: the specialised CPUs are what jobs lack.
+        usable_cpus=number("CPUEfctv", cpus - len(spec)),
+        core_spec_count=number("CoreSpecCount", 0), spec_cpus=spec,
+        partitions=tuple(p for p in parts.split(",") if p and p != "(null)"),
+        state=rec.get("State", "UNKNOWN"))
 
 
 def submit(script_path: str | os.PathLike[str], *, extra_args: Iterable[str] = (),
@@ -185,7 +277,7 @@ def _from_sacct(job_id: str, env: Mapping[str, str] | None) -> JobState | None:
 
 def _from_jobcomp(job_id: str, env: Mapping[str, str] | None) -> JobState | None:
     """The last record of the job in a jobcomp/filetxt log, if the cluster writes one."""
-    conf = _config(env)
+    conf = config(env)
     if conf.get("JobCompType") != "jobcomp/filetxt" or not conf.get("JobCompLoc"):
         return None
     try:
@@ -196,19 +288,9 @@ def _from_jobcomp(job_id: str, env: Mapping[str, str] | None) -> JobState | None
     for line in reversed(lines):
         if line.startswith(prefix):
             rec = parse_fields(line)
-            rec.setdefault("JobName", rec.get("Name"))
+            rec.setdefault("JobName", rec.get("Name", ""))
             return _state(job_id, rec, "jobcomp")
     return None
-
-
-def _config(env: Mapping[str, str] | None) -> dict[str, str]:
-    res = _run(["scontrol", "show", "config"], env)
-    conf = {}
-    for line in res.stdout.splitlines():
-        key, sep, value = line.partition(" = ")
-        if sep:
-            conf[key.strip()] = value.strip()
-    return conf
 
 
 def _state(job_id: str, rec: Mapping[str, str | None], source: str) -> JobState:

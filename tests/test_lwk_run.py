@@ -81,7 +81,7 @@ def test_lwk_two_ranks_record_memory_and_scheduler(tmp_path, probe):
         assert (f["scheduler/safepoints"][()] == 1).all()
         assert not f["scheduler/gc_enabled"][()].any()
         # Oversubscribed ranks share a core: FIFO would starve one of them, so it is refused.
-        assert all(b"oversubscribed" in r for r in f["scheduler/policy_reason"][()])
+        assert all(b"oversubscribe" in r for r in f["scheduler/policy_reason"][()])
         assert f.attrs["mode"] == "lwk"
 
 

@@ -18,6 +18,7 @@ import pytest
 
 from mckmpi import slurm
 from mckmpi.errors import UsageError
+from mckmpi.trace.reader import open_run
 
 pytestmark = pytest.mark.slurm
 
@@ -144,6 +145,34 @@ def test_sbatch_job_with_mpi_step_completes(cluster, tmp_path):
     assert all(r["sum"] == 3 for r in ranks)
 
 
+@pytest.mark.parametrize("mode_args", [
+    [],
+    # Both Slurm nodes of this cluster are one host, so their LWK cores are the same CPU:
+    # SCHED_FIFO ranks of the two nodes would spin on it forever, hence the ordinary policy.
+    ["--mode", "lwk", "--oversubscribe", "--mem", "32M", "--rank-policy", "other"],
+], ids=["linux", "lwk"])
+def test_srun_of_mckmpi_run_spans_both_nodes(cluster, tmp_path, mode_args):
+    _, env = cluster
+    env = {**env, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    env = {k: v for k, v in env.items() if not k.startswith("MCKMPI_")}
+    res = run(["srun", "-N", "2", "-n", "2", sys.executable, "-m", "mckmpi", "run", *mode_args,
+               "--out", tmp_path, "--", ROOT / "apps" / "fwq.py", "--samples", "50",
+               "--quantum-us", "100"], timeout=60, env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    (path,) = tmp_path.glob("fwq-*.h5")
+    mode = "lwk" if mode_args else "linux"
+    assert path.name.startswith(f"fwq-{mode}-job") and path.name.endswith(".0.h5")
+    with open_run(path) as r:
+        assert (r.attrs["launcher"], r.attrs["nnodes"], r.attrs["world_size"]) == ("slurm", 2, 2)
+        assert r.attrs["mode"] == mode and r.attrs["slurm_nodelist"] == "n[1-2]"
+        assert path.name == f"fwq-{mode}-job{r.attrs['slurm_job_id']}.0.h5"
+        assert sorted(r.provenance["hosts"]) == ["n1", "n2"]
+        assert sorted(h.decode() for h in r.ranks["host"]) == ["n1", "n2"]
+        assert r.read("noise/fwq_ns").shape == (2, 50)
+        plans = r.provenance["node_plans"]
+        assert len(plans) == 2 and all(p.startswith(f"{mode}: ") for p in plans)
+
+
 def test_failing_job_reports_exit_code_and_log(cluster, tmp_path):
     _, env = cluster
     script = write_script(tmp_path / "bad.sh", "echo 'input deck missing' >&2\nexit 7\n")
@@ -197,6 +226,20 @@ def test_wait_times_out_on_a_pending_job(cluster, tmp_path):
     finally:
         run(["scancel", job], timeout=10, env=env)
     assert slurm.wait(job, timeout=20, poll=0.2, env=env)["state"] == "CANCELLED"
+
+
+def test_partitions_and_nodes(cluster):
+    _, env = cluster
+    (part,) = slurm.partitions(env)
+    assert (part.name, part.nodes, part.default, part.state) == ("mckmpi", "n[1-2]", True, "UP")
+    nodes = slurm.nodes(part.nodes, env)
+    assert [n.name for n in nodes] == ["n1", "n2"]
+    cpus = len(os.sched_getaffinity(0))
+    assert all((n.cpus, n.usable_cpus, n.spec_cpus, n.partitions) == (cpus, cpus, (), ("mckmpi",))
+               for n in nodes)
+    assert slurm.config(env)["MpiDefault"] == "pmix"
+    with pytest.raises(slurm.SlurmError, match="scontrol show node n9 failed: Node n9 not found"):
+        slurm.nodes("n9", env)
 
 
 def test_expand_hostlist(cluster):

@@ -71,8 +71,10 @@ def boot(settings: Settings, plan: NodePlan, rank: RankPlan) -> LwkRuntime:
     quiet = quiet_module.state  # the state `mckmpi.lwk.safepoint()` reports to
     quiet.freeze_gc()
     quiet.raise_switch_interval(settings.switch_interval)
-    if settings.rank_policy == "fifo" and plan.oversubscribed:
-        quiet.policy_reason = "not requested: ranks share cores (oversubscribed), FIFO would starve them"
+    if settings.rank_policy == "fifo" and (plan.oversubscribed or settings.oversubscribe):
+        # Also when only asked for: nodes sharing a host (virtual or several slurmd) may put
+        # their ranks on the same core, which one node's plan cannot see.
+        quiet.policy_reason = "not requested: ranks may share cores (oversubscribe), FIFO would starve them"
     elif settings.rank_policy == "fifo":
         quiet.set_fifo(FIFO_PRIORITY, plan.linux_cpus)
     else:

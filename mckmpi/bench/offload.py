@@ -1,0 +1,375 @@
+"""Benchmark of the syscall offload, each figure next to its baseline from the same run.
+
+* Round trip of a small offloaded call: 64-byte pwrite64 to a file in /dev/shm, p50/p99,
+  next to the same call native and next to the floor of the mechanism -- notif-floor.c, a
+  minimal C supervisor doing the same offload (goal: offloaded p50 <= 2x the floor's p50).
+  The buffer is ordinary memory, so the proxy copies it in as the floor does; the same call
+  from an arena buffer (no copy, no re-validation) is reported beside it.
+  Measured twice: with the floor's two processes, the rank and the proxy all on one CPU
+  (the same placement for both, and the fastest hand-off on any machine), and with
+  everything unpinned as notif-floor ships (on a VM an idle CPU's wake-up then dominates
+  both). Rounds of floor, native and offloaded alternate so a change in the machine's load
+  hits all three. The cross-CPU round trip of a partitioned node is reported too.
+* 1 MiB writes from the rank's arena (the proxy writes straight from its mapping) versus the
+  same writes native (goal >= 0.9x), and from ordinary memory (copied once into the proxy).
+  Rank on one CPU, proxy on another, as in an LWK partition.
+* The asynchronous channel: a compute kernel's rate while a checkpoint is written through
+  the channel versus without a checkpoint (goal: loss <= 10%), and versus writing the same
+  checkpoint synchronously from the rank.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mckmpi.lwk.memory import Arena
+from mckmpi.offload import accounting, client, proxy, seccomp
+from mckmpi.offload.policy import Policy
+
+MiB = 1 << 20
+FLOOR_GOAL = 2.0
+BULK_GOAL = 0.9
+CHANNEL_LOSS_GOAL = 0.10
+SMALL = 64
+BULK_SOURCE = 64 * MiB
+ARENA = BULK_SOURCE + 16 * MiB
+
+
+def floor_source() -> Path | None:
+    """notif-floor.c: $MCKMPI_NOTIF_FLOOR_SRC, else ../shared/bench/ next to the repository."""
+    env = os.environ.get("MCKMPI_NOTIF_FLOOR_SRC")
+    if env:
+        return Path(env) if Path(env).is_file() else None
+    repo = Path(__file__).resolve().parents[2]
+    candidate = repo.parent / "shared" / "bench" / "notif-floor.c"
+    return candidate if candidate.is_file() else None
+
+
+def _build_floor(src: Path, tmp: Path) -> tuple[Path | None, str]:
+    exe = tmp / "notif-floor"
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return None, "no C compiler (cc) found"
+    r = subprocess.run([cc, "-O2", "-o", str(exe), str(src)], capture_output=True, text=True,
+                       timeout=120, check=False)
+    if r.returncode != 0:
+        return None, f"cc -O2 failed: {r.stderr.strip()[-300:]}"
+    return exe, f"{cc} -O2 -o notif-floor {src}"
+
+
+def _run_floor(exe: Path, n: int, path: str, cpu: int | None) -> dict[str, float]:
+    pin = ["taskset", "-c", str(cpu)] if cpu is not None else []
+    r = subprocess.run([*pin, str(exe), str(n), path], capture_output=True, text=True,
+                       timeout=300, check=False)
+    if r.returncode != 0:
+        raise RuntimeError(f"notif-floor failed ({r.returncode}): {r.stderr.strip()}")
+    out = {}
+    for line in r.stdout.splitlines():
+        key, value = line.split()
+        out[key] = float(value)
+    return out
+
+
+def _pct(ns: np.ndarray) -> dict[str, float]:
+    return {"p50_us": round(float(np.percentile(ns, 50)) / 1e3, 3),
+            "p99_us": round(float(np.percentile(ns, 99)) / 1e3, 3)}
+
+
+# --- the rank: a forked child that attaches, measures and reports over a pipe ----------------
+
+
+def _rank(conn: Any, sock: str, workdir: str, cpu: int | None, arena_bytes: int) -> None:
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
+    arena = Arena(arena_bytes, hugepages="never", lock="auto")
+    native_small = os.open(f"{workdir}/native-small", os.O_CREAT | os.O_RDWR, 0o600)
+    native_bulk = os.open(f"{workdir}/native-bulk", os.O_CREAT | os.O_RDWR, 0o600)
+    session = client.attach(sock, rank=0, arena_memfd=arena.memfd, arena_address=arena.address,
+                            policy=Policy(include=(workdir,)))
+    offl_small = os.open(f"{workdir}/offl-small", os.O_CREAT | os.O_RDWR, 0o600)
+    offl_bulk = os.open(f"{workdir}/native-bulk", os.O_RDWR)  # the same file, offloaded
+    offl_ckpt = os.open(f"{workdir}/offl-ckpt", os.O_CREAT | os.O_RDWR, 0o600)
+    native_ckpt = os.open(f"{workdir}/native-ckpt", os.O_CREAT | os.O_RDWR, 0o600)
+    small = b"x" * SMALL
+    small_arena = arena.full(SMALL, ord("x"), dtype=np.uint8)
+    # sources larger than the caches, written 1 MiB at a time, as a checkpoint would be
+    bulk_arena = arena.full(BULK_SOURCE // 8, 1.0).reshape(-1, MiB // 8)
+    bulk_plain = np.full(BULK_SOURCE // 8, 2.0).reshape(-1, MiB // 8)
+    gc.disable()
+    channel = None
+    while True:
+        msg = conn.recv()
+        if msg is None:
+            break
+        what, n = msg[0], msg[1]
+        if what == "small":
+            lat = np.empty((3, n), np.int64)
+            clock = time.perf_counter_ns
+            for row, (fd, buf) in enumerate(((native_small, small), (offl_small, small),
+                                             (offl_small, small_arena))):
+                for i in range(n):
+                    t = clock()
+                    os.pwrite(fd, buf, 0)
+                    lat[row, i] = clock() - t
+            conn.send(lat.tobytes())
+        elif what == "bulk":
+            out = {}
+            span, reverse = msg[2], msg[3]
+            order = [("native", native_bulk, bulk_arena), ("arena", offl_bulk, bulk_arena),
+                     ("plain", offl_bulk, bulk_plain)]
+            for name, fd, buf in reversed(order) if reverse else order:
+                rows = len(buf)
+                for i in range(span):  # warm: the file's pages exist before timing
+                    os.pwrite(fd, buf[i % rows], i * MiB)
+                t = time.perf_counter_ns()
+                for i in range(n):
+                    os.pwrite(fd, buf[i % rows], (i % span) * MiB)
+                out[name] = n * MiB / ((time.perf_counter_ns() - t) / 1e9)
+            conn.send(out)
+        elif what == "compute":
+            mode, seconds, ckpt_chunks, chunk_mib = msg[1], msg[2], msg[3], msg[4]
+            if channel is None:
+                channel = session.channel(slots=8)
+            conn.send(_compute(mode, seconds, ckpt_chunks, chunk_mib, arena, channel,
+                               offl_ckpt, native_ckpt))
+    conn.send(session.detach().tobytes())
+
+
+def _kernel(x: np.ndarray, y: np.ndarray) -> None:
+    """An L2-resident, single-threaded compute step (no BLAS threads to disturb the test)."""
+    np.multiply(x, 1.0000001, out=x)
+    np.add(x, y, out=x)
+
+
+def _compute(mode: str, seconds: float, chunks: int, chunk_mib: int, arena: Arena,
+             channel: Any, offl_fd: int, native_fd: int) -> dict[str, float]:
+    """Compute for `seconds`; meanwhile stream checkpoint chunks through the channel, or
+    write them from the rank (sync), or nothing. Returns the compute rate and bytes written."""
+    x = np.ones(16384)
+    y = np.full(16384, 1e-9)
+    ckpt = arena.full(chunk_mib * MiB // 8, 3.0)
+    iters = submitted = 0
+    clock = time.perf_counter
+    t0 = clock()
+    end = t0 + seconds
+    if mode == "none":
+        while clock() < end:
+            _kernel(x, y)
+            iters += 1
+    elif mode == "channel":
+        while clock() < end:
+            while channel.in_flight < channel.slots:
+                channel.write(offl_fd, (submitted % chunks) * chunk_mib * MiB, ckpt)
+                submitted += 1
+            _kernel(x, y)
+            iters += 1
+            channel.poll()
+        submitted -= channel.in_flight
+        channel.wait()
+    else:
+        while clock() < end:
+            os.pwrite(native_fd, ckpt, (submitted % chunks) * chunk_mib * MiB)
+            submitted += 1
+            _kernel(x, y)
+            iters += 1
+    elapsed = clock() - t0
+    return {"rate": iters / elapsed, "MBps": submitted * chunk_mib * MiB / elapsed / 1e6}
+
+
+# --- phases ----------------------------------------------------------------------------------
+
+
+def _fork_rank(sock: Path, workdir: Path, cpu: int | None, arena_bytes: int) -> tuple[int, Any]:
+    a, b = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            a.close()
+            _rank(Connection(b.detach()), str(sock), str(workdir), cpu, arena_bytes)
+            code = 0
+        except BaseException:  # noqa: BLE001 -- a forked child reports and always _exits
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    b.close()
+    return pid, Connection(a.detach())
+
+
+def _finish(pid: int, conn: Any, handle: proxy.ProxyHandle) -> int:
+    conn.send(None)
+    records = len(conn.recv()) // accounting.RECORD_DTYPE.itemsize
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError("benchmark rank failed")
+    handle.wait(30)
+    return records
+
+
+def _small_phase(workdir: Path, floor_exe: Path | None, rounds: int, n: int,
+                 cpu: int | None) -> dict[str, Any]:
+    """Rounds of floor / native / offloaded; all on `cpu`, or all unpinned (cpu None)."""
+    handle = proxy.start_node_proxy(workdir / f"run-small-{cpu}", [cpu] if cpu is not None else [],
+                                    expected=1, spin_us=0)
+    pid, conn = _fork_rank(handle.socket_path, workdir, cpu, ARENA)
+    floors: list[dict[str, float]] = []
+    native, offl, arena, ratios = [], [], [], []
+    for _ in range(rounds):
+        if floor_exe is not None:
+            floors.append(_run_floor(floor_exe, n, str(workdir / "floor.dat"), cpu))
+        conn.send(("small", n))
+        lat = np.frombuffer(conn.recv(), np.int64).reshape(3, n)
+        native.append(lat[0])
+        offl.append(lat[1])
+        arena.append(lat[2])
+        if floors:
+            ratios.append(float(np.percentile(lat[1], 50)) / 1e3
+                          / floors[-1]["offloaded_pwrite64_p50_us"])
+    records = _finish(pid, conn, handle)
+    out: dict[str, Any] = {
+        "placement": (f"floor, rank and proxy all on CPU {cpu}" if cpu is not None else
+                      "floor as shipped, rank and proxy unpinned (the scheduler places them)"),
+        "iterations_per_round": n, "rounds": rounds,
+        "native_pwrite64": _pct(np.concatenate(native)),
+        "offloaded_pwrite64": _pct(np.concatenate(offl)),
+        "offloaded_pwrite64_from_arena": _pct(np.concatenate(arena)),
+        "records": records,
+    }
+    if floors:
+        out["floor_offloaded_pwrite64"] = {
+            "p50_us": round(float(np.median([f["offloaded_pwrite64_p50_us"] for f in floors])), 3),
+            "p99_us": round(float(np.median([f["offloaded_pwrite64_p99_us"] for f in floors])), 3)}
+        out["floor_native_pwrite64_p50_us"] = round(
+            float(np.median([f["native_pwrite64_p50_us"] for f in floors])), 3)
+        out["ratio_p50_over_floor_per_round"] = [round(r, 3) for r in ratios]
+        out["ratio_p50_over_floor"] = round(float(np.median(ratios)), 3)
+        out["goal_p50_over_floor"] = FLOOR_GOAL
+        out["goal_met"] = out["ratio_p50_over_floor"] <= FLOOR_GOAL
+    return out
+
+
+def _partition() -> tuple[list[int], int | None, str]:
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return [], None, f"one CPU ({cpus}): rank and proxy share it"
+    return [cpus[0]], cpus[-1], f"proxy on CPU {cpus[0]}, rank on CPU {cpus[-1]}"
+
+
+def _partitioned_phase(workdir: Path, quick: bool) -> dict[str, Any]:
+    proxy_cpus, rank_cpu, placement = _partition()
+    chunk_mib, chunks = 4, (16 if quick else 64)
+    handle = proxy.start_node_proxy(workdir / "run-part", proxy_cpus, expected=1)  # spins
+    pid, conn = _fork_rank(handle.socket_path, workdir, rank_cpu, ARENA)
+    rounds = 3 if quick else 7
+    n_small = 5_000 if quick else 20_000
+    conn.send(("small", n_small))
+    cross = np.frombuffer(conn.recv(), np.int64).reshape(3, n_small)
+    bulk: dict[str, list[float]] = {"native": [], "arena": [], "plain": []}
+    for r in range(rounds):
+        conn.send(("bulk", 64 if quick else 256, 48, r % 2 == 1))
+        for k, v in conn.recv().items():
+            bulk[k].append(v)
+    seconds = 0.5 if quick else 1.0
+    comp: dict[str, list[dict[str, float]]] = {"none": [], "channel": [], "sync": []}
+    for r in range(rounds):
+        for mode in ("none", "channel", "sync") if r % 2 == 0 else ("sync", "channel", "none"):
+            conn.send(("compute", mode, seconds, chunks, chunk_mib))
+            comp[mode].append(conn.recv())
+    records = _finish(pid, conn, handle)
+    med = {k: float(np.median(v)) for k, v in bulk.items()}
+    arena_ratio = float(np.median(np.array(bulk["arena"]) / np.array(bulk["native"])))
+    plain_ratio = float(np.median(np.array(bulk["plain"]) / np.array(bulk["native"])))
+    rate = {k: float(np.median([r["rate"] for r in v])) for k, v in comp.items()}
+    losses = [1 - c["rate"] / n["rate"] for c, n in zip(comp["channel"], comp["none"])]
+    loss = float(np.median(losses))
+    return {
+        "placement": placement,
+        "small_call_cross_cpu": {"native_pwrite64": _pct(cross[0]),
+                                 "offloaded_pwrite64": _pct(cross[1]),
+                                 "offloaded_pwrite64_from_arena": _pct(cross[2])},
+        "bulk_1mib": {
+            "writes_per_round": 64 if quick else 256, "rounds": rounds,
+            "native_MBps": round(med["native"] / 1e6, 1),
+            "offloaded_arena_MBps": round(med["arena"] / 1e6, 1),
+            "offloaded_plain_MBps": round(med["plain"] / 1e6, 1),
+            "ratio_arena_over_native_per_round": [round(a / n, 3) for a, n in
+                                                  zip(bulk["arena"], bulk["native"])],
+            "ratio_arena_over_native": round(arena_ratio, 3),
+            "ratio_plain_over_native": round(plain_ratio, 3),
+            "goal_arena_over_native": BULK_GOAL,
+            "goal_met": arena_ratio >= BULK_GOAL,
+        },
+        "channel": {
+            "window_s": seconds, "file_MiB": chunks * chunk_mib, "request_MiB": chunk_mib,
+            "rounds": rounds,
+            "compute_rate_no_checkpoint": round(rate["none"], 1),
+            "compute_rate_channel_checkpoint": round(rate["channel"], 1),
+            "compute_rate_sync_checkpoint": round(rate["sync"], 1),
+            "checkpoint_MBps_channel": round(float(np.median([r["MBps"] for r in comp["channel"]])), 1),
+            "checkpoint_MBps_sync": round(float(np.median([r["MBps"] for r in comp["sync"]])), 1),
+            "loss_channel_per_round": [round(x, 4) for x in losses],
+            "loss_channel": round(loss, 4),
+            "loss_sync": round(1 - rate["sync"] / rate["none"], 4),
+            "goal_loss": CHANNEL_LOSS_GOAL,
+            "goal_met": loss <= CHANNEL_LOSS_GOAL,
+        },
+        "records": records,
+    }
+
+
+def run(out_dir: Path, quick: bool = False) -> dict:
+    """Run the offload benchmark; write and return bench-offload.json's content."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seccomp.require()
+    result: dict[str, Any] = {
+        "benchmark": "offload", "quick": quick, "python": sys.version.split()[0],
+        "kernel": platform.release(), "cpus": os.cpu_count(),
+        "loadavg_at_start": round(os.getloadavg()[0], 2),
+    }
+    tmp = Path(tempfile.mkdtemp(prefix="mckmpi-bench-offload-"))
+    workdir = Path(tempfile.mkdtemp(prefix="mckmpi-bench-offload-", dir="/dev/shm"))
+    try:
+        src = floor_source()
+        exe = None
+        if src is None:
+            result["floor"] = "skipped: notif-floor.c not found (set MCKMPI_NOTIF_FLOOR_SRC)"
+        else:
+            exe, how = _build_floor(src, tmp)
+            result["floor"] = how if exe else f"skipped: {how}"
+        rounds, n = (3, 5_000) if quick else (7, 20_000)
+        result["small_call"] = _small_phase(workdir, exe, rounds, n, max(os.sched_getaffinity(0)))
+        result["small_call_unpinned"] = _small_phase(workdir, exe, rounds, n, None)
+        result["partitioned"] = _partitioned_phase(workdir, quick)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(workdir, ignore_errors=True)
+    result["loadavg_at_end"] = round(os.getloadavg()[0], 2)
+    small = result["small_call"]
+    part = result["partitioned"]
+    result.update({  # headline scalars
+        "small_p50_us": small["offloaded_pwrite64"]["p50_us"],
+        "small_ratio_over_floor": small.get("ratio_p50_over_floor", "no floor"),
+        "small_ratio_over_floor_unpinned": result["small_call_unpinned"].get(
+            "ratio_p50_over_floor", "no floor"),
+        "bulk_arena_over_native": part["bulk_1mib"]["ratio_arena_over_native"],
+        "channel_compute_loss": part["channel"]["loss_channel"],
+    })
+    with open(out_dir / "bench-offload.json", "w") as f:
+        json.dump(result, f, indent=2)
+    return result

@@ -1,0 +1,572 @@
+"""The node proxy: a Linux-side process that executes the I/O system calls of its ranks.
+
+One proxy per (virtual) node, started by the node's local rank 0 with `start_node_proxy`
+(or run as `python -m mckmpi.offload.proxy --socket PATH ...`, which is what
+`start_node_proxy` does and what `mckmpi proxy` calls through `main`).
+
+Threads: the main thread owns the Unix socket (registration, detach, channels) and the
+lifetimes; every registered rank gets one serving thread that blocks in
+SECCOMP_IOCTL_NOTIF_RECV on the rank's listener. A thread per rank rather than one epoll
+loop because (1) RECV has no non-blocking mode, so an epoll loop pays an extra epoll_wait
+per call, and (2) a call can block in the kernel for long (fsync, a slow disk): a single
+loop would stall every rank of the node behind one rank's fsync. Python releases the GIL
+in every blocking call, so ranks are served in parallel where the kernel is the bottleneck.
+
+Lifetime: a rank is gone when its listener reports POLLHUP -- the rank and everything it
+forked have exited (its control connection may close earlier, e.g. at execve). The proxy
+exits when no rank is left and (a) the expected number of ranks has registered, (b) the
+process that started it has died, or (c) nobody registered within the idle timeout. It does
+not use PR_SET_PDEATHSIG: the spawning rank may legitimately exit while its node-mates still
+close files through the proxy, and a death signal would turn that into ENOSYS failures;
+watching the spawner's pidfd plus the listeners' POLLHUP gives "no orphan" without that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import gc
+import os
+import resource
+import select
+import signal
+import socket
+import stat
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mckmpi.offload import accounting, protocol
+from mckmpi.offload.channel import ChannelServer
+from mckmpi.offload.emulate import Arena, Emulator
+from mckmpi.offload.errors import OffloadError
+from mckmpi.offload.policy import Policy
+from mckmpi.offload.remote import Gone
+from mckmpi.offload.seccomp import peer_credentials, peer_groups, pidfd_open
+from mckmpi.offload.syscalls import FD_LIMIT
+
+SOCKET_NAME = "proxy.sock"
+#: Default spin of a proxy that has Linux cores of its own (see `Emulator.serve`).
+SPIN_US = 50.0
+
+
+def socket_path(run_dir: Path) -> Path:
+    """Where the proxy of `run_dir` listens."""
+    return Path(run_dir) / SOCKET_NAME
+
+
+@dataclass
+class _Conn:
+    sock: socket.socket
+    pid: int
+    hello: dict[str, Any] | None = None
+    emulator: Emulator | None = None
+
+
+@dataclass
+class _Served:
+    """A registered rank: its emulator, serving thread and channels."""
+
+    emulator: Emulator
+    thread: threading.Thread
+    detached: bool = False
+    channels: list[ChannelServer] = field(default_factory=list)
+
+    def records(self) -> bytes:
+        """Every row of the rank (trapped calls and channel requests) in time order."""
+        return accounting.merged(self.emulator.records, *(c.records for c in self.channels))
+
+
+class Server:
+    """The proxy's main loop (see the module docstring)."""
+
+    def __init__(self, path: str, *, expected: int | None, parent_pid: int | None,
+                 records_dir: str | None, idle_timeout: float, remove_dir: bool,
+                 spin_us: float = 0.0) -> None:
+        self.path = path
+        self.spin_ns = int(spin_us * 1000)
+        self.expected = expected
+        self.records_dir = records_dir
+        self.idle_timeout = idle_timeout
+        self.remove_dir = remove_dir
+        self.started = time.monotonic()
+        self.registered = 0
+        self.parent_gone = False
+        self.ep = select.epoll()
+        self.conns: dict[int, _Conn] = {}
+        self.served: dict[int, _Served] = {}   # by listener fd
+        self.sock = protocol.listening_socket(path)
+        self.ep.register(self.sock.fileno(), select.EPOLLIN)
+        self.parent_fd = -1
+        if parent_pid:
+            try:
+                self.parent_fd = pidfd_open(parent_pid)
+                self.ep.register(self.parent_fd, select.EPOLLIN)
+            except OSError:
+                self.parent_gone = True
+
+    def log(self, msg: str) -> None:
+        print(f"mckmpi proxy[{os.getpid()}]: {msg}", file=sys.stderr, flush=True)
+
+    # --- main loop -----------------------------------------------------------------------
+
+    def run(self) -> int:
+        # The cyclic collector stays off on the serving threads' hot path (it would pause a
+        # rank's call at random); the main loop collects once per idle second instead.
+        gc.disable()
+        try:
+            while not self._finished():
+                events = self.ep.poll(1.0)
+                for fd, mask in events:
+                    self._event(fd, mask)
+                if not events:
+                    gc.collect()
+        finally:
+            self.shutdown()
+        return 0
+
+    def _finished(self) -> bool:
+        if self.served:
+            return False
+        if self.parent_gone:
+            return True
+        if self.registered:
+            return self.expected is None or self.registered >= self.expected
+        if time.monotonic() - self.started > self.idle_timeout:
+            self.log(f"no rank registered within {self.idle_timeout:g} s; exiting")
+            return True
+        return False
+
+    def _event(self, fd: int, events: int) -> None:
+        if fd == self.sock.fileno():
+            self._accept()
+        elif fd == self.parent_fd:
+            self.parent_gone = True
+            self.ep.unregister(fd)
+        elif fd in self.served:
+            self._rank_gone(fd)
+        elif fd in self.conns:
+            self._message(self.conns[fd])
+
+    def _accept(self) -> None:
+        try:
+            sock, _ = self.sock.accept()
+        except OSError:
+            return
+        pid, uid, gid = peer_credentials(sock)
+        peer = peer_groups(sock)
+        groups = sorted(peer) if peer is not None else "more than 256"
+        if uid != os.geteuid() or gid != os.getegid() or groups != sorted(os.getgroups()):
+            self.log(f"refused a connection from pid {pid} (uid {uid}, gid {gid}, groups "
+                     f"{groups}): this proxy acts as uid {os.geteuid()} gid {os.getegid()} "
+                     f"groups {sorted(os.getgroups())} only")
+            try:
+                protocol.send(sock, {"ok": False, "error": "refused: the proxy serves another user"})
+            except OSError:
+                pass
+            sock.close()
+            return
+        self.conns[sock.fileno()] = _Conn(sock, pid)
+        self.ep.register(sock.fileno(), select.EPOLLIN)
+
+    def _drop(self, conn: _Conn) -> None:
+        self.ep.unregister(conn.sock.fileno())
+        del self.conns[conn.sock.fileno()]
+        conn.sock.close()
+
+    def _message(self, conn: _Conn) -> None:
+        try:
+            msg, fds = protocol.recv(conn.sock)
+        except (protocol.ProtocolError, OSError):
+            self._drop(conn)  # the rank exited or exec'd; its listener keeps it served
+            return
+        try:
+            reply, out_fds = self._handle(conn, msg, fds)
+        except (OffloadError, OSError) as e:  # one rank's bad request never ends the proxy
+            for fd in fds:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            why = str(e) if isinstance(e, OffloadError) else f"{e.strerror} ({e.filename or op_of(msg)})"
+            self.log(f"rank at pid {conn.pid}: {why}")
+            reply, out_fds = {"ok": False, "error": why}, []
+        try:
+            protocol.send(conn.sock, reply, out_fds)
+        except OSError:
+            self._drop(conn)
+        finally:
+            for fd in out_fds:
+                os.close(fd)
+
+    def _handle(self, conn: _Conn, msg: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+        op = msg.get("op")
+        if op == "hello":
+            if fds:
+                raise OffloadError("hello carries no descriptors")
+            conn.hello = _check_hello(msg)
+            return {"ok": True, "pid": os.getpid()}, []
+        if op == "register":
+            if conn.hello is None or conn.emulator is not None:
+                raise OffloadError("register out of order")
+            return self._register(conn, fds), []
+        served = self._served_of(conn)
+        if op == "channel":
+            if len(fds) != 3:
+                raise OffloadError("channel needs ring, doorbell and completion descriptors")
+            ch = ChannelServer(served.emulator, *fds, log=self.log)
+            served.channels.append(ch)
+            return {"ok": True}, []
+        if op == "detach":
+            served.emulator.passthrough = True
+            served.detached = True
+            data = served.records()
+            memfd = os.memfd_create("mckmpi-offload-records", os.MFD_CLOEXEC)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(memfd, view):]
+            return {"ok": True, "count": len(data) // accounting.RECORD_DTYPE.itemsize}, [memfd]
+        raise OffloadError(f"unknown request {op!r}")
+
+    def _served_of(self, conn: _Conn) -> _Served:
+        for s in self.served.values():
+            if s.emulator is conn.emulator and conn.emulator is not None:
+                return s
+        raise OffloadError("not registered")
+
+    def _register(self, conn: _Conn, fds: list[int]) -> dict[str, Any]:
+        hello = conn.hello
+        assert hello is not None
+        want = 2 if hello["arena"] else 1
+        if len(fds) != want:
+            raise OffloadError(f"register needs {want} descriptors, got {len(fds)}")
+        listener = fds[0]
+        if os.readlink(f"/proc/self/fd/{listener}") != "anon_inode:seccomp notify":
+            raise OffloadError("the first descriptor is not a seccomp listener")
+        arena = None
+        if hello["arena"]:
+            address, size = hello["arena"]
+            arena = _map_arena(fds[1], address, size)
+            os.close(fds[1])
+        try:
+            emu = Emulator(rank=hello["rank"], pid=conn.pid, listener=listener,
+                           fd_base=hello["fd_base"], policy=Policy.from_dict(hello["policy"]),
+                           arena=arena, log=self.log)
+        except (OSError, Gone) as e:
+            if arena is not None:
+                arena.close()
+            why = e.strerror if isinstance(e, OSError) else str(e)
+            raise OffloadError(f"cannot reach the memory of pid {conn.pid} ({why}): "
+                               f"did it exit, or is it non-dumpable?") from None
+        thread = threading.Thread(target=self._serve, args=(emu,), daemon=True,
+                                  name=f"rank{emu.rank}")
+        self.served[listener] = _Served(emu, thread)
+        conn.emulator = emu
+        self.ep.register(listener, 0)  # POLLHUP only: the rank and its children are gone
+        self.registered += 1
+        self._set_spin()
+        thread.start()
+        return {"ok": True, "zero_copy": arena is not None}
+
+    def _set_spin(self) -> None:
+        """Spin only while every serving thread has a CPU of its own that no rank uses:
+        spinning on a rank's CPU would delay the very rank it waits for."""
+        mine = os.sched_getaffinity(0)
+        spin = self.spin_ns if len(self.served) <= len(mine) else 0
+        for served in self.served.values():
+            try:
+                if os.sched_getaffinity(served.emulator.pid) & mine:
+                    spin = 0
+            except OSError:
+                pass  # the rank is exiting
+        for served in self.served.values():
+            served.emulator.spin_ns = spin
+
+    def _serve(self, emu: Emulator) -> None:
+        try:
+            emu.serve()
+        except BaseException as e:  # the rank would hang: say why before it aborts
+            self.log(f"rank {emu.rank}: serving thread failed: {e!r}")
+            raise
+
+    def _rank_gone(self, listener: int) -> None:
+        served = self.served.pop(listener)
+        self.ep.unregister(listener)
+        self._set_spin()
+        for conn in list(self.conns.values()):
+            if conn.emulator is served.emulator:
+                self._drop(conn)
+        self._stop(served)
+        emu = served.emulator
+        if not served.detached and self.records_dir:
+            path = Path(self.records_dir) / f"offload-rank{emu.rank}-pid{emu.pid}.npy"
+            try:
+                np.save(path, accounting.from_bytes(served.records()))
+            except OSError as e:
+                self.log(f"rank {emu.rank}: cannot save its offload records to {path}: {e}")
+        emu.release()
+
+    def _stop(self, served: _Served) -> None:
+        for ch in served.channels:
+            ch.stop()
+        served.emulator.closing = True
+        deadline = time.monotonic() + 5
+        while served.thread.is_alive() and time.monotonic() < deadline:
+            try:
+                signal.pthread_kill(served.thread.ident, signal.SIGUSR1)  # interrupts RECV
+            except ProcessLookupError:
+                break
+            served.thread.join(0.05)
+        if served.thread.is_alive():
+            self.log(f"rank {served.emulator.rank}: serving thread did not stop")
+
+    def shutdown(self) -> None:
+        for listener in list(self.served):
+            served = self.served.pop(listener)
+            self._stop(served)
+            served.emulator.release()
+        for conn in list(self.conns.values()):
+            conn.sock.close()
+        self.conns.clear()
+        self.sock.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        if self.remove_dir:
+            try:
+                os.rmdir(os.path.dirname(self.path))
+            except OSError:
+                pass
+        if self.parent_fd >= 0:
+            os.close(self.parent_fd)
+        self.ep.close()
+
+
+def op_of(msg: dict[str, Any]) -> str:
+    return str(msg.get("op"))
+
+
+def _check_hello(msg: dict[str, Any]) -> dict[str, Any]:
+    try:
+        rank = int(msg["rank"])
+        fd_base = int(msg["fd_base"])
+        policy = Policy.from_dict(msg["policy"])
+        arena = msg["arena"]
+        if arena is not None:
+            arena = [int(arena[0]), int(arena[1])]
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise OffloadError(f"malformed hello: {e!r}") from None
+    if msg.get("version") != protocol.VERSION:
+        raise OffloadError(f"protocol version {msg.get('version')} != {protocol.VERSION}")
+    if not 3 <= fd_base < FD_LIMIT:
+        raise OffloadError(f"fd_base {fd_base} out of range")
+    return {"rank": rank, "fd_base": fd_base, "policy": policy.to_dict(), "arena": arena}
+
+
+def _map_arena(memfd: int, address: int, size: int) -> Arena:
+    """Map a rank's arena; it must be a memfd sealed (or sealable) against shrinking."""
+    st = os.fstat(memfd)
+    if not stat.S_ISREG(st.st_mode) or st.st_size < size or size <= 0:
+        raise OffloadError(f"arena memfd of {st.st_size} bytes cannot back {size} bytes")
+    try:
+        seals = fcntl.fcntl(memfd, fcntl.F_GET_SEALS)
+    except OSError:
+        seals = 0
+    if not seals & fcntl.F_SEAL_SHRINK:
+        try:
+            fcntl.fcntl(memfd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+        except OSError as e:
+            raise OffloadError(
+                "the arena memfd cannot be sealed against shrinking (create it with "
+                f"MFD_ALLOW_SEALING): {e.strerror}") from None
+    return Arena(memfd, address, size)
+
+
+# --- running it ------------------------------------------------------------------------------
+
+
+def serve(socket_path: str | Path, *, cpus: list[int] | None = None, expected: int | None = None,
+          parent_pid: int | None = None, records_dir: str | Path | None = None,
+          idle_timeout: float = 60.0, remove_dir: bool = False, spin_us: float = 0.0) -> int:
+    """Run a proxy in this process until its ranks are gone; returns the exit status.
+
+    `spin_us`: after each call a serving thread polls that long for the next one before it
+    sleeps (only while the proxy has a CPU per rank); see `Emulator.serve`.
+    """
+    directory = Path(socket_path).parent
+    if not directory.is_dir():
+        raise OffloadError(f"the proxy socket's directory {directory} does not exist")
+    st = directory.stat()
+    if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise OffloadError(f"the proxy socket's directory {directory} must be private "
+                           f"(owned by uid {os.geteuid()}, mode 0700)")
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    os.umask(0o077)  # the serving threads set each rank's umask on their own fs_struct
+
+    def stop(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGUSR1, lambda *_: None)
+    server = Server(str(socket_path), expected=expected, parent_pid=parent_pid,
+                    records_dir=str(records_dir) if records_dir else None,
+                    idle_timeout=idle_timeout, remove_dir=remove_dir, spin_us=spin_us)
+    return server.run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`mckmpi proxy` / `python -m mckmpi.offload.proxy`."""
+    p = argparse.ArgumentParser(prog="mckmpi proxy", description=__doc__.split("\n\n")[0])
+    p.add_argument("--socket", required=True, help="Unix socket path (in a 0700 directory)")
+    p.add_argument("--cpus", default="", help="CPUs to run on, e.g. 0,1 (the Linux cores)")
+    p.add_argument("--expect", type=int, default=None, help="ranks that will register")
+    p.add_argument("--parent-pid", type=int, default=None, help="exit with it if no rank is left")
+    p.add_argument("--records-dir", default=None,
+                   help="save records of ranks that never detached (e.g. exec'd binaries)")
+    p.add_argument("--idle-timeout", type=float, default=60.0,
+                   help="exit if no rank registered within this many seconds")
+    p.add_argument("--remove-dir", action="store_true", help="remove the socket's directory at exit")
+    p.add_argument("--spin-us", type=float, default=0.0,
+                   help="poll this long for a rank's next call before sleeping (default 0)")
+    a = p.parse_args(argv)
+    cpus = [int(c) for c in a.cpus.split(",") if c]
+    return serve(a.socket, cpus=cpus or None, expected=a.expect, parent_pid=a.parent_pid,
+                 records_dir=a.records_dir, idle_timeout=a.idle_timeout, remove_dir=a.remove_dir,
+                 spin_us=a.spin_us)
+
+
+class ProxyHandle:
+    """The node proxy as seen by the rank that started it.
+
+    Deliberately not a subprocess.Popen: the proxy outlives the rank that started it
+    whenever node-mates still run, and a Popen collected while its child runs complains.
+    Liveness comes from a pidfd, so it is exact even after the pid is reaped.
+    """
+
+    def __init__(self, pid: int, socket_path: Path, run_dir: Path) -> None:
+        self.pid = pid
+        self.socket_path = socket_path
+        self.run_dir = run_dir
+        self.returncode: int | None = None
+        self._pidfd = pidfd_open(pid)
+
+    def alive(self) -> bool:
+        return self._reap(0.0) is None
+
+    def wait(self, timeout: float | None = None) -> int:
+        """The proxy's exit status; TimeoutError if it still runs after `timeout` s."""
+        status = self._reap(timeout)
+        if status is None:
+            raise TimeoutError(f"the offload proxy (pid {self.pid}) still runs after {timeout} s")
+        return status
+
+    def terminate(self) -> None:
+        if self.alive():
+            signal.pidfd_send_signal(self._pidfd, signal.SIGTERM)
+
+    def _reap(self, timeout: float | None) -> int | None:
+        if self.returncode is None and select.select([self._pidfd], [], [], timeout)[0]:
+            _, status = os.waitpid(self.pid, 0)
+            self.returncode = os.waitstatus_to_exitcode(status)
+            os.close(self._pidfd)
+        return self.returncode
+
+
+def prepare_run_dir(run_dir: Path) -> bool:
+    """Create `run_dir` private (0700) or check an existing one is; True if created."""
+    run_dir = Path(run_dir)
+    try:
+        run_dir.mkdir(mode=0o700, parents=False)
+        created = True
+    except FileExistsError:
+        created = False
+    except FileNotFoundError:
+        raise OffloadError(f"the parent of the proxy directory {run_dir} does not exist") from None
+    st = run_dir.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise OffloadError(f"proxy directory {run_dir} must be a directory owned by uid "
+                           f"{os.geteuid()} with mode 0700")
+    return created
+
+
+def start_node_proxy(run_dir: Path, cpus: list[int], *, expected: int | None = None,
+                     records_dir: Path | None = None, idle_timeout: float = 60.0,
+                     spin_us: float | None = None, timeout: float = 10.0) -> ProxyHandle:
+    """Spawn this node's proxy on `cpus`, listening in `run_dir`; return once it listens.
+
+    Call it from the node-local rank 0 *before* that rank attaches: a child inherits its
+    parent's seccomp filter, and a proxy under its own ranks' filter would deadlock.
+    `expected`: the node's number of ranks (the proxy stays until that many registered and
+    left). `spin_us` defaults to SPIN_US when the proxy gets CPUs of its own, else 0.
+    """
+    from mckmpi.offload import client
+
+    if client.attached():
+        raise OffloadError("start_node_proxy called after attach: the proxy would inherit "
+                           "the rank's seccomp filter")
+    run_dir = Path(run_dir)
+    created = prepare_run_dir(run_dir)
+    path = socket_path(run_dir)
+    if path.exists():
+        raise OffloadError(f"a proxy socket already exists at {path}")
+    cmd = [sys.executable, "-m", "mckmpi.offload.proxy", "--socket", str(path),
+           "--parent-pid", str(os.getpid()), "--idle-timeout", str(idle_timeout)]
+    if cpus:
+        cmd += ["--cpus", ",".join(map(str, cpus))]
+    if expected is not None:
+        cmd += ["--expect", str(expected)]
+    if records_dir is not None:
+        cmd += ["--records-dir", str(records_dir)]
+    spin = (SPIN_US if cpus else 0.0) if spin_us is None else spin_us
+    if spin:
+        cmd += ["--spin-us", str(spin)]
+    if created:
+        cmd.append("--remove-dir")
+    # stdin from /dev/null; every other inheritable descriptor of the rank (MPI's) closed
+    actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)]
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and _inheritable(fd):
+            actions.append((os.POSIX_SPAWN_CLOSE, fd))
+    pid = os.posix_spawn(sys.executable, cmd, os.environ, file_actions=actions)
+    handle = ProxyHandle(pid, path, run_dir)
+    wait_for_socket(path, timeout, handle)
+    return handle
+
+
+def _inheritable(fd: int) -> bool:
+    try:
+        return os.get_inheritable(fd)
+    except OSError:
+        return False  # the descriptor listing /proc/self/fd itself, already closed
+
+
+def wait_for_socket(path: str | Path, timeout: float, handle: ProxyHandle | None = None) -> None:
+    """Wait until a proxy listens at `path` (it appears only once listening)."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if handle is not None and not handle.alive():
+            raise OffloadError(f"the offload proxy exited with status {handle.returncode} "
+                               f"before listening at {path}")
+        if time.monotonic() > deadline:
+            raise OffloadError(f"no offload proxy listening at {path} after {timeout:g} s")
+        time.sleep(0.005)
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except OffloadError as e:
+        print(f"mckmpi proxy: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)

@@ -1,0 +1,658 @@
+"""Study plans: one app over node counts and modes, as Slurm jobs or as local runs.
+
+`plan` checks the request against the cluster (partition, nodes, CPUs per node) before
+anything exists, then writes one job script per point, rendered from the templates in
+slurm/, and a manifest (`study.json`) into the study directory. `submit` hands the scripts
+to sbatch and records the job ids; `status` reads each job's state, exit code and log back
+from Slurm; `run_local` executes the same points on this host through mpiexec, each Slurm
+node becoming a virtual node (`mckmpi run --vnodes`). Every run file lands in DIR/runs, so
+`mckmpi study collect DIR` gathers the study.
+
+A study directory::
+
+    study.json                          the manifest: request, cluster facts, points, job ids
+    jobs/<point>.sbatch                 one job script per point
+    logs/<point>-<jobid>.out            Slurm's output of each job (<point>-local.out: study run)
+    runs/<app>-<mode>-job<id>.<step>.h5 run files (<point>-local.h5: study run)
+
+What a point needs beyond the request is decided here, shown by `plan` and recorded in the
+manifest: `--oversubscribe` when its ranks outnumber the cores of their side, the
+specialised cores (Slurm core specialisation) as the Linux cores of lwk jobs, and the
+ordinary scheduling policy for lwk ranks when several Slurm nodes share one host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from string import Template
+from typing import Any
+
+from mckmpi import config, slurm
+from mckmpi.errors import PartitionError, UsageError
+from mckmpi.launchers import command, root_env
+from mckmpi.partition import NodeFacts, core_spec_linux_cores, node_facts, plan_node, read_host
+from mckmpi.utility.units import format_cpulist, parse_cpulist
+
+SCHEMA = "mckmpi.study-plan"
+VERSION = 1
+MANIFEST = "study.json"
+TEMPLATES = Path(__file__).resolve().parent.parent / "slurm"
+APPS_DIR = Path(__file__).resolve().parent.parent / "apps"
+MODES = ("linux", "lwk")
+SCALING_APPS = ("stencil", "cg")
+#: The app option that --size sets: noise benchmarks measure for longer, mini-apps compute more.
+SIZE_OPTION = {"fwq": "--samples", "detour": "--duration-s"}
+#: `mckmpi run` options the plan sets itself for every point.
+OWN_RUN_OPTIONS = ("mode", "out", "vnodes")
+#: sbatch options the plan sets itself in every job script.
+OWN_SBATCH_OPTIONS = ("-o", "--output", "-e", "--error", "-D", "--chdir", "-J", "--job-name",
+                      "-N", "--nodes", "--ntasks-per-node", "-p", "--partition", "-t", "--time")
+_SAFE_PATH = re.compile(r"[^\w@%+=:,./-]")  # characters a job script directive cannot carry
+
+
+class StudyError(UsageError):
+    """A study request or directory that cannot be used as it is."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """What the user asked `study plan` for."""
+
+    app: str
+    nodes: tuple[int, ...]
+    ranks_per_node: int
+    modes: tuple[str, ...] = MODES
+    scaling: str | None = None
+    size: str | None = None
+    partition: str | None = None
+    time: str = "30"
+    mpi: str | None = None
+    app_args: tuple[str, ...] = ()
+    run_args: tuple[str, ...] = ()
+    sbatch_args: tuple[str, ...] = ()
+    local: bool = False
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """The facts of a Slurm cluster a plan is checked against."""
+
+    partition: str
+    nodelist: str
+    nodes: tuple[slurm.NodeInfo, ...]
+    allow_spec_usage: bool
+    mpi_plugins: tuple[str, ...]
+    task_plugin: str = ""
+
+    @property
+    def usable_cpus(self) -> int:
+        """CPUs every node of the partition can give a job (the smallest node decides)."""
+        return min(n.usable_cpus for n in self.nodes)
+
+    @property
+    def spec_cpus(self) -> tuple[int, ...] | None:
+        """The specialised CPUs when every node has the same ones, else None."""
+        lists = {n.spec_cpus for n in self.nodes}
+        return lists.pop() if len(lists) == 1 else None
+
+    @property
+    def shared_hosts(self) -> bool:
+        """Whether several Slurm nodes run on one host (test clusters do)."""
+        return len({n.hostname for n in self.nodes}) < len(self.nodes)
+
+
+@dataclass
+class Adjusted:
+    """Options a point gets beyond the request, with the reasons shown to the user."""
+
+    run_args: list[str] = field(default_factory=list)
+    sbatch: list[str] = field(default_factory=list)
+    oversubscribe: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+# --- parsing the request ---------------------------------------------------------------------
+
+
+def parse_nodes(text: str) -> tuple[int, ...]:
+    """'1,2,4' -> (1, 2, 4): node counts, each at least 1, sorted and unique."""
+    try:
+        counts = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise StudyError(f"--nodes wants node counts such as 1,2,4, got {text!r}") from None
+    if not counts or counts[0] < 1:
+        raise StudyError(f"--nodes wants node counts of at least 1, got {text!r}")
+    return tuple(counts)
+
+
+def parse_modes(text: str) -> tuple[str, ...]:
+    """'linux,lwk' -> ('linux', 'lwk'), in the order given."""
+    modes = tuple(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise StudyError(f"--modes wants linux, lwk or both (linux,lwk), got {text!r}")
+    return modes
+
+
+def parse_run_args(args: Sequence[str]) -> dict[str, Any]:
+    """The `mckmpi run` options in --run-args, checked and converted (name -> value)."""
+    parser = argparse.ArgumentParser(prog="--run-args", add_help=False, exit_on_error=False)
+    config.add_arguments(parser, "partition", "lwk", "run")
+    try:
+        ns, extra = parser.parse_known_args(list(args))
+    except argparse.ArgumentError as exc:
+        raise StudyError(f"--run-args: {exc}") from None
+    if extra:
+        raise StudyError(f"--run-args: not options of mckmpi run: {shlex.join(extra)}")
+    own = [f"--{n.replace('_', '-')}" for n in OWN_RUN_OPTIONS if n in vars(ns)]
+    if own:
+        raise StudyError(f"--run-args: {', '.join(own)} is set by the plan for every point")
+    opts = {o.name: o for o in config.options("partition", "lwk", "run")}
+    try:
+        return {name: opts[name].convert(raw, "--run-args") for name, raw in vars(ns).items()}
+    except UsageError as exc:
+        msg = str(exc)
+        raise StudyError(msg if msg.startswith("--run-args") else f"--run-args: {msg}") from None
+
+
+def check_request(req: Request) -> None:
+    """Mistakes visible without a cluster: one clear line each."""
+    if req.app not in SCALING_APPS and req.app not in SIZE_OPTION:
+        raise StudyError(f"unknown study app {req.app!r} (known: "
+                         f"{', '.join(SCALING_APPS + tuple(SIZE_OPTION))})")
+    if req.app in SCALING_APPS and req.scaling not in ("weak", "strong"):
+        raise StudyError(f"--scaling weak or strong is needed for a {req.app} study")
+    if req.app in SIZE_OPTION and req.scaling is not None:
+        raise StudyError(f"--scaling is for stencil and cg; {req.app} is a noise survey")
+    if req.ranks_per_node < 1:
+        raise StudyError(f"--ranks-per-node must be at least 1, got {req.ranks_per_node}")
+    if not (APPS_DIR / f"{req.app}.py").is_file():
+        raise StudyError(f"app {req.app} not found at {APPS_DIR}: run from a source checkout")
+    owned = [a for a in req.sbatch_args if a.split("=", 1)[0] in OWN_SBATCH_OPTIONS]
+    if owned:
+        raise StudyError(f"--sbatch-args: {owned[0].split('=', 1)[0]} is set by the plan "
+                         "(use --partition, --nodes, --ranks-per-node, --time)")
+
+
+def app_args(req: Request) -> list[str]:
+    """The app's command-line arguments for every point of the study."""
+    args = []
+    if req.app in SCALING_APPS:
+        args += ["--scaling", str(req.scaling)]
+        if req.size:
+            args += ["--local" if req.scaling == "weak" else "--size", req.size]
+    elif req.size:
+        args += [SIZE_OPTION[req.app], req.size]
+    return args + list(req.app_args)
+
+
+def point_name(app: str, scaling: str | None, mode: str, nodes: int) -> str:
+    return "-".join(p for p in (app, scaling, mode, f"n{nodes}") if p)
+
+
+# --- the cluster -------------------------------------------------------------------------------
+
+
+def probe_cluster(partition: str | None, env: Mapping[str, str] | None = None) -> Cluster:
+    """Facts of the partition (default: the cluster's default partition) from Slurm itself."""
+    environ = os.environ if env is None else env
+    local = "plan with --local to run the study on this host (mckmpi study run)"
+    missing = [c for c in ("sbatch", "scontrol")
+               if shutil.which(c, path=environ.get("PATH", os.defpath)) is None]
+    if missing:
+        raise slurm.SlurmNotFound(f"no Slurm found: {' and '.join(missing)} not on PATH; {local}")
+    conf_file = environ.get("SLURM_CONF")
+    if conf_file and not os.path.isfile(conf_file):
+        raise slurm.SlurmNotFound(f"no Slurm found: SLURM_CONF names a missing file "
+                                  f"{conf_file}; {local}")
+    if not slurm.slurm_available(env):
+        raise slurm.SlurmNotFound("no Slurm found: no controller answers `scontrol ping` (is "
+                                  f"SLURM_CONF set?); {local}")
+    chosen = choose_partition(slurm.partitions(env), partition)
+    conf = slurm.config(env)
+    try:
+        plugins = tuple(slurm.mpi_plugins(env))
+    except slurm.SlurmError:
+        plugins = ()  # an old srun without --mpi=list: jobs use the cluster's MpiDefault
+    return Cluster(partition=chosen.name, nodelist=chosen.nodes,
+                   nodes=tuple(slurm.nodes(chosen.nodes, env)),
+                   allow_spec_usage=conf.get("AllowSpecResourcesUsage", "").lower()
+                   in ("yes", "1"),
+                   mpi_plugins=plugins, task_plugin=conf.get("TaskPlugin", ""))
+
+
+def choose_partition(parts: Sequence[slurm.PartitionInfo], name: str | None) -> slurm.PartitionInfo:
+    """The named partition, or the default one; an unknown name is a clear error."""
+    known = ", ".join(p.name for p in parts) or "none"
+    if name is None:
+        for p in parts:
+            if p.default:
+                return p
+        raise StudyError(f"this cluster has no default partition: give --partition "
+                         f"(known: {known})")
+    for p in parts:
+        if p.name == name:
+            return p
+    raise StudyError(f"unknown Slurm partition {name!r} (known: {known})")
+
+
+def check_fit(req: Request, cluster: Cluster) -> None:
+    """The plan must fit the partition: enough nodes, no more ranks per node than CPUs."""
+    if not cluster.nodes:
+        raise StudyError(f"partition {cluster.partition} has no nodes")
+    if max(req.nodes) > len(cluster.nodes):
+        raise StudyError(f"--nodes {max(req.nodes)} exceeds the {len(cluster.nodes)} nodes of "
+                         f"partition {cluster.partition} ({cluster.nodelist})")
+    if req.ranks_per_node > cluster.usable_cpus:
+        spec = f" ({cluster.nodes[0].cpus} minus specialised cores)" if cluster.spec_cpus else ""
+        raise StudyError(f"--ranks-per-node {req.ranks_per_node} exceeds the {cluster.usable_cpus} "
+                         f"CPUs per node{spec} that partition {cluster.partition} "
+                         f"({cluster.nodelist}) gives a job")
+
+
+def mpi_plugin(req: Request, cluster: Cluster) -> str | None:
+    """`srun --mpi=` for the jobs: as asked, else pmix when offered (what Open MPI needs)."""
+    if req.mpi:
+        if cluster.mpi_plugins and req.mpi not in cluster.mpi_plugins:
+            raise StudyError(f"--mpi {req.mpi}: this Slurm offers {', '.join(cluster.mpi_plugins)}")
+        return req.mpi
+    return "pmix" if "pmix" in cluster.mpi_plugins else None
+
+
+def slurm_adjust(mode: str, rpn: int, cluster: Cluster, given: Mapping[str, Any]) -> Adjusted:
+    """What an lwk point needs on this cluster beyond the request (linux points run as is).
+
+    Core specialisation: when the cluster lets jobs ask for the specialised cores
+    (AllowSpecResourcesUsage=YES), lwk jobs ask for them (--core-spec=0) and make them their
+    Linux cores, so the proxy shares them with slurmd and the system daemons and every other
+    core runs ranks; linux jobs leave them to the system, so both modes run ranks on the same
+    cores.
+    """
+    adj = Adjusted()
+    if mode != "lwk":
+        return adj
+    cpus, linux = cluster.usable_cpus, linux_count(given.get("linux_cores", "1"))
+    spec = cluster.spec_cpus
+    if spec and "linux_cores" not in given and "lwk_cores" not in given:
+        if cluster.allow_spec_usage:
+            whole = NodeFacts(cpus=tuple(range(min(n.cpus for n in cluster.nodes))))
+            chosen = core_spec_linux_cores(whole, spec)
+            if chosen:
+                cpus, linux = len(whole.cpus), len(chosen)
+                linux_cores = cpu_list_arg(chosen)
+                adj.sbatch.append("--core-spec=0")
+                adj.run_args += ["--linux-cores", linux_cores]
+                adj.notes.append(f"specialised CPUs {format_cpulist(chosen)} (CPUSpecList) are "
+                                 "the Linux cores: job asks for them with --core-spec=0")
+        else:
+            adj.notes.append(f"Slurm keeps specialised CPUs {format_cpulist(spec)} from jobs "
+                             "(AllowSpecResourcesUsage=No): Linux cores come from the job's CPUs")
+    elif spec is None:
+        adj.notes.append(f"nodes of partition {cluster.partition} differ in their specialised "
+                         "CPUs: Linux cores come from the job's CPUs")
+    lwk = len(given["lwk_cores"]) if given.get("lwk_cores") else cpus - linux
+    if rpn > lwk and not given.get("oversubscribe"):
+        adj.oversubscribe = True
+        adj.run_args.append("--oversubscribe")
+        adj.notes.append(f"--oversubscribe added: {rpn} ranks per node but {max(lwk, 0)} LWK "
+                         f"cores ({cpus} CPUs, {linux} kept for Linux)")
+    if cluster.shared_hosts and rpn <= lwk and "rank_policy" not in given:
+        adj.run_args += ["--rank-policy", "other"]
+        adj.notes.append("--rank-policy other added: nodes of this cluster share one host, so "
+                         "SCHED_FIFO ranks of different nodes would spin on one CPU")
+    return adj
+
+
+def linux_count(spec: str | Sequence[int]) -> int:
+    """How many Linux cores a --linux-cores value keeps (a count, or a CPU list)."""
+    if isinstance(spec, str):
+        return int(spec) if spec.strip().isdigit() else len(parse_cpulist(spec))
+    return len(spec)
+
+
+def cpu_list_arg(cpus: Sequence[int]) -> str:
+    """A CPU list as --linux-cores reads it (a lone number there is a count: CPU 3 is '3-3')."""
+    text = format_cpulist(cpus)
+    return f"{text}-{text}" if text.isdigit() else text
+
+
+# --- plan ---------------------------------------------------------------------------------
+
+
+def plan(req: Request, out: str | os.PathLike[str], env: Mapping[str, str] | None = None,
+         argv: Sequence[str] = ()) -> dict[str, Any]:
+    """Check the request, then write the job scripts and the manifest into `out`."""
+    check_request(req)
+    given = parse_run_args(req.run_args)
+    study_dir = Path(out).absolute()
+    if _SAFE_PATH.search(str(study_dir)):
+        raise StudyError(f"study directory {study_dir}: use a path without spaces, quotes or "
+                         "shell characters (job script directives cannot quote it)")
+    if (study_dir / MANIFEST).exists():
+        raise StudyError(f"{study_dir} already holds a study ({MANIFEST}): choose another --out")
+    cluster = None
+    if not req.local:
+        cluster = probe_cluster(req.partition, env)
+        check_fit(req, cluster)
+    mpi = mpi_plugin(req, cluster) if cluster else None
+    host = read_host(os.environ) if req.local else None
+
+    points: list[dict[str, Any]] = []
+    for mode in req.modes:
+        adj = slurm_adjust(mode, req.ranks_per_node, cluster, given) if cluster else Adjusted()
+        for n in req.nodes:
+            name = point_name(req.app, req.scaling, mode, n)
+            shown = adj if host is None else \
+                local_adjust(name, mode, n, req.ranks_per_node, given, host)
+            points.append({
+                "name": name, "app": req.app, "mode": mode, "scaling": req.scaling,
+                "nodes": n, "ranks_per_node": req.ranks_per_node,
+                "ranks": n * req.ranks_per_node, "app_args": app_args(req),
+                "run_args": list(req.run_args),
+                # What the job script adds, and what the plan's target adds (shown by plan).
+                "slurm": {"run_args": adj.run_args, "sbatch": adj.sbatch},
+                "added": shown.sbatch + shown.run_args, "notes": shown.notes,
+                "script": f"jobs/{name}.sbatch", "log": f"logs/{name}-%j.out",
+                "job_id": None, "submitted": None, "local": None,
+            })
+    manifest = {
+        "schema": SCHEMA, "schema_version": VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": shlex.join(argv),
+        "directory": str(study_dir), "target": "local" if req.local else "slurm",
+        "request": {"app": req.app, "nodes": list(req.nodes),
+                    "ranks_per_node": req.ranks_per_node, "modes": list(req.modes),
+                    "scaling": req.scaling, "size": req.size, "time": req.time,
+                    "partition": cluster.partition if cluster else req.partition,
+                    "app_args": list(req.app_args), "run_args": list(req.run_args),
+                    "sbatch_args": list(req.sbatch_args)},
+        "cluster": None if cluster is None else {
+            "partition": cluster.partition, "nodes": cluster.nodelist,
+            "cpus_per_node": min(n.cpus for n in cluster.nodes),
+            "usable_cpus_per_node": cluster.usable_cpus,
+            "spec_cpus": None if cluster.spec_cpus is None else format_cpulist(cluster.spec_cpus),
+            "allow_spec_usage": cluster.allow_spec_usage, "shared_hosts": cluster.shared_hosts,
+            "mpi": mpi, "mpi_plugins": list(cluster.mpi_plugins),
+            "task_plugin": cluster.task_plugin},
+        "python": sys.executable,
+        "app_path": str(APPS_DIR / f"{req.app}.py"),
+        "points": points,
+    }
+    for sub in ("jobs", "logs", "runs"):
+        (study_dir / sub).mkdir(parents=True, exist_ok=True)
+    for point in points:
+        path = study_dir / point["script"]
+        path.write_text(render_script(manifest, point, mpi))
+        path.chmod(0o755)
+    save(study_dir, manifest)
+    return manifest
+
+
+def render_script(manifest: Mapping[str, Any], point: Mapping[str, Any], mpi: str | None) -> str:
+    """One point's job script from its template (noise survey or scaling study)."""
+    req = manifest["request"]
+    study_dir = manifest["directory"]
+    kind = "scaling" if point["app"] in SCALING_APPS else "noise-survey"
+    sbatch = list(point["slurm"]["sbatch"])
+    if req["partition"]:
+        sbatch.insert(0, f"--partition={req['partition']}")
+    lines = [f"#SBATCH {a}" for a in sbatch]
+    if req["sbatch_args"]:
+        lines.append(f"#SBATCH {shlex.join(req['sbatch_args'])}")
+    srun = [f"--mpi={mpi}"] if mpi else []
+    cluster = manifest["cluster"]
+    if cluster is None or "task/none" not in cluster["task_plugin"]:
+        # mckmpi pins the ranks; without a binding task plugin srun would only warn.
+        srun.append("--cpu-bind=none")
+    title = (f"{point['app']} {point['scaling'] + ' scaling, ' if point['scaling'] else ''}"
+             f"{point['mode']} mode, {point['nodes']} node(s) x {point['ranks_per_node']} ranks")
+    return Template((TEMPLATES / f"{kind}.sbatch.in").read_text()).substitute(
+        title=title, study_dir=study_dir, study_dir_q=shlex.quote(study_dir),
+        job_name=point["name"], nodes=point["nodes"], ranks_per_node=point["ranks_per_node"],
+        ranks=point["ranks"], time=req["time"], log=f"{study_dir}/{point['log']}",
+        sbatch_lines="\n".join(lines), point=point["name"], scaling=point["scaling"],
+        app_name=point["app"], mode=point["mode"], srun_options=shlex.join(srun),
+        mckmpi=shlex.join([manifest["python"], "-m", "mckmpi"]),
+        run_args=shlex.join([*point["run_args"], *point["slurm"]["run_args"]]),
+        app=shlex.quote(manifest["app_path"]), app_args=shlex.join(point["app_args"]))
+
+
+# --- the manifest -------------------------------------------------------------------------
+
+
+def load(study_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The manifest of a study directory, or a clear error."""
+    path = Path(study_dir) / MANIFEST
+    if not path.is_file():
+        raise StudyError(f"{study_dir} is not a study directory (no {MANIFEST}): "
+                         "create one with `mckmpi study plan`")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise StudyError(f"{path}: not a readable study manifest ({exc})") from None
+    if manifest.get("schema") != SCHEMA or int(manifest.get("schema_version", 0)) > VERSION:
+        raise StudyError(f"{path}: not a study manifest this mckmpi reads "
+                         f"(schema {manifest.get('schema')!r} v{manifest.get('schema_version')})")
+    return manifest
+
+
+def save(study_dir: str | os.PathLike[str], manifest: Mapping[str, Any]) -> Path:
+    """Write the manifest atomically, so an interrupted submission never corrupts it."""
+    path = Path(study_dir) / MANIFEST
+    tmp = path.with_name(f".{MANIFEST}.{os.getpid()}")
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def request_of(manifest: Mapping[str, Any]) -> Request:
+    r = manifest["request"]
+    return Request(app=r["app"], nodes=tuple(r["nodes"]), ranks_per_node=r["ranks_per_node"],
+                   modes=tuple(r["modes"]), scaling=r["scaling"], size=r["size"],
+                   partition=r["partition"], time=r["time"], app_args=tuple(r["app_args"]),
+                   run_args=tuple(r["run_args"]), sbatch_args=tuple(r["sbatch_args"]))
+
+
+# --- submit and status --------------------------------------------------------------------
+
+
+def submit(study_dir: str | os.PathLike[str], env: Mapping[str, str] | None = None,
+           echo: Callable[[str], None] = lambda line: None) -> list[dict[str, Any]]:
+    """Submit every point that has no job yet; the job ids go into the manifest at once."""
+    study_dir = Path(study_dir)
+    manifest = load(study_dir)
+    if manifest["target"] == "local":
+        raise StudyError(f"{study_dir} was planned with --local for `mckmpi study run`; plan "
+                         "it again without --local to submit it to Slurm")
+    req = request_of(manifest)
+    check_fit(req, probe_cluster(req.partition, env))
+    todo = [p for p in manifest["points"] if not p["job_id"]]
+    for done, point in enumerate(todo):
+        try:
+            job = slurm.submit(study_dir / point["script"], env=env)
+        except slurm.SlurmError as exc:
+            raise StudyError(f"{exc} ({done} of {len(todo)} points submitted and recorded; "
+                             f"`mckmpi study submit {study_dir}` again submits the rest)") from None
+        point["job_id"], point["submitted"] = job, time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        save(study_dir, manifest)
+        echo(f"{point['name']}: job {job}")
+    return todo
+
+
+@dataclass(frozen=True)
+class PointState:
+    """A point's job as Slurm (or the local run) last reported it."""
+
+    name: str
+    job_id: str | None
+    state: str
+    exit_code: int | None
+    log: str | None
+    detail: str  # the reason while pending, the log's last line after a failure
+
+    @property
+    def final(self) -> bool:
+        return self.state in slurm.FINAL_STATES or self.state.startswith("LOCAL") or \
+            self.job_id is None
+
+    @property
+    def ok(self) -> bool:
+        return self.state in ("COMPLETED", "LOCAL COMPLETED")
+
+
+def status(study_dir: str | os.PathLike[str],
+           env: Mapping[str, str] | None = None) -> list[PointState]:
+    """The state, exit code and log of every point's job."""
+    study_dir = Path(study_dir)
+    return [point_state(study_dir, p, env) for p in load(study_dir)["points"]]
+
+
+def point_state(study_dir: Path, point: Mapping[str, Any],
+                env: Mapping[str, str] | None) -> PointState:
+    if not point["job_id"]:
+        local = point.get("local")
+        if not local:
+            return PointState(point["name"], None, "NOT SUBMITTED", None, None, "")
+        log = str(study_dir / local["log"])
+        failed = local["exit_code"] != 0
+        return PointState(point["name"], None, "LOCAL " + ("FAILED" if failed else "COMPLETED"),
+                          local["exit_code"], log, first_error(log) if failed else "")
+    job = str(point["job_id"])
+    try:
+        st = slurm.job_state(job, env)
+    except slurm.JobNotFound:
+        return PointState(point["name"], job, "UNKNOWN", None, None,
+                          "no record in scontrol, sacct or the job completion log")
+    log = st["stdout"] or str(study_dir / point["log"].replace("%j", job))
+    failed = st["state"] in slurm.FINAL_STATES and st["state"] != "COMPLETED"
+    detail = first_error(log) if failed else (st["reason"] or "")
+    return PointState(point["name"], job, st["state"], st["exit_code"], log, detail)
+
+
+def wait(study_dir: str | os.PathLike[str], timeout: float, poll: float = 1.0,
+         env: Mapping[str, str] | None = None) -> list[PointState]:
+    """Poll `status` until every submitted job has finished or `timeout` seconds passed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        states = status(study_dir, env)
+        if all(s.final for s in states) or time.monotonic() >= deadline:
+            return states
+        time.sleep(min(poll, max(deadline - time.monotonic(), 0.0)))
+
+
+def first_error(path: str) -> str:
+    """What a failed job's log says went wrong: its first 'error:' line (the cause; srun and
+    MPI report the consequences after it), else its last line; at most 200 characters."""
+    try:
+        with open(path, "rb") as fh:
+            lines = [ln.strip() for ln in fh.read(1 << 20).decode(errors="replace").splitlines()]
+    except OSError:
+        return "log not readable"
+    lines = [ln for ln in lines if ln]
+    errors = [ln for ln in lines if "error:" in ln.lower()]
+    return (errors or lines or ["log is empty"])[0 if errors else -1][:200]
+
+
+# --- local runs ---------------------------------------------------------------------------
+
+
+def local_adjust(name: str, mode: str, nodes: int, rpn: int, given: Mapping[str, Any],
+                 host: NodeFacts) -> Adjusted:
+    """What a point needs to run on this host, its nodes as virtual nodes; error if it cannot."""
+    adj = Adjusted()
+    if nodes > 1:
+        adj.run_args += ["--vnodes", str(nodes)]
+    kwargs = {"mode": mode, "linux_cores": given.get("linux_cores", "1"),
+              "lwk_cores": given.get("lwk_cores"), "mem": given.get("mem", 256 * 1024**2)}
+    over = bool(given.get("oversubscribe"))
+    try:
+        for v in range(nodes):
+            facts = node_facts(host, nodes, v)
+            try:
+                plan_node(facts, rpn, oversubscribe=over, **kwargs)
+            except PartitionError:
+                if over:
+                    raise
+                plan_node(facts, rpn, oversubscribe=True, **kwargs)
+                over = True
+                adj.oversubscribe = True
+                adj.run_args.append("--oversubscribe")
+                adj.notes.append(f"--oversubscribe added: {rpn} ranks per node and "
+                                 f"{len(facts.cpus)} CPUs per virtual node on this host")
+    except PartitionError as exc:
+        raise StudyError(f"point {name} does not fit this host: {exc}") from None
+    return adj
+
+
+def run_local(study_dir: str | os.PathLike[str], echo: Callable[[str], None] = print,
+              timeout: float = 3600.0) -> list[PointState]:
+    """Run every point on this host with mpiexec, one after the other, and record results."""
+    study_dir = Path(study_dir).absolute()
+    manifest = load(study_dir)
+    given = parse_run_args(manifest["request"]["run_args"])
+    host = read_host(os.environ)
+    points = manifest["points"]
+    adjusted = [local_adjust(p["name"], p["mode"], p["nodes"], p["ranks_per_node"], given, host)
+                for p in points]  # every point is checked before the first one runs
+    for sub in ("logs", "runs"):
+        (study_dir / sub).mkdir(exist_ok=True)
+    states = []
+    for i, (point, adj) in enumerate(zip(points, adjusted, strict=True), 1):
+        tag = f"[{i}/{len(points)}] {point['name']}"
+        run_file = f"runs/{point['name']}-local.h5"
+        log = f"logs/{point['name']}-local.out"
+        argv = [sys.executable, "-m", "mckmpi", "run", "--mode", point["mode"],
+                *point["run_args"], *adj.run_args, "--out", str(study_dir / run_file), "--",
+                manifest["app_path"], *point["app_args"]]
+        cmd = command("mpiexec", point["ranks"], argv, oversubscribe=adj.oversubscribe)
+        echo(f"{tag}: {point['ranks']} ranks on {point['nodes']} "
+             f"{'virtual node' if point['nodes'] == 1 else 'virtual nodes'}, {point['mode']} mode"
+             + "".join(f"; {n}" for n in adj.notes))
+        started = time.monotonic()
+        code = _run_logged(cmd, study_dir / log, study_dir, timeout)
+        seconds = time.monotonic() - started
+        point["local"] = {"exit_code": code, "seconds": round(seconds, 3), "log": log,
+                          "run_file": run_file if code == 0 else None,
+                          "run_args": adj.run_args, "notes": adj.notes,
+                          "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        save(study_dir, manifest)
+        state = point_state(study_dir, point, None)
+        states.append(state)
+        if code == 0:
+            echo(f"{tag}: completed in {seconds:.1f} s, run file {run_file}")
+        else:
+            echo(f"{tag}: FAILED with exit code {code} after {seconds:.1f} s, log {log}: "
+                 f"{state.detail}")
+    return states
+
+
+def _run_logged(cmd: list[str], log: Path, cwd: Path, timeout: float) -> int:
+    """Run a job with its output in `log`; after `timeout` seconds stop it and all its ranks."""
+    with open(log, "wb") as out:
+        out.write(f"$ {shlex.join(cmd)}\n".encode())
+        out.flush()
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, cwd=cwd, env=root_env(),
+                                start_new_session=True)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            out.write(f"\nmckmpi: stopped after {timeout:g} s\n".encode())
+            return 124

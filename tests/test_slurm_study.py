@@ -1,0 +1,304 @@
+"""Studies: plan -> submit -> status -> collect on a real Slurm, `study run` on this host,
+core specialisation, failed jobs and plans that do not fit the cluster.
+
+The Slurm tests share one two-node cluster whose nodes each keep one of their two CPUs
+specialised (`slurm-up --core-spec 1`), so lwk jobs exercise the core-spec path; it is
+always stopped at the end, even when a test fails.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import pytest
+
+from conftest import ROOT, job_env
+from mckmpi import slurm, study
+from mckmpi.partition import NodeFacts, core_spec_linux_cores
+from mckmpi.trace.reader import open_run
+
+SLURM_UP = ROOT / "launch" / "slurm-up"
+SLURM_DOWN = ROOT / "launch" / "slurm-down"
+SBIN_PATH = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
+HAVE_SLURM = all(shutil.which(p, path=SBIN_PATH) for p in ("slurmctld", "slurmd", "munged"))
+TINY_STENCIL = ["--scaling", "weak", "--size", "16", "--app-args", "--iterations 5 --warmup 1"]
+SPEC_NODE = (
+    "NodeName=n1 Arch=x86_64 CoresPerSocket=4  CPUAlloc=0 CPUEfctv=3 CPUTot=4 CPULoad=0.52 "
+    "AvailableFeatures=(null) ActiveFeatures=(null) Gres=(null) NodeAddr=127.0.0.1 "
+    "NodeHostName=vm Version=22.05.8 OS=Linux 6.1.0 #1 SMP PREEMPT_DYNAMIC  RealMemory=1 "
+    "AllocMem=0 FreeMem=20594 Sockets=1 Boards=1 CoreSpecCount=1 CPUSpecList=3  State=IDLE "
+    "ThreadsPerCore=1 TmpDisk=0 Weight=1 Owner=N/A MCS_label=N/A Partitions=batch,debug  "
+    "BootTime=2026-11-26T16:15:55 CfgTRES=cpu=3,mem=1M,billing=3 AllocTRES= CapWatts=n/a")
+
+
+def run(argv: list, timeout: float = 60, **kw) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(a) for a in argv], capture_output=True, text=True,
+                          timeout=timeout, check=False, **kw)
+
+
+def mck(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return run([sys.executable, "-m", "mckmpi", *args], timeout=timeout, env=env)
+
+
+def node(**changes: object) -> slurm.NodeInfo:
+    return dataclasses.replace(slurm.parse_node(slurm.parse_fields(SPEC_NODE)), **changes)
+
+
+def status_rows(text: str) -> dict[str, list[str]]:
+    """`study status` table rows by point name: job, state, exit, log, note words."""
+    return {ln.split()[0]: ln.split()[1:] for ln in text.splitlines()
+            if ln.split() and ln.split()[0].count("-") >= 2 and not ln.startswith("--")}
+
+
+def cluster_of(nodes: list[slurm.NodeInfo], allow: bool = True) -> study.Cluster:
+    return study.Cluster(partition="batch", nodelist="n[1-2]", nodes=tuple(nodes),
+                         allow_spec_usage=allow, mpi_plugins=("pmix",), task_plugin="task/none")
+
+
+# --- pure parts: no Slurm needed -----------------------------------------------------------
+
+
+def test_specialised_cores_become_linux_cores_only_where_the_step_may_use_them():
+    whole = NodeFacts(cpus=(0, 1, 2, 3))
+    assert core_spec_linux_cores(whole, [3]) == (3,)
+    assert core_spec_linux_cores(whole, (2, 3, 3)) == (2, 3)
+    # Slurm fenced them off (outside the step's CPUs): the usual default applies.
+    assert core_spec_linux_cores(NodeFacts(cpus=(0, 1, 2)), [3]) is None
+    assert core_spec_linux_cores(NodeFacts(cpus=(0, 1, 2)), [2, 3]) is None
+    # No LWK core would be left, or nothing is specialised.
+    assert core_spec_linux_cores(NodeFacts(cpus=(3,)), [3]) is None
+    assert core_spec_linux_cores(whole, []) is None
+
+
+def test_node_records_of_scontrol():
+    info = node()
+    assert (info.name, info.hostname, info.cpus, info.usable_cpus) == ("n1", "vm", 4, 3)
+    assert (info.core_spec_count, info.spec_cpus, info.partitions) == (1, (3,), ("batch", "debug"))
+    old = slurm.parse_node({"NodeName": "c7", "CPUTot": "8", "Partitions": "(null)"})
+    assert (old.hostname, old.usable_cpus, old.spec_cpus, old.partitions) == ("c7", 8, (), ())
+
+
+def test_lwk_points_use_the_specialised_cores_when_the_cluster_allows():
+    two = [node(), node(name="n2", hostname="other")]
+    adj = study.slurm_adjust("lwk", 3, cluster_of(two), {})
+    assert adj.sbatch == ["--core-spec=0"] and adj.run_args == ["--linux-cores", "3-3"]
+    assert not adj.oversubscribe
+    assert study.slurm_adjust("linux", 3, cluster_of(two), {}).run_args == []
+    # A user's own Linux cores win; then one of the 3 job CPUs is Linux's: oversubscribed.
+    own = study.slurm_adjust("lwk", 3, cluster_of(two), {"linux_cores": "1"})
+    assert own.sbatch == [] and own.run_args == ["--oversubscribe"]
+    kept = study.slurm_adjust("lwk", 2, cluster_of(two, allow=False), {})
+    assert kept.sbatch == [] and kept.run_args == []
+    assert "AllowSpecResourcesUsage=No" in kept.notes[0]
+    # Nodes on one host: FIFO ranks of two nodes would share a CPU.
+    shared = study.slurm_adjust("lwk", 2, cluster_of([node(), node(name="n2")], allow=False), {})
+    assert shared.run_args == ["--rank-policy", "other"]
+    assert study.cpu_list_arg((1,)) == "1-1" and study.cpu_list_arg((0, 1, 4)) == "0-1,4"
+
+
+def test_local_points_become_virtual_nodes():
+    host = NodeFacts(cpus=(0, 1, 2, 3))
+    assert study.local_adjust("p", "lwk", 2, 1, {}, host).run_args == ["--vnodes", "2"]
+    over = study.local_adjust("p", "lwk", 2, 2, {}, host)
+    assert over.run_args == ["--vnodes", "2", "--oversubscribe"] and over.oversubscribe
+    assert study.local_adjust("p", "linux", 1, 4, {}, host).run_args == []
+    with pytest.raises(study.StudyError, match="point p does not fit this host: --vnodes 5"):
+        study.local_adjust("p", "linux", 5, 1, {}, host)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--app", "cg", "--nodes", "1"], "--scaling weak or strong is needed for a cg study"),
+    (["--app", "fwq", "--nodes", "1", "--scaling", "weak"], "--scaling is for stencil and cg"),
+    (["--app", "fwq", "--nodes", "0,1"], "--nodes wants node counts of at least 1"),
+    (["--app", "fwq", "--nodes", "1", "--modes", "lwk,mck"], "--modes wants linux, lwk"),
+    (["--app", "fwq", "--nodes", "1", "--run-args", "--mode lwk"], "--mode is set by the plan"),
+    (["--app", "fwq", "--nodes", "1", "--run-args=--bogus"], "not options of mckmpi run: --bogus"),
+    (["--app", "fwq", "--nodes", "1", "--run-args", "--mem lots"], "--run-args: not a size"),
+    (["--app", "fwq", "--nodes", "1", "--sbatch-args", "-N 3"], "-N is set by the plan"),
+    (["--app", "fwq", "--nodes", "1"], "no Slurm found: sbatch and scontrol not on PATH"),
+    (["--app", "fwq", "--nodes", "4096", "--local"], "point fwq-linux-n4096 does not fit this"),
+])
+def test_bad_plans_are_one_line_and_create_nothing(tmp_path, argv, message):
+    env = job_env(PATH=str(tmp_path))  # no Slurm on PATH
+    out = tmp_path / "s"
+    res = mck("study", "plan", "--ranks-per-node", "1", "--out", str(out), *argv, env=env)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert message in res.stderr and res.stderr.count("\n") == 1
+    assert not out.exists()
+
+
+def test_local_study_run_then_collect(tmp_path):
+    out = tmp_path / "cg"
+    env = job_env()
+    res = mck("study", "plan", "--local", "--app", "cg", "--nodes", "1,2", "--ranks-per-node",
+              "1", "--scaling", "strong", "--size", "8", "--run-args", "--mem 32M",
+              "--out", str(out), env=env)
+    assert res.returncode == 0, res.stderr
+    assert "next: mckmpi study run" in res.stdout
+    res = mck("study", "run", str(out), env=env, timeout=90)
+    assert res.returncode == 0, res.stdout + res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0].startswith("[1/4] cg-strong-linux-n1: 1 ranks on 1 virtual node, linux")
+    assert sum("completed in" in ln for ln in lines) == 4
+    manifest = json.loads((out / "study.json").read_text())
+    assert [p["local"]["exit_code"] for p in manifest["points"]] == [0, 0, 0, 0]
+    with open_run(out / "runs" / "cg-strong-lwk-n2-local.h5") as r:
+        assert (r.attrs["mode"], r.attrs["nnodes"], r.attrs["vnodes"]) == ("lwk", 2, 2)
+    res = mck("study", "collect", str(out), "-o", str(tmp_path / "cg.h5"), env=env)
+    assert res.returncode == 0, res.stderr
+    with h5py.File(tmp_path / "cg.h5") as f:
+        runs = f["runs"][()]
+    assert sorted((r["mode"].decode(), int(r["nodes"])) for r in runs) == [
+        ("linux", 1), ("linux", 2), ("lwk", 1), ("lwk", 2)]
+    assert all(r["verified"] == 1 and r["scaling"] == b"strong" for r in runs)
+    status = mck("study", "status", str(out), env=env)
+    assert status.returncode == 0 and status.stdout.count("LOCAL COMPLETED") == 4
+    # A local plan is not for Slurm: submitting it says so and submits nothing.
+    sub = mck("study", "submit", str(out), env=env)
+    assert sub.returncode == 2 and "planned with --local" in sub.stderr
+
+
+# --- a real Slurm ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    if not HAVE_SLURM:
+        pytest.skip("Slurm (slurm-wlm) and munge are not installed")
+    cluster_dir = tmp_path_factory.mktemp("slurm")
+    try:
+        up = run([SLURM_UP, "--dir", cluster_dir, "--nodes", "2", "--cpus", "2",
+                  "--core-spec", "1", "--timeout", "30"])
+        assert up.returncode == 0, up.stdout + up.stderr
+        yield cluster_dir, job_env(SLURM_CONF=str(cluster_dir / "slurm.conf"))
+    finally:
+        down = run([SLURM_DOWN, "--dir", cluster_dir, "--grace", "5"], timeout=60)
+        assert down.returncode == 0, down.stdout + down.stderr
+
+
+def plan(env: dict[str, str], out: Path, *argv: str) -> dict:
+    res = mck("study", "plan", "--out", str(out), *argv, env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return json.loads((out / "study.json").read_text())
+
+
+def submit_and_wait(env: dict[str, str], out: Path,
+                    timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    res = mck("study", "submit", str(out), env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return mck("study", "status", str(out), "--wait", str(timeout), env=env, timeout=timeout + 30)
+
+
+@pytest.mark.slurm
+def test_cluster_facts_include_specialised_cores(cluster):
+    _, env = cluster
+    facts = study.probe_cluster(None, env)
+    assert facts.partition == "mckmpi" and [n.name for n in facts.nodes] == ["n1", "n2"]
+    assert facts.spec_cpus == (1,) and facts.usable_cpus == 1 and facts.allow_spec_usage
+    assert facts.shared_hosts and "pmix" in facts.mpi_plugins
+
+
+@pytest.mark.slurm
+def test_noise_survey_job_of_two_ranks_uses_the_specialised_core(cluster, tmp_path):
+    _, env = cluster
+    out = tmp_path / "noise"
+    manifest = plan(env, out, "--app", "fwq", "--nodes", "2", "--ranks-per-node", "1",
+                    "--modes", "lwk", "--size", "200", "--app-args", "--quantum-us 100",
+                    "--run-args", "--mem 32M")
+    (point,) = manifest["points"]
+    assert point["slurm"]["sbatch"] == ["--core-spec=0"]
+    script = (out / point["script"]).read_text()
+    assert "#SBATCH --core-spec=0" in script and "--linux-cores 1-1" in script
+    status = submit_and_wait(env, out)
+    assert status.returncode == 0, status.stdout + status.stderr
+    job = json.loads((out / "study.json").read_text())["points"][0]["job_id"]
+    assert status_rows(status.stdout)["fwq-lwk-n2"][:3] == [job, "COMPLETED", "0"]
+    with open_run(out / "runs" / f"fwq-lwk-job{job}.0.h5") as r:
+        assert (r.attrs["launcher"], r.attrs["nnodes"], r.attrs["world_size"]) == ("slurm", 2, 2)
+        assert r.attrs["slurm_job_id"] == job
+        assert sorted(r.provenance["hosts"]) == ["n1", "n2"]
+        plans = r.provenance["node_plans"]
+        assert all(p.startswith("lwk: linux cpus 1, lwk cpus 0") for p in plans), plans
+
+
+@pytest.mark.slurm
+def test_plan_submit_status_collect_round_trip(cluster, tmp_path):
+    _, env = cluster
+    out = tmp_path / "stencil"
+    manifest = plan(env, out, "--app", "stencil", "--nodes", "1,2", "--ranks-per-node", "1",
+                    *TINY_STENCIL, "--run-args", "--mem 32M")
+    assert [p["name"] for p in manifest["points"]] == [
+        "stencil-weak-linux-n1", "stencil-weak-linux-n2", "stencil-weak-lwk-n1",
+        "stencil-weak-lwk-n2"]
+    assert manifest["cluster"]["mpi"] == "pmix" and manifest["cluster"]["spec_cpus"] == "1"
+    status = submit_and_wait(env, out)
+    assert status.returncode == 0, status.stdout + status.stderr
+    jobs = [p["job_id"] for p in json.loads((out / "study.json").read_text())["points"]]
+    rows = status_rows(status.stdout)
+    assert [rows[p["name"]][:3] for p in manifest["points"]] == [
+        [job, "COMPLETED", "0"] for job in jobs]
+    assert len(set(jobs)) == 4 and all(jobs)
+    names = sorted(p.name for p in (out / "runs").iterdir())
+    assert names == sorted([f"stencil-linux-job{jobs[0]}.0.h5", f"stencil-linux-job{jobs[1]}.0.h5",
+                            f"stencil-lwk-job{jobs[2]}.0.h5", f"stencil-lwk-job{jobs[3]}.0.h5"])
+    again = mck("study", "submit", str(out), env=env)
+    assert again.returncode == 0 and "already submitted" in again.stdout
+    res = mck("study", "collect", str(out), "-o", str(tmp_path / "s.h5"), env=env)
+    assert res.returncode == 0, res.stderr
+    with h5py.File(tmp_path / "s.h5") as f:
+        runs = f["runs"][()]
+    assert sorted((r["mode"].decode(), int(r["nodes"]), r["slurm_job_id"].decode()) for r in runs) \
+        == sorted(zip(["linux", "linux", "lwk", "lwk"], [1, 2, 1, 2], jobs, strict=True))
+    assert all(r["verified"] == 1 for r in runs)
+
+
+@pytest.mark.slurm
+def test_failed_job_is_reported_with_exit_code_and_log(cluster, tmp_path):
+    _, env = cluster
+    out = tmp_path / "bad"
+    plan(env, out, "--app", "fwq", "--nodes", "1", "--ranks-per-node", "1", "--modes", "linux",
+         "--app-args", "--quantum-us 1")
+    status = submit_and_wait(env, out)
+    assert status.returncode == 1
+    point = json.loads((out / "study.json").read_text())["points"][0]
+    log = out / "logs" / f"fwq-linux-n1-{point['job_id']}.out"
+    row = status_rows(status.stdout)["fwq-linux-n1"]
+    assert row[:4] == [point["job_id"], "FAILED", "2", str(log)]
+    assert " ".join(row[4:]).startswith("fwq: error: --quantum-us 1 ")  # the cause, not srun's
+    assert "1 failed: fwq-linux-n1" in status.stdout
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize("argv, message", [
+    (["--ranks-per-node", "2"], "--ranks-per-node 2 exceeds the 1 CPUs per node (2 minus "
+                                "specialised cores) that partition mckmpi (n[1-2]) gives a job"),
+    (["--ranks-per-node", "1", "--nodes", "3"], "--nodes 3 exceeds the 2 nodes of partition"),
+    (["--ranks-per-node", "1", "--partition", "gpu"], "unknown Slurm partition 'gpu' (known: "
+                                                      "mckmpi)"),
+    (["--ranks-per-node", "1", "--mpi", "pmi5"], "--mpi pmi5: this Slurm offers"),
+])
+def test_plans_that_do_not_fit_the_cluster(cluster, tmp_path, argv, message):
+    _, env = cluster
+    out = tmp_path / "s"
+    args = ["--app", "fwq", "--nodes", "1", *argv]
+    res = mck("study", "plan", "--out", str(out), *args, env=env)
+    assert res.returncode == 2 and message in res.stderr, res.stderr
+    assert res.stderr.count("\n") == 1 and not out.exists()
+
+
+@pytest.mark.slurm
+def test_submit_checks_the_cluster_again(cluster, tmp_path):
+    _, env = cluster
+    out = tmp_path / "s"
+    plan(env, out, "--app", "fwq", "--nodes", "1", "--ranks-per-node", "1", "--modes", "linux")
+    gone = {**env, "SLURM_CONF": str(tmp_path / "missing.conf")}
+    res = mck("study", "submit", str(out), env=gone)
+    assert res.returncode == 2 and "no Slurm found: SLURM_CONF names a missing" in res.stderr
+    assert json.loads((out / "study.json").read_text())["points"][0]["job_id"] is None
