@@ -216,8 +216,10 @@ class WorkKernel:
         return self.run
 
     def unit_ns(self, run: Callable[[int], None], min_batch_ns: int = 50_000,
-                trials: int = 21) -> float:
-        """Fastest time of one unit through `run`, from batches long enough to time well."""
+                trials: int = 21, min_total_ns: int = 200_000_000) -> float:
+        """Fastest time of one unit through `run`, from batches long enough to time well,
+        repeated for at least `min_total_ns`: a core's speed drifts (frequency ramps, a
+        virtual CPU's host), and a unit timed in a slow moment makes every sample short."""
         batch = 1
         while True:
             t0 = clock()
@@ -226,10 +228,13 @@ class WorkKernel:
                 break
             batch *= 2
         best = NEVER
-        for _ in range(trials):
+        started = clock()
+        done = 0
+        while done < trials or clock() - started < min_total_ns:
             t0 = clock()
             run(batch)
             best = min(best, clock() - t0)
+            done += 1
         return best / batch
 
     def verify(self) -> bool:

@@ -261,11 +261,26 @@ MEM_FALLBACK = option(
     help="when the arena is exhausted: a MemoryError, or a counted numpy allocation",
 )
 RANK_POLICY = option(
-    name="rank_policy", section="lwk", default="fifo", choices=("fifo", "other"),
-    help="scheduling policy of the rank's thread: SCHED_FIFO when permitted and the rank "
-         "owns its cores (the reason is recorded when not), or the default SCHED_OTHER",
+    name="rank_policy", section="lwk", default="other", choices=("fifo", "other"),
+    help="scheduling policy of the rank's thread: SCHED_OTHER, or SCHED_FIFO when the rank "
+         "owns its cores (the reason is recorded when refused). FIFO keeps Linux tasks off "
+         "the core, but RT throttling then hands the core to any waiting task for 50 ms of "
+         "every second (kernel.sched_rt_runtime_us): measure before choosing it",
 )
 SWITCH_INTERVAL = option(
     name="switch_interval", section="lwk", default=0.1, type=float, metavar="SECONDS",
     help="Python's thread switch interval during the app (default Python: 0.005)",
+)
+OFFLOAD = option(
+    name="offload", section="offload", default="auto", choices=("auto", "io", "none"),
+    help="offload I/O system calls to the node's Linux proxy (seccomp user notification): "
+         "auto = io in lwk mode, none in linux mode",
+)
+OFFLOAD_INCLUDE = option(
+    name="offload_include", section="offload", default="", metavar="PREFIXES",
+    help="comma-separated path prefixes that are offloaded even under an excluded prefix",
+)
+OFFLOAD_EXCLUDE = option(
+    name="offload_exclude", section="offload", default="/proc,/sys,/dev", metavar="PREFIXES",
+    help="comma-separated path prefixes that stay native (MPI's shared memory lives in /dev)",
 )

@@ -53,7 +53,7 @@ class Context:
     scheduler: Any = None
     node_plan: NodePlan | None = None
     comm: Any = None  # MPI.COMM_WORLD once initialised
-    extras: dict[str, Any] = field(default_factory=dict)
+    offload: Any = None  # the rank's OffloadSession when I/O is offloaded (its .channel())
 
     @property
     def rank_plan(self) -> RankPlan | None:

@@ -77,10 +77,14 @@ def limits() -> dict[str, str]:
 
 
 def seccomp() -> dict[str, Any]:
-    """What the kernel offers for syscall offload (user notification, ADDFD)."""
+    """What the kernel offers for syscall offload (user notification, ADDFD), found by
+    installing a filter in a forked child."""
+    from mckmpi.offload.seccomp import probe
+
     actions = Path("/proc/sys/kernel/seccomp/actions_avail")
-    avail = actions.read_text().split() if actions.is_file() else []
-    return {"actions_avail": " ".join(avail) or "none", "user_notif": "user_notif" in avail}
+    found = probe()
+    found["actions_avail"] = actions.read_text().strip() if actions.is_file() else "none"
+    return found
 
 
 def gather() -> dict[str, dict[str, Any]]:

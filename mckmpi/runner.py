@@ -5,12 +5,16 @@ One `mckmpi run` per rank, started by mpiexec or srun. The stages, in order:
 1. placement from the launcher's environment (before MPI, so errors are symmetric);
 2. the node's partition plan (pure computation; every rank of a node gets the same plan);
 3. MPI init, then placement checked against MPI and the plan against the node's ranks;
-4. pinning: the rank's main thread to its cores; in lwk mode MPI's helper threads go to
-   the Linux cores, where McKernel would run them;
-5. the app: a Python file or module run in-process with its own ``sys.argv`` (a non-Python
-   binary is exec'd after pinning instead); an unhandled exception on any rank aborts
-   COMM_WORLD, like ``python -m mpi4py``;
-6. the run file, written collectively by all ranks.
+4. the node's offload proxy, started by the node's local rank 0 while the rank is still an
+   ordinary Linux process (when I/O is offloaded: lwk mode by default);
+5. pinning: the rank's main thread to its cores; in lwk mode MPI's helper threads go to
+   the Linux cores, where McKernel would run them; then the LWK runtime (arena, quiet
+   interpreter, scheduler) and the rank's registration with the proxy (seccomp filter);
+6. the app: a Python file or module run in-process with its own ``sys.argv``, or an
+   executable run as the rank's child (it inherits pinning and filter); an unhandled
+   exception or a failed child on any rank aborts COMM_WORLD, like ``python -m mpi4py``.
+   An MPI executable is the rank itself: it is exec'd after pinning, without the rest;
+7. the run file, written collectively by all ranks.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import os
 import runpy
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -40,9 +45,10 @@ from mckmpi.utility.units import format_cpulist
 
 @dataclass(frozen=True)
 class App:
-    """What to run: a Python file, a Python module (-m) or any other executable."""
+    """What to run: a Python file, a Python module (-m), an MPI executable or any other
+    executable."""
 
-    kind: str  # "file" | "module" | "binary"
+    kind: str  # "file" | "module" | "mpi-binary" | "binary"
     target: str
     args: tuple[str, ...]
 
@@ -74,7 +80,15 @@ def resolve_app(argv: list[str], module: str | None) -> App:
         return App("file", str(path), args)
     if not os.access(path, os.X_OK):
         raise UsageError(f"app is not executable: {target}")
-    return App("binary", str(path), args)
+    return App("mpi-binary" if links_mpi(path) else "binary", str(path), args)
+
+
+def links_mpi(path: Path) -> bool:
+    """Whether an executable is an MPI program: its dynamic section names libmpi (a
+    statically linked MPI program is not recognised)."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+        return head == b"\x7fELF" and b"libmpi" in fh.read()
 
 
 def _is_python_script(path: Path) -> bool:
@@ -129,7 +143,8 @@ def run(settings: Settings, app: App, argv: list[str]) -> int:
     """Run `app` as this rank; returns the exit status (errors after MPI init abort the job)."""
     placement = with_vnodes(from_env(os.environ), settings.vnodes)
     plan = vnode_plan(settings, placement.vnode, placement.local_size)
-    if app.kind == "binary":
+    if app.kind == "mpi-binary":
+        # It is this rank's MPI process itself: nothing of the harness survives the exec.
         pin(plan, placement.local_rank)
         os.execv(app.target, [app.target, *app.args])
 
@@ -157,6 +172,7 @@ def run(settings: Settings, app: App, argv: list[str]) -> int:
 
 def _run_in_mpi(settings: Settings, app: App, argv: list[str], placement: Placement,
                 plan: NodePlan, world: Any) -> int:
+    from mckmpi.offload import session as offload
     from mckmpi.trace.clock import measure_offsets
 
     placement, node_comm = verify(placement, world)
@@ -166,10 +182,14 @@ def _run_in_mpi(settings: Settings, app: App, argv: list[str], placement: Placem
             f"ranks of node {placement.node} computed different partition plans "
             f"({'; '.join(sorted({p.describe() for p in plans}))}): their cpusets differ"
         )
+    offloaded = offload.start(settings, placement, plan, node_comm, world)
     if settings.cpuset:
         from mckmpi.cpuset import attach, load
 
-        attach(load(settings.cpuset), "lwk", os.getpid())
+        reservation = load(settings.cpuset)
+        attach(reservation, "lwk", os.getpid())
+        if offloaded is not None and offloaded.handle is not None:
+            attach(reservation, "linux", offloaded.handle.pid)
     pin(plan, placement.local_rank)
     offset_ns, rtt_ns = measure_offsets(world)
 
@@ -193,6 +213,10 @@ def _run_in_mpi(settings: Settings, app: App, argv: list[str], placement: Placem
 
         runtime = boot(settings, plan, rp)
         ctx.mem, ctx.scheduler = runtime.arena, runtime.scheduler
+    if offloaded is not None:
+        ctx.offload = offloaded.attach(placement, node_comm, world,
+                                       None if runtime is None else runtime.arena)
+        pin(plan, placement.local_rank)  # the offload's watcher thread joins MPI's helpers
     set_context(ctx)
     started = time.monotonic_ns()
     if runtime is None:
@@ -202,6 +226,8 @@ def _run_in_mpi(settings: Settings, app: App, argv: list[str], placement: Placem
         runtime.start_app()
         status = runtime.scheduler.run(lambda: _run_app(app, world))
     tracer.scalar("app", "wall_ns", time.monotonic_ns() - started, units="ns")
+    if offloaded is not None:
+        offloaded.finish(tracer)
     if runtime is not None:
         runtime.record(tracer)
         runtime.finish()
@@ -215,10 +241,17 @@ def _run_in_mpi(settings: Settings, app: App, argv: list[str], placement: Placem
 
 
 def _run_app(app: App, world: Any) -> int:
-    """Run the app in this interpreter; any unhandled exception aborts COMM_WORLD."""
+    """Run the app in this interpreter, or an executable as a child that inherits the rank's
+    pinning and offload filter; any unhandled exception or failed child aborts COMM_WORLD."""
     saved_argv, saved_path0 = sys.argv, sys.path[0]
     try:
-        if app.kind == "module":
+        if app.kind == "binary":
+            status = subprocess.run([app.target, *app.args], check=False).returncode
+            if status:
+                print(f"mckmpi: rank {world.Get_rank()}: {app.target} exited with status "
+                      f"{status}", file=sys.stderr, flush=True)
+                world.Abort(status if status > 0 else 128 - status)
+        elif app.kind == "module":
             sys.argv = [app.target, *app.args]
             runpy.run_module(app.target, run_name="__main__", alter_sys=True)
         else:

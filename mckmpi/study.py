@@ -308,10 +308,9 @@ def slurm_adjust(mode: str, rpn: int, cluster: Cluster, given: Mapping[str, Any]
         adj.run_args.append("--oversubscribe")
         adj.notes.append(f"--oversubscribe added: {rpn} ranks per node but {max(lwk, 0)} LWK "
                          f"cores ({cpus} CPUs, {linux} kept for Linux)")
-    if cluster.shared_hosts and rpn <= lwk and "rank_policy" not in given:
-        adj.run_args += ["--rank-policy", "other"]
-        adj.notes.append("--rank-policy other added: nodes of this cluster share one host, so "
-                         "SCHED_FIFO ranks of different nodes would spin on one CPU")
+    if cluster.shared_hosts and given.get("rank_policy") == "fifo":
+        adj.notes.append("--rank-policy fifo on nodes that share one host: SCHED_FIFO ranks of "
+                         "different nodes may spin on one CPU and starve each other")
     return adj
 
 

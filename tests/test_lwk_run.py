@@ -65,8 +65,8 @@ def _plan(ranks):
 
 def test_lwk_two_ranks_record_memory_and_scheduler(tmp_path, probe):
     out = tmp_path / "lwk.h5"
-    proc = mpirun(2, "run", "--mode", "lwk", "--oversubscribe", "--mem", "64M", "--out", str(out),
-                  "--", str(probe))
+    proc = mpirun(2, "run", "--mode", "lwk", "--oversubscribe", "--mem", "64M", "--rank-policy",
+                  "fifo", "--out", str(out), "--", str(probe))
     assert proc.returncode == 0, proc.stderr
     plan = _plan(2)
     for line in (l for l in proc.stdout.splitlines() if l.startswith("PIN")):
@@ -87,11 +87,12 @@ def test_lwk_two_ranks_record_memory_and_scheduler(tmp_path, probe):
 
 def test_lwk_single_rank_gets_fifo_when_it_owns_its_core(tmp_path):
     out = tmp_path / "one.h5"
-    proc = mckmpi("run", "--mode", "lwk", "--mem", "32M", "--out", str(out), "--",
-                  str(APPS / "fwq.py"), "--samples", "20", "--quantum-us", "100")
+    proc = mckmpi("run", "--mode", "lwk", "--mem", "32M", "--rank-policy", "fifo", "--out",
+                  str(out), "--", str(APPS / "fwq.py"), "--samples", "20", "--quantum-us", "100")
     assert proc.returncode == 0, proc.stderr
     with h5py.File(out) as f:
         assert f["scheduler/policy"][0] == b"SCHED_FIFO", f["scheduler/policy_reason"][0]
+        assert b"throttling" in f["scheduler/policy_reason"][0]
         assert f["memory/size"][0] == 32 * 1024**2
         assert f["ranks"]["mem"][0] == 32 * 1024**2
 

@@ -224,6 +224,58 @@ def test_the_proxy_ends_when_its_spawner_dies_before_any_rank():
         assert not (d / "run").exists()
 
 
+def test_a_realtime_rank_starts_a_normal_proxy_that_ends_with_it():
+    """A rank under SCHED_FIFO (lwk mode) spawns the proxy: the proxy must not inherit the
+    policy, or its spinning serving thread starves its own main loop and it never exits."""
+    if os.sched_get_priority_min(os.SCHED_FIFO) < 0:
+        pytest.skip("no SCHED_FIFO")
+
+    def rank(conn, run, path):
+        try:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+        except PermissionError:
+            conn.send(None)
+            return
+        h = proxy.start_node_proxy(Path(run), [os.sched_getaffinity(0).pop()], expected=1)
+        conn.send((h.pid, os.sched_getscheduler(h.pid)))
+        s = attach(h.socket_path)
+        with open(path, "w") as f:
+            f.write("x")
+        conn.send(len(s.detach()))
+
+    with scratch() as d:
+        child = fork(rank, str(d / "run"), str(d / "f"))
+        got = child.recv()
+        if got is None:
+            pytest.skip("not allowed to use SCHED_FIFO")
+        pid, policy = got
+        assert policy == os.SCHED_OTHER
+        assert child.recv() > 0
+        assert child.wait() == 0
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.05)
+        assert not _alive(pid)
+        assert not (d / "run").exists()
+
+
+def test_leftovers_of_killed_proxies_are_swept_and_live_ones_kept():
+    with scratch() as d:
+        live = proxy.start_node_proxy(d / "live", [], idle_timeout=30)
+        dead = proxy.start_node_proxy(d / "dead", [], idle_timeout=30)
+        os.kill(dead.pid, signal.SIGKILL)
+        dead.wait(5)
+        assert proxy.socket_path(d / "dead").exists()  # SIGKILL: no chance to clean up
+        (d / "young").mkdir(mode=0o700)  # a proxy about to listen
+        (d / "old").mkdir(mode=0o700)
+        os.utime(d / "old", (time.time() - 3600,) * 2)
+        assert sorted(p.name for p in proxy.sweep_stale(d)) == ["dead", "old"]
+        assert (d / "young").exists() and proxy.socket_path(d / "live").exists()
+        live.terminate()
+        assert live.wait(5) == 128 + signal.SIGTERM
+        assert not (d / "live").exists()  # a terminated proxy cleans up after itself
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:

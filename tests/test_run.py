@@ -4,12 +4,14 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 
 from conftest import APPS, job_env, mckmpi, mpirun
+from mckmpi import runner
 from mckmpi.trace.reader import open_run
 from mckmpi.utility.units import format_cpulist
 
@@ -121,11 +123,42 @@ def test_module_and_argv(tmp_path):
     assert "ARGV ['a', '--b'] True 0" in proc.stdout
 
 
-def test_binary_is_execd_and_pinned(tmp_path):
-    proc = mckmpi("run", "--", "/bin/grep", "Cpus_allowed_list", "/proc/self/status")
+def test_binary_runs_pinned_as_the_rank_child_and_its_failure_aborts(tmp_path):
+    proc = mckmpi("run", "--out", str(tmp_path), "--", "/bin/grep", "Cpus_allowed_list",
+                  "/proc/self/status")
     assert proc.returncode == 0, proc.stderr
     plan = _partition_show("--ranks", "1")[0]
     assert proc.stdout.split()[-1] == format_cpulist(plan["ranks"][0]["cpus"])
+    assert len(list(tmp_path.glob("*.h5"))) == 1  # the harness outlived it: a run file
+    failed = mckmpi("run", "--out", str(tmp_path), "--", "/bin/false")
+    assert failed.returncode == 1 and "/bin/false exited with status 1" in failed.stderr
+
+
+MPI_HELLO = """
+#include <mpi.h>
+#include <stdio.h>
+int main(int argc, char **argv) {
+    int rank, size;
+    MPI_Init(&argc, &argv);
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &size);
+    printf("HELLO %d of %d\\n", rank, size);
+    MPI_Finalize();
+    return 0;
+}
+"""
+
+
+def test_an_mpi_binary_is_the_rank_itself(tmp_path):
+    src, exe = tmp_path / "hello.c", tmp_path / "hello"
+    src.write_text(MPI_HELLO)
+    subprocess.run(["mpicc", "-O1", "-o", str(exe), str(src)], check=True, timeout=60)
+    assert runner.links_mpi(exe) and not runner.links_mpi(Path("/bin/cp"))
+    assert runner.resolve_app([str(exe)], None).kind == "mpi-binary"
+    proc = mpirun(2, "run", "--out", str(tmp_path), "--", str(exe))
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(l for l in proc.stdout.splitlines() if l.startswith("HELLO")) == [
+        "HELLO 0 of 2", "HELLO 1 of 2"]
 
 
 def test_bare_app_runs_without_harness():

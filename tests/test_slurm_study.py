@@ -97,9 +97,11 @@ def test_lwk_points_use_the_specialised_cores_when_the_cluster_allows():
     kept = study.slurm_adjust("lwk", 2, cluster_of(two, allow=False), {})
     assert kept.sbatch == [] and kept.run_args == []
     assert "AllowSpecResourcesUsage=No" in kept.notes[0]
-    # Nodes on one host: FIFO ranks of two nodes would share a CPU.
-    shared = study.slurm_adjust("lwk", 2, cluster_of([node(), node(name="n2")], allow=False), {})
-    assert shared.run_args == ["--rank-policy", "other"]
+    # Nodes on one host: FIFO ranks of two nodes would share a CPU, which a note says.
+    one_host = cluster_of([node(), node(name="n2")], allow=False)
+    assert not any("fifo" in n for n in study.slurm_adjust("lwk", 2, one_host, {}).notes)
+    fifo = study.slurm_adjust("lwk", 2, one_host, {"rank_policy": "fifo"})
+    assert fifo.run_args == [] and any("starve" in n for n in fifo.notes)
     assert study.cpu_list_arg((1,)) == "1-1" and study.cpu_list_arg((0, 1, 4)) == "0-1,4"
 
 

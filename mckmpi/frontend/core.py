@@ -27,7 +27,7 @@ rank with your launcher:
 Python files and -m modules run in-process (an unhandled exception aborts the whole job);
 other executables are exec'd after pinning. One HDF5 run file per job goes to --out.""")
 def _build_run(p: argparse.ArgumentParser) -> None:
-    config.add_arguments(p, "partition", "lwk", "run")
+    config.add_arguments(p, "partition", "lwk", "offload", "run")
     p.add_argument("-m", dest="module", metavar="MODULE", help="run a Python module as the app")
     p.add_argument("app", nargs=argparse.REMAINDER, help="-- APP [ARGS...]")
 
@@ -38,7 +38,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     app_argv = args.app[1:] if args.app[:1] == ["--"] else args.app
     try:
-        settings = config.resolve(args, "partition", "lwk", "run")
+        settings = config.resolve(args, "partition", "lwk", "offload", "run")
         app = resolve_app(app_argv, args.module)
         return run(settings, app, ["mckmpi", *sys.argv[1:]])
     except UsageError as exc:

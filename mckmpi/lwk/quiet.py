@@ -29,6 +29,7 @@ from typing import Iterable
 from mckmpi.errors import UsageError
 
 RT_RUNTIME_PATH = "/proc/sys/kernel/sched_rt_runtime_us"
+RT_PERIOD_PATH = "/proc/sys/kernel/sched_rt_period_us"
 
 _POLICY_NAMES = {
     os.SCHED_OTHER: "SCHED_OTHER",
@@ -43,8 +44,9 @@ def policy_name(policy: int) -> str:
     return _POLICY_NAMES.get(policy, f"policy {policy}")
 
 
-def read_rt_runtime_us(path: str = RT_RUNTIME_PATH) -> int | None:
-    """The kernel's RT throttling budget per period (-1 = unlimited), None if unreadable."""
+def read_rt_us(path: str = RT_RUNTIME_PATH) -> int | None:
+    """The kernel's RT throttling budget (-1 = unlimited) or, given RT_PERIOD_PATH, its
+    period, in us; None if unreadable."""
     try:
         with open(path) as f:
             return int(f.read().strip())
@@ -74,6 +76,14 @@ def fifo_refusal(affinity: Iterable[int], linux_cpus: Iterable[int],
         return ("RT throttling is off (sched_rt_runtime_us = -1): a spinning SCHED_FIFO rank "
                 "could hang the node")
     return None
+
+
+def _throttle_text() -> str:
+    """How much of each RT period Linux takes back from a FIFO thread, in words."""
+    runtime, period = read_rt_us(RT_RUNTIME_PATH), read_rt_us(RT_PERIOD_PATH)
+    if runtime is None or period is None or runtime < 0:
+        return "an unknown share of each period"
+    return f"{(period - runtime) / 1000:g} ms of every {period / 1e6:g} s"
 
 
 class QuietState:
@@ -160,7 +170,7 @@ class QuietState:
             raise UsageError(f"SCHED_FIFO priority must be in [{lo}, {hi}], got {priority}")
         affinity = os.sched_getaffinity(0)
         linux = sorted(set(linux_cpus))
-        reason = fifo_refusal(affinity, linux, read_rt_runtime_us())
+        reason = fifo_refusal(affinity, linux, read_rt_us())
         if reason is None:
             current = os.sched_getscheduler(0)
             if self._saved_policy is None:
@@ -173,7 +183,8 @@ class QuietState:
             else:
                 self.fifo_priority = priority
                 reason = (f"priority {priority} on CPUs {sorted(affinity)}, Linux cores "
-                          f"{linux} left to Linux")
+                          f"{linux} left to Linux; RT throttling lends the core to waiting "
+                          f"tasks for {_throttle_text()}")
         self.policy = policy_name(os.sched_getscheduler(0))
         self.policy_reason = reason
         return self.policy, reason

@@ -114,7 +114,8 @@ class Emulator(PathCalls, DataCalls):
     # --- the loop ------------------------------------------------------------------------
 
     def serve(self) -> None:
-        """Answer notifications until `closing` is set (the rank and its children are gone).
+        """Answer notifications until `closing` is set or no task uses the filter any more
+        (the rank and its children are gone).
 
         This loop is the proxy's hot path, so it is written out: one record is packed in
         place, the answer is sent inline. Every ioctl gets a preallocated bytearray (given
@@ -135,6 +136,7 @@ class Emulator(PathCalls, DataCalls):
         poller = select.poll()
         poller.register(lfd, select.POLLIN)
         ready = poller.poll
+        hup = select.POLLHUP
         emulated, continued = accounting.EMULATED, accounting.CONTINUED
         tids = self.tids
         arena = self.arena
@@ -151,6 +153,8 @@ class Emulator(PathCalls, DataCalls):
             try:
                 ioctl(lfd, IOCTL_NOTIF_RECV, buf)
             except OSError as e:  # EINTR: a stop request; ENOENT: the caller died meanwhile
+                if e.errno == errno.ENOENT and any(ev & hup for _, ev in ready(0)):
+                    return  # no task uses the filter any more: RECV would fail at once forever
                 if e.errno in (errno.EINTR, errno.ENOENT):
                     continue
                 raise

@@ -539,10 +539,53 @@ def start_node_proxy(run_dir: Path, cpus: list[int], *, expected: int | None = N
         fd = int(name)
         if fd > 2 and _inheritable(fd):
             actions.append((os.POSIX_SPAWN_CLOSE, fd))
-    pid = os.posix_spawn(sys.executable, cmd, os.environ, file_actions=actions)
+    # a normal Linux process, whatever real-time policy the rank runs under: a proxy that
+    # inherited SCHED_FIFO would starve its own main loop (and other Linux work) on its cores
+    pid = os.posix_spawn(sys.executable, cmd, os.environ, file_actions=actions,
+                         scheduler=(os.SCHED_OTHER, os.sched_param(0)))
     handle = ProxyHandle(pid, path, run_dir)
-    wait_for_socket(path, timeout, handle)
+    try:
+        wait_for_socket(path, timeout, handle)
+    except OffloadError:
+        handle.terminate()
+        handle.wait(5)
+        if created:
+            remove_run_dir(run_dir)
+        raise
     return handle
+
+
+def remove_run_dir(run_dir: Path) -> None:
+    """Remove a proxy directory and what a proxy leaves in it (socket, half-bound socket)."""
+    for entry in Path(run_dir).glob(f"{SOCKET_NAME}*"):
+        entry.unlink(missing_ok=True)
+    try:
+        Path(run_dir).rmdir()
+    except OSError:
+        pass  # not ours to empty: something else lives there
+
+
+def sweep_stale(base: Path, *, min_age: float = 60.0) -> list[Path]:
+    """Remove the directories under `base` of proxies that died without cleaning up
+    (SIGKILL, a node crash): a socket nobody listens on, or an old directory without one
+    (a proxy listens within seconds of its directory's creation). Returns what went."""
+    removed = []
+    for run_dir in Path(base).iterdir():
+        sock_path = socket_path(run_dir)
+        try:
+            if sock_path.exists():
+                protocol.connect(str(sock_path)).close()
+                continue  # a live proxy
+            if not run_dir.is_dir() or time.time() - run_dir.stat().st_mtime < min_age:
+                continue
+        except ConnectionRefusedError:
+            pass
+        except OSError:
+            continue
+        remove_run_dir(run_dir)
+        if not run_dir.exists():
+            removed.append(run_dir)
+    return removed
 
 
 def _inheritable(fd: int) -> bool:

@@ -1,0 +1,114 @@
+"""The runner's use of the offload: start the node proxy, attach every rank, collect records.
+
+`start` (right after MPI init: the proxy is spawned before the rank changes its cgroup or
+scheduling), `OffloadRun.attach` (after the LWK boot, so the filter covers MPI's threads
+and the arena can be shared with the proxy) and `OffloadRun.finish` (records into the
+trace). Kept apart from the runner so the runner stays a list of stages.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mckmpi.config import Settings
+from mckmpi.offload import client, proxy, seccomp, syscalls
+from mckmpi.offload.client import EXIT_PROXY_DIED, OffloadSession
+from mckmpi.offload.policy import Policy
+from mckmpi.partition import NodePlan
+from mckmpi.placement import Placement
+from mckmpi.trace.tracer import Tracer
+
+#: The run file's offload/calls table (the writer adds the rank column).
+CALLS_DTYPE = np.dtype([("call", "S16"), ("fd", "i4"), ("bytes", "i8"), ("result", "i8"),
+                        ("errno", "i4"), ("trap_ns", "i8"), ("done_ns", "i8"), ("how", "u1")])
+
+
+def policy_of(settings: Settings) -> Policy:
+    """The offload policy `settings` ask for; mode none in linux mode unless asked."""
+    mode = settings.offload if settings.offload != "auto" else ("io" if settings.mode == "lwk" else "none")
+
+    def prefixes(text: str) -> tuple[str, ...]:
+        return tuple(p.strip() for p in text.split(",") if p.strip())
+
+    return Policy(mode, prefixes(settings.offload_include), prefixes(settings.offload_exclude))
+
+
+def run_dir(job_key: str, placement: Placement) -> Path:
+    """The node proxy's private directory, named by job and node (its parent is 0700)."""
+    base = Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()) / f"mckmpi-{os.getuid()}"
+    base.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(base, 0o700)
+    if placement.local_rank == 0:
+        proxy.sweep_stale(base)  # what killed proxies of earlier jobs left behind
+    return base / f"{job_key}-node{placement.node}"
+
+
+@dataclass
+class OffloadRun:
+    """One rank's offload across the run: the node proxy (started first), then the rank's
+    registration, then its records."""
+    policy: Policy
+    directory: Path
+    handle: Any = None  # the proxy handle on the node's local rank 0, else None
+    session: OffloadSession | None = None
+
+    def attach(self, placement: Placement, node_comm: Any, world: Any, arena: Any) -> OffloadSession:
+        """Register with the node proxy and install the filter (after the LWK boot, so the
+        arena can be shared with the proxy). Losing the proxy aborts the job."""
+
+        def proxy_died(message: str) -> None:
+            os.write(2, f"mckmpi: error: rank {placement.rank}: {message}\n".encode())
+            world.Abort(EXIT_PROXY_DIED)
+
+        self.session = client.attach(proxy.socket_path(self.directory), rank=placement.rank,
+                                     arena_memfd=None if arena is None else arena.memfd,
+                                     arena_address=None if arena is None else arena.address,
+                                     policy=self.policy, on_proxy_death=proxy_died)
+        node_comm.Barrier()  # every rank of the node registered before any can finish
+        return self.session
+
+    def finish(self, tracer: Tracer) -> None:
+        """Detach (the proxy passes calls through from now on) and trace every call."""
+        assert self.session is not None
+        records = self.session.detach()
+        rows = np.zeros(len(records), dtype=CALLS_DTYPE)
+        rows["call"] = [syscalls.name_of(int(n)).encode()[:16] for n in records["call"]]
+        for name in ("fd", "bytes", "result", "errno", "trap_ns", "done_ns", "how"):
+            rows[name] = records[name]
+        tracer.table("offload", "calls", rows, units={"bytes": "B", "trap_ns": "ns", "done_ns": "ns"})
+        tracer.scalar("offload", "zero_copy", bool(self.session.zero_copy))
+
+
+def start(settings: Settings, placement: Placement, plan: NodePlan, node_comm: Any,
+          world: Any) -> OffloadRun | None:
+    """Start the node's proxy on its Linux cores (node-local rank 0); None when off.
+
+    Called right after MPI init, before the rank enters an LWK cpuset or changes its
+    scheduling: the proxy is a Linux process and must not inherit either, nor the filter.
+    """
+    policy = policy_of(settings)
+    if not policy.active:
+        return None
+    seccomp.require()
+    job_key = world.bcast(_job_key() if placement.rank == 0 else None, root=0)
+    directory = run_dir(job_key, placement)
+    handle = None
+    if placement.local_rank == 0:
+        handle = proxy.start_node_proxy(directory, list(plan.linux_cpus), expected=placement.local_size)
+    node_comm.Barrier()
+    return OffloadRun(policy, directory, handle)
+
+
+def _job_key() -> str:
+    """A name for this job, unique on the node: the Slurm job and step, else rank 0's pid."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if job:
+        return f"job{job}.{os.environ.get('SLURM_STEP_ID', '0')}"
+    return f"pid{os.getpid()}-{time.monotonic_ns()}"
