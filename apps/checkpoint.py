@@ -11,20 +11,26 @@ the final state bit for bit.
 
 Writing modes:
 - default (synchronous): the compute loop writes, reads back and compares, then goes on;
-- --async: the state is copied to a snapshot buffer and written by a worker thread pinned
-  to the rank's first CPU (a `WorkerPool`) while the loop computes; the next checkpoint
-  waits for the previous write. With the LWK scheduler (lwk mode) a writer task hands the
-  snapshot to the pool and waits for it without blocking the compute task, which yields
-  once per iteration. Syscalls then go wherever the rank's I/O goes (offloaded in lwk mode);
-  a dedicated asynchronous offload channel is not used. On a rank with a single core the
-  writer shares that core, so the overlap hides I/O waits rather than CPU time.
+- --async: the state is copied to a snapshot buffer (in the arena in lwk mode) and written
+  while the loop computes; the next checkpoint waits for the previous one. How:
+  - `channel` (lwk mode with offloaded I/O): a writer task queues write, [fsync,] read-back
+    of the snapshot on the asynchronous offload channel and waits for their completions
+    without blocking the compute task, which yields once per iteration (and so polls the
+    channel). The proxy does the I/O on a Linux core straight from the arena: the rank's
+    core only copies the snapshot and compares the read-back;
+  - `scheduler` (lwk mode, I/O not offloaded): the writer task hands the snapshot to a worker
+    thread (`WorkerPool`) on the rank's first CPU and waits for it likewise;
+  - `thread` (linux mode): the loop hands it to that worker thread directly.
+  On a rank with a single core a worker thread shares that core, so the overlap hides I/O
+  waits rather than CPU time; the channel moves the I/O off the core.
 
 Records: app/iter_ns, app/compute_ns, app/comm_ns (the allreduce), app/ckpt_ns (time the
 loop spent on checkpointing: copy, write and verify, or waiting for the previous write)
 [ranks, iterations] of the checkpointed phase, app/base_iter_ns of the baseline phase;
 table app/checkpoints (iter, start_ns, bytes, write_ns, verify_ns); scalars
 app/throughput_base and app/throughput_ckpt (iterations per second); attrs of app: name,
-elements, iterations, every, async_mode (sync | thread | scheduler), fsync, verified.
+elements, iterations, every, async_mode (sync | thread | scheduler | channel), fsync,
+verified.
 """
 
 from __future__ import annotations
@@ -112,10 +118,11 @@ def write_and_verify(path: str, data: np.ndarray, readbuf: np.ndarray, same: np.
 
 
 class Checkpointer:
-    """Takes checkpoints synchronously, on a worker thread, or via a scheduler task + thread."""
+    """Takes checkpoints synchronously, on a worker thread, via a scheduler task and a
+    worker thread, or via a scheduler task and the asynchronous offload channel."""
 
     def __init__(self, mode: str, paths: list[str], mem: Any, elements: int, count: int,
-                 fsync: bool, sched: Any) -> None:
+                 fsync: bool, sched: Any, offload: Any = None) -> None:
         self.mode = mode
         self.paths = paths
         self.fsync = fsync
@@ -128,17 +135,22 @@ class Checkpointer:
         self.pool = None
         self.job = None
         self.pending = self.pending_iter = -1
-        if mode != "sync":
+        self.channel = None
+        if mode in ("thread", "scheduler"):
             from mckmpi.lwk.scheduler import WorkerPool
 
             self.pool = WorkerPool([min(os.sched_getaffinity(0))])
-        if mode == "scheduler":
+        if mode == "channel":
+            self.channel = offload.channel(slots=8)
+            self.channel.register(sched)
+        if mode in ("scheduler", "channel"):
             from mckmpi.lwk.scheduler import Event
 
             self.ready, self.idle = Event("snapshot ready"), Event("writer idle")
             self.idle.set()
             self.stopping = False
-            self.writer = sched.spawn(self._writer, name="checkpoint-writer")
+            self.writer = sched.spawn(self._writer if mode == "scheduler" else self._queuer,
+                                      name="checkpoint-writer")
 
     def take(self, c: int, iteration: int, state: np.ndarray) -> None:
         """Checkpoint `c` of `state`; returns as soon as `state` may change again."""
@@ -152,7 +164,7 @@ class Checkpointer:
         if self.mode == "thread":
             self.job = self.pool.submit(write_and_verify, self.paths[c % 2], self.snapshot,
                                         self.readbuf, self.same, self.fsync)
-        else:
+        else:  # scheduler, channel
             self.idle.clear()
             self.ready.set()
             self.sched.yield_()  # let the writer hand the snapshot to the pool now
@@ -162,17 +174,20 @@ class Checkpointer:
         if self.mode == "thread" and self.job is not None:
             job, self.job = self.job, None
             self._done(self.pending, self.pending_iter, job.result())
-        elif self.mode == "scheduler":
+        elif self.mode in ("scheduler", "channel"):
             self.idle.wait()
 
     def close(self) -> None:
         self.wait()
-        if self.mode == "scheduler":
+        if self.mode in ("scheduler", "channel"):
             self.stopping = True
             self.ready.set()
             self.sched.join(self.writer)
         if self.pool is not None:
             self.pool.close()
+        if self.channel is not None:
+            self.sched.remove_poller(self.channel.poll)
+            self.channel.close()
 
     def _writer(self) -> None:
         while True:
@@ -183,6 +198,41 @@ class Checkpointer:
             job = self.pool.submit(write_and_verify, self.paths[self.pending % 2], self.snapshot,
                                    self.readbuf, self.same, self.fsync)
             self._done(self.pending, self.pending_iter, job.result())  # blocks this task only
+            self.idle.set()
+
+    def _queuer(self) -> None:
+        """The channel's writer task: queue write, [fsync,] read-back; wait for the read."""
+        from mckmpi.lwk.scheduler import Event
+
+        nbytes = self.snapshot.nbytes
+        while True:
+            self.ready.wait()
+            self.ready.clear()
+            if self.stopping:
+                return
+            fd = os.open(self.paths[self.pending % 2], os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            read_back, results, times = Event("checkpoint read back"), [], [clock()]
+
+            def done(result: int, last: bool = False) -> None:
+                results.append(result)
+                times.append(clock())
+                if last:
+                    read_back.set()
+
+            self.channel.write(fd, 0, self.snapshot, on_done=done)
+            if self.fsync:
+                self.channel.fsync(fd, on_done=lambda result: results.append(result))
+            self.channel.read(fd, 0, self.readbuf, on_done=lambda result: done(result, True))
+            read_back.wait()  # blocks this task only; the compute task's yields poll the ring
+            os.close(fd)
+            np.equal(self.readbuf, self.snapshot, out=self.same)
+            written, got = results[0], results[-1]
+            if min(results) < 0:
+                raise OSError(-min(results), f"checkpoint I/O through the offload channel: "
+                                             f"{os.strerror(-min(results))}")
+            equal = written == nbytes and got == nbytes and bool(self.same.all())
+            self._done(self.pending, self.pending_iter,
+                       (times[0], times[1] - times[0], clock() - times[1], equal))
             self.idle.set()
 
     def _done(self, c: int, iteration: int, result: tuple[int, int, int, bool]) -> None:
@@ -226,7 +276,8 @@ def main(argv: list[str] | None = None) -> None:
     mem = ctx.mem
     n, every = args.iterations, args.every
     count = n // every
-    mode = "sync" if not args.async_ else "thread" if ctx.scheduler is None else "scheduler"
+    mode = ("sync" if not args.async_ else "thread" if ctx.scheduler is None
+            else "channel" if ctx.offload is not None and ctx.offload.zero_copy else "scheduler")
     directory, temporary = checkpoint_dir(p, args, comm)
     paths = [str(directory / f"ckpt-r{rank:05d}-{slot}.bin") for slot in (0, 1)]
 
@@ -237,8 +288,8 @@ def main(argv: list[str] | None = None) -> None:
     base_iter_ns = mem.zeros(n, dtype=np.int64)
     iter_ns, compute_ns, comm_ns, ckpt_ns = (mem.zeros(n, dtype=np.int64) for _ in range(4))
     walls = [0, 0]
-    sched = ctx.scheduler if mode == "scheduler" else None
-    writer = Checkpointer(mode, paths, mem, args.elements, count, args.fsync, sched)
+    sched = ctx.scheduler if mode in ("scheduler", "channel") else None
+    writer = Checkpointer(mode, paths, mem, args.elements, count, args.fsync, sched, ctx.offload)
 
     def run() -> None:
         c = clock

@@ -43,6 +43,10 @@ from mckmpi.trace.tracer import Tracer
 from mckmpi.utility.units import format_cpulist
 
 
+#: How long a rank other than 0 that exits with an error waits before aborting the job.
+ABORT_GRACE_S = 0.5
+
+
 @dataclass(frozen=True)
 class App:
     """What to run: a Python file, a Python module (-m), an MPI executable or any other
@@ -265,6 +269,10 @@ def _run_app(app: App, world: Any) -> int:
         if not isinstance(code, int):
             print(code, file=sys.stderr, flush=True)
             code = 1
+        if world.Get_rank() != 0:
+            # Rank 0 speaks for the job (apps report usage errors there): when it exits too,
+            # its abort, not ours, ends the job, so its line is not lost in the teardown.
+            time.sleep(ABORT_GRACE_S)
         world.Abort(code)
     except BaseException:
         traceback.print_exc()

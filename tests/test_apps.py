@@ -30,6 +30,9 @@ LAYOUTS = {
     "2": (2, ()),
     "4-oversubscribed": (4, ("--oversubscribe",)),
     "vnodes2": (2, ("--vnodes", "2")),
+    # lwk mode: arena, scheduler and offloaded I/O (--vnodes 2 needs 4 CPUs in lwk mode)
+    "lwk-1": (1, ("--mode", "lwk", "--mem", "64M")),
+    "lwk-4-oversubscribed": (4, ("--mode", "lwk", "--mem", "64M", "--oversubscribe")),
 }
 
 

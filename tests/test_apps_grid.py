@@ -19,12 +19,16 @@ STENCIL = {
     "2": ["--local", "48x40", "--iterations", "50"],
     "4-oversubscribed": ["--ndim", "3", "--scaling", "strong", "--size", "24x16x16", "--iterations", "30"],
     "vnodes2": ["--scaling", "strong", "--size", "64x32", "--iterations", "40"],
+    "lwk-1": ["--local", "32x32", "--iterations", "30"],
+    "lwk-4-oversubscribed": ["--scaling", "strong", "--size", "32x32", "--iterations", "30"],
 }
 CG = {
     "1": ["--local", "12"],
     "2": ["--scaling", "strong", "--size", "24"],
     "4-oversubscribed": ["--local", "8"],
     "vnodes2": ["--scaling", "strong", "--size", "16x24x20"],
+    "lwk-1": ["--local", "10"],
+    "lwk-4-oversubscribed": ["--scaling", "strong", "--size", "16"],
 }
 
 

@@ -36,7 +36,7 @@ def test_allreduce_latency_table(layout, tmp_path):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_checkpoint_reads_back_and_restarts(layout, tmp_path):
     n, every, elements = 12, 4, 30_000
-    mode = ["--async"] if layout in ("4-oversubscribed", "vnodes2") else []
+    mode = ["--async"] if layout in ("4-oversubscribed", "vnodes2", "lwk-4-oversubscribed") else []
     ckpt_dir = tmp_path / "ckpt"
     _, out = run_app(tmp_path, layout, "checkpoint", "--elements", str(elements), "--iterations",
                      str(n), "--every", str(every), "--dir", str(ckpt_dir), *mode)
@@ -47,7 +47,8 @@ def test_checkpoint_reads_back_and_restarts(layout, tmp_path):
         it, comp, comm = (run.read(f"app/{k}") for k in ("iter_ns", "compute_ns", "comm_ns"))
         tables = [run.table("app/checkpoints", r) for r in range(size)]
         rates = run.scalars("app/throughput_base"), run.scalars("app/throughput_ckpt")
-    assert attrs["verified"] and attrs["async_mode"] == ("thread" if mode else "sync")
+    expected = "sync" if not mode else "channel" if layout.startswith("lwk") else "thread"
+    assert attrs["verified"] and attrs["async_mode"] == expected
     for a in (stall, base, it, comp, comm):
         assert a.shape == (size, n) and a.dtype == np.int64
     assert (it >= comp + comm + stall).all()

@@ -1,4 +1,4 @@
-"""Benchmark: what tracing costs the measured work, FWQ under `mckmpi run` vs bare.
+"""Benchmark: what the harness costs the measured work, under `mckmpi run` vs bare.
 
 apps/fwq.py runs as a 2-rank job twice per round, alternating, in the same benchmark run:
 under the harness (`mckmpi run --mode linux`, tracing on: the samples go into a run file)
@@ -8,6 +8,9 @@ removes the run-to-run spread of the calibration, and each round's pair. Goal: t
 median within 1% of the bare one; the spread of each side over its rounds says how much of
 a difference this host can resolve. Every run's median comes from the app's own summary
 line; the traced runs' run files are checked to hold the samples.
+
+The stencil runs the same way (2 ranks, weak scaling, 256x256 per rank): its median
+per-iteration time on rank 0 under `mckmpi run --mode linux` against bare. Goal: <= 1.02x.
 """
 
 from __future__ import annotations
@@ -71,6 +74,25 @@ def _fwq(traced: bool, samples: int, quantum_us: float, out: pathlib.Path) -> di
     return result
 
 
+_ITER = re.compile(r"median iteration\s+([0-9.]+) ms")
+STENCIL = ("--local", "256x256", "--iterations", "300", "--scaling", "weak")
+
+
+def _stencil(traced: bool, out: pathlib.Path) -> float:
+    """Rank 0's median iteration time (ns) of one stencil job, from its summary line."""
+    app = [str(app_path("stencil")), *STENCIL]
+    job = ([sys.executable, "-m", "mckmpi", "run", "--mode", "linux", "--out", str(out), "--", *app]
+           if traced else [sys.executable, *app])
+    proc = subprocess.run(command("mpiexec", RANKS, job), capture_output=True, text=True,
+                          timeout=600, env=launch_env())
+    if proc.returncode != 0:
+        raise RuntimeError(f"stencil ({'traced' if traced else 'bare'}) failed:\n{proc.stderr[-2000:]}")
+    found = _ITER.search(proc.stdout)
+    if found is None:
+        raise RuntimeError(f"no 'median iteration X ms' in the stencil's output:\n{proc.stdout[-1000:]}")
+    return float(found.group(1)) * 1e6
+
+
 def _ratio(traced: list[float], bare: list[float]) -> float:
     return statistics.median(traced) / statistics.median(bare)
 
@@ -83,14 +105,16 @@ def run(out_dir: pathlib.Path, quick: bool = False) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     work = pathlib.Path(tempfile.mkdtemp(prefix="bench-tracing-", dir=out_dir))
     runs: dict[str, list[dict]] = {"traced": [], "bare": []}
+    stencil: dict[str, list[float]] = {"traced": [], "bare": []}
     try:
         for i in range(rounds):
             # Alternate which goes first, so a drifting machine does not favour one side.
             order = (True, False) if i % 2 == 0 else (False, True)
             for traced in order:
-                runs["traced" if traced else "bare"].append(
-                    _fwq(traced, samples, quantum_us, work / f"fwq-{i}.h5")
-                )
+                side = "traced" if traced else "bare"
+                print(f"bench tracing: round {i + 1}/{rounds}, {side}", flush=True)
+                runs[side].append(_fwq(traced, samples, quantum_us, work / f"fwq-{i}.h5"))
+                stencil[side].append(_stencil(traced, work / f"stencil-{i}.h5"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     medians = {k: [r["median_ns"] for r in v] for k, v in runs.items()}
@@ -114,6 +138,15 @@ def run(out_dir: pathlib.Path, quick: bool = False) -> dict:
         "median_paired_ratio": statistics.median(paired),
         "spread_percent": {k: (max(v) / min(v) - 1) * 100 for k, v in medians.items()},
         "runs": runs,
+        "stencil": {
+            "args": list(STENCIL),
+            "goal": "median per-iteration time under mckmpi run --mode linux <= 1.02x bare",
+            "traced_median_iter_ns": statistics.median(stencil["traced"]),
+            "bare_median_iter_ns": statistics.median(stencil["bare"]),
+            "ratio_traced_vs_bare": _ratio(stencil["traced"], stencil["bare"]),
+            "paired_ratios": [t / b for t, b in zip(stencil["traced"], stencil["bare"])],
+            "runs_iter_ns": stencil,
+        },
         "cpus": sorted(os.sched_getaffinity(0)),
     }
     if all(r["reps"] for v in runs.values() for r in v):

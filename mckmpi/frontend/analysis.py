@@ -217,14 +217,18 @@ def study_action(name: str, summary: str) -> Callable:
 
 @command(
     "study",
-    "tables and scaling plots of many runs",
-    """Scaling and noise studies over many run files:
+    "plan, submit and run scaling studies (Slurm or this host); tables and plots of many runs",
+    """Scaling and noise studies: planned, run (one Slurm job per point, or mpiexec on this
+host), then turned into one table and its plots:
 
-  mckmpi study collect results/study -o results/study.h5   (one row per run: app, mode,
-                                                          nodes, ranks, size, times,
-                                                          speedup, efficiency)
-  mckmpi study plot results/study.h5 --plots results/plots  (speedup and parallel
-                                                          efficiency per mode)""",
+  mckmpi study plan --app stencil --nodes 1,2,4 --ranks-per-node 8 --scaling strong
+                                    (job scripts and manifest in results/study-stencil-strong)
+  mckmpi study submit results/study-stencil-strong     (sbatch every point; job ids recorded)
+  mckmpi study status results/study-stencil-strong     (state, exit code, log of each job)
+  mckmpi study run results/study-stencil-strong        (a --local plan, here via mpiexec)
+  mckmpi study collect results/study-stencil-strong -o study.h5  (one row per run: app,
+                                    mode, nodes, ranks, size, times, speedup, efficiency)
+  mckmpi study plot study.h5 --plots results/plots     (speedup, efficiency per mode)""",
 )
 def _build_study(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", metavar="ACTION")

@@ -36,10 +36,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         raise UsageError(f"unknown benchmark {args.name!r} (known: {', '.join(_benchmarks())})")
     module = importlib.import_module(f"mckmpi.bench.{args.name}")
     result = module.run(Path(args.out), quick=args.quick)
-    width = max((len(k) for k in result), default=0)
+    # the scalars, also those one level down ("stencil.ratio"); lists stay in the file
+    shown = {k: v for k, v in result.items() if isinstance(v, (int, float, str, bool))}
     for key, value in result.items():
-        if isinstance(value, (int, float, str, bool)):
-            shown = f"{value:.4g}" if isinstance(value, float) else value
-            print(f"{key.ljust(width)}  {shown}")
+        if isinstance(value, dict):
+            shown.update({f"{key}.{k}": v for k, v in value.items()
+                          if isinstance(v, (int, float, str, bool))})
+    width = max((len(k) for k in shown), default=0)
+    for key, value in shown.items():
+        print(f"{key.ljust(width)}  {f'{value:.4g}' if isinstance(value, float) else value}")
     print(f"written: {Path(args.out) / f'bench-{args.name}.json'}")
     return 0
