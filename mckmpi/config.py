@@ -276,6 +276,11 @@ OFFLOAD = option(
     help="offload I/O system calls to the node's Linux proxy (seccomp user notification): "
          "auto = io in lwk mode, none in linux mode",
 )
+OFFLOAD_PROXY = option(
+    name="offload_proxy", section="offload", default="", metavar="SOCKET",
+    help="attach to a proxy started by hand (`mckmpi proxy --socket SOCKET`, e.g. one srun "
+         "task per node) instead of starting one per node",
+)
 OFFLOAD_INCLUDE = option(
     name="offload_include", section="offload", default="", metavar="PREFIXES",
     help="comma-separated path prefixes that are offloaded even under an excluded prefix",

