@@ -1,8 +1,9 @@
-"""`mckmpi proxy`: run a node proxy by hand (e.g. one task per node under srun)."""
+"""`mckmpi proxy`: a node's offload proxy (spawned by `mckmpi run`, or started by hand)."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from mckmpi.frontend.registry import command
 
@@ -18,14 +19,29 @@ that name its socket with --offload-proxy, and exits once --expect ranks came an
   srun --ntasks-per-node=4 mckmpi run --mode lwk \\
        --offload-proxy /tmp/mckmpi-$SLURM_JOB_ID/proxy.sock -- apps/checkpoint.py""")
 def _build_proxy(p: argparse.ArgumentParser) -> None:
-    from mckmpi.offload.proxy import add_arguments
-
-    add_arguments(p)
-    p.set_defaults(parser=p)
+    p.add_argument("--socket", required=True,
+                   help="Unix socket path; its directory is created private (0700) when missing "
+                        "and must be private otherwise")
+    p.add_argument("--cpus", default="", help="CPUs to run on, e.g. 0,1 (the Linux cores)")
+    p.add_argument("--expect", type=int, default=None,
+                   help="ranks that will register; the proxy exits once they all left")
+    p.add_argument("--parent-pid", type=int, default=None, help="exit with it if no rank is left")
+    p.add_argument("--records-dir", default=None,
+                   help="save the records of ranks that never detached here (.npy per rank)")
+    p.add_argument("--idle-timeout", type=float, default=60.0,
+                   help="exit when no rank is served for this many seconds before all "
+                        "--expect ranks came [60]")
+    p.add_argument("--remove-dir", action="store_true", help="remove the socket's directory at exit")
+    p.add_argument("--spin-us", type=float, default=0.0,
+                   help="poll this long for a rank's next call before sleeping [0]")
 
 
 @_build_proxy.run
 def _cmd_proxy(args: argparse.Namespace) -> int:
-    from mckmpi.offload.proxy import run
+    from mckmpi.offload.proxy import prepare_run_dir, serve
 
-    return run(args.parser, args)
+    created = prepare_run_dir(Path(args.socket).parent)  # private, created when missing
+    return serve(args.socket, cpus=[int(c) for c in args.cpus.split(",") if c] or None,
+                 expected=args.expect, parent_pid=args.parent_pid, records_dir=args.records_dir,
+                 idle_timeout=args.idle_timeout, remove_dir=args.remove_dir or created,
+                 spin_us=args.spin_us)

@@ -1,8 +1,7 @@
 """The node proxy: a Linux-side process that executes the I/O system calls of its ranks.
 
-One proxy per (virtual) node, started by the node's local rank 0 with `start_node_proxy`
-(or run as `python -m mckmpi.offload.proxy --socket PATH ...`, which is what
-`start_node_proxy` does and what `mckmpi proxy` calls through `main`).
+One proxy per (virtual) node, started by the node's local rank 0 with `start_node_proxy`,
+which runs `mckmpi proxy --socket PATH ...` (the command a user runs to start one by hand).
 
 Threads: the main thread owns the Unix socket (registration, detach, channels) and the
 lifetimes; every registered rank gets one serving thread that blocks in
@@ -24,7 +23,6 @@ watching the spawner's pidfd plus the listeners' POLLHUP gives "no orphan" witho
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import gc
 import os
@@ -429,43 +427,6 @@ def serve(socket_path: str | Path, *, cpus: list[int] | None = None, expected: i
     return server.run()
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The proxy's options (`mckmpi proxy` and `python -m mckmpi.offload.proxy`)."""
-    p.add_argument("--socket", required=True,
-                   help="Unix socket path; its directory is created private (0700) when missing "
-                        "and must be private otherwise")
-    p.add_argument("--cpus", default="", help="CPUs to run on, e.g. 0,1 (the Linux cores)")
-    p.add_argument("--expect", type=int, default=None,
-                   help="ranks that will register; the proxy exits once they all left")
-    p.add_argument("--parent-pid", type=int, default=None, help="exit with it if no rank is left")
-    p.add_argument("--records-dir", default=None,
-                   help="save the records of ranks that never detached here (.npy per rank)")
-    p.add_argument("--idle-timeout", type=float, default=60.0,
-                   help="exit if no rank registered within this many seconds [60]")
-    p.add_argument("--remove-dir", action="store_true", help="remove the socket's directory at exit")
-    p.add_argument("--spin-us", type=float, default=0.0,
-                   help="poll this long for a rank's next call before sleeping [0]")
-
-
-def run(p: argparse.ArgumentParser, a: argparse.Namespace) -> int:
-    """Serve as the parsed options `a` say; a bad directory is a usage error of `p`."""
-    cpus = [int(c) for c in a.cpus.split(",") if c]
-    try:
-        created = prepare_run_dir(Path(a.socket).parent)  # private, created when missing
-    except OffloadError as e:
-        p.error(str(e))
-    return serve(a.socket, cpus=cpus or None, expected=a.expect, parent_pid=a.parent_pid,
-                 records_dir=a.records_dir, idle_timeout=a.idle_timeout,
-                 remove_dir=a.remove_dir or created, spin_us=a.spin_us)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m mckmpi.offload.proxy` (what `start_node_proxy` spawns)."""
-    p = argparse.ArgumentParser(prog="mckmpi proxy", description=__doc__.split("\n\n")[0])
-    add_arguments(p)
-    return run(p, p.parse_args(argv))
-
-
 class ProxyHandle:
     """The node proxy as seen by the rank that started it.
 
@@ -540,7 +501,7 @@ def start_node_proxy(run_dir: Path, cpus: list[int], *, expected: int | None = N
     path = socket_path(run_dir)
     if path.exists():
         raise OffloadError(f"a proxy socket already exists at {path}")
-    cmd = [sys.executable, "-m", "mckmpi.offload.proxy", "--socket", str(path),
+    cmd = [sys.executable, "-m", "mckmpi", "proxy", "--socket", str(path),
            "--parent-pid", str(os.getpid()), "--idle-timeout", str(idle_timeout)]
     if cpus:
         cmd += ["--cpus", ",".join(map(str, cpus))]
@@ -625,11 +586,3 @@ def wait_for_socket(path: str | Path, timeout: float, handle: ProxyHandle | None
         if time.monotonic() > deadline:
             raise OffloadError(f"no offload proxy listening at {path} after {timeout:g} s")
         time.sleep(0.005)
-
-
-if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except OffloadError as e:
-        print(f"mckmpi proxy: error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
