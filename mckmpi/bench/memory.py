@@ -218,14 +218,14 @@ def _timed_loop(ops: int, seed: int, alloc: Callable[[int], int],
 
 
 def _allocator_latency(ops: int) -> dict[str, Any]:
-    """Timed as an LWK rank runs: pinned to the last CPU, SCHED_FIFO when permitted (the
-    other CPUs play the Linux cores), so the tail shows the allocator, not the neighbours."""
+    """Timed as an LWK rank runs by default: pinned to the last CPU (the other CPUs play the
+    Linux cores), SCHED_OTHER (under SCHED_FIFO, RT throttling would put a 50 ms hole into
+    every second whenever another task waits for that CPU; see `mckmpi bench noise`)."""
     heap = Allocator(8 * GiB, capacity=65536)  # POOL live blocks of <= 1 MiB always fit
     cpus = sorted(os.sched_getaffinity(0))
     with QuietState() as quiet:
         if len(cpus) > 1:
             os.sched_setaffinity(0, cpus[-1:])
-            quiet.set_fifo(1, cpus[:-1])
         try:
             _, _, warmup = _timed_loop(ops // 10, 0, heap.alloc, heap.free)
             lat, kinds, counters = _timed_loop(ops, 1, heap.alloc, heap.free)

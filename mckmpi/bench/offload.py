@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import os
 import platform
@@ -69,7 +70,8 @@ def _build_floor(src: Path, tmp: Path) -> tuple[Path | None, str]:
                        timeout=120, check=False)
     if r.returncode != 0:
         return None, f"cc -O2 failed: {r.stderr.strip()[-300:]}"
-    return exe, f"{cc} -O2 -o notif-floor {src}"
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()[:16]
+    return exe, f"{Path(cc).name} -O2 -o notif-floor {src.name} (sha256 {digest}...)"
 
 
 def _run_floor(exe: Path, n: int, path: str, cpu: int | None) -> dict[str, float]:

@@ -1,0 +1,50 @@
+"""The main job: `mckmpi demo` (small sizes), and the layout it picks for a host."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from conftest import mckmpi
+from mckmpi.demo import layout
+from mckmpi.errors import UsageError
+
+
+def test_layout_keeps_a_linux_core_and_oversubscribes_only_the_stencil():
+    jobs = {(j.app, j.mode): j for j in layout(2, 100, 1.0)}
+    assert jobs[("fwq", "linux")].ranks == 2 and jobs[("fwq", "lwk")].ranks == 1
+    assert jobs[("detour", "lwk")].ranks == 1 and not jobs[("detour", "lwk")].oversubscribe
+    assert jobs[("stencil", "lwk")].ranks == 2 and jobs[("stencil", "lwk")].oversubscribe
+    big = {(j.app, j.mode): j for j in layout(8, 100, 1.0)}
+    assert big[("fwq", "lwk")].ranks == 7 and big[("stencil", "lwk")].ranks == 8
+    with pytest.raises(UsageError, match="at least 2 CPUs"):
+        layout(1, 100, 1.0)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the demo needs 2 CPUs")
+def test_demo_runs_compares_and_leaves_nothing_behind(tmp_path):
+    out = tmp_path / "demo"
+    proc = mckmpi("demo", "--out", str(out), "--samples", "300", "--detour-s", "0.5", timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "=== summary" in proc.stdout and "linux (A) vs lwk (B)" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert [h["app"] for h in summary["headlines"]] == ["fwq", "detour", "stencil"]
+    assert all(h["linux"] > 0 and h["lwk"] > 0 for h in summary["headlines"])
+    for app in ("fwq", "detour", "stencil"):
+        for mode in ("linux", "lwk"):
+            assert (out / f"{app}-{mode}.h5").is_file()
+        assert list((out / app).glob("*.png"))
+    left = [p for p in os.listdir("/proc") if p.isdigit() and _cmdline(p).startswith(
+        ("python -m mckmpi.noise", "python -m mckmpi proxy"))]
+    assert left == []
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            parts = f.read().split(b"\0")
+    except OSError:
+        return ""
+    return " ".join(["python", *(p.decode() for p in parts[1:4])]).strip()
