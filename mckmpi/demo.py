@@ -5,8 +5,9 @@ background noise: a daemon-like process with periodic CPU bursts and small file 
 In linux mode the noise may run anywhere, as daemons do on an untuned node, and ranks use
 every core; in lwk mode it is confined to the Linux cores, as Linux services are on a
 McKernel node, and the noise benchmarks run one rank per LWK core. Each pair of runs is
-compared, plots go to the output directory, and the headline numbers with their goals to
-`summary.json` there.
+compared, plots go to the output directory, and every compared metric (FWQ excess p50 ..
+max and noise fraction, detours, stencil iteration times) with the headline numbers and
+their goals to `summary.json` there.
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ def demo(out: str, samples: int = 3000, detour_s: float = 3.0) -> int:
 
     summary: dict[str, object] = {"cpus": len(host.cpus), "linux_cpus": list(linux_cpus),
                                   "noise": NOISE, "jobs": [job.__dict__ for job in jobs],
-                                  "headlines": []}
+                                  "headlines": [], "comparisons": {}}
     for app in dict.fromkeys(job.app for job in jobs):
         with open_run(files[(app, "linux")]) as ra, open_run(files[(app, "lwk")]) as rb:
             a, b = summarize(ra), summarize(rb)
@@ -130,7 +131,11 @@ def demo(out: str, samples: int = 3000, detour_s: float = 3.0) -> int:
         print(compare.text(a, b))
         plots = compare_plots(a, b, compare.labels(a, b), out_dir / app)
         print("plots: " + ", ".join(str(p) for p in plots))
-        for m in compare.metrics(a, b):
+        metrics = compare.metrics(a, b)
+        summary["comparisons"][app] = [  # type: ignore[index]
+            {"metric": f"{m.section} {m.name}", "unit": m.unit, "linux": m.a, "lwk": m.b}
+            for m in metrics]
+        for m in metrics:
             if (m.section, m.name) in GOALS:
                 goal = GOALS[(m.section, m.name)]
                 factor = m.a / m.b if m.b else math.inf

@@ -30,9 +30,11 @@ LAYOUTS = {
     "2": (2, ()),
     "4-oversubscribed": (4, ("--oversubscribe",)),
     "vnodes2": (2, ("--vnodes", "2")),
-    # lwk mode: arena, scheduler and offloaded I/O (--vnodes 2 needs 4 CPUs in lwk mode)
+    # lwk mode: arena, scheduler and offloaded I/O, one proxy per (virtual) node; on a 2-CPU
+    # host two virtual nodes have a CPU each, shared by the rank and its node's proxy
     "lwk-1": (1, ("--mode", "lwk", "--mem", "64M")),
     "lwk-4-oversubscribed": (4, ("--mode", "lwk", "--mem", "64M", "--oversubscribe")),
+    "lwk-vnodes2": (2, ("--mode", "lwk", "--mem", "64M", "--vnodes", "2", "--oversubscribe")),
 }
 
 

@@ -21,6 +21,7 @@ STENCIL = {
     "vnodes2": ["--scaling", "strong", "--size", "64x32", "--iterations", "40"],
     "lwk-1": ["--local", "32x32", "--iterations", "30"],
     "lwk-4-oversubscribed": ["--scaling", "strong", "--size", "32x32", "--iterations", "30"],
+    "lwk-vnodes2": ["--ndim", "3", "--local", "10", "--iterations", "20"],
 }
 CG = {
     "1": ["--local", "12"],
@@ -29,6 +30,7 @@ CG = {
     "vnodes2": ["--scaling", "strong", "--size", "16x24x20"],
     "lwk-1": ["--local", "10"],
     "lwk-4-oversubscribed": ["--scaling", "strong", "--size", "16"],
+    "lwk-vnodes2": ["--local", "10"],
 }
 
 

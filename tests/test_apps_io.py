@@ -36,7 +36,8 @@ def test_allreduce_latency_table(layout, tmp_path):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_checkpoint_reads_back_and_restarts(layout, tmp_path):
     n, every, elements = 12, 4, 30_000
-    mode = ["--async"] if layout in ("4-oversubscribed", "vnodes2", "lwk-4-oversubscribed") else []
+    mode = ["--async"] if layout in ("4-oversubscribed", "vnodes2", "lwk-4-oversubscribed",
+                                    "lwk-vnodes2") else []
     ckpt_dir = tmp_path / "ckpt"
     _, out = run_app(tmp_path, layout, "checkpoint", "--elements", str(elements), "--iterations",
                      str(n), "--every", str(every), "--dir", str(ckpt_dir), *mode)

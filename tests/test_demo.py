@@ -32,6 +32,10 @@ def test_demo_runs_compares_and_leaves_nothing_behind(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert [h["app"] for h in summary["headlines"]] == ["fwq", "detour", "stencil"]
     assert all(h["linux"] > 0 and h["lwk"] > 0 for h in summary["headlines"])
+    fwq = {c["metric"] for c in summary["comparisons"]["fwq"]}
+    assert {"FWQ excess p50, median rank", "FWQ excess p99.9, worst rank",
+            "FWQ noise fraction, mean of ranks"} <= fwq
+    assert "app iteration p50 (slowest rank)" in {c["metric"] for c in summary["comparisons"]["stencil"]}
     for app in ("fwq", "detour", "stencil"):
         for mode in ("linux", "lwk"):
             assert (out / f"{app}-{mode}.h5").is_file()
