@@ -144,6 +144,8 @@ class Emulator(PathCalls, DataCalls):
         preadv, pwrite, write = os.preadv, os.pwrite, os.write
         idbuf = self._idbuf
         pack_id = Q.pack_into
+        add = records.add
+        resp, pack_resp = self._resp, NOTIF_RESP.pack_into
         while not self.closing:
             buf[:] = NOTIF_ZERO
             if self.spin_ns:
@@ -188,10 +190,17 @@ class Emulator(PathCalls, DataCalls):
                             res = -e.errno
                         t1 = now()
                         if res >= 0:
-                            records.add(t0, t1, res, res, tid, fd, 0, nr, emulated)
+                            add(t0, t1, res, res, tid, fd, 0, nr, emulated)
+                            pack_resp(resp, 0, nid, res, 0, 0)
                         else:
-                            records.add(t0, t1, 0, -1, tid, fd, -res, nr, emulated)
-                        self._send(nid, res, nr)
+                            add(t0, t1, 0, -1, tid, fd, -res, nr, emulated)
+                            pack_resp(resp, 0, nid, 0, res, 0)
+                        try:  # the answer, as _send gives it
+                            ioctl(lfd, IOCTL_NOTIF_SEND, resp)
+                        except OSError as e:
+                            if e.errno != errno.ENOENT:
+                                self.log(f"rank {self.rank}: answering "
+                                         f"{syscalls.name_of(nr)}: {e}")
                         continue
             handler = handlers[nr] if 0 <= nr < 512 else None
             if self.passthrough or handler is None:
