@@ -5,12 +5,24 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 APPS = ROOT / "apps"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """Under `mpiexec ... pytest --with-mpi` every rank is a pytest session: each gets its own
+    base temporary directory, or their clean-ups of old numbered directories race."""
+    if config.getoption("with_mpi", default=False) and config.option.basetemp is None:
+        from mpi4py import MPI
+
+        rank = MPI.COMM_WORLD.Get_rank()
+        config.option.basetemp = str(Path(tempfile.gettempdir()) / f"pytest-mckmpi-mpi-rank{rank}")
 
 
 def job_env(**extra: str) -> dict[str, str]:
