@@ -18,16 +18,21 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from mckmpi.errors import UsageError
 from mckmpi.launchers import command, root_env
 
+if TYPE_CHECKING:
+    from mckmpi.noise import NoiseSource
+
 APPS = Path(__file__).resolve().parent.parent / "apps"
 
 #: The background noise: 2 ms of CPU every 10 ms and a 4 KiB write (DESIGN 1.2).
-NOISE = {"period_ms": 10.0, "burst_ms": 2.0, "write_bytes": 4096}
+NOISE: dict[str, float] = {"period_ms": 10.0, "burst_ms": 2.0, "write_bytes": 4096}
 
 #: (section, metric) of the comparison -> the goal factor by which lwk must be lower.
 GOALS = {
@@ -43,6 +48,14 @@ def app_path(name: str) -> Path:
     if not path.is_file():
         raise UsageError(f"app {name} not found at {path}: run from a source checkout")
     return path
+
+
+def demo_noise(cpus: Sequence[int] | None) -> NoiseSource:
+    """Start the demo's background noise on `cpus` (None: anywhere, as a daemon would)."""
+    from mckmpi.noise import start_noise
+
+    return start_noise(cpus, period_ms=NOISE["period_ms"], burst_ms=NOISE["burst_ms"],
+                       write_bytes=int(NOISE["write_bytes"]))
 
 
 def launch(nranks: int, run_args: list[str], app: list[str], *, oversubscribe: bool = False,
@@ -86,7 +99,6 @@ def demo(out: str, samples: int = 3000, detour_s: float = 3.0) -> int:
     from mckmpi.analysis import compare
     from mckmpi.analysis.plots import compare_plots
     from mckmpi.analysis.summary import summarize
-    from mckmpi.noise import start_noise
     from mckmpi.partition import plan_node, read_host
     from mckmpi.trace.reader import open_run
 
@@ -111,7 +123,7 @@ def demo(out: str, samples: int = 3000, detour_s: float = 3.0) -> int:
         run_args = ["--mode", job.mode, "--out", str(path)]
         if job.oversubscribe:
             run_args.append("--oversubscribe")
-        with start_noise(None if job.mode == "linux" else linux_cpus, **NOISE):
+        with demo_noise(None if job.mode == "linux" else linux_cpus):
             proc = launch(job.ranks, run_args, [str(app_path(job.app)), *job.args],
                           oversubscribe=job.oversubscribe, quiet=True)
         if proc.returncode != 0:
@@ -121,9 +133,8 @@ def demo(out: str, samples: int = 3000, detour_s: float = 3.0) -> int:
             return proc.returncode
         files[(job.app, job.mode)] = path
 
-    summary: dict[str, object] = {"cpus": len(host.cpus), "linux_cpus": list(linux_cpus),
-                                  "noise": NOISE, "jobs": [job.__dict__ for job in jobs],
-                                  "headlines": [], "comparisons": {}}
+    headlines: list[dict[str, Any]] = []
+    comparisons: dict[str, list[dict[str, Any]]] = {}
     for app in dict.fromkeys(job.app for job in jobs):
         with open_run(files[(app, "linux")]) as ra, open_run(files[(app, "lwk")]) as rb:
             a, b = summarize(ra), summarize(rb)
@@ -132,26 +143,29 @@ def demo(out: str, samples: int = 3000, detour_s: float = 3.0) -> int:
         plots = compare_plots(a, b, compare.labels(a, b), out_dir / app)
         print("plots: " + ", ".join(str(p) for p in plots))
         metrics = compare.metrics(a, b)
-        summary["comparisons"][app] = [  # type: ignore[index]
+        comparisons[app] = [
             {"metric": f"{m.section} {m.name}", "unit": m.unit, "linux": m.a, "lwk": m.b}
             for m in metrics]
         for m in metrics:
             if (m.section, m.name) in GOALS:
                 goal = GOALS[(m.section, m.name)]
                 factor = m.a / m.b if m.b else math.inf
-                summary["headlines"].append({  # type: ignore[union-attr]
+                headlines.append({
                     "app": app, "metric": f"{m.section} {m.name}", "unit": m.unit,
                     "linux": m.a, "lwk": m.b, "linux_over_lwk": factor,
                     "goal_linux_over_lwk": goal, "goal_met": None if goal is None else factor >= goal,
                 })
     print(f"\n=== summary ({time.monotonic() - started:.0f} s) " + "=" * 40)
-    for h in summary["headlines"]:  # type: ignore[union-attr]
-        goal = "" if h["goal_linux_over_lwk"] is None else \
+    for h in headlines:
+        verdict = "" if h["goal_linux_over_lwk"] is None else \
             f"  goal >= {h['goal_linux_over_lwk']:g}x: {'met' if h['goal_met'] else 'NOT met'}"
         print(f"{h['app']:8} {h['metric']:40} linux {h['linux']:10.4g}  lwk {h['lwk']:10.4g} "
-              f"{h['unit']:3}  linux/lwk {h['linux_over_lwk']:7.3g}{goal}")
+              f"{h['unit']:3}  linux/lwk {h['linux_over_lwk']:7.3g}{verdict}")
+    summary = {"cpus": len(host.cpus), "linux_cpus": list(linux_cpus), "noise": NOISE,
+               "jobs": [job.__dict__ for job in jobs], "headlines": headlines,
+               "comparisons": comparisons}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    if any(h["goal_met"] is False for h in summary["headlines"]):  # type: ignore[union-attr]
+    if any(h["goal_met"] is False for h in headlines):
         print("a goal not met: `mckmpi bench noise` measures what an LWK core of this host "
               "suffers with no noise source at all, the floor of any linux/lwk ratio here")
     print(f"written: {out_dir / 'summary.json'}, run files and plots in {out_dir}{os.sep}")

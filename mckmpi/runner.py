@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import runpy
 import shutil
+import struct
 import subprocess
 import sys
 import threading
@@ -36,12 +37,15 @@ import numpy as np
 from mckmpi.config import Settings
 from mckmpi.context import Context, set_context
 from mckmpi.errors import PartitionError, UsageError
+from mckmpi.offload.policy import Policy
 from mckmpi.partition import NodePlan, node_facts, plan_node, read_host
 from mckmpi.placement import Placement, from_env, verify, with_vnodes
 from mckmpi.trace.schema import RANKS_DTYPE
 from mckmpi.trace.tracer import Tracer
 from mckmpi.utility.units import format_cpulist
 
+
+SHT_DYNAMIC, DT_NEEDED = 6, 1  # ELF: the dynamic section; its "needs this library" entry
 
 #: How long a rank other than 0 that exits with an error waits before aborting the job.
 ABORT_GRACE_S = 0.5
@@ -88,11 +92,40 @@ def resolve_app(argv: list[str], module: str | None) -> App:
 
 
 def links_mpi(path: Path) -> bool:
-    """Whether an executable is an MPI program: its dynamic section names libmpi (a
-    statically linked MPI program is not recognised)."""
+    """Whether an executable is an MPI program: a library it needs is libmpi (a statically
+    linked MPI program is not recognised)."""
+    return any(name.startswith("libmpi") for name in needed_libraries(path))
+
+
+def needed_libraries(path: Path) -> list[str]:
+    """The DT_NEEDED entries of a 64-bit ELF file's dynamic section ([] for anything else),
+    read from its section headers without reading the whole file."""
     with open(path, "rb") as fh:
-        head = fh.read(4)
-        return head == b"\x7fELF" and b"libmpi" in fh.read()
+        header = fh.read(64)
+        if len(header) < 64 or header[:4] != b"\x7fELF" or header[4] != 2:
+            return []
+        order = "<" if header[5] == 1 else ">"
+        (shoff,) = struct.unpack_from(order + "Q", header, 0x28)
+        shentsize, shnum = struct.unpack_from(order + "HH", header, 0x3A)
+        fh.seek(shoff)
+        table = fh.read(shentsize * shnum)
+        if shentsize < 64 or len(table) < shentsize * shnum:
+            return []
+        # Elf64_Shdr: name, type, flags, addr, offset, size, link, info, addralign, entsize
+        sections = [struct.unpack_from(order + "IIQQQQIIQQ", table, i * shentsize)
+                    for i in range(shnum)]
+
+        def read(section: tuple[int, ...]) -> bytes:
+            fh.seek(section[4])
+            return fh.read(section[5])
+
+        for section in sections:
+            if section[1] == SHT_DYNAMIC and section[6] < shnum:
+                strings, dynamic = read(sections[section[6]]), read(section)
+                entries = struct.iter_unpack(order + "qQ", dynamic[:len(dynamic) // 16 * 16])
+                return [strings[value:strings.find(b"\0", value)].decode(errors="replace")
+                        for tag, value in entries if tag == DT_NEEDED and value < len(strings)]
+    return []
 
 
 def _is_python_script(path: Path) -> bool:
@@ -152,6 +185,9 @@ def run(settings: Settings, app: App, argv: list[str]) -> int:
         pin(plan, placement.local_rank)
         os.execv(app.target, [app.target, *app.args])
 
+    from mckmpi.offload.session import policy_of
+
+    policy = policy_of(settings)  # a bad prefix is a usage error before MPI, on every rank
     if plan.oversubscribed:
         # Ranks that share a core must not busy-poll while they wait for each other: Open MPI
         # yields when it knows it is oversubscribed, but it cannot see mckmpi's pinning.
@@ -161,7 +197,7 @@ def run(settings: Settings, app: App, argv: list[str]) -> int:
 
     world = MPI.COMM_WORLD
     try:
-        return _run_in_mpi(settings, app, argv, placement, plan, world)
+        return _run_in_mpi(settings, app, argv, placement, plan, policy, world)
     except UsageError as exc:
         if placement.local_rank == 0:
             print(f"mckmpi: error: {exc}", file=sys.stderr, flush=True)
@@ -175,7 +211,7 @@ def run(settings: Settings, app: App, argv: list[str]) -> int:
 
 
 def _run_in_mpi(settings: Settings, app: App, argv: list[str], placement: Placement,
-                plan: NodePlan, world: Any) -> int:
+                plan: NodePlan, policy: Policy, world: Any) -> int:
     from mckmpi.offload import session as offload
     from mckmpi.trace.clock import measure_offsets
 
@@ -186,7 +222,7 @@ def _run_in_mpi(settings: Settings, app: App, argv: list[str], placement: Placem
             f"ranks of node {placement.node} computed different partition plans "
             f"({'; '.join(sorted({p.describe() for p in plans}))}): their cpusets differ"
         )
-    offloaded = offload.start(settings, placement, plan, node_comm, world)
+    offloaded = offload.start(settings, policy, placement, plan, node_comm, world)
     if settings.cpuset:
         from mckmpi.cpuset import attach, load
 

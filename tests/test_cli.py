@@ -26,6 +26,9 @@ def _one_clear_line(proc):
     (["partition", "show", "--ranks", "0"], "at least 1"),
     (["partition", "show", "--vnodes", "0"], "at least 1"),
     (["report", "/nonexistent.h5"], "no such run file"),
+    (["run", "--mode", "lwk", "--offload-include", "rel/path", "--", "/bin/true"], "absolute path"),
+    (["run", "--mode", "lwk", "--offload-include", "/proc/self", "--", "/bin/true"], "/proc"),
+    (["proxy", "--socket", "/nonexistent/dir/proxy.sock"], "does not exist"),
 ])
 def test_user_errors(args, match):
     line = _one_clear_line(mckmpi(*args, timeout=30))

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import os
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_offload_support import (
     NAMES,
+    NEEDS_OFFLOAD,
     NOBODY,
     fork,
     nobody_proxy,
@@ -19,10 +19,9 @@ from test_offload_support import (
     tree,
 )
 
-from mckmpi.offload import proxy, seccomp, syscalls
+from mckmpi.offload import proxy, syscalls
 
-pytestmark = pytest.mark.skipif(not seccomp.probe()["offload_ok"],
-                                reason="kernel lacks seccomp user notification with ADDFD")
+pytestmark = NEEDS_OFFLOAD
 
 O = os
 FLAGS = [

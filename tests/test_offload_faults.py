@@ -10,14 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
-from test_offload_support import NOBODY, attach, fork, nobody_proxy, proxy_fds, scratch
+from test_offload_support import NEEDS_OFFLOAD, NOBODY, attach, fork, nobody_proxy, proxy_fds, scratch
 
-from mckmpi.offload import client, protocol, proxy, seccomp
+from mckmpi.offload import client, protocol, proxy
 from mckmpi.offload.errors import OffloadError
 from mckmpi.offload.syscalls import FD_BASE
 
-pytestmark = pytest.mark.skipif(not seccomp.probe()["offload_ok"],
-                                reason="kernel lacks seccomp user notification with ADDFD")
+pytestmark = NEEDS_OFFLOAD
 
 MiB = 1 << 20
 

@@ -9,13 +9,10 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from conftest import job_env
+from test_offload_support import NEEDS_OFFLOAD
 
-from mckmpi.offload import seccomp
-
-pytestmark = pytest.mark.skipif(not seccomp.probe()["offload_ok"],
-                                reason="kernel lacks seccomp user notification with ADDFD")
+pytestmark = NEEDS_OFFLOAD
 
 RANK = """
 import json, os, signal, sys, time

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 from test_offload_support import (
+    NEEDS_OFFLOAD,
     attach,
     fork,
     io_counters,
@@ -22,12 +22,11 @@ from test_offload_support import (
 )
 
 from mckmpi.lwk.memory import Arena
-from mckmpi.offload import accounting, proxy, seccomp, syscalls
+from mckmpi.offload import accounting, proxy, syscalls
 from mckmpi.offload.policy import Policy
 from mckmpi.offload.syscalls import FD_BASE
 
-pytestmark = pytest.mark.skipif(not seccomp.probe()["offload_ok"],
-                                reason="kernel lacks seccomp user notification with ADDFD")
+pytestmark = NEEDS_OFFLOAD
 
 MiB = 1 << 20
 

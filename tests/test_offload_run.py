@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 
 from conftest import job_env, mpirun
+from test_offload_support import NEEDS_OFFLOAD
+
+pytestmark = NEEDS_OFFLOAD
 
 APP = """
 import numpy as np, mckmpi
@@ -38,7 +41,7 @@ def test_offloaded_io_is_traced(tmp_path, mode, args, offloaded):
     out = tmp_path / "run.h5"
     proc = mpirun(2, "run", "--mode", mode, *args, "--out", str(out), "--", str(app), timeout=90)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count(f"True") == (2 if offloaded else 0)
+    assert proc.stdout.count("True") == (2 if offloaded else 0)
     for r in range(2):
         assert (np.load(tmp_path / f"data-{r}.npy") == r).all()
         with h5py.File(tmp_path / f"data-{r}.h5") as f:

@@ -7,8 +7,6 @@ import time
 from pathlib import Path
 
 import h5py
-import numpy as np
-import pytest
 
 from conftest import APPS, job_env, mckmpi, mpirun
 from mckmpi import runner

@@ -31,9 +31,8 @@ from typing import Any
 
 from mckmpi.analysis import noise as noise_stats
 from mckmpi.bench.report import launch_env
-from mckmpi.demo import NOISE, app_path
+from mckmpi.demo import NOISE, app_path, demo_noise
 from mckmpi.launchers import command
-from mckmpi.noise import start_noise
 from mckmpi.partition import plan_node, read_host
 from mckmpi.trace.reader import open_run
 
@@ -72,8 +71,8 @@ def run(out_dir: pathlib.Path, quick: bool = False) -> dict:
     linux, lwk = list(plan.linux_cpus), list(plan.rank(0).cpus)
     placements: dict[str, Callable[[], Any]] = {
         "quiet": lambda: None,
-        "noise-on-linux-cores": lambda: start_noise(linux, **NOISE),
-        "noise-on-lwk-core": lambda: start_noise(lwk, **NOISE),
+        "noise-on-linux-cores": lambda: demo_noise(linux),
+        "noise-on-lwk-core": lambda: demo_noise(lwk),
         "quiet-fifo": lambda: None,
     }
     out_dir.mkdir(parents=True, exist_ok=True)

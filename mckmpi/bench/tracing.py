@@ -35,37 +35,31 @@ _MEDIAN = re.compile(r"median\s+(\d+)\s*ns")
 _REPS = re.compile(r"\((\d+)\s+(?:reps\b|x\s)")
 
 
-def _fwq(traced: bool, samples: int, quantum_us: float, out: pathlib.Path) -> dict:
-    fwq = [str(app_path("fwq")), "--samples", str(samples), "--quantum-us", str(quantum_us)]
+def _job(app: str, args: list[str], traced: bool, out: pathlib.Path) -> str:
+    """Run apps/APP.py as a RANKS-rank job, under `mckmpi run --mode linux` or bare; its
+    standard output."""
+    cmd = [str(app_path(app)), *args]
     if traced:
-        job = [
-            sys.executable,
-            "-m",
-            "mckmpi",
-            "run",
-            "--mode",
-            "linux",
-            "--out",
-            str(out),
-            "--",
-            *fwq,
-        ]
-    else:
-        job = [sys.executable, *fwq]
-    proc = subprocess.run(
-        command("mpiexec", RANKS, job),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=launch_env(),
-    )
+        cmd = ["-m", "mckmpi", "run", "--mode", "linux", "--out", str(out), "--", *cmd]
+    proc = subprocess.run(command("mpiexec", RANKS, [sys.executable, *cmd]), capture_output=True,
+                          text=True, timeout=600, env=launch_env())
     if proc.returncode != 0:
-        raise RuntimeError(f"fwq ({'traced' if traced else 'bare'}) failed:\n{proc.stderr[-2000:]}")
-    median = _MEDIAN.search(proc.stdout)
-    if median is None:
-        raise RuntimeError(f"no 'median N ns' in the output of apps/fwq.py:\n{proc.stdout[-1000:]}")
-    reps = _REPS.search(proc.stdout)
-    result = {"median_ns": int(median.group(1)), "reps": int(reps.group(1)) if reps else None}
+        raise RuntimeError(f"{app} ({'traced' if traced else 'bare'}) failed:\n{proc.stderr[-2000:]}")
+    return proc.stdout
+
+
+def _found(pattern: re.Pattern[str], app: str, stdout: str) -> re.Match[str]:
+    found = pattern.search(stdout)
+    if found is None:
+        raise RuntimeError(f"no {pattern.pattern!r} in the output of apps/{app}.py:\n{stdout[-1000:]}")
+    return found
+
+
+def _fwq(traced: bool, samples: int, quantum_us: float, out: pathlib.Path) -> dict:
+    stdout = _job("fwq", ["--samples", str(samples), "--quantum-us", str(quantum_us)], traced, out)
+    reps = _REPS.search(stdout)
+    result = {"median_ns": int(_found(_MEDIAN, "fwq", stdout).group(1)),
+              "reps": int(reps.group(1)) if reps else None}
     if traced:
         with open_run(out) as run:
             shape = run["noise/fwq_ns"].shape
@@ -80,17 +74,7 @@ STENCIL = ("--local", "256x256", "--iterations", "300", "--scaling", "weak")
 
 def _stencil(traced: bool, out: pathlib.Path) -> float:
     """Rank 0's median iteration time (ns) of one stencil job, from its summary line."""
-    app = [str(app_path("stencil")), *STENCIL]
-    job = ([sys.executable, "-m", "mckmpi", "run", "--mode", "linux", "--out", str(out), "--", *app]
-           if traced else [sys.executable, *app])
-    proc = subprocess.run(command("mpiexec", RANKS, job), capture_output=True, text=True,
-                          timeout=600, env=launch_env())
-    if proc.returncode != 0:
-        raise RuntimeError(f"stencil ({'traced' if traced else 'bare'}) failed:\n{proc.stderr[-2000:]}")
-    found = _ITER.search(proc.stdout)
-    if found is None:
-        raise RuntimeError(f"no 'median iteration X ms' in the stencil's output:\n{proc.stdout[-1000:]}")
-    return float(found.group(1)) * 1e6
+    return float(_found(_ITER, "stencil", _job("stencil", list(STENCIL), traced, out)).group(1)) * 1e6
 
 
 def _ratio(traced: list[float], bare: list[float]) -> float:
@@ -98,7 +82,7 @@ def _ratio(traced: list[float], bare: list[float]) -> float:
 
 
 def run(out_dir: pathlib.Path, quick: bool = False) -> dict:
-    """Alternate traced and bare FWQ jobs; write bench-tracing.json."""
+    """Alternate traced and bare FWQ and stencil jobs; write bench-tracing.json."""
     rounds = 2 if quick else 5
     samples = 500 if quick else 3000
     quantum_us = 1000.0

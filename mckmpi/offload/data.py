@@ -50,10 +50,11 @@ class DataCalls(_Base):
     def _file(self, nid: int, tid: int, fd: int) -> tuple[Proc, int] | None:
         """(process, proxy descriptor) for an offloaded fd we emulate, else None."""
         proc = self.tids.get(tid) or self._proc(nid, tid)
-        entry = proc.fds.get(fd & 0xFFFFFFFF) or self._entry(proc, fd)
+        fd &= 0xFFFFFFFF
+        entry = self._entry(proc, fd)
         if entry is None or not entry[1]:
             return None
-        self._fd = fd & 0xFFFFFFFF
+        self._fd = fd
         return proc, entry[0]
 
     def _write_from(self, proc: Proc, nid: int, pfd: int, addr: int, count: int,
@@ -139,47 +140,31 @@ class DataCalls(_Base):
             return -e.errno
         return 0
 
-    # read/write/pread64/pwrite64 are the hot path: the descriptor lookup is written out
+    # (the commonest call, a small write, is answered inline by `Emulator.serve`)
 
     def _sys_read(self, nid, tid, a0, a1, a2, a3, a4, a5):
-        proc = self.tids.get(tid) or self._proc(nid, tid)
-        fd = a0 & 0xFFFFFFFF
-        entry = proc.fds.get(fd) or self._entry(proc, fd)
-        if entry is None or not entry[1]:
-            return CONTINUE
-        self._fd = fd
-        return self._read_to(proc, nid, entry[0], a1, a2, None)
+        f = self._file(nid, tid, a0)
+        return CONTINUE if f is None else self._read_to(f[0], nid, f[1], a1, a2, None)
 
     def _sys_write(self, nid, tid, a0, a1, a2, a3, a4, a5):
-        proc = self.tids.get(tid) or self._proc(nid, tid)
-        fd = a0 & 0xFFFFFFFF
-        entry = proc.fds.get(fd) or self._entry(proc, fd)
-        if entry is None or not entry[1]:
-            return CONTINUE
-        self._fd = fd
-        return self._write_from(proc, nid, entry[0], a1, a2, None)
+        f = self._file(nid, tid, a0)
+        return CONTINUE if f is None else self._write_from(f[0], nid, f[1], a1, a2, None)
 
     def _sys_pread64(self, nid, tid, a0, a1, a2, a3, a4, a5):
-        proc = self.tids.get(tid) or self._proc(nid, tid)
-        fd = a0 & 0xFFFFFFFF
-        entry = proc.fds.get(fd) or self._entry(proc, fd)
-        if entry is None or not entry[1]:
+        f = self._file(nid, tid, a0)
+        if f is None:
             return CONTINUE
-        self._fd = fd
         if a3 >> 63:  # a negative position: checked first by the kernel, too
             return -errno.EINVAL
-        return self._read_to(proc, nid, entry[0], a1, a2, a3)
+        return self._read_to(f[0], nid, f[1], a1, a2, a3)
 
     def _sys_pwrite64(self, nid, tid, a0, a1, a2, a3, a4, a5):
-        proc = self.tids.get(tid) or self._proc(nid, tid)
-        fd = a0 & 0xFFFFFFFF
-        entry = proc.fds.get(fd) or self._entry(proc, fd)
-        if entry is None or not entry[1]:
+        f = self._file(nid, tid, a0)
+        if f is None:
             return CONTINUE
-        self._fd = fd
         if a3 >> 63:
             return -errno.EINVAL
-        return self._write_from(proc, nid, entry[0], a1, a2, a3)
+        return self._write_from(f[0], nid, f[1], a1, a2, a3)
 
     def _vector(self, nid, tid, fd, iov, vlen, off, write: bool) -> int:
         f = self._file(nid, tid, fd)

@@ -89,14 +89,14 @@ class OffloadRun:
         tracer.scalar("offload", "zero_copy", bool(self.session.zero_copy))
 
 
-def start(settings: Settings, placement: Placement, plan: NodePlan, node_comm: Any,
-          world: Any) -> OffloadRun | None:
+def start(settings: Settings, policy: Policy, placement: Placement, plan: NodePlan,
+          node_comm: Any, world: Any) -> OffloadRun | None:
     """Start the node's proxy on its Linux cores (node-local rank 0); None when off.
 
     Called right after MPI init, before the rank enters an LWK cpuset or changes its
     scheduling: the proxy is a Linux process and must not inherit either, nor the filter.
+    `policy` is `policy_of(settings)`, found before MPI init.
     """
-    policy = policy_of(settings)
     if not policy.active:
         return None
     seccomp.require()
