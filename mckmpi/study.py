@@ -17,8 +17,8 @@ A study directory::
 
 What a point needs beyond the request is decided here, shown by `plan` and recorded in the
 manifest: `--oversubscribe` when its ranks outnumber the cores of their side, the
-specialised cores (Slurm core specialisation) as the Linux cores of lwk jobs, and the
-ordinary scheduling policy for lwk ranks when several Slurm nodes share one host.
+specialised cores (Slurm core specialisation) as the Linux cores of lwk jobs; and a note
+when `--rank-policy fifo` is asked for on Slurm nodes that share one host.
 """
 
 from __future__ import annotations
