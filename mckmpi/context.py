@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from mckmpi.partition import NodePlan, RankPlan
-from mckmpi.placement import Placement, from_env
+from mckmpi.node.partition import NodePlan, RankPlan
+from mckmpi.node.placement import Placement, from_env
 from mckmpi.trace.tracer import Tracer
 
 

@@ -27,7 +27,7 @@ from mckmpi.errors import UsageError
 from mckmpi.launchers import command, root_env
 
 if TYPE_CHECKING:
-    from mckmpi.noise import NoiseSource
+    from mckmpi.background import NoiseSource
 
 APPS = Path(__file__).resolve().parent.parent / "apps"
 
@@ -52,7 +52,7 @@ def app_path(name: str) -> Path:
 
 def demo_noise(cpus: Sequence[int] | None) -> NoiseSource:
     """Start the demo's background noise on `cpus` (None: anywhere, as a daemon would)."""
-    from mckmpi.noise import start_noise
+    from mckmpi.background import start_noise
 
     return start_noise(cpus, period_ms=NOISE["period_ms"], burst_ms=NOISE["burst_ms"],
                        write_bytes=int(NOISE["write_bytes"]))
@@ -99,7 +99,8 @@ def demo(out: str, samples: int = 3000, detour_s: float = 3.0) -> int:
     from mckmpi.analysis import compare
     from mckmpi.analysis.plots import compare_plots
     from mckmpi.analysis.summary import summarize
-    from mckmpi.partition import plan_node, read_host
+    from mckmpi.node.partition import plan_node
+    from mckmpi.node.host import read_host
     from mckmpi.trace.reader import open_run
 
     out_dir = Path(out)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 import mckmpi
+from mckmpi.node.host import cgroup_version, hugepage_settings, read_host
 
 
 def versions() -> dict[str, str]:
@@ -38,27 +39,6 @@ def versions() -> dict[str, str]:
         "kernel": platform.release(),
         "machine": platform.machine(),
     }
-
-
-def cgroup_version() -> str:
-    if Path("/sys/fs/cgroup/cgroup.controllers").is_file():
-        return "v2"
-    if Path("/sys/fs/cgroup/cpuset").is_dir():
-        hybrid = Path("/sys/fs/cgroup/unified/cgroup.controllers").is_file()
-        return "v1 (hybrid, v2 at /sys/fs/cgroup/unified)" if hybrid else "v1"
-    return "none found"
-
-
-def hugepages() -> dict[str, str]:
-    out = {}
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("HugePages_Total", "HugePages_Free", "Hugepagesize"):
-            out[key] = value.strip()
-    for name in ("enabled", "shmem_enabled"):
-        p = Path("/sys/kernel/mm/transparent_hugepage") / name
-        out[f"thp_{name}"] = p.read_text().strip() if p.is_file() else "absent"
-    return out
 
 
 def limits() -> dict[str, str]:
@@ -89,7 +69,6 @@ def seccomp() -> dict[str, Any]:
 
 def gather() -> dict[str, dict[str, Any]]:
     """Everything `mckmpi info` shows, by section."""
-    from mckmpi.partition import read_host
     from mckmpi.utility.units import format_cpulist, format_size
 
     host = read_host()
@@ -104,7 +83,7 @@ def gather() -> dict[str, dict[str, Any]]:
             "cgroup": cgroup_version(),
             "python": sys.executable,
         },
-        "hugepages": hugepages(),
+        "hugepages": hugepage_settings(),
         "limits": limits(),
         "seccomp": seccomp(),
     }

@@ -21,117 +21,32 @@ from __future__ import annotations
 
 import os
 import runpy
-import shutil
-import struct
 import subprocess
 import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mckmpi.app import App
 from mckmpi.config import Settings
 from mckmpi.context import Context, set_context
 from mckmpi.errors import PartitionError, UsageError
 from mckmpi.offload.policy import Policy
-from mckmpi.partition import NodePlan, node_facts, plan_node, read_host
-from mckmpi.placement import Placement, from_env, verify, with_vnodes
+from mckmpi.node.partition import NodePlan, node_facts, plan_node
+from mckmpi.node.host import read_host
+from mckmpi.node.placement import Placement, from_env, verify, with_vnodes
 from mckmpi.trace.schema import RANKS_DTYPE
 from mckmpi.trace.tracer import Tracer
 from mckmpi.utility.units import format_cpulist
 
 
-SHT_DYNAMIC, DT_NEEDED = 6, 1  # ELF: the dynamic section; its "needs this library" entry
-
 #: How long a rank other than 0 that exits with an error waits before aborting the job.
 ABORT_GRACE_S = 0.5
-
-
-@dataclass(frozen=True)
-class App:
-    """What to run: a Python file, a Python module (-m), an MPI executable or any other
-    executable."""
-
-    kind: str  # "file" | "module" | "mpi-binary" | "binary"
-    target: str
-    args: tuple[str, ...]
-
-    @property
-    def name(self) -> str:
-        return Path(self.target).stem if self.kind != "module" else self.target.rsplit(".", 1)[-1]
-
-
-def resolve_app(argv: list[str], module: str | None) -> App:
-    """Classify the command after ``--``; a missing file is a user error, found before MPI."""
-    if module:
-        return App("module", module, tuple(argv))
-    if not argv:
-        raise UsageError("nothing to run: give an app after --, e.g. mckmpi run -- apps/fwq.py")
-    target, args = argv[0], tuple(argv[1:])
-    path = Path(target)
-    if path.suffix == ".py":
-        if not path.is_file():
-            raise UsageError(f"app not found: {target}")
-        return App("file", str(path), args)
-    if "/" not in target:
-        found = shutil.which(target)
-        if found is None:
-            raise UsageError(f"app not found on PATH: {target}")
-        path = Path(found)
-    if not path.is_file():
-        raise UsageError(f"app not found: {target}")
-    if _is_python_script(path):
-        return App("file", str(path), args)
-    if not os.access(path, os.X_OK):
-        raise UsageError(f"app is not executable: {target}")
-    return App("mpi-binary" if links_mpi(path) else "binary", str(path), args)
-
-
-def links_mpi(path: Path) -> bool:
-    """Whether an executable is an MPI program: a library it needs is libmpi (a statically
-    linked MPI program is not recognised)."""
-    return any(name.startswith("libmpi") for name in needed_libraries(path))
-
-
-def needed_libraries(path: Path) -> list[str]:
-    """The DT_NEEDED entries of a 64-bit ELF file's dynamic section ([] for anything else),
-    read from its section headers without reading the whole file."""
-    with open(path, "rb") as fh:
-        header = fh.read(64)
-        if len(header) < 64 or header[:4] != b"\x7fELF" or header[4] != 2:
-            return []
-        order = "<" if header[5] == 1 else ">"
-        (shoff,) = struct.unpack_from(order + "Q", header, 0x28)
-        shentsize, shnum = struct.unpack_from(order + "HH", header, 0x3A)
-        fh.seek(shoff)
-        table = fh.read(shentsize * shnum)
-        if shentsize < 64 or len(table) < shentsize * shnum:
-            return []
-        # Elf64_Shdr: name, type, flags, addr, offset, size, link, info, addralign, entsize
-        sections = [struct.unpack_from(order + "IIQQQQIIQQ", table, i * shentsize)
-                    for i in range(shnum)]
-
-        def read(section: tuple[int, ...]) -> bytes:
-            fh.seek(section[4])
-            return fh.read(section[5])
-
-        for section in sections:
-            if section[1] == SHT_DYNAMIC and section[6] < shnum:
-                strings, dynamic = read(sections[section[6]]), read(section)
-                entries = struct.iter_unpack(order + "qQ", dynamic[:len(dynamic) // 16 * 16])
-                return [strings[value:strings.find(b"\0", value)].decode(errors="replace")
-                        for tag, value in entries if tag == DT_NEEDED and value < len(strings)]
-    return []
-
-
-def _is_python_script(path: Path) -> bool:
-    with open(path, "rb") as fh:
-        first = fh.readline(256)
-    return first.startswith(b"#!") and b"python" in first
 
 
 def announces_errors() -> bool:
@@ -151,7 +66,7 @@ def vnode_plan(settings: Settings, vnode: int, nranks: int) -> NodePlan:
     if settings.cpuset:
         if settings.mode != "lwk":
             raise UsageError("--cpuset reserves an LWK side: use it with --mode lwk")
-        from mckmpi.cpuset import load
+        from mckmpi.node.cpuset import load
 
         r = load(settings.cpuset)
         host = replace(host, cpus=tuple(sorted(set(r.linux_cpus) | set(r.lwk_cpus))))
@@ -224,7 +139,7 @@ def _run_in_mpi(settings: Settings, app: App, argv: list[str], placement: Placem
         )
     offloaded = offload.start(settings, policy, placement, plan, node_comm, world)
     if settings.cpuset:
-        from mckmpi.cpuset import attach, load
+        from mckmpi.node.cpuset import attach, load
 
         reservation = load(settings.cpuset)
         attach(reservation, "lwk", os.getpid())

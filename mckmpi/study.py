@@ -42,7 +42,8 @@ from typing import Any
 from mckmpi import config, slurm
 from mckmpi.errors import PartitionError, UsageError
 from mckmpi.launchers import command, root_env
-from mckmpi.partition import NodeFacts, core_spec_linux_cores, node_facts, plan_node, read_host
+from mckmpi.node.partition import core_spec_linux_cores, node_facts, plan_node
+from mckmpi.node.host import NodeFacts, read_host
 from mckmpi.utility.units import format_cpulist, parse_cpulist
 
 SCHEMA = "mckmpi.study-plan"

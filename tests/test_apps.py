@@ -113,9 +113,9 @@ def test_help_is_printed_once():
 DRIVER = """\
 import os, runpy, sys
 from mckmpi.context import Context, set_context
-from mckmpi.lwk.memory import Arena
+from mckmpi.lwk.arena import Arena
 from mckmpi.lwk.scheduler import Scheduler
-from mckmpi.placement import from_env
+from mckmpi.node.placement import from_env
 from mckmpi.trace.tracer import Tracer
 
 from mpi4py import MPI

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from mckmpi import cpuset
-from mckmpi.cpuset import CgroupFS, Hierarchy
+from mckmpi.node import cpuset
+from mckmpi.node.cpuset import CgroupFS, Hierarchy
 from mckmpi.errors import FeatureUnavailable, PartitionError, UsageError
 from mckmpi.utility.units import format_cpulist, parse_cpulist
 
@@ -527,7 +527,7 @@ from pathlib import Path
 
 args = json.loads(sys.argv[1])
 sys.path.insert(0, args["tests"])
-from mckmpi import cpuset
+from mckmpi.node import cpuset
 from test_cpuset import FakeCgroup2
 
 base = FakeCgroup2 if args["fake"] else cpuset.CgroupFS

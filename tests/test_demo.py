@@ -41,7 +41,7 @@ def test_demo_runs_compares_and_leaves_nothing_behind(tmp_path):
             assert (out / f"{app}-{mode}.h5").is_file()
         assert list((out / app).glob("*.png"))
     left = [p for p in os.listdir("/proc") if p.isdigit() and _cmdline(p).startswith(
-        ("python -m mckmpi.noise", "python -m mckmpi proxy"))]
+        ("python -m mckmpi.background", "python -m mckmpi proxy"))]
     assert left == []
 
 

@@ -17,9 +17,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mckmpi.errors import FeatureUnavailable, UsageError
-from mckmpi.lwk import memory
-from mckmpi.lwk.memory import (ALIGNMENT, Allocator, Arena, ArenaExhausted, bind_memory,
-                               online_nodes)
+from mckmpi.lwk import arena as arena_module
+from mckmpi.lwk.arena import ALIGNMENT, Arena, ArenaExhausted, bind_memory
+from mckmpi.lwk.tlsf import Allocator
+from mckmpi.node.host import online_nodes
 
 MiB = 1 << 20
 
@@ -216,7 +217,7 @@ def test_fallback_to_linux_memory_is_counted():
 @pytest.mark.parametrize("populate", ["MADV_POPULATE_WRITE", "touch"])
 def test_no_page_faults_after_boot_for_a_1_mib_array(populate, monkeypatch):
     if populate == "touch":  # an advice the kernel rejects, as kernels before 5.14 do
-        monkeypatch.setattr(memory, "_MADV_POPULATE_WRITE", 0x7FFF)
+        monkeypatch.setattr(arena_module, "_MADV_POPULATE_WRITE", 0x7FFF)
     with Arena(8 * MiB, lock="never") as arena:  # mlock would populate the pages too
         assert arena.stats()["prefault_method"] == populate
         arena.free(arena.empty(16))  # first use of the code path and the dtype
@@ -237,7 +238,7 @@ def test_no_page_faults_after_boot_for_a_1_mib_array(populate, monkeypatch):
 @pytest.mark.skipif(not shutil.which("strace"), reason="needs strace")
 def test_no_system_calls_on_the_allocation_path(tmp_path):
     child = ("import os\n"
-             "from mckmpi.lwk.memory import Arena\n"
+             "from mckmpi.lwk.arena import Arena\n"
              "arena = Arena(8 << 20)\n"
              "arena.free(arena.empty(16))\n"
              "os.getppid()\n"
@@ -333,7 +334,7 @@ def test_locked_arena_is_counted_by_the_kernel():
 def test_locking_without_permission_falls_back_or_fails_by_policy():
     child = ("import resource\n"
              "from mckmpi.errors import FeatureUnavailable\n"
-             "from mckmpi.lwk.memory import Arena\n"
+             "from mckmpi.lwk.arena import Arena\n"
              "resource.setrlimit(resource.RLIMIT_MEMLOCK, (1 << 20, 1 << 20))\n"
              "with Arena(8 << 20, lock='auto') as a:\n"
              "    print(a.stats()['locked'], a.stats()['lock_reason'])\n"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mckmpi.errors import PlacementError
-from mckmpi.placement import from_env, verify, with_vnodes
+from mckmpi.node.placement import from_env, verify, with_vnodes
 from mckmpi.trace.reader import open_run
 from mckmpi.trace.tracer import Tracer
 from mckmpi.trace.writer import parallel_available, write_run

@@ -21,7 +21,7 @@ from test_offload_support import (
     seccomp_mode,
 )
 
-from mckmpi.lwk.memory import Arena
+from mckmpi.lwk.arena import Arena
 from mckmpi.offload import accounting, proxy, syscalls
 from mckmpi.offload.policy import Policy
 from mckmpi.offload.syscalls import FD_BASE

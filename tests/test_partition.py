@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 
 from mckmpi.errors import PartitionError
-from mckmpi.partition import NodeFacts, cgroup_cpus, plan_node, slurm_step_cpus
+from mckmpi.node.partition import plan_node
+from mckmpi.node.host import NodeFacts, cgroup_cpus, slurm_step_cpus
 
 G = 1024**3
 EIGHT = NodeFacts(cpus=tuple(range(8)), numa={0: (0, 1, 2, 3), 1: (4, 5, 6, 7)}, mem_available=16 * G)

@@ -1,7 +1,7 @@
 import pytest
 
 from mckmpi.errors import PlacementError
-from mckmpi.placement import from_env, with_vnodes
+from mckmpi.node.placement import from_env, with_vnodes
 
 OMPI = {"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "8",
         "OMPI_COMM_WORLD_LOCAL_RANK": "1", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}

@@ -9,7 +9,7 @@ from pathlib import Path
 import h5py
 
 from conftest import APPS, job_env, mckmpi, mpirun
-from mckmpi import runner
+from mckmpi import app as app_module
 from mckmpi.trace.reader import open_run
 from mckmpi.utility.units import format_cpulist
 
@@ -151,8 +151,8 @@ def test_an_mpi_binary_is_the_rank_itself(tmp_path):
     src, exe = tmp_path / "hello.c", tmp_path / "hello"
     src.write_text(MPI_HELLO)
     subprocess.run(["mpicc", "-O1", "-o", str(exe), str(src)], check=True, timeout=60)
-    assert runner.links_mpi(exe) and not runner.links_mpi(Path("/bin/cp"))
-    assert runner.resolve_app([str(exe)], None).kind == "mpi-binary"
+    assert app_module.links_mpi(exe) and not app_module.links_mpi(Path("/bin/cp"))
+    assert app_module.resolve_app([str(exe)], None).kind == "mpi-binary"
     proc = mpirun(2, "run", "--out", str(tmp_path), "--", str(exe))
     assert proc.returncode == 0, proc.stderr
     assert sorted(l for l in proc.stdout.splitlines() if l.startswith("HELLO")) == [

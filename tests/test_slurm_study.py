@@ -21,7 +21,8 @@ import pytest
 
 from conftest import ROOT, job_env
 from mckmpi import slurm, study
-from mckmpi.partition import NodeFacts, core_spec_linux_cores
+from mckmpi.node.partition import core_spec_linux_cores
+from mckmpi.node.host import NodeFacts
 from mckmpi.trace.reader import open_run
 
 SLURM_UP = ROOT / "launch" / "slurm-up"

@@ -34,7 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from mckmpi.lwk.memory import Allocator, Arena
+from mckmpi.lwk.arena import Arena
+from mckmpi.lwk.tlsf import Allocator
 from mckmpi.lwk.quiet import QuietState
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -47,7 +48,7 @@ POOL = 4096  # most live blocks in the allocator latency test
 # Allocates and first-writes every size between two getppid() markers, under strace.
 _STRACED = """
 import os, sys
-from mckmpi.lwk.memory import Arena
+from mckmpi.lwk.arena import Arena
 sizes = [int(arg) for arg in sys.argv[1:]]
 with Arena(max(sizes) + (64 << 20)) as arena:
     arena.free(arena.empty(16))

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from mckmpi.lwk.memory import Arena
+from mckmpi.lwk.arena import Arena
 from mckmpi.offload import accounting, client, proxy, seccomp
 from mckmpi.offload.policy import Policy
 

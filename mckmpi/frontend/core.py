@@ -10,7 +10,8 @@ import sys
 from mckmpi import config
 from mckmpi.errors import UsageError
 from mckmpi.frontend.registry import command
-from mckmpi.partition import node_facts, plan_node, read_host
+from mckmpi.node.partition import node_facts, plan_node
+from mckmpi.node.host import read_host
 
 
 # --- run ------------------------------------------------------------------------------------
@@ -34,7 +35,8 @@ def _build_run(p: argparse.ArgumentParser) -> None:
 
 @_build_run.run
 def _cmd_run(args: argparse.Namespace) -> int:
-    from mckmpi.runner import announces_errors, resolve_app, run
+    from mckmpi.app import resolve_app
+    from mckmpi.runner import announces_errors, run
 
     app_argv = args.app[1:] if args.app[:1] == ["--"] else args.app
     try:
@@ -85,7 +87,7 @@ def _build_partition(p: argparse.ArgumentParser) -> None:
 def _cmd_partition(args: argparse.Namespace) -> int:
     if args.action == "show":
         return _partition_show(args)
-    from mckmpi import cpuset
+    from mckmpi.node import cpuset
 
     if args.action == "reserve":
         s = config.resolve(args, "partition")

@@ -14,11 +14,11 @@ import time
 from dataclasses import dataclass, field
 
 from mckmpi.config import Settings
-from mckmpi.lwk.memory import Arena
+from mckmpi.lwk.arena import Arena
 from mckmpi.lwk import quiet as quiet_module
 from mckmpi.lwk.quiet import QuietState
 from mckmpi.lwk.scheduler import Scheduler
-from mckmpi.partition import NodePlan, RankPlan
+from mckmpi.node.partition import NodePlan, RankPlan
 from mckmpi.trace.tracer import Tracer
 
 FIFO_PRIORITY = 1  # the lowest real-time priority: above every SCHED_OTHER thread, no higher

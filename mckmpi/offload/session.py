@@ -21,8 +21,8 @@ from mckmpi.config import Settings
 from mckmpi.offload import client, proxy, seccomp, syscalls
 from mckmpi.offload.client import EXIT_PROXY_DIED, OffloadSession
 from mckmpi.offload.policy import Policy
-from mckmpi.partition import NodePlan
-from mckmpi.placement import Placement
+from mckmpi.node.partition import NodePlan
+from mckmpi.node.placement import Placement
 from mckmpi.trace.tracer import Tracer
 
 #: How long a rank waits for a proxy started by hand (--offload-proxy) to listen.

@@ -11,7 +11,7 @@ It never outlives its starter: it is the starter's child in its own session (ter
 signals do not reach it), it asks the kernel for SIGTERM when its parent dies
 (PR_SET_PDEATHSIG) and checks its parent on every period as well, the starter stops it at
 exit, and on SIGTERM it removes its file before leaving. Run standalone with
-``python -m mckmpi.noise --cpus 0 --period-ms 10 --burst-ms 2`` (until SIGTERM or Ctrl-C).
+``python -m mckmpi.background --cpus 0 --period-ms 10 --burst-ms 2`` (until SIGTERM or Ctrl-C).
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def start_noise(cpus: Iterable[int] | None, period_ms: float = 10.0, burst_ms: f
     to the thread that started the child.
     """
     chosen = _check(cpus, period_ms, burst_ms, write_bytes)
-    cmd = [sys.executable, "-m", "mckmpi.noise", "--period-ms", repr(period_ms),
+    cmd = [sys.executable, "-m", "mckmpi.background", "--period-ms", repr(period_ms),
            "--burst-ms", repr(burst_ms), "--write-bytes", str(write_bytes),
            "--parent", str(os.getpid())]
     if chosen is not None:
@@ -233,7 +233,7 @@ def run(cpus: tuple[int, ...] | None, period_ms: float, burst_ms: float, write_b
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mckmpi.noise", description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(prog="python -m mckmpi.background", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cpus", default=None, help="CPU list to confine the noise to [anywhere]")
     p.add_argument("--period-ms", type=float, default=10.0, help="period of the bursts [10]")

@@ -3,8 +3,8 @@
 IHK "reserves" CPUs and memory for the LWK and "assigns" them to it; mckmpi computes the
 same split in user space. The plan is a pure function of facts passed in (the node's CPUs,
 NUMA layout, available memory, rank count, options), so every rank of a node computes the
-same plan without talking, and tests need neither MPI nor root. `read_host` gathers the
-facts of the running host.
+same plan without talking, and tests need neither MPI nor root. `mckmpi.node.host.read_host`
+gathers the facts of the running host.
 
 Why the node's CPUs come from the cpuset and not from this process's affinity: launchers bind
 each rank to its own core (Open MPI binds to core by default, srun --cpu-bind likewise), so the
@@ -15,43 +15,12 @@ step's binding masks (SLURM_CPU_BIND_LIST) narrows it to the step's CPUs.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 from mckmpi.errors import PartitionError
-from mckmpi.utility.units import format_cpulist, format_size, parse_cpulist, parse_cpumask
-
-
-@dataclass(frozen=True)
-class NodeFacts:
-    """What the plan is computed from: the node's usable CPUs, NUMA layout and memory."""
-
-    cpus: tuple[int, ...]
-    numa: Mapping[int, tuple[int, ...]] = field(default_factory=dict)
-    mem_available: int = 0
-
-    def numa_of(self, cpu: int) -> int:
-        for node, cpus in self.numa.items():
-            if cpu in cpus:
-                return node
-        return 0
-
-    def split(self, k: int) -> list[NodeFacts]:
-        """K virtual nodes: contiguous CPU slices (NUMA nodes stay together when they can)
-        and an equal share of memory each."""
-        n = len(self.cpus)
-        if k > n:
-            raise PartitionError(f"--vnodes {k} needs at least {k} CPUs; this host allows {n}")
-        return [
-            NodeFacts(
-                cpus=self.cpus[v * n // k:(v + 1) * n // k],
-                numa=self.numa,
-                mem_available=self.mem_available // k,
-            )
-            for v in range(k)
-        ]
+from mckmpi.node.host import NodeFacts
+from mckmpi.utility.units import format_cpulist, format_size, parse_cpulist
 
 
 @dataclass(frozen=True)
@@ -210,81 +179,6 @@ def _check_known(facts: NodeFacts, cpus: tuple[int, ...], what: str) -> None:
             f"{what} names CPU {format_cpulist(unknown)}, not allowed on this node "
             f"(allowed: {format_cpulist(facts.cpus)})"
         )
-
-
-# --- facts of the running host -------------------------------------------------------------
-
-
-def cgroup_cpus(proc: Path = Path("/proc/self"), sysfs: Path = Path("/sys/fs/cgroup")) -> tuple[int, ...] | None:
-    """The effective cpuset of this process's cgroup (v2 unified or v1 cpuset controller)."""
-    try:
-        lines = (proc / "cgroup").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        hier, controllers, path = line.split(":", 2)
-        if hier == "0" and controllers == "":
-            candidates = [sysfs / path.lstrip("/"), sysfs / "unified" / path.lstrip("/")]
-            names = ("cpuset.cpus.effective",)
-        elif "cpuset" in controllers.split(","):
-            candidates = [sysfs / "cpuset" / path.lstrip("/")]
-            names = ("cpuset.effective_cpus", "cpuset.cpus")
-        else:
-            continue
-        for directory in candidates:
-            # Walk up: a child cgroup without the file inherits its parent's set.
-            d = directory
-            while True:
-                for name in names:
-                    f = d / name
-                    if f.is_file():
-                        text = f.read_text().strip()
-                        if text:
-                            return parse_cpulist(text)
-                if d == sysfs or d.parent == d:
-                    break
-                d = d.parent
-    return None
-
-
-def slurm_step_cpus(env: Mapping[str, str]) -> tuple[int, ...] | None:
-    """CPUs of this node's tasks of a Slurm step: the union of SLURM_CPU_BIND_LIST masks."""
-    masks = env.get("SLURM_CPU_BIND_LIST")
-    if not masks or "mask" not in env.get("SLURM_CPU_BIND_TYPE", "mask"):
-        return None
-    cpus: set[int] = set()
-    for m in masks.split(","):
-        if m.strip():
-            cpus.update(parse_cpumask(m.strip()))
-    return tuple(sorted(cpus)) or None
-
-
-def numa_layout(sysfs: Path = Path("/sys/devices/system/node")) -> dict[int, tuple[int, ...]]:
-    """NUMA node -> CPUs from sysfs; a machine without the directory is one node."""
-    layout = {}
-    for d in sorted(sysfs.glob("node[0-9]*")):
-        try:
-            layout[int(d.name[4:])] = parse_cpulist((d / "cpulist").read_text().strip())
-        except OSError:
-            continue
-    return layout
-
-
-def mem_available(meminfo: Path = Path("/proc/meminfo")) -> int:
-    """MemAvailable in bytes: what can be reserved without pushing the node into reclaim."""
-    for line in meminfo.read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def read_host(env: Mapping[str, str] = os.environ) -> NodeFacts:
-    """The facts of this host as a job step sees them."""
-    cpus = cgroup_cpus() or tuple(sorted(os.sched_getaffinity(0)))
-    step = slurm_step_cpus(env)
-    if step:
-        cpus = tuple(c for c in cpus if c in step) or step
-    return NodeFacts(cpus=cpus, numa=numa_layout(), mem_available=mem_available())
 
 
 def node_facts(host: NodeFacts, vnodes: int, vnode: int) -> NodeFacts:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from mckmpi.errors import UsageError
-from mckmpi.noise import start_noise
+from mckmpi.background import start_noise
 
 
 def _gone(pid: int, within: float) -> bool:
@@ -68,7 +68,7 @@ def test_unconfined_noise_keeps_the_starters_cpus():
 
 
 def test_dies_with_a_starter_that_is_killed(tmp_path):
-    code = ("import sys, time\nfrom mckmpi.noise import start_noise\n"
+    code = ("import sys, time\nfrom mckmpi.background import start_noise\n"
             f"n = start_noise(None, 10, 1, 64, directory={str(tmp_path)!r})\n"
             "print(n.pid, n.path, flush=True)\ntime.sleep(60)\n")
     with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) as starter:
