@@ -137,7 +137,7 @@ class Checkpointer:
         self.pending = self.pending_iter = -1
         self.channel = None
         if mode in ("thread", "scheduler"):
-            from mckmpi.lwk.scheduler import WorkerPool
+            from mckmpi.lwk.workers import WorkerPool
 
             self.pool = WorkerPool([min(os.sched_getaffinity(0))])
         if mode == "channel":

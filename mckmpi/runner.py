@@ -164,9 +164,9 @@ def _run_in_mpi(settings: Settings, app: App, argv: list[str], placement: Placem
                   node_plan=plan, comm=world)
     runtime = None
     if settings.mode == "lwk":
-        from mckmpi.lwk.runtime import boot
+        from mckmpi.lwk.runtime import LwkOptions, boot
 
-        runtime = boot(settings, plan, rp)
+        runtime = boot(LwkOptions.of(settings), plan, rp)
         ctx.mem, ctx.scheduler = runtime.arena, runtime.scheduler
     if offloaded is not None:
         ctx.offload = offloaded.attach(placement, node_comm, world,

@@ -9,8 +9,9 @@ import time
 import pytest
 
 from mckmpi.errors import PartitionError
-from mckmpi.lwk.scheduler import (DeadlockError, Event, Scheduler, WorkerPool,
-                                  current_task, join, sleep_until, yield_)
+from mckmpi.lwk.scheduler import (DeadlockError, Event, Scheduler, current_task, join,
+                                  sleep_until, yield_)
+from mckmpi.lwk.workers import WorkerPool
 
 
 def test_three_tasks_interleave_round_robin() -> None:

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
-from mckmpi.config import Settings
 from mckmpi.lwk.arena import Arena
 from mckmpi.lwk import quiet as quiet_module
 from mckmpi.lwk.quiet import QuietState
@@ -22,6 +22,23 @@ from mckmpi.node.partition import NodePlan, RankPlan
 from mckmpi.trace.tracer import Tracer
 
 FIFO_PRIORITY = 1  # the lowest real-time priority: above every SCHED_OTHER thread, no higher
+
+
+@dataclass(frozen=True)
+class LwkOptions:
+    """The LWK settings of a rank, typed; declared (defaults, help) in `mckmpi.config`."""
+
+    hugepages: str        # auto | never | require
+    memlock: str          # auto | never | require
+    mem_fallback: str     # error | linux
+    switch_interval: float  # seconds, sys.setswitchinterval while the app runs
+    rank_policy: str      # other | fifo
+    oversubscribe: bool   # asked for by the user: ranks may share cores
+
+    @classmethod
+    def of(cls, settings: Any) -> LwkOptions:
+        """The LWK part of resolved `mckmpi run` settings."""
+        return cls(**{f.name: getattr(settings, f.name) for f in fields(cls)})
 
 
 def _thread_usage() -> dict[str, int]:
@@ -63,19 +80,19 @@ class LwkRuntime:
         self.quiet.restore()
 
 
-def boot(settings: Settings, plan: NodePlan, rank: RankPlan) -> LwkRuntime:
+def boot(options: LwkOptions, plan: NodePlan, rank: RankPlan) -> LwkRuntime:
     """Create this rank's arena, quiet the interpreter and set up the scheduler."""
     t0 = time.monotonic_ns()
-    arena = Arena(rank.mem, hugepages=settings.hugepages, lock=settings.memlock,
-                  numa_node=rank.numa_node, fallback=settings.mem_fallback)
+    arena = Arena(rank.mem, hugepages=options.hugepages, lock=options.memlock,
+                  numa_node=rank.numa_node, fallback=options.mem_fallback)
     quiet = quiet_module.state  # the state `mckmpi.lwk.safepoint()` reports to
     quiet.freeze_gc()
-    quiet.raise_switch_interval(settings.switch_interval)
-    if settings.rank_policy == "fifo" and (plan.oversubscribed or settings.oversubscribe):
+    quiet.raise_switch_interval(options.switch_interval)
+    if options.rank_policy == "fifo" and (plan.oversubscribed or options.oversubscribe):
         # Also when only asked for: nodes sharing a host (virtual or several slurmd) may put
         # their ranks on the same core, which one node's plan cannot see.
         quiet.policy_reason = "not requested: ranks may share cores (oversubscribe), FIFO would starve them"
-    elif settings.rank_policy == "fifo":
+    elif options.rank_policy == "fifo":
         quiet.set_fifo(FIFO_PRIORITY, plan.linux_cpus)
     else:
         quiet.policy_reason = "SCHED_OTHER requested"

@@ -1,0 +1,47 @@
+"""Running an app's measured phases: collective verification, per-phase records in the
+run file, and the phase loop under the LWK scheduler when there is one."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+
+class VerificationError(RuntimeError):
+    """The app's numerical result is wrong: a failed run, not a usage error."""
+
+
+def verify_all(comm: Any, ok: bool, message: str) -> None:
+    """Raise on every rank if the check failed on any (so no rank waits for another)."""
+    from mpi4py import MPI
+
+    if not comm.allreduce(bool(ok), op=MPI.LAND):
+        raise VerificationError(message)
+
+
+def record_phases(tracer: Any, n: int, iter_ns: np.ndarray, compute_ns: np.ndarray,
+                  comm_ns: np.ndarray) -> None:
+    """The per-iteration times every mini-app records ([iterations] int64 ns per rank)."""
+    tracer.array("app", "iter_ns", iter_ns[:n], units="ns")
+    tracer.array("app", "compute_ns", compute_ns[:n], units="ns")
+    tracer.array("app", "comm_ns", comm_ns[:n], units="ns")
+
+
+def run_phases(ctx: Any, fn: Callable[[], Any]) -> Any:
+    """Run the app's measured phases as a task of the rank's scheduler when it has one.
+
+    In lwk mode this is where the cooperative scheduler takes over the rank's thread; in
+    linux mode and bare the phases simply run.
+    """
+    sched = ctx.scheduler
+    if sched is None:
+        return fn()
+    from mckmpi.lwk.scheduler import current_task
+
+    try:
+        current_task()
+    except RuntimeError:
+        return sched.run(fn)
+    return fn()  # already inside a task of the scheduler
