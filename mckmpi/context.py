@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from mckmpi.node.partition import NodePlan, RankPlan
+from mckmpi.node.partition import NodePlan
 from mckmpi.node.placement import Placement, from_env
 from mckmpi.trace.tracer import Tracer
 
@@ -54,10 +54,6 @@ class Context:
     node_plan: NodePlan | None = None
     comm: Any = None  # MPI.COMM_WORLD once initialised
     offload: Any = None  # the rank's OffloadSession when I/O is offloaded (its .channel())
-
-    @property
-    def rank_plan(self) -> RankPlan | None:
-        return None if self.node_plan is None else self.node_plan.rank(self.placement.local_rank)
 
 
 _current: Context | None = None

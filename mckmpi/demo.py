@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 APPS = Path(__file__).resolve().parent.parent / "apps"
 
-#: The background noise: 2 ms of CPU every 10 ms and a 4 KiB write (DESIGN 1.2).
+#: The background noise: 2 ms of CPU every 10 ms and a 4 KiB write (README, the demo study).
 NOISE: dict[str, float] = {"period_ms": 10.0, "burst_ms": 2.0, "write_bytes": 4096}
 
 #: (section, metric) of the comparison -> the goal factor by which lwk must be lower.

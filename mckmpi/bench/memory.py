@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import array
 import gc
-import json
 import os
 import platform
 import random
@@ -34,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from mckmpi.bench import write_result
 from mckmpi.lwk.arena import Arena
 from mckmpi.lwk.tlsf import Allocator
 from mckmpi.lwk.quiet import QuietState
@@ -336,7 +336,5 @@ def run(out_dir: Path, quick: bool = False) -> dict:
         "fixed_work_ops_over_50us": latency["fixed_work_baseline"]["over_goal"],
         "latency_goal_met": latency["goal_met"],
     })
-    with open(out_dir / "bench-memory.json", "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
+    write_result(out_dir, "memory", result)
     return result

@@ -18,7 +18,6 @@ bounds any linux/lwk ratio this host can show.
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import shutil
@@ -29,6 +28,7 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
+from mckmpi.bench import write_result
 from mckmpi.analysis import noise as noise_stats
 from mckmpi.bench.report import launch_env
 from mckmpi.demo import NOISE, app_path, demo_noise
@@ -115,5 +115,5 @@ def run(out_dir: pathlib.Path, quick: bool = False) -> dict:
         "rounds_data": results,
         "cpus": sorted(os.sched_getaffinity(0)),
     }
-    (out_dir / "bench-noise.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_result(out_dir, "noise", result)
     return result

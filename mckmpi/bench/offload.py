@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import json
 import os
 import platform
 import shutil
@@ -38,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from mckmpi.bench import write_result
 from mckmpi.lwk.arena import Arena
 from mckmpi.offload import accounting, client, proxy, seccomp
 from mckmpi.offload.policy import Policy
@@ -372,6 +372,5 @@ def run(out_dir: Path, quick: bool = False) -> dict:
         "bulk_arena_over_native": part["bulk_1mib"]["ratio_arena_over_native"],
         "channel_compute_loss": part["channel"]["loss_channel"],
     })
-    with open(out_dir / "bench-offload.json", "w") as f:
-        json.dump(result, f, indent=2)
+    write_result(out_dir, "offload", result)
     return result

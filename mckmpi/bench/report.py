@@ -28,6 +28,7 @@ import time
 
 import numpy as np
 
+from mckmpi.bench import write_result
 from mckmpi.launchers import command
 
 RANKS = 4
@@ -192,7 +193,7 @@ def run(out_dir: pathlib.Path, quick: bool = False) -> dict:
         "files": files,
         "cpus": sorted(os.sched_getaffinity(0)),
     }
-    (out_dir / "bench-report.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_result(out_dir, "report", result)
     return result
 
 

@@ -11,7 +11,6 @@ in the same run and interleaved with it so machine drift hits all variants alike
 from __future__ import annotations
 
 import gc
-import json
 import os
 import pathlib
 import platform
@@ -22,6 +21,7 @@ from typing import Callable, Iterator
 
 import greenlet
 
+from mckmpi.bench import write_result
 from mckmpi.lwk.scheduler import Scheduler, yield_
 
 
@@ -121,5 +121,5 @@ def run(out_dir: pathlib.Path, quick: bool = False) -> dict:
         "cpus": sorted(os.sched_getaffinity(0)),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "bench-scheduler.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_result(out_dir, "scheduler", result)
     return result

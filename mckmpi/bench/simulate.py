@@ -25,6 +25,7 @@ import time
 
 import numpy as np
 
+from mckmpi.bench import write_result
 from mckmpi.analysis import simulate
 from mckmpi.bench.report import generate, launch_env
 from mckmpi.trace.reader import open_run
@@ -114,5 +115,5 @@ def run(out_dir: pathlib.Path, quick: bool = False) -> dict:
         "predictions": predictions,
         "cpus": sorted(os.sched_getaffinity(0)),
     }
-    (out_dir / "bench-simulate.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_result(out_dir, "simulate", result)
     return result

@@ -15,7 +15,6 @@ per-iteration time on rank 0 under `mckmpi run --mode linux` against bare. Goal:
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import re
@@ -25,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 
+from mckmpi.bench import write_result
 from mckmpi.bench.report import launch_env
 from mckmpi.demo import app_path
 from mckmpi.launchers import command
@@ -137,5 +137,5 @@ def run(out_dir: pathlib.Path, quick: bool = False) -> dict:
         result["traced_median_ns_per_rep"] = statistics.median(per_rep["traced"])
         result["bare_median_ns_per_rep"] = statistics.median(per_rep["bare"])
         result["ratio_traced_vs_bare_per_rep"] = _ratio(per_rep["traced"], per_rep["bare"])
-    (out_dir / "bench-tracing.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_result(out_dir, "tracing", result)
     return result

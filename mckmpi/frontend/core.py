@@ -26,7 +26,9 @@ rank with your launcher:
   mckmpi run -- apps/fwq.py            (one rank, no launcher)
 
 Python files and -m modules run in-process (an unhandled exception aborts the whole job);
-other executables are exec'd after pinning. One HDF5 run file per job goes to --out.""")
+other executables run as the rank's child (pinned, offloaded, traced; a failure aborts the
+job), and an MPI executable is the rank itself, exec'd after pinning. One HDF5 run file per
+job goes to --out.""")
 def _build_run(p: argparse.ArgumentParser) -> None:
     config.add_arguments(p, "partition", "lwk", "offload", "run")
     p.add_argument("-m", dest="module", metavar="MODULE", help="run a Python module as the app")
@@ -191,7 +193,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
          """Run the demo study: FWQ, selfish detour and the stencil, each in linux mode and
 in lwk mode under the same background noise (2 ms of CPU every 10 ms plus small writes;
 anywhere in linux mode, confined to the Linux core in lwk mode), then the comparison of
-each pair, plots and summary.json in --out. About two minutes on a 2-core host.""")
+each pair, plots and summary.json in --out. About half a minute on a 2-core host.""")
 def _build_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="results/demo", help="directory for run files and plots [results/demo]")
     p.add_argument("--samples", type=int, default=3000, help="FWQ samples per rank (1 ms each) [3000]")

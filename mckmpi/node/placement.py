@@ -40,12 +40,6 @@ class Placement:
     vnode: int = 0  # index of this rank's virtual node on its launcher node
     vnodes: int = 1
 
-    @property
-    def node_key(self) -> str:
-        """A name for this rank's node that is unique on its host before node ids are known."""
-        base = self.host if self.node is None else f"node{self.node}"
-        return base if self.vnodes == 1 else f"{base}-v{self.vnode}"
-
 
 _Reader = Callable[[Mapping[str, str], str], Placement]
 _DIALECTS: list[tuple[str, str, _Reader]] = []
