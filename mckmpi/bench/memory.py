@@ -36,6 +36,7 @@ import numpy as np
 from mckmpi.bench import write_result
 from mckmpi.lwk.arena import Arena
 from mckmpi.lwk.tlsf import Allocator
+from mckmpi.node.host import THP, sysfs_choice
 from mckmpi.lwk.quiet import QuietState
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -64,16 +65,6 @@ with Arena(max(sizes) + (64 << 20)) as arena:
 
 def _minflt() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
-def _setting(path: str) -> str:
-    """Selected value of a sysfs choice file, or 'unavailable'."""
-    try:
-        with open(path) as f:
-            text = f.read()
-    except OSError:
-        return "unavailable"
-    return text[text.find("[") + 1:text.find("]")] if "[" in text else text.strip()
 
 
 def _numpy_hugepage_advice(enabled: bool) -> bool:
@@ -310,8 +301,8 @@ def run(out_dir: Path, quick: bool = False) -> dict:
         "kernel": platform.release(),
         "cpus": os.cpu_count(),
         "loadavg_at_start": os.getloadavg()[0],
-        "thp_enabled": _setting("/sys/kernel/mm/transparent_hugepage/enabled"),
-        "thp_shmem_enabled": _setting("/sys/kernel/mm/transparent_hugepage/shmem_enabled"),
+        "thp_enabled": sysfs_choice(f"{THP}/enabled"),
+        "thp_shmem_enabled": sysfs_choice(f"{THP}/shmem_enabled"),
     }
     with Arena(max(SIZES) + 64 * MiB) as arena:
         result["arena_boot"] = arena.stats()
