@@ -1,16 +1,11 @@
-"""Shared vocabulary of the proxy's call handlers: constants, signedness, raw syscalls."""
+"""Shared vocabulary of the proxy's call handlers: constants and signedness."""
 
 from __future__ import annotations
 
-import ctypes
 import os
 import struct
 
 from mckmpi.offload import syscalls
-
-libc = ctypes.CDLL(None, use_errno=True)
-_syscall = libc.syscall
-_syscall.restype = ctypes.c_long
 
 #: a handler result that is not a syscall result: let the kernel run the call in the rank
 CONTINUE = -(1 << 40)
@@ -46,9 +41,3 @@ def i64(x: int) -> int:
     """A syscall argument as a signed 64-bit value (off_t, loff_t)."""
     return x - (1 << 64) if x >> 63 else x
 
-
-def raw(nr: int, *args: int | bytes | None) -> int:
-    """A raw system call in the proxy: result, or -errno."""
-    r = _syscall(ctypes.c_long(nr), *(ctypes.c_char_p(a) if isinstance(a, bytes)
-                                      else ctypes.c_long(a or 0) for a in args))
-    return r if r >= 0 else -ctypes.get_errno()

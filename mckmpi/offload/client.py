@@ -18,7 +18,6 @@ status EXIT_PROXY_DIED. The thread sleeps in poll() and costs the rank nothing u
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import os
 import resource
@@ -32,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from mckmpi import linux
 from mckmpi.errors import FeatureUnavailable
 from mckmpi.offload import accounting, protocol, seccomp
 from mckmpi.offload.channel import Channel
@@ -42,7 +42,6 @@ from mckmpi.offload.syscalls import FD_BASE, FD_SPAN
 
 EXIT_PROXY_DIED = 70  # EX_SOFTWARE
 PR_GET_DUMPABLE = 3
-_prctl = ctypes.CDLL(None, use_errno=True).prctl
 _MIN_SPAN = 64
 
 _attached = False
@@ -187,7 +186,7 @@ def attach(socket_path: str | Path, *, rank: int, arena_memfd: int | None,
                               arena_size=0, zero_copy=False)
     if _attached:
         raise OffloadError("this process is already offloaded (a filter cannot be stacked)")
-    if _prctl(PR_GET_DUMPABLE) != 1:
+    if linux.prctl(PR_GET_DUMPABLE) != 1:
         raise OffloadError("this process is not dumpable (it changed credentials), so the proxy "
                            "cannot read its buffers: call prctl(PR_SET_DUMPABLE, 1) first")
     _raise_nofile(fd_base)

@@ -10,11 +10,11 @@ view of the rank and are answered with CONTINUE.
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import struct
 from typing import TYPE_CHECKING
 
+from mckmpi.linux import syscall as raw
 from mckmpi.offload import accounting, syscalls
 from mckmpi.offload.abi import (
     BOUNCE,
@@ -25,14 +25,11 @@ from mckmpi.offload.abi import (
     SYS,
     TASK_SIZE,
     UIO_MAXIOV,
-    Q,
     i32,
     i64,
     q,
-    raw,
 )
-from mckmpi.offload.remote import Gone, Proc
-from mckmpi.offload.seccomp import IOCTL_NOTIF_ID_VALID
+from mckmpi.offload.remote import Proc
 
 if TYPE_CHECKING:
     from mckmpi.offload.emulate import Emulator
@@ -66,20 +63,6 @@ class DataCalls(_Base):
             a = addr - arena.address
             view = arena.view[a:a + min(count, MAX_RW)]
             return os.write(pfd, view) if off is None else os.pwrite(pfd, view, off)
-        if 0 < count <= BOUNCE and addr + count <= TASK_SIZE:
-            # the common case, kept short: one copy into the bounce buffer, then the write
-            view = self._bview[:count]
-            try:
-                got = os.preadv(proc.mem, [view], addr)
-            except OSError:
-                got = 0
-            if got == count:
-                Q.pack_into(self._idbuf, 0, nid)
-                try:
-                    fcntl.ioctl(self.listener, IOCTL_NOTIF_ID_VALID, self._idbuf)
-                except OSError:
-                    raise Gone(f"notification {nid}") from None
-                return os.write(pfd, view) if off is None else os.pwrite(pfd, view, off)
         count = min(count, MAX_RW)
         if count == 0:
             return os.write(pfd, b"") if off is None else os.pwrite(pfd, b"", off)

@@ -29,8 +29,9 @@ import time
 import traceback
 from collections.abc import Callable
 
+from mckmpi.linux import check, libc
 from mckmpi.offload import accounting, syscalls
-from mckmpi.offload.abi import BOUNCE, CONTINUE, SYS, TASK_SIZE, Q, libc
+from mckmpi.offload.abi import BOUNCE, CONTINUE, SYS, TASK_SIZE, Q
 from mckmpi.offload.data import DataCalls
 from mckmpi.offload.paths import PathCalls
 from mckmpi.offload.policy import Policy
@@ -379,6 +380,4 @@ _CLONE_FS = 0x200
 
 def _unshare_fs() -> None:
     """Give the calling thread its own cwd and umask, so it can adopt the rank's."""
-    if libc.unshare(_CLONE_FS) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"unshare(CLONE_FS): {os.strerror(err)}")
+    check(libc.unshare(_CLONE_FS), "unshare(CLONE_FS)")

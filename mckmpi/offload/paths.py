@@ -21,6 +21,7 @@ import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from mckmpi.linux import syscall as raw
 from mckmpi.offload import syscalls
 from mckmpi.offload.abi import (
     AT_EMPTY_PATH,
@@ -36,7 +37,6 @@ from mckmpi.offload.abi import (
     SYS,
     i32,
     i64,
-    raw,
 )
 from mckmpi.offload.policy import absolute
 from mckmpi.offload.remote import Gone, Proc

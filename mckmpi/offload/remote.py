@@ -25,10 +25,10 @@ import select
 import stat
 import struct
 
+from mckmpi.linux import libc
 from mckmpi.offload.seccomp import pidfd_getfd, pidfd_open
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_vm_writev = _libc.process_vm_writev
+_vm_writev = libc.process_vm_writev
 _vm_writev.restype = ctypes.c_ssize_t
 _vm_writev.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_void_p,
                        ctypes.c_ulong, ctypes.c_ulong]

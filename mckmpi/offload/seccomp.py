@@ -16,12 +16,11 @@ import socket
 import struct
 from typing import Any
 
+from mckmpi import linux
 from mckmpi.errors import FeatureUnavailable
+from mckmpi.linux import check, libc, syscall
 from mckmpi.offload import syscalls
 from mckmpi.offload.syscalls import FD_LIMIT, Syscall
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
 
 # --- constants (linux/seccomp.h, linux/prctl.h) ------------------------------------------------
 
@@ -209,16 +208,14 @@ def install(prog: bytes, *, all_threads: bool = True) -> int:
     speculative-store-bypass mitigation (kernels booted with spec_store_bypass_disable=
     seccomp would otherwise slow every store of the rank's compute).
     """
-    if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"PR_SET_NO_NEW_PRIVS: {os.strerror(err)}")
+    check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "PR_SET_NO_NEW_PRIVS")
     flags = FILTER_FLAG_NEW_LISTENER | FILTER_FLAG_WAIT_KILLABLE_RECV | FILTER_FLAG_SPEC_ALLOW
     if all_threads:
         flags |= FILTER_FLAG_TSYNC | FILTER_FLAG_TSYNC_ESRCH
     fprog = _SockFprog(len(prog) // 8, prog)
-    fd = _libc.syscall(SYS_SECCOMP, SECCOMP_SET_MODE_FILTER, flags, ctypes.byref(fprog))
+    fd = libc.syscall(SYS_SECCOMP, SECCOMP_SET_MODE_FILTER, flags, ctypes.byref(fprog))
     if fd < 0:
-        err = ctypes.get_errno()
+        err = linux.errno()
         why = {
             errno.EBUSY: "this process is already under a filter with a listener "
                          "(offload cannot be nested)",
@@ -235,20 +232,19 @@ def install(prog: bytes, *, all_threads: bool = True) -> int:
 
 
 def pidfd_open(pid: int) -> int:
-    fd = _libc.syscall(SYS_PIDFD_OPEN, pid, 0)
+    """A pidfd of process `pid` (liveness by poll, signals, pidfd_getfd)."""
+    fd = syscall(SYS_PIDFD_OPEN, pid, 0)
     if fd < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return int(fd)
+        raise OSError(-fd, os.strerror(-fd))
+    return fd
 
 
 def pidfd_getfd(pidfd: int, targetfd: int) -> int:
     """A duplicate of descriptor `targetfd` of the process behind `pidfd` (same file)."""
-    fd = _libc.syscall(SYS_PIDFD_GETFD, pidfd, targetfd, 0)
+    fd = syscall(SYS_PIDFD_GETFD, pidfd, targetfd, 0)
     if fd < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return int(fd)
+        raise OSError(-fd, os.strerror(-fd))
+    return fd
 
 
 def set_ptracer(pid: int) -> None:
@@ -256,23 +252,14 @@ def set_ptracer(pid: int) -> None:
 
     Without Yama the call fails with EINVAL and nothing is needed.
     """
-    _libc.prctl(PR_SET_PTRACER, pid, 0, 0, 0)
-
-
-def id_valid(listener: int, notif_id: int) -> bool:
-    """Whether notification `notif_id` is still pending (its task alive and waiting)."""
-    try:
-        fcntl.ioctl(listener, IOCTL_NOTIF_ID_VALID, struct.pack("<Q", notif_id))
-    except OSError:
-        return False
-    return True
+    libc.prctl(PR_SET_PTRACER, pid, 0, 0, 0)
 
 
 def notif_sizes() -> tuple[int, int, int]:
     """(seccomp_notif, seccomp_notif_resp, seccomp_data) sizes as this kernel defines them."""
     buf = (ctypes.c_uint16 * 3)()
-    if _libc.syscall(SYS_SECCOMP, SECCOMP_GET_NOTIF_SIZES, 0, ctypes.byref(buf)) != 0:
-        err = ctypes.get_errno()
+    if libc.syscall(SYS_SECCOMP, SECCOMP_GET_NOTIF_SIZES, 0, ctypes.byref(buf)) != 0:
+        err = linux.errno()
         raise OSError(err, os.strerror(err))
     return buf[0], buf[1], buf[2]
 
@@ -292,19 +279,19 @@ def _probe_child(report_fd: int) -> None:
         prog = b"".join(struct.pack("<HBBI", *i) for i in (
             (_BPF_LD_W_ABS, 0, 0, _OFF_NR), (_BPF_JEQ_K, 0, 1, _PROBE_NR),
             (_BPF_RET_K, 0, 0, RET_USER_NOTIF), (_BPF_RET_K, 0, 0, RET_ALLOW)))
-        _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+        libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
         fprog = _SockFprog(len(prog) // 8, prog)
-        listener = _libc.syscall(SYS_SECCOMP, SECCOMP_SET_MODE_FILTER,
+        listener = libc.syscall(SYS_SECCOMP, SECCOMP_SET_MODE_FILTER,
                                  FILTER_FLAG_NEW_LISTENER | FILTER_FLAG_WAIT_KILLABLE_RECV,
                                  ctypes.byref(fprog))
         if listener < 0:
-            err = ctypes.get_errno()
-            listener = _libc.syscall(SYS_SECCOMP, SECCOMP_SET_MODE_FILTER,
+            err = linux.errno()
+            listener = libc.syscall(SYS_SECCOMP, SECCOMP_SET_MODE_FILTER,
                                      FILTER_FLAG_NEW_LISTENER, ctypes.byref(fprog))
             found["wait_killable_recv"] = False
             if listener < 0:
                 found["user_notif"] = False
-                found["error"] = f"listener: {os.strerror(ctypes.get_errno())}"
+                found["error"] = f"listener: {os.strerror(linux.errno())}"
                 return
             found["error"] = f"WAIT_KILLABLE_RECV: {os.strerror(err)}"
         else:
@@ -312,7 +299,7 @@ def _probe_child(report_fd: int) -> None:
         found["user_notif"] = True
         pid = os.fork()
         if pid == 0:
-            got = _libc.syscall(_PROBE_NR)
+            got = libc.syscall(_PROBE_NR)
             ok = got == _PROBE_FD and fcntl.fcntl(_PROBE_FD, fcntl.F_GETFD) >= 0
             os._exit(0 if ok else 1)
         raw = fcntl.ioctl(listener, IOCTL_NOTIF_RECV, NOTIF_ZERO)
