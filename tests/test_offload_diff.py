@@ -19,7 +19,7 @@ from test_offload_support import (
     tree,
 )
 
-from mckmpi.offload import proxy, syscalls
+from mckmpi.offload import spawn, syscalls
 
 pytestmark = NEEDS_OFFLOAD
 
@@ -140,7 +140,7 @@ def _finish(native, offl):
 def test_random_file_operations_match_native_as_root():
     with scratch() as root:
         nroot, oroot = _halves(root)
-        handle = proxy.start_node_proxy(root / "run", [], expected=1)
+        handle = spawn.start_node_proxy(root / "run", [], expected=1)
         native = fork(ops_server, str(nroot), None)
         offl = fork(ops_server, str(oroot), str(handle.socket_path))
 

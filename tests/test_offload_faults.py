@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from test_offload_support import NEEDS_OFFLOAD, NOBODY, attach, fork, nobody_proxy, proxy_fds, scratch
 
-from mckmpi.offload import client, protocol, proxy
+from mckmpi.offload import client, protocol, spawn
 from mckmpi.offload.errors import OffloadError
 from mckmpi.offload.syscalls import FD_BASE
 
@@ -53,7 +53,7 @@ def test_sigkill_mid_call_frees_the_rank_and_the_proxy_serves_others():
         conn.send(len(s.detach()))
 
     with scratch() as d:
-        h = proxy.start_node_proxy(d / "run", [], expected=2)
+        h = spawn.start_node_proxy(d / "run", [], expected=2)
         ok = fork(survivor, str(h.socket_path), str(d / "s"))
         assert ok.call("before") == "before"
         fds_with_one = proxy_fds(h.pid)
@@ -87,7 +87,7 @@ def test_a_dead_proxy_makes_the_rank_fail_fast_with_a_clear_message(tmp_path: Pa
 
     err = tmp_path / "rank.err"
     with scratch() as d:
-        h = proxy.start_node_proxy(d / "run", [], expected=1)
+        h = spawn.start_node_proxy(d / "run", [], expected=1)
         child = fork(rank, str(h.socket_path), str(d / "f"), stderr_path=str(err))
         assert child.recv() == "looping"
         os.kill(h.pid, signal.SIGKILL)
@@ -108,7 +108,7 @@ def test_the_failure_hook_is_called_with_the_message():
         time.sleep(10)  # the hook returns: the watcher ends the rank itself
 
     with scratch() as d:
-        h = proxy.start_node_proxy(d / "run", [], expected=1)
+        h = spawn.start_node_proxy(d / "run", [], expected=1)
         child = fork(rank, str(h.socket_path))
         assert child.recv() == "attached"
         h.terminate()
@@ -150,7 +150,7 @@ def test_a_root_proxy_is_unreachable_for_another_uid():
             conn.send("denied")
 
     with scratch() as d:
-        h = proxy.start_node_proxy(d / "run", [], expected=1, idle_timeout=5)
+        h = spawn.start_node_proxy(d / "run", [], expected=1, idle_timeout=5)
         assert oct(os.stat(d / "run").st_mode & 0o777) == "0o700"
         c = fork(stranger, str(h.socket_path), nobody=True)
         assert c.recv() == "denied"
@@ -179,7 +179,7 @@ def test_signals_during_offloaded_calls_keep_native_semantics():
         conn.send((hits[0], writes, short, len(s.detach())))
 
     with scratch() as d:
-        h = proxy.start_node_proxy(d / "run", [], expected=1)
+        h = spawn.start_node_proxy(d / "run", [], expected=1)
         child = fork(rank, str(h.socket_path), str(d / "sig"))
         hits, writes, short, n = child.recv(60)
         assert child.wait() == 0 and h.wait(10) == 0
@@ -196,7 +196,7 @@ def test_nothing_is_left_behind_after_a_job():
 
     with scratch() as d:
         run = d / "run"
-        h = proxy.start_node_proxy(run, [0], expected=2)
+        h = spawn.start_node_proxy(run, [0], expected=2)
         children = [fork(rank, str(h.socket_path), str(d / f"f{i}")) for i in range(2)]
         assert all(c.recv() > 0 for c in children)
         assert all(c.wait() == 0 for c in children)
@@ -208,7 +208,7 @@ def test_nothing_is_left_behind_after_a_job():
 
 def test_the_proxy_ends_when_its_spawner_dies_before_any_rank():
     def spawner(conn, run):
-        h = proxy.start_node_proxy(Path(run), [], idle_timeout=60)
+        h = spawn.start_node_proxy(Path(run), [], idle_timeout=60)
         conn.send(h.pid)
         conn.recv()  # killed here
 
@@ -235,7 +235,7 @@ def test_a_realtime_rank_starts_a_normal_proxy_that_ends_with_it():
         except PermissionError:
             conn.send(None)
             return
-        h = proxy.start_node_proxy(Path(run), [os.sched_getaffinity(0).pop()], expected=1)
+        h = spawn.start_node_proxy(Path(run), [os.sched_getaffinity(0).pop()], expected=1)
         conn.send((h.pid, os.sched_getscheduler(h.pid)))
         s = attach(h.socket_path)
         with open(path, "w") as f:
@@ -266,7 +266,7 @@ def test_a_proxy_whose_job_died_half_way_leaves_after_the_idle_timeout():
         conn.send(len(s.detach()))
 
     with scratch() as d:
-        h = proxy.start_node_proxy(d / "run", [], expected=2, idle_timeout=1.0)
+        h = spawn.start_node_proxy(d / "run", [], expected=2, idle_timeout=1.0)
         child = fork(rank, str(h.socket_path))
         child.recv()
         assert child.wait() == 0
@@ -276,16 +276,16 @@ def test_a_proxy_whose_job_died_half_way_leaves_after_the_idle_timeout():
 
 def test_leftovers_of_killed_proxies_are_swept_and_live_ones_kept():
     with scratch() as d:
-        live = proxy.start_node_proxy(d / "live", [], idle_timeout=30)
-        dead = proxy.start_node_proxy(d / "dead", [], idle_timeout=30)
+        live = spawn.start_node_proxy(d / "live", [], idle_timeout=30)
+        dead = spawn.start_node_proxy(d / "dead", [], idle_timeout=30)
         os.kill(dead.pid, signal.SIGKILL)
         dead.wait(5)
-        assert proxy.socket_path(d / "dead").exists()  # SIGKILL: no chance to clean up
+        assert spawn.socket_path(d / "dead").exists()  # SIGKILL: no chance to clean up
         (d / "young").mkdir(mode=0o700)  # a proxy about to listen
         (d / "old").mkdir(mode=0o700)
         os.utime(d / "old", (time.time() - 3600,) * 2)
-        assert sorted(p.name for p in proxy.sweep_stale(d)) == ["dead", "old"]
-        assert (d / "young").exists() and proxy.socket_path(d / "live").exists()
+        assert sorted(p.name for p in spawn.sweep_stale(d)) == ["dead", "old"]
+        assert (d / "young").exists() and spawn.socket_path(d / "live").exists()
         live.terminate()
         assert live.wait(5) == 128 + signal.SIGTERM
         assert not (d / "live").exists()  # a terminated proxy cleans up after itself
@@ -313,7 +313,7 @@ def test_attach_refuses_what_cannot_work():
         except OffloadError as e:
             out.append(str(e))
         try:
-            proxy.start_node_proxy(Path(sock).parent / "other", [])
+            spawn.start_node_proxy(Path(sock).parent / "other", [])
         except OffloadError as e:
             out.append(str(e))
         s.detach()
@@ -324,7 +324,7 @@ def test_attach_refuses_what_cannot_work():
         conn.send(out)
 
     with scratch() as d:
-        h = proxy.start_node_proxy(d / "run", [], expected=1)
+        h = spawn.start_node_proxy(d / "run", [], expected=1)
         c = fork(rank, str(h.socket_path))
         msgs = c.recv()
         assert c.wait() == 0 and h.wait(10) == 0
@@ -337,7 +337,7 @@ def test_attach_refuses_what_cannot_work():
 
 def test_a_malformed_client_does_not_hurt_the_proxy():
     with scratch() as d:
-        h = proxy.start_node_proxy(d / "run", [], expected=1)
+        h = spawn.start_node_proxy(d / "run", [], expected=1)
         s = protocol.connect(str(h.socket_path))
         s.send(b"\xff not json")
         with pytest.raises(protocol.ProtocolError):
@@ -386,7 +386,7 @@ def test_fifos_are_opened_natively_without_side_effects():
 
     with scratch() as d:
         os.mkfifo(d / "ff")
-        h = proxy.start_node_proxy(d / "run", [], expected=1)
+        h = spawn.start_node_proxy(d / "run", [], expected=1)
         c = fork(rank, str(h.socket_path), str(d / "ff"), str(d / "other"))
         waited, got, native, n = c.recv()
         assert c.wait() == 0 and h.wait(10) == 0

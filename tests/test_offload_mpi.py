@@ -19,17 +19,17 @@ import json, os, signal, sys, time
 from pathlib import Path
 from mpi4py import MPI
 import numpy as np
-from mckmpi.offload import client, proxy, syscalls
+from mckmpi.offload import client, spawn, syscalls
 from mckmpi.offload.policy import Policy
 
 world = MPI.COMM_WORLD
 node = world.Split_type(MPI.COMM_TYPE_SHARED)
 out, mode = Path(sys.argv[1]), sys.argv[2]
 if node.Get_rank() == 0:
-    handle = proxy.start_node_proxy(out / "run", [], expected=node.Get_size())
+    handle = spawn.start_node_proxy(out / "run", [], expected=node.Get_size())
     (out / "proxy.pid").write_text(str(handle.pid))
 node.Barrier()
-s = client.attach(proxy.socket_path(out / "run"), rank=world.Get_rank(), arena_memfd=None,
+s = client.attach(spawn.socket_path(out / "run"), rank=world.Get_rank(), arena_memfd=None,
                   policy=Policy(),
                   on_proxy_death=lambda m: (print(m, file=sys.stderr, flush=True), world.Abort(70)))
 node.Barrier()

@@ -22,7 +22,7 @@ from test_offload_support import (
 )
 
 from mckmpi.lwk.arena import Arena
-from mckmpi.offload import accounting, proxy, syscalls
+from mckmpi.offload import accounting, spawn, syscalls
 from mckmpi.offload.policy import Policy
 from mckmpi.offload.syscalls import FD_BASE
 
@@ -60,7 +60,7 @@ def test_the_kernel_work_happens_in_the_proxy():
         conn.send(s.detach().tobytes())
 
     with scratch() as d:
-        h = proxy.start_node_proxy(d / "run", [], expected=1)
+        h = spawn.start_node_proxy(d / "run", [], expected=1)
         child = fork(rank, str(h.socket_path), str(d / "f"))
         assert child.recv() == "ready"
         r0, p0 = io_counters(child.pid), io_counters(h.pid)
@@ -86,7 +86,7 @@ def test_a_c_binary_exec_d_under_the_filter_is_offloaded():
 
     with scratch() as d:
         (d / "A").write_bytes(os.urandom(3 * MiB + 17))
-        h = proxy.start_node_proxy(d / "run", [], expected=1, records_dir=d)
+        h = spawn.start_node_proxy(d / "run", [], expected=1, records_dir=d)
         child = fork(rank, str(h.socket_path), str(d / "A"), str(d / "B"))
         assert child.wait(30) == 0
         assert h.wait(10) == 0
@@ -108,7 +108,7 @@ def test_numpy_save_is_offloaded_and_recorded():
         conn.send((ok, s.detach().tobytes()))
 
     with scratch() as d:
-        h = proxy.start_node_proxy(d / "run", [], expected=1)
+        h = spawn.start_node_proxy(d / "run", [], expected=1)
         child = fork(rank, str(h.socket_path), str(d / "x.npy"))
         ok, raw = child.recv()
         assert child.wait() == 0 and h.wait(10) == 0
@@ -133,7 +133,7 @@ def test_threads_that_existed_before_attach_are_offloaded():
         conn.send((done[0], s.detach().tobytes()))
 
     with scratch() as d:
-        h = proxy.start_node_proxy(d / "run", [], expected=1)
+        h = spawn.start_node_proxy(d / "run", [], expected=1)
         child = fork(rank, str(h.socket_path), str(d / "t"))
         fd, raw = child.recv()
         assert child.wait() == 0 and h.wait(10) == 0
@@ -162,7 +162,7 @@ def test_children_of_a_rank_are_served_and_share_offsets():
         conn.send(s.detach().tobytes())
 
     with scratch() as d:
-        h = proxy.start_node_proxy(d / "run", [], expected=1)
+        h = spawn.start_node_proxy(d / "run", [], expected=1)
         child = fork(rank, str(h.socket_path), str(d))
         rec = records_of(child.recv())
         assert child.wait() == 0 and h.wait(10) == 0
@@ -186,7 +186,7 @@ def test_excluded_paths_stay_native_and_include_wins_over_exclude():
     d.mkdir()
     try:
         with scratch() as run:
-            h = proxy.start_node_proxy(run / "run", [], expected=1)
+            h = spawn.start_node_proxy(run / "run", [], expected=1)
             child = fork(rank, str(h.socket_path), str(d))
             own_pid, null, mine, other, mode = child.recv()
             assert child.wait() == 0 and h.wait(10) == 0
@@ -226,7 +226,7 @@ def test_arena_buffers_move_without_a_copy():
         conn.send((s.zero_copy, bool((a == b).all()), s.detach().tobytes()))
 
     with scratch() as d:
-        h = proxy.start_node_proxy(d / "run", [], expected=1)
+        h = spawn.start_node_proxy(d / "run", [], expected=1)
         child = fork(rank, str(h.socket_path), str(d / "a.bin"))
         zero_copy, same, raw = child.recv()
         assert child.wait() == 0 and h.wait(10) == 0
@@ -264,7 +264,7 @@ def test_channel_writes_asynchronously_from_the_arena():
         ch.close()
 
     with scratch() as d:
-        h = proxy.start_node_proxy(d / "run", [], expected=1)
+        h = spawn.start_node_proxy(d / "run", [], expected=1)
         child = fork(rank, str(h.socket_path), str(d / "ckpt"))
         done, ok, bad, raw = child.recv()
         assert child.wait() == 0 and h.wait(10) == 0
@@ -303,7 +303,7 @@ def test_a_rank_blocked_in_a_trapped_call_survives_registration_of_others():
         conn.send(worst)
 
     with scratch() as d:
-        h = proxy.start_node_proxy(d / "run", [], expected=2)
+        h = spawn.start_node_proxy(d / "run", [], expected=2)
         a = fork(slow, str(h.socket_path), str(d / "slow"))
         b = fork(fast, str(h.socket_path), str(d / "fast"))
         assert a.recv() == "ready"
@@ -327,7 +327,7 @@ def test_sha_of_files_written_offloaded_matches():
         conn.send((hashlib.sha1(back).hexdigest(), s.detach().tobytes()))
 
     with scratch() as d:
-        h = proxy.start_node_proxy(d / "run", [], expected=1)
+        h = spawn.start_node_proxy(d / "run", [], expected=1)
         child = fork(rank, str(h.socket_path), str(d / "big"))
         sha, raw = child.recv()
         assert child.wait() == 0 and h.wait(10) == 0
@@ -369,7 +369,7 @@ def test_a_scheduler_task_waits_on_the_channel_while_another_computes():
         conn.send((state["results"], state["steps"], len(s.detach())))
 
     with scratch() as d:
-        h = proxy.start_node_proxy(d / "run", [], expected=1)
+        h = spawn.start_node_proxy(d / "run", [], expected=1)
         child = fork(rank, str(h.socket_path), str(d / "ckpt"))
         results, steps, n = child.recv()
         assert child.wait() == 0 and h.wait(10) == 0

@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from mckmpi.offload import accounting, client, proxy, seccomp
+from mckmpi.offload import accounting, client, seccomp, server, spawn
 from mckmpi.offload.policy import Policy
 from mckmpi.offload.syscalls import FD_BASE
 
@@ -129,16 +129,16 @@ def fork(fn: Callable[..., None], *args: Any, nobody: bool = False,
 
 def _nobody_proxy(conn: Connection, sock: str, expected: int) -> None:
     conn.close()
-    os._exit(proxy.serve(sock, expected=expected, parent_pid=os.getppid(), idle_timeout=30))
+    os._exit(server.serve(sock, expected=expected, parent_pid=os.getppid(), idle_timeout=30))
 
 
 def nobody_proxy(run_dir: Path, expected: int, log: Path) -> tuple[Child, Path]:
     """A proxy running as nobody in a nobody-owned 0700 `run_dir`; its stderr goes to `log`."""
     run_dir.mkdir(mode=0o700)
     os.chown(run_dir, NOBODY, NOBODY)
-    path = proxy.socket_path(run_dir)
+    path = spawn.socket_path(run_dir)
     child = fork(_nobody_proxy, str(path), expected, nobody=True, stderr_path=str(log))
-    proxy.wait_for_socket(path, 10)
+    spawn.wait_for_socket(path, 10)
     return child, path
 
 

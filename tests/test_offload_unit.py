@@ -11,9 +11,9 @@ import pytest
 from test_offload_support import seccomp_mode
 
 from mckmpi.errors import FeatureUnavailable, UsageError
-from mckmpi.offload import accounting, channel, protocol, proxy, seccomp, syscalls
-from mckmpi.offload.emulate import Emulator
+from mckmpi.offload import accounting, protocol, ring, seccomp, spawn, syscalls
 from mckmpi.offload.errors import OffloadError
+from mckmpi.offload.loop import Emulator
 from mckmpi.offload.policy import Policy, absolute
 
 NOTIFY, ALLOW = seccomp.RET_USER_NOTIF, seccomp.RET_ALLOW
@@ -171,21 +171,21 @@ def test_protocol_carries_descriptors(tmp_path: Path):
 
 def test_run_dir_must_be_private(tmp_path: Path):
     d = tmp_path / "run"
-    assert proxy.prepare_run_dir(d) is True
+    assert spawn.prepare_run_dir(d) is True
     assert d.stat().st_mode & 0o777 == 0o700
-    assert proxy.prepare_run_dir(d) is False
+    assert spawn.prepare_run_dir(d) is False
     d.chmod(0o755)
     with pytest.raises(OffloadError, match="0700"):
-        proxy.prepare_run_dir(d)
+        spawn.prepare_run_dir(d)
     with pytest.raises(OffloadError, match="does not exist"):
-        proxy.prepare_run_dir(tmp_path / "no" / "run")
+        spawn.prepare_run_dir(tmp_path / "no" / "run")
 
 
 def test_ring_layout_fits():
-    assert channel._REQ.size <= channel._DONE_AT
-    assert channel._DONE_AT + channel._DONE.size <= channel.SLOT
-    assert channel._HDR.size <= channel.HEADER
-    assert channel.ring_size(64) == channel.HEADER + 64 * channel.SLOT
+    assert ring.REQ.size <= ring.DONE_AT
+    assert ring.DONE_AT + ring.DONE.size <= ring.SLOT
+    assert ring.HDR.size <= ring.HEADER
+    assert ring.ring_size(64) == ring.HEADER + 64 * ring.SLOT
     assert np.dtype(accounting.RECORD_DTYPE).itemsize == 52
 
 

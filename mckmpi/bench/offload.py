@@ -39,7 +39,7 @@ import numpy as np
 
 from mckmpi.bench import write_result
 from mckmpi.lwk.arena import Arena
-from mckmpi.offload import accounting, client, proxy, seccomp
+from mckmpi.offload import accounting, client, seccomp, spawn
 from mckmpi.offload.policy import Policy
 
 MiB = 1 << 20
@@ -213,7 +213,7 @@ def _fork_rank(sock: Path, workdir: Path, cpu: int | None, arena_bytes: int) -> 
     return pid, Connection(a.detach())
 
 
-def _finish(pid: int, conn: Any, handle: proxy.ProxyHandle) -> int:
+def _finish(pid: int, conn: Any, handle: spawn.ProxyHandle) -> int:
     conn.send(None)
     records = len(conn.recv()) // accounting.RECORD_DTYPE.itemsize
     _, status = os.waitpid(pid, 0)
@@ -226,7 +226,7 @@ def _finish(pid: int, conn: Any, handle: proxy.ProxyHandle) -> int:
 def _small_phase(workdir: Path, floor_exe: Path | None, rounds: int, n: int,
                  cpu: int | None) -> dict[str, Any]:
     """Rounds of floor / native / offloaded; all on `cpu`, or all unpinned (cpu None)."""
-    handle = proxy.start_node_proxy(workdir / f"run-small-{cpu}", [cpu] if cpu is not None else [],
+    handle = spawn.start_node_proxy(workdir / f"run-small-{cpu}", [cpu] if cpu is not None else [],
                                     expected=1, spin_us=0)
     pid, conn = _fork_rank(handle.socket_path, workdir, cpu, ARENA)
     floors: list[dict[str, float]] = []
@@ -275,7 +275,7 @@ def _partition() -> tuple[list[int], int | None, str]:
 def _partitioned_phase(workdir: Path, quick: bool) -> dict[str, Any]:
     proxy_cpus, rank_cpu, placement = _partition()
     chunk_mib, chunks = 4, (16 if quick else 64)
-    handle = proxy.start_node_proxy(workdir / "run-part", proxy_cpus, expected=1)  # spins
+    handle = spawn.start_node_proxy(workdir / "run-part", proxy_cpus, expected=1)  # spins
     pid, conn = _fork_rank(handle.socket_path, workdir, rank_cpu, ARENA)
     rounds = 3 if quick else 7
     n_small = 5_000 if quick else 20_000

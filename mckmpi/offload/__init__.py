@@ -1,35 +1,52 @@
 """System-call offload: a per-node Linux proxy executes the I/O system calls of its ranks.
 
-Modules, one job each:
+Modules, one job each, in three groups. The rank side never imports the proxy side (the
+proxy is another process, started with `mckmpi proxy`); both import the shared modules.
+
+Shared:
 
 * `syscalls`   -- the one table: what is trapped, emulated or passed through;
-* `seccomp`    -- kernel interface: structures, ioctls, the BPF filter, feature probe;
-* `policy`     -- which paths are offloaded (`--offload io|none`, include/exclude);
+* `seccomp`    -- kernel interface: structures, ioctls, the BPF filter, feature probe, pidfds;
 * `protocol`   -- control messages between rank and proxy (SEQPACKET + SCM_RIGHTS);
-* `remote`     -- the proxy's handle on a process under a rank's filter (memory, fds);
-* `emulate`    -- the serving loop of one rank: dispatch, answers, records;
-* `paths`      -- path calls, opening and duplicating (ADDFD);
-* `data`       -- data calls and descriptor-table bookkeeping;
-* `abi`        -- constants and helpers those handlers share;
-* `proxy`      -- the node proxy process: registration, lifetimes, `start_node_proxy`;
-* `client`     -- the rank's side: `attach`, `OffloadSession.detach`;
-* `channel`    -- asynchronous requests through a shared-memory ring;
-* `accounting` -- per-call records (`RECORD_DTYPE`).
+* `policy`     -- which paths are offloaded (`--offload io|none`, include/exclude);
+* `accounting` -- per-call records (`RECORD_DTYPE`);
+* `ring`       -- layout of the asynchronous shared-memory request ring;
+* `errors`     -- `OffloadError`.
+
+Rank side:
+
+* `session`    -- one rank's offload across a run, as the runner uses it;
+* `client`     -- `attach` (registration, filter, proxy watcher), `OffloadSession.detach`,
+                  `Channel` (the rank's end of the ring);
+* `spawn`      -- start a node proxy, wait for its socket, sweep stale ones.
+
+Proxy side (each module imports only those below it):
+
+* `server`     -- the proxy process: accept, registration, lifetimes, `serve`;
+* `ring_server`-- the proxy's end of the ring (a thread per ring);
+* `loop`       -- `Emulator`: the notification loop of one rank and the dispatch;
+* `paths`      -- handlers of path calls, opening and duplicating (ADDFD);
+* `data`       -- handlers of data calls and descriptor-table bookkeeping;
+* `kernel_abi` -- Linux x86-64 ABI facts those handlers share;
+* `tracee`     -- the rank's processes, descriptors and memory as the proxy tracks them;
+* `remote`     -- remote memory: the arena mapping, /proc/<pid>/mem, process_vm_writev.
 
 How a runner uses it (lwk mode), after MPI init:
 
-    from mckmpi.offload import client, proxy, seccomp
+    from mckmpi.offload import client, seccomp, spawn
     from mckmpi.offload.policy import Policy
 
     seccomp.require()                                   # early: one clear line if missing
     if local_rank == 0:                                 # before this rank attaches
-        handle = proxy.start_node_proxy(run_dir, linux_cpus, expected=local_size)
+        handle = spawn.start_node_proxy(run_dir, linux_cpus, expected=local_size)
     node_comm.Barrier()
-    session = client.attach(proxy.socket_path(run_dir), rank=rank,
+    session = client.attach(spawn.socket_path(run_dir), rank=rank,
                             arena_memfd=arena.memfd, arena_address=arena.address,
                             policy=Policy(mode, include, exclude),
                             on_proxy_death=lambda msg: (print(msg), world.Abort(70)))
     node_comm.Barrier()                                 # every rank registered
     ...                                                 # the app
     records = session.detach()                          # numpy, accounting.RECORD_DTYPE
+
+(`session.start` and `OffloadRun` do exactly this for `mckmpi run`.)
 """

@@ -14,17 +14,22 @@ listener is gone) -- an app would see odd I/O errors or hang in retries. A watch
 polls the control socket for hang-up and calls `on_proxy_death(message)` at once (the
 runner passes a function that aborts the MPI job); if that returns, the rank exits with
 status EXIT_PROXY_DIED. The thread sleeps in poll() and costs the rank nothing until then.
+
+`OffloadSession.channel` opens a `Channel`, the rank's end of an asynchronous request ring
+(layout in `ring`).
 """
 
 from __future__ import annotations
 
 import gc
+import mmap
 import os
 import resource
 import select
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,28 +38,151 @@ import numpy as np
 
 from mckmpi import linux
 from mckmpi.errors import FeatureUnavailable
-from mckmpi.offload import accounting, protocol, seccomp
-from mckmpi.offload.channel import Channel
+from mckmpi.offload import accounting, protocol, ring, seccomp
 from mckmpi.offload.errors import OffloadError
 from mckmpi.offload.policy import Policy
-from mckmpi.offload.proxy import wait_for_socket
+from mckmpi.offload.spawn import wait_for_socket
 from mckmpi.offload.syscalls import FD_BASE, FD_SPAN
 
 EXIT_PROXY_DIED = 70  # EX_SOFTWARE
 PR_GET_DUMPABLE = 3
 _MIN_SPAN = 64
 
-_attached = False
-
-
-def attached() -> bool:
-    """Whether this process installed an offload filter (it cannot be undone)."""
-    return _attached
-
 
 def _default_on_death(message: str) -> None:
     """Straight to descriptor 2: the process is about to _exit, nothing else will flush."""
     os.write(2, f"{message}\n".encode())
+
+
+class Channel:
+    """The rank's end of an asynchronous request ring (layout and protocol: `ring`)."""
+
+    def __init__(self, session: OffloadSession, slots: int = 64) -> None:
+        if slots < 1 or slots & (slots - 1):
+            raise ValueError(f"slots must be a power of two, got {slots}")
+        if session.arena_address is None:
+            raise OffloadError("an asynchronous channel needs the rank's arena")
+        self.slots = slots
+        self.arena_address = session.arena_address
+        self.arena_size = session.arena_size
+        self._ringfd = os.memfd_create("mckmpi-offload-ring", os.MFD_CLOEXEC)
+        os.ftruncate(self._ringfd, ring.ring_size(slots))
+        self._ring = mmap.mmap(self._ringfd, ring.ring_size(slots), flags=mmap.MAP_SHARED)
+        ring.HDR.pack_into(self._ring, 0, 0, 0, slots, ring.MAGIC)
+        self._counters = memoryview(self._ring)[:16].cast("Q")  # head, done
+        self._doorbell = os.eventfd(0, os.EFD_CLOEXEC)
+        self._completion = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._head = 0
+        self._seen = 0
+        self._callbacks: dict[int, Callable[[int], Any]] = {}
+        self._results: dict[int, int] = {}
+        session.request({"op": "channel", "slots": slots},
+                        [self._ringfd, self._doorbell, self._completion])
+
+    # --- submitting ----------------------------------------------------------------------
+
+    def submit(self, op: int, fd: int, offset: int, arena_offset: int, length: int,
+               on_done: Callable[[int], Any] | None = None) -> int:
+        """Queue one request; returns its ticket. Blocks only while the ring is full."""
+        if op in (ring.OP_WRITE, ring.OP_READ) and not (
+                0 <= arena_offset and arena_offset + length <= self.arena_size):
+            raise ValueError(f"[{arena_offset}, {arena_offset + length}) is outside the arena")
+        while self._head - self._seen >= self.slots:
+            if not self.poll():
+                self._block(0.01)
+        seq = self._head
+        ring.REQ.pack_into(self._ring, ring.HEADER + (seq % self.slots) * ring.SLOT, seq, op, fd,
+                           offset, arena_offset, length)
+        self._head = seq + 1
+        self._counters[0] = self._head  # publish after the slot is complete
+        os.eventfd_write(self._doorbell, 1)
+        if on_done is not None:
+            self._callbacks[seq] = on_done
+        return seq
+
+    def write(self, fd: int, offset: int, array: np.ndarray,
+              on_done: Callable[[int], Any] | None = None) -> int:
+        """Queue a write of a contiguous arena array to `fd` at `offset`."""
+        return self.submit(ring.OP_WRITE, fd, offset, self._arena_offset(array), array.nbytes, on_done)
+
+    def read(self, fd: int, offset: int, array: np.ndarray,
+             on_done: Callable[[int], Any] | None = None) -> int:
+        """Queue a read from `fd` at `offset` into a contiguous arena array."""
+        return self.submit(ring.OP_READ, fd, offset, self._arena_offset(array), array.nbytes, on_done)
+
+    def fsync(self, fd: int, on_done: Callable[[int], Any] | None = None) -> int:
+        return self.submit(ring.OP_FSYNC, fd, 0, 0, 0, on_done)
+
+    def _arena_offset(self, array: np.ndarray) -> int:
+        if not array.flags.c_contiguous:
+            raise ValueError("channel I/O needs a C-contiguous array")
+        addr = array.__array_interface__["data"][0]
+        off = addr - self.arena_address
+        if off < 0 or off + array.nbytes > self.arena_size:
+            raise ValueError("channel I/O needs an array that lives in the rank's arena")
+        return off
+
+    # --- completion ----------------------------------------------------------------------
+
+    def poll(self) -> bool:
+        """Collect completions (no system call); True if any arrived. A scheduler poller."""
+        done = self._counters[1]
+        if done == self._seen:
+            return False
+        for seq in range(self._seen, done):
+            at = ring.HEADER + (seq % self.slots) * ring.SLOT + ring.DONE_AT
+            result = ring.DONE.unpack_from(self._ring, at)[0]
+            callback = self._callbacks.pop(seq, None)
+            if callback is not None:
+                callback(result)
+            else:
+                self._results[seq] = result
+        self._seen = done
+        return True
+
+    @property
+    def in_flight(self) -> int:
+        """Requests submitted and not yet collected by `poll`."""
+        return self._head - self._seen
+
+    def pending(self) -> bool:
+        """Whether requests are still in flight (for the scheduler's deadlock check)."""
+        return self._seen < self._head
+
+    def result(self, ticket: int) -> int | None:
+        """Result of a request submitted without a callback (>= 0 or -errno), None if not done."""
+        self.poll()
+        return self._results.pop(ticket, None) if ticket < self._seen else None
+
+    def wait(self, ticket: int | None = None, timeout: float | None = None) -> None:
+        """Block until `ticket` (default: everything submitted) has completed."""
+        target = self._head if ticket is None else ticket + 1
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() or self._seen < target:
+            if self._seen >= target:
+                return
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"channel request {target - 1} not completed in {timeout} s")
+            self._block(0.05)
+
+    def _block(self, seconds: float) -> None:
+        select.select([self._completion], [], [], seconds)
+        try:
+            os.eventfd_read(self._completion)
+        except BlockingIOError:
+            pass
+
+    def register(self, scheduler: Any) -> None:
+        """Let an LWK scheduler poll this channel when it has nothing ready."""
+        scheduler.add_poller(self.poll, pending=self.pending)
+
+    def close(self) -> None:
+        """Wait for outstanding requests, then release the ring."""
+        self.wait()
+        self._counters.release()
+        self._ring.close()
+        for fd in (self._ringfd, self._doorbell, self._completion):
+            os.close(fd)
 
 
 class OffloadSession:
@@ -184,7 +312,7 @@ def attach(socket_path: str | Path, *, rank: int, arena_memfd: int | None,
         return OffloadSession(rank=rank, sock=None, proxy_pid=None, fd_base=fd_base,
                               policy=policy, socket_path=path, arena_address=None,
                               arena_size=0, zero_copy=False)
-    if _attached:
+    if seccomp.installed():
         raise OffloadError("this process is already offloaded (a filter cannot be stacked)")
     if linux.prctl(PR_GET_DUMPABLE) != 1:
         raise OffloadError("this process is not dumpable (it changed credentials), so the proxy "
@@ -239,21 +367,21 @@ def _install_and_register(sock: socket.socket, prog: bytes,
     a handler could do file I/O), using only untrapped calls (sendmsg, recvmsg, close on
     low descriptors).
     """
-    global _attached
     fds = [arena_memfd] if arena_memfd is not None else []
     was_enabled = gc.isenabled()
     gc.disable()
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
     listener = -1
+    installed = False
     try:
         listener = seccomp.install(prog, all_threads=True)
-        _attached = True
+        installed = True
         protocol.send(sock, {"op": "register"}, [listener, *fds])
         os.close(listener)
         listener = -1
         reply, got = protocol.recv(sock)
     except (OSError, protocol.ProtocolError) as e:
-        if not _attached:
+        if not installed:
             raise OffloadError(str(e)) from None
         if listener >= 0:
             os.close(listener)

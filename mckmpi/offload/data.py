@@ -12,35 +12,19 @@ from __future__ import annotations
 import errno
 import os
 import struct
-from typing import TYPE_CHECKING
 
 from mckmpi.linux import syscall as raw
 from mckmpi.offload import accounting, syscalls
-from mckmpi.offload.abi import (
-    BOUNCE,
-    CLOSE_RANGE_CLOEXEC,
-    CONTINUE,
-    MAX_RW,
-    STAT_SIZE,
-    SYS,
-    TASK_SIZE,
-    UIO_MAXIOV,
-    i32,
-    i64,
-    q,
-)
-from mckmpi.offload.remote import Proc
+from mckmpi.offload.kernel_abi import MAX_RW, STAT_SIZE, SYS, TASK_SIZE, i32, i64
+from mckmpi.offload.tracee import BOUNCE, CONTINUE, Proc, Tracee
 
-if TYPE_CHECKING:
-    from mckmpi.offload.emulate import Emulator
-
-    _Base = Emulator
-else:
-    _Base = object
+UIO_MAXIOV = 1024
+CLOSE_RANGE_CLOEXEC = 4
+q = struct.Struct("<q")
 
 
-class DataCalls(_Base):
-    """Handlers of data and bookkeeping calls (a mixin of `Emulator`)."""
+class DataCalls(Tracee):
+    """Handlers of data and bookkeeping calls (a base of `loop.Emulator`)."""
 
     # --- data calls ----------------------------------------------------------------------
 
@@ -123,7 +107,7 @@ class DataCalls(_Base):
             return -e.errno
         return 0
 
-    # (the commonest call, a small write, is answered inline by `Emulator.serve`)
+    # (the commonest call, a small write, is answered inline by `loop.Emulator.serve`)
 
     def _sys_read(self, nid, tid, a0, a1, a2, a3, a4, a5):
         f = self._file(nid, tid, a0)

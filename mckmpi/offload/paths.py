@@ -19,44 +19,32 @@ import os
 import stat
 import struct
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from mckmpi.linux import syscall as raw
 from mckmpi.offload import syscalls
-from mckmpi.offload.abi import (
-    AT_EMPTY_PATH,
-    AT_FDCWD,
-    AT_REMOVEDIR,
-    AT_SYMLINK_NOFOLLOW,
-    CONTINUE,
-    O_TMPFILE,
-    PROC_DEV,
-    SETFL_KEEP,
-    STAT_SIZE,
-    STATX_SIZE,
-    SYS,
-    i32,
-    i64,
-)
+from mckmpi.offload.kernel_abi import STAT_SIZE, SYS, i32, i64
 from mckmpi.offload.policy import absolute
-from mckmpi.offload.remote import Gone, Proc
 from mckmpi.offload.seccomp import (
     ADDFD_FLAG_SETFD,
     IOCTL_NOTIF_ADDFD,
     NOTIF_ADDFD,
     pidfd_getfd,
 )
+from mckmpi.offload.tracee import CONTINUE, Gone, Proc, Tracee
 
-if TYPE_CHECKING:
-    from mckmpi.offload.emulate import Emulator
+AT_FDCWD = -100
+AT_EMPTY_PATH = 0x1000
+AT_REMOVEDIR = 0x200
+AT_SYMLINK_NOFOLLOW = 0x100
+O_TMPFILE = 0o20200000
+STATX_SIZE = 256              # struct statx
+#: the open flags F_SETFL can restore after the proxy opened with O_NONBLOCK
+SETFL_KEEP = os.O_APPEND | os.O_DIRECT | os.O_NOATIME
+PROC_DEV = os.stat("/proc").st_dev
 
-    _Base = Emulator
-else:
-    _Base = object
 
-
-class PathCalls(_Base):
-    """Handlers of path calls and descriptor creation (a mixin of `Emulator`)."""
+class PathCalls(Tracee):
+    """Handlers of path calls and descriptor creation (a base of `loop.Emulator`)."""
 
     # --- path resolution -----------------------------------------------------------------
 

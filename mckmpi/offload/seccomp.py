@@ -186,6 +186,9 @@ def run_filter(prog: bytes, nr: int, args: tuple[int, ...] = (), arch: int | Non
         pc += 1
 
 
+_installed = False  # set by `install`: a filter cannot be removed
+
+
 class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
 
@@ -225,7 +228,14 @@ def install(prog: bytes, *, all_threads: bool = True) -> int:
                           "WAIT_KILLABLE_RECV (Linux >= 5.19)",
         }.get(err, os.strerror(err))
         raise OSError(err, f"seccomp filter installation failed: {why}")
+    global _installed
+    _installed = True
     return int(fd)
+
+
+def installed() -> bool:
+    """Whether this process installed a filter with `install` (it cannot be undone)."""
+    return _installed
 
 
 # --- small wrappers ------------------------------------------------------------------------------

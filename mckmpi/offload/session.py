@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from mckmpi.config import Settings
-from mckmpi.offload import client, proxy, seccomp, syscalls
+from mckmpi.offload import client, seccomp, spawn, syscalls
 from mckmpi.offload.client import EXIT_PROXY_DIED, OffloadSession
 from mckmpi.offload.policy import Policy
 from mckmpi.node.partition import NodePlan
@@ -49,7 +49,7 @@ def run_dir(job_key: str, placement: Placement) -> Path:
     base.mkdir(mode=0o700, exist_ok=True)
     os.chmod(base, 0o700)
     if placement.local_rank == 0:
-        proxy.sweep_stale(base)  # what killed proxies of earlier jobs left behind
+        spawn.sweep_stale(base)  # what killed proxies of earlier jobs left behind
     return base / f"{job_key}-node{placement.node}"
 
 
@@ -102,15 +102,15 @@ def start(settings: Settings, policy: Policy, placement: Placement, plan: NodePl
     seccomp.require()
     if settings.offload_proxy:  # started by hand: it may come up a little after the ranks
         socket = Path(settings.offload_proxy)
-        proxy.wait_for_socket(socket, HAND_STARTED_WAIT_S)
+        spawn.wait_for_socket(socket, HAND_STARTED_WAIT_S)
         return OffloadRun(policy, socket)
     job_key = world.bcast(_job_key() if placement.rank == 0 else None, root=0)
     directory = run_dir(job_key, placement)
     handle = None
     if placement.local_rank == 0:
-        handle = proxy.start_node_proxy(directory, list(plan.linux_cpus), expected=placement.local_size)
+        handle = spawn.start_node_proxy(directory, list(plan.linux_cpus), expected=placement.local_size)
     node_comm.Barrier()
-    return OffloadRun(policy, proxy.socket_path(directory), handle)
+    return OffloadRun(policy, spawn.socket_path(directory), handle)
 
 
 def _job_key() -> str:

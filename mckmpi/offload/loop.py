@@ -1,4 +1,4 @@
-"""Executing one rank's system calls in the proxy.
+"""The proxy's notification loop for one rank, and the dispatch to its call handlers.
 
 An `Emulator` owns a rank's seccomp listener and serves it from one thread: receive a
 notification, run the call here with the rank's cwd/dirfd, umask and open file
@@ -12,30 +12,28 @@ buffer it cannot read, an iovec array it cannot parse), it first repeats the cal
 length on the same descriptor, so a wrong mode (EBADF, EINVAL) wins over EFAULT exactly as
 in the kernel's own order of checks.
 
-This module holds the loop and the rank's processes and memory; the handlers live in
-`paths` (path calls, opening, duplication) and `data` (data and bookkeeping calls).
+This module holds the loop; the handlers live in `paths` (path calls, opening,
+duplication) and `data` (data and bookkeeping calls), on top of `tracee` (the rank's
+processes, descriptors and memory), which reads and writes through `remote`.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
-import mmap
 import os
 import select
-import threading
 import time
 import traceback
 from collections.abc import Callable
 
 from mckmpi.linux import check, libc
 from mckmpi.offload import accounting, syscalls
-from mckmpi.offload.abi import BOUNCE, CONTINUE, SYS, TASK_SIZE, Q
 from mckmpi.offload.data import DataCalls
+from mckmpi.offload.kernel_abi import SYS
 from mckmpi.offload.paths import PathCalls
 from mckmpi.offload.policy import Policy
-from mckmpi.offload.remote import Gone, Proc, task_facts
+from mckmpi.offload.remote import Arena
 from mckmpi.offload.seccomp import (
     IOCTL_NOTIF_ID_VALID,
     IOCTL_NOTIF_RECV,
@@ -45,72 +43,26 @@ from mckmpi.offload.seccomp import (
     NOTIF_ZERO,
     USER_NOTIF_FLAG_CONTINUE,
 )
+from mckmpi.offload.tracee import CONTINUE, ID, Gone
 
-_MADV_POPULATE_WRITE = 23
 _PWRITE64, _WRITE = SYS["pwrite64"], SYS["write"]
 SMALL_WRITE = 64 << 10
 
 
-class Arena:
-    """The proxy's shared mapping of a rank's arena memfd, and where the rank maps it."""
-
-    def __init__(self, memfd: int, address: int, size: int) -> None:
-        self.map = mmap.mmap(memfd, size, flags=mmap.MAP_SHARED,
-                             prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        try:  # fill the page tables now, not with a fault inside a rank's call
-            self.map.madvise(_MADV_POPULATE_WRITE)
-        except OSError:
-            pass  # before Linux 5.14: pages fault in on first use instead
-        self.view = memoryview(self.map)
-        self.address = address
-        self.end = address + size
-
-    def close(self) -> None:
-        """Unmap; a view still held by a thread that did not stop keeps the mapping alive."""
-        try:
-            self.view.release()
-            self.map.close()
-        except BufferError:
-            pass
-
-
 class Emulator(PathCalls, DataCalls):
-    """The proxy side of one registered rank (its listener and everything it forks)."""
+    """The proxy side of one registered rank: its tracee state, the handlers, the loop."""
 
     def __init__(self, *, rank: int, pid: int, listener: int, fd_base: int, policy: Policy,
                  arena: Arena | None, log: Callable[[str], None]) -> None:
-        self.rank = rank
-        self.pid = pid
-        self.listener = listener
-        self.fd_base = fd_base
-        self.policy = policy
-        self.arena = arena
-        self.log = log
-        self.records = accounting.Records(rank)  # written by the serving thread only
+        super().__init__(rank=rank, pid=pid, listener=listener, fd_base=fd_base,
+                         policy=policy, arena=arena, log=log)
         self.passthrough = False   # after detach: everything runs natively
         self.spin_ns = 0           # set by the server (see `serve`)
         self.closing = False
-        self.procs: dict[int, Proc] = {}
-        self.tids: dict[int, Proc] = {}
-        self.lock = threading.Lock()  # guards descriptor caches against the channel thread
-        _, umask = task_facts(pid)
-        self.procs[pid] = Proc(pid, umask, fd_base)
-        self.tids[pid] = self.procs[pid]
-        self._bounce = bytearray(BOUNCE)
-        self._bview = memoryview(self._bounce)
-        self._baddr = ctypes.addressof(ctypes.c_char.from_buffer(self._bounce))
-        self._local = ctypes.create_string_buffer(1 << 16)
-        self._laddr = ctypes.addressof(self._local)
-        self._umask = -1
         self._resp = bytearray(NOTIF_RESP.size)
-        self._idbuf = bytearray(8)
         self._handlers: list[Callable[..., int] | None] = [None] * 512
         for row in syscalls.trapped():
             self._handlers[row.nr] = getattr(self, f"_sys_{row.name}")
-        # per-call record fields, set by handlers
-        self._fd = -1
-        self._how = 0
-        self._moved = False
 
     # --- the loop ------------------------------------------------------------------------
 
@@ -144,7 +96,7 @@ class Emulator(PathCalls, DataCalls):
         bview = self._bview
         preadv, pwrite, write = os.preadv, os.pwrite, os.write
         idbuf = self._idbuf
-        pack_id = Q.pack_into
+        pack_id = ID.pack_into
         add = records.add
         resp, pack_resp = self._resp, NOTIF_RESP.pack_into
         while not self.closing:
@@ -246,133 +198,6 @@ class Emulator(PathCalls, DataCalls):
 
     def _continue(self, nid: int, nr: int = -1) -> None:
         self._send(nid, 0, nr, USER_NOTIF_FLAG_CONTINUE)
-
-    def release(self) -> None:
-        """Free everything the rank held here (descriptors, mappings, listener)."""
-        with self.lock:
-            for proc in self.procs.values():
-                proc.close()
-            self.procs.clear()
-            self.tids.clear()
-        if self.arena is not None:
-            self.arena.close()
-            self.arena = None
-        os.close(self.listener)
-
-    # --- processes, descriptors, memory --------------------------------------------------
-
-    def _proc(self, nid: int, tid: int) -> Proc:
-        proc = self.tids.get(tid)
-        if proc is not None:
-            return proc
-        tgid, umask = task_facts(tid)
-        if not self._valid(nid):
-            raise Gone(f"task {tid}")
-        proc = self.procs.get(tgid)
-        if proc is None:
-            self._sweep()
-            with self.lock:
-                proc = self.procs[tgid] = Proc(tgid, umask, self.fd_base)
-        self.tids[tid] = proc
-        return proc
-
-    def _sweep(self) -> None:
-        """Drop processes (other than the rank itself) that have exited."""
-        dead = [p for t, p in self.procs.items() if t != self.pid and not p.alive()]
-        if not dead:
-            return
-        with self.lock:
-            for p in dead:
-                del self.procs[p.tgid]
-                p.close()
-            self.tids = {t: p for t, p in self.tids.items() if p.tgid in self.procs}
-
-    def _entry(self, proc: Proc, fd: int) -> tuple[int, bool] | None:
-        fd &= 0xFFFFFFFF
-        entry = proc.fds.get(fd)
-        if entry is None:
-            entry = proc.fetch(fd)
-            if entry is not None:
-                with self.lock:
-                    proc.fds[fd] = entry
-        return entry
-
-    def _valid(self, nid: int) -> bool:
-        Q.pack_into(self._idbuf, 0, nid)
-        try:
-            fcntl.ioctl(self.listener, IOCTL_NOTIF_ID_VALID, self._idbuf)
-        except OSError:
-            return False
-        return True
-
-    def _peek(self, proc: Proc, nid: int, addr: int, n: int) -> memoryview | None:
-        """n bytes of rank memory at addr: a view of the arena, or a bounce-buffer copy.
-
-        None if nothing is readable. Reading through /proc/<pid>/mem is followed by
-        SECCOMP_IOCTL_NOTIF_ID_VALID: the data must come from the task that trapped.
-        """
-        arena = self.arena
-        if arena is not None and arena.address <= addr and addr + n <= arena.end:
-            self._how |= accounting.ZERO_COPY
-            off = addr - arena.address
-            return arena.view[off:off + n]
-        if addr + n > TASK_SIZE:
-            return None
-        view = self._bview[:n] if n <= BOUNCE else memoryview(bytearray(n))
-        got = proc.read(addr, view)
-        if not self._valid(nid):
-            raise Gone(f"notification {nid}")
-        return view[:got] if got else None
-
-    def _poke(self, proc: Proc, nid: int, addr: int, local_addr: int, n: int) -> bool:
-        """Copy n bytes from proxy memory to the rank; False if the rank buffer is bad."""
-        if not self._valid(nid):
-            raise Gone(f"notification {nid}")
-        return proc.write(addr, local_addr, n) == n
-
-    def _cstring(self, proc: Proc, nid: int, addr: int) -> bytes | int:
-        """A NUL-terminated path from rank memory, or -EFAULT / -ENAMETOOLONG."""
-        if addr == 0 or addr >= TASK_SIZE:
-            return -errno.EFAULT
-        view = self._bview
-        got = 0
-        while got < 4096:
-            # read to the end of the page, so an unmapped next page is not touched
-            want = min(4096 - got, mmap.PAGESIZE - (addr + got) % mmap.PAGESIZE)
-            n = proc.read(addr + got, view[got:got + want])
-            end = self._bounce.find(0, got, got + n)
-            if end >= 0:
-                if not self._valid(nid):
-                    raise Gone(f"notification {nid}")
-                return bytes(view[:end])
-            got += n
-            if n < want:
-                return -errno.EFAULT
-        return -errno.ENAMETOOLONG
-
-    def _umask_for(self, proc: Proc) -> None:
-        if self._umask != proc.umask:
-            os.umask(proc.umask)
-            self._umask = proc.umask
-
-    # --- channel support -----------------------------------------------------------------
-
-    def dup_of(self, fd: int) -> int | None:
-        """A private duplicate of the rank's offloaded `fd` (for the async channel)."""
-        with self.lock:
-            proc = self.procs.get(self.pid)
-            if proc is None:
-                return None
-            entry = proc.fds.get(fd)
-            if entry is not None:
-                return os.dup(entry[0]) if entry[1] else None
-        entry = proc.fetch(fd)
-        if entry is None:
-            return None
-        if not entry[1]:
-            os.close(entry[0])
-            return None
-        return entry[0]
 
 
 _CLONE_FS = 0x200

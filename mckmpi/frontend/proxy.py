@@ -38,7 +38,8 @@ def _build_proxy(p: argparse.ArgumentParser) -> None:
 
 @_build_proxy.run
 def _cmd_proxy(args: argparse.Namespace) -> int:
-    from mckmpi.offload.proxy import prepare_run_dir, serve
+    from mckmpi.offload.server import serve
+    from mckmpi.offload.spawn import prepare_run_dir
 
     created = prepare_run_dir(Path(args.socket).parent)  # private, created when missing
     return serve(args.socket, cpus=[int(c) for c in args.cpus.split(",") if c] or None,

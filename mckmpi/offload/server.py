@@ -1,7 +1,8 @@
 """The node proxy: a Linux-side process that executes the I/O system calls of its ranks.
 
-One proxy per (virtual) node, started by the node's local rank 0 with `start_node_proxy`,
-which runs `mckmpi proxy --socket PATH ...` (the command a user runs to start one by hand).
+One proxy per (virtual) node, started by the node's local rank 0 with
+`spawn.start_node_proxy`, which runs `mckmpi proxy --socket PATH ...` (the command a user
+runs to start one by hand); that command calls `serve`.
 
 Threads: the main thread owns the Unix socket (registration, detach, channels) and the
 lifetimes; every registered rank gets one serving thread that blocks in
@@ -41,22 +42,14 @@ from typing import Any
 import numpy as np
 
 from mckmpi.offload import accounting, protocol
-from mckmpi.offload.channel import ChannelServer
-from mckmpi.offload.emulate import Arena, Emulator
 from mckmpi.offload.errors import OffloadError
+from mckmpi.offload.loop import Emulator
 from mckmpi.offload.policy import Policy
-from mckmpi.offload.remote import Gone
+from mckmpi.offload.remote import Arena
+from mckmpi.offload.ring_server import ChannelServer
 from mckmpi.offload.seccomp import peer_credentials, peer_groups, pidfd_open
 from mckmpi.offload.syscalls import FD_LIMIT
-
-SOCKET_NAME = "proxy.sock"
-#: Default spin of a proxy that has Linux cores of its own (see `Emulator.serve`).
-SPIN_US = 50.0
-
-
-def socket_path(run_dir: Path) -> Path:
-    """Where the proxy of `run_dir` listens."""
-    return Path(run_dir) / SOCKET_NAME
+from mckmpi.offload.tracee import Gone
 
 
 @dataclass
@@ -425,164 +418,3 @@ def serve(socket_path: str | Path, *, cpus: list[int] | None = None, expected: i
                     records_dir=str(records_dir) if records_dir else None,
                     idle_timeout=idle_timeout, remove_dir=remove_dir, spin_us=spin_us)
     return server.run()
-
-
-class ProxyHandle:
-    """The node proxy as seen by the rank that started it.
-
-    Deliberately not a subprocess.Popen: the proxy outlives the rank that started it
-    whenever node-mates still run, and a Popen collected while its child runs complains.
-    Liveness comes from a pidfd, so it is exact even after the pid is reaped.
-    """
-
-    def __init__(self, pid: int, socket_path: Path, run_dir: Path) -> None:
-        self.pid = pid
-        self.socket_path = socket_path
-        self.run_dir = run_dir
-        self.returncode: int | None = None
-        self._pidfd = pidfd_open(pid)
-
-    def alive(self) -> bool:
-        return self._reap(0.0) is None
-
-    def wait(self, timeout: float | None = None) -> int:
-        """The proxy's exit status; TimeoutError if it still runs after `timeout` s."""
-        status = self._reap(timeout)
-        if status is None:
-            raise TimeoutError(f"the offload proxy (pid {self.pid}) still runs after {timeout} s")
-        return status
-
-    def terminate(self) -> None:
-        if self.alive():
-            signal.pidfd_send_signal(self._pidfd, signal.SIGTERM)
-
-    def _reap(self, timeout: float | None) -> int | None:
-        if self.returncode is None and select.select([self._pidfd], [], [], timeout)[0]:
-            _, status = os.waitpid(self.pid, 0)
-            self.returncode = os.waitstatus_to_exitcode(status)
-            os.close(self._pidfd)
-        return self.returncode
-
-
-def prepare_run_dir(run_dir: Path) -> bool:
-    """Create `run_dir` private (0700) or check an existing one is; True if created."""
-    run_dir = Path(run_dir)
-    try:
-        run_dir.mkdir(mode=0o700, parents=False)
-        created = True
-    except FileExistsError:
-        created = False
-    except FileNotFoundError:
-        raise OffloadError(f"the parent of the proxy directory {run_dir} does not exist") from None
-    st = run_dir.lstat()
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
-        raise OffloadError(f"proxy directory {run_dir} must be a directory owned by uid "
-                           f"{os.geteuid()} with mode 0700")
-    return created
-
-
-def start_node_proxy(run_dir: Path, cpus: list[int], *, expected: int | None = None,
-                     records_dir: Path | None = None, idle_timeout: float = 60.0,
-                     spin_us: float | None = None, timeout: float = 10.0) -> ProxyHandle:
-    """Spawn this node's proxy on `cpus`, listening in `run_dir`; return once it listens.
-
-    Call it from the node-local rank 0 *before* that rank attaches: a child inherits its
-    parent's seccomp filter, and a proxy under its own ranks' filter would deadlock.
-    `expected`: the node's number of ranks (the proxy stays until that many registered and
-    left). `spin_us` defaults to SPIN_US when the proxy gets CPUs of its own, else 0.
-    """
-    from mckmpi.offload import client
-
-    if client.attached():
-        raise OffloadError("start_node_proxy called after attach: the proxy would inherit "
-                           "the rank's seccomp filter")
-    run_dir = Path(run_dir)
-    created = prepare_run_dir(run_dir)
-    path = socket_path(run_dir)
-    if path.exists():
-        raise OffloadError(f"a proxy socket already exists at {path}")
-    cmd = [sys.executable, "-m", "mckmpi", "proxy", "--socket", str(path),
-           "--parent-pid", str(os.getpid()), "--idle-timeout", str(idle_timeout)]
-    if cpus:
-        cmd += ["--cpus", ",".join(map(str, cpus))]
-    if expected is not None:
-        cmd += ["--expect", str(expected)]
-    if records_dir is not None:
-        cmd += ["--records-dir", str(records_dir)]
-    spin = (SPIN_US if cpus else 0.0) if spin_us is None else spin_us
-    if spin:
-        cmd += ["--spin-us", str(spin)]
-    if created:
-        cmd.append("--remove-dir")
-    # stdin from /dev/null; every other inheritable descriptor of the rank (MPI's) closed
-    actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)]
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd > 2 and _inheritable(fd):
-            actions.append((os.POSIX_SPAWN_CLOSE, fd))
-    # a normal Linux process, whatever real-time policy the rank runs under: a proxy that
-    # inherited SCHED_FIFO would starve its own main loop (and other Linux work) on its cores
-    pid = os.posix_spawn(sys.executable, cmd, os.environ, file_actions=actions,
-                         scheduler=(os.SCHED_OTHER, os.sched_param(0)))
-    handle = ProxyHandle(pid, path, run_dir)
-    try:
-        wait_for_socket(path, timeout, handle)
-    except OffloadError:
-        handle.terminate()
-        handle.wait(5)
-        if created:
-            remove_run_dir(run_dir)
-        raise
-    return handle
-
-
-def remove_run_dir(run_dir: Path) -> None:
-    """Remove a proxy directory and what a proxy leaves in it (socket, half-bound socket)."""
-    for entry in Path(run_dir).glob(f"{SOCKET_NAME}*"):
-        entry.unlink(missing_ok=True)
-    try:
-        Path(run_dir).rmdir()
-    except OSError:
-        pass  # not ours to empty: something else lives there
-
-
-def sweep_stale(base: Path, *, min_age: float = 60.0) -> list[Path]:
-    """Remove the directories under `base` of proxies that died without cleaning up
-    (SIGKILL, a node crash): a socket nobody listens on, or an old directory without one
-    (a proxy listens within seconds of its directory's creation). Returns what went."""
-    removed = []
-    for run_dir in Path(base).iterdir():
-        sock_path = socket_path(run_dir)
-        try:
-            if sock_path.exists():
-                protocol.connect(str(sock_path)).close()
-                continue  # a live proxy
-            if not run_dir.is_dir() or time.time() - run_dir.stat().st_mtime < min_age:
-                continue
-        except ConnectionRefusedError:
-            pass
-        except OSError:
-            continue
-        remove_run_dir(run_dir)
-        if not run_dir.exists():
-            removed.append(run_dir)
-    return removed
-
-
-def _inheritable(fd: int) -> bool:
-    try:
-        return os.get_inheritable(fd)
-    except OSError:
-        return False  # the descriptor listing /proc/self/fd itself, already closed
-
-
-def wait_for_socket(path: str | Path, timeout: float, handle: ProxyHandle | None = None) -> None:
-    """Wait until a proxy listens at `path` (it appears only once listening)."""
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        if handle is not None and not handle.alive():
-            raise OffloadError(f"the offload proxy exited with status {handle.returncode} "
-                               f"before listening at {path}")
-        if time.monotonic() > deadline:
-            raise OffloadError(f"no offload proxy listening at {path} after {timeout:g} s")
-        time.sleep(0.005)
