@@ -18,11 +18,11 @@ from typing import Any
 import numpy as np
 
 from mckmpi.config import Settings
+from mckmpi.node.partition import NodePlan
+from mckmpi.node.placement import Placement
 from mckmpi.offload import client, seccomp, spawn, syscalls
 from mckmpi.offload.client import EXIT_PROXY_DIED, OffloadSession
 from mckmpi.offload.policy import Policy
-from mckmpi.node.partition import NodePlan
-from mckmpi.node.placement import Placement
 from mckmpi.trace.tracer import Tracer
 
 #: How long a rank waits for a proxy started by hand (--offload-proxy) to listen.
