@@ -33,7 +33,7 @@ from mckmpi.offload.data import DataCalls
 from mckmpi.offload.kernel_abi import SYS
 from mckmpi.offload.paths import PathCalls
 from mckmpi.offload.policy import Policy
-from mckmpi.offload.remote import Arena
+from mckmpi.offload.remote import ArenaMapping
 from mckmpi.offload.seccomp import (
     IOCTL_NOTIF_ID_VALID,
     IOCTL_NOTIF_RECV,
@@ -53,7 +53,7 @@ class Emulator(PathCalls, DataCalls):
     """The proxy side of one registered rank: its tracee state, the handlers, the loop."""
 
     def __init__(self, *, rank: int, pid: int, listener: int, fd_base: int, policy: Policy,
-                 arena: Arena | None, log: Callable[[str], None]) -> None:
+                 arena: ArenaMapping | None, log: Callable[[str], None]) -> None:
         super().__init__(rank=rank, pid=pid, listener=listener, fd_base=fd_base,
                          policy=policy, arena=arena, log=log)
         self.passthrough = False   # after detach: everything runs natively

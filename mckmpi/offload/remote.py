@@ -1,6 +1,6 @@
 """Remote memory: the proxy's ways into a rank's address space.
 
-* `Arena`: the proxy's shared mapping of a rank's arena memfd. A buffer inside the arena
+* `ArenaMapping`: the proxy's shared mapping of a rank's arena memfd. A buffer inside the arena
   is read or written in place (the kernel copies once, as natively).
 * `read_memory`: an fd of /proc/<pid>/mem reads the rank's buffers with one `preadv` -- it
   is bound to the address space it was opened on, so a recycled pid can never redirect it.
@@ -27,7 +27,7 @@ _vm_writev.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_v
 IOV2 = struct.Struct("<QQQQ")
 
 
-class Arena:
+class ArenaMapping:
     """The proxy's shared mapping of a rank's arena memfd, and where the rank maps it."""
 
     def __init__(self, memfd: int, address: int, size: int) -> None:

@@ -45,7 +45,7 @@ from mckmpi.offload import accounting, protocol
 from mckmpi.offload.errors import OffloadError
 from mckmpi.offload.loop import Emulator
 from mckmpi.offload.policy import Policy
-from mckmpi.offload.remote import Arena
+from mckmpi.offload.remote import ArenaMapping
 from mckmpi.offload.ring_server import ChannelServer
 from mckmpi.offload.seccomp import peer_credentials, peer_groups, pidfd_open
 from mckmpi.offload.syscalls import FD_LIMIT
@@ -364,7 +364,7 @@ def _check_hello(msg: dict[str, Any]) -> dict[str, Any]:
     return {"rank": rank, "fd_base": fd_base, "policy": policy.to_dict(), "arena": arena}
 
 
-def _map_arena(memfd: int, address: int, size: int) -> Arena:
+def _map_arena(memfd: int, address: int, size: int) -> ArenaMapping:
     """Map a rank's arena; it must be a memfd sealed (or sealable) against shrinking."""
     st = os.fstat(memfd)
     if not stat.S_ISREG(st.st_mode) or st.st_size < size or size <= 0:
@@ -380,7 +380,7 @@ def _map_arena(memfd: int, address: int, size: int) -> Arena:
             raise OffloadError(
                 "the arena memfd cannot be sealed against shrinking (create it with "
                 f"MFD_ALLOW_SEALING): {e.strerror}") from None
-    return Arena(memfd, address, size)
+    return ArenaMapping(memfd, address, size)
 
 
 # --- running it ------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from mckmpi.offload import accounting
 from mckmpi.offload.kernel_abi import TASK_SIZE
 from mckmpi.offload.policy import Policy
-from mckmpi.offload.remote import IOV2, Arena, open_memory, read_memory, write_memory
+from mckmpi.offload.remote import IOV2, ArenaMapping, open_memory, read_memory, write_memory
 from mckmpi.offload.seccomp import IOCTL_NOTIF_ID_VALID, pidfd_getfd, pidfd_open
 
 #: a handler result that is not a syscall result: let the kernel run the call in the rank
@@ -168,7 +168,7 @@ class Tracee:
     serving loop (`loop.Emulator`) runs them."""
 
     def __init__(self, *, rank: int, pid: int, listener: int, fd_base: int, policy: Policy,
-                 arena: Arena | None, log: Callable[[str], None]) -> None:
+                 arena: ArenaMapping | None, log: Callable[[str], None]) -> None:
         self.rank = rank
         self.pid = pid
         self.listener = listener
