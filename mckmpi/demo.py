@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mckmpi.errors import UsageError
-from mckmpi.launchers import command, root_env
+from mckmpi.jobs.launchers import command, root_env
 
 if TYPE_CHECKING:
     from mckmpi.background import NoiseSource

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from mckmpi import slurm
+from mckmpi.jobs import slurm
 from mckmpi.errors import UsageError
 from mckmpi.trace.reader import open_run
 
@@ -82,7 +82,7 @@ def write_script(path: Path, body: str) -> Path:
 MPI_PROBE = textwrap.dedent("""
     import json, os
     from mpi4py import MPI
-    from mckmpi.slurm import in_slurm_job
+    from mckmpi.jobs.slurm import in_slurm_job
     comm = MPI.COMM_WORLD
     print(json.dumps({
         "rank": comm.rank, "size": comm.size, "node": os.environ["SLURM_NODEID"],

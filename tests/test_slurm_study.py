@@ -20,9 +20,9 @@ import h5py
 import pytest
 
 from conftest import ROOT, job_env
-from mckmpi import slurm, study
-from mckmpi.node.partition import core_spec_linux_cores
+from mckmpi.jobs import slurm, study
 from mckmpi.node.host import NodeFacts
+from mckmpi.node.partition import core_spec_linux_cores
 from mckmpi.trace.reader import open_run
 
 SLURM_UP = ROOT / "launch" / "slurm-up"

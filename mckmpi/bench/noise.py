@@ -32,9 +32,9 @@ from mckmpi.bench import write_result
 from mckmpi.analysis import noise as noise_stats
 from mckmpi.bench.report import launch_env
 from mckmpi.demo import NOISE, app_path, demo_noise
-from mckmpi.launchers import command
-from mckmpi.node.partition import plan_node
+from mckmpi.jobs.launchers import command
 from mckmpi.node.host import read_host
+from mckmpi.node.partition import plan_node
 from mckmpi.trace.reader import open_run
 
 CASES = ("quiet", "noise-on-linux-cores", "noise-on-lwk-core", "quiet-fifo")

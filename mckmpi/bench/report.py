@@ -29,7 +29,7 @@ import time
 import numpy as np
 
 from mckmpi.bench import write_result
-from mckmpi.launchers import command
+from mckmpi.jobs.launchers import command
 
 RANKS = 4
 QUANTUM_NS = 1_000_000

@@ -27,7 +27,7 @@ import tempfile
 from mckmpi.bench import write_result
 from mckmpi.bench.report import launch_env
 from mckmpi.demo import app_path
-from mckmpi.launchers import command
+from mckmpi.jobs.launchers import command
 from mckmpi.trace.reader import open_run
 
 RANKS = 2

@@ -1,7 +1,7 @@
 """`mckmpi study plan | submit | status | run`: scaling and noise studies as Slurm jobs.
 
 The actions join `collect` and `plot` under the one `study` command (`@study_action`);
-the work lives in `mckmpi.study`, which these functions call and whose results they print.
+the work lives in `mckmpi.jobs.study`, which these functions call and whose results they print.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ strong: the global grid, --size), fwq samples per rank, detour seconds of spinni
 
 @_build_plan.run
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from mckmpi import study
+    from mckmpi.jobs import study
 
     req = study.Request(
         app=args.app, nodes=study.parse_nodes(args.nodes), ranks_per_node=args.ranks_per_node,
@@ -98,7 +98,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _split(text: str, name: str) -> list[str]:
-    from mckmpi.study import StudyError
+    from mckmpi.jobs.study import StudyError
 
     try:
         return shlex.split(text)
@@ -113,7 +113,7 @@ def _build_submit(p: argparse.ArgumentParser) -> None:
 
 @_build_submit.run
 def _cmd_submit(args: argparse.Namespace) -> int:
-    from mckmpi import study
+    from mckmpi.jobs import study
 
     submitted = study.submit(args.directory, echo=lambda line: print(line, flush=True))
     if not submitted:
@@ -133,7 +133,7 @@ def _build_status(p: argparse.ArgumentParser) -> None:
 
 @_build_status.run
 def _cmd_status(args: argparse.Namespace) -> int:
-    from mckmpi import study
+    from mckmpi.jobs import study
 
     if args.wait is not None:
         states = study.wait(args.directory, args.wait)
@@ -164,7 +164,7 @@ def _build_run(p: argparse.ArgumentParser) -> None:
 
 @_build_run.run
 def _cmd_run(args: argparse.Namespace) -> int:
-    from mckmpi import study
+    from mckmpi.jobs import study
 
     states = study.run_local(args.directory, echo=lambda line: print(line, flush=True),
                              timeout=args.timeout)

@@ -39,18 +39,19 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
-from mckmpi import config, slurm
+from mckmpi import config
 from mckmpi.errors import PartitionError, UsageError
-from mckmpi.launchers import command, root_env
-from mckmpi.node.partition import core_spec_linux_cores, node_facts, plan_node
+from mckmpi.jobs import slurm
+from mckmpi.jobs.launchers import command, root_env
 from mckmpi.node.host import NodeFacts, read_host
+from mckmpi.node.partition import core_spec_linux_cores, node_facts, plan_node
 from mckmpi.utility.units import format_cpulist, parse_cpulist
 
 SCHEMA = "mckmpi.study-plan"
 VERSION = 1
 MANIFEST = "study.json"
-TEMPLATES = Path(__file__).resolve().parent.parent / "slurm"
-APPS_DIR = Path(__file__).resolve().parent.parent / "apps"
+TEMPLATES = Path(__file__).resolve().parents[2] / "slurm"
+APPS_DIR = Path(__file__).resolve().parents[2] / "apps"
 MODES = ("linux", "lwk")
 SCALING_APPS = ("stencil", "cg")
 #: The app option that --size sets: noise benchmarks measure for longer, mini-apps compute more.
