@@ -100,6 +100,29 @@ def options(*sections: str) -> list[Option]:
     return [o for o in _REGISTRY.values() if o.section in sections]
 
 
+def to_argv(values: Mapping[str, Any]) -> list[str]:
+    """Option values (name -> value, as `resolve` or `Option.convert` gives them) as the
+    command-line flags that set them again: how a launcher hands typed options to `mckmpi run`."""
+    from mckmpi.utility.units import format_cpulist
+
+    argv: list[str] = []
+    for name, value in values.items():
+        opt = _REGISTRY.get(name)
+        if opt is None:
+            raise UsageError(f"unknown option {name!r}")
+        if value is None or (opt.flag and not value):
+            continue
+        argv.append(opt.cli_flags[0])
+        if opt.flag:
+            continue
+        if isinstance(value, tuple):  # a CPU list
+            text = format_cpulist(value)
+            argv.append(f"{text}-{text}" if text.isdigit() else text)
+        else:
+            argv.append(str(value))
+    return argv
+
+
 def add_arguments(parser: argparse.ArgumentParser, *sections: str) -> None:
     """One argument group per section; defaults are left out so `resolve` can layer them."""
     for section in sections:
@@ -178,6 +201,10 @@ def to_env(settings: Settings) -> dict[str, str]:
         opt = _REGISTRY[name]
         out[opt.env] = ("1" if value else "0") if opt.flag else str(value)
     return out
+
+
+#: The sections of `mckmpi run`: every place that accepts run options reads them from here.
+RUN_SECTIONS = ("partition", "lwk", "offload", "run")
 
 
 # --- declarations -------------------------------------------------------------------------

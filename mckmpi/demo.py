@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mckmpi.errors import UsageError
-from mckmpi.jobs.launchers import command, root_env
+from mckmpi.jobs.launchers import Job
 
 if TYPE_CHECKING:
     from mckmpi.background import NoiseSource
@@ -58,26 +58,29 @@ def demo_noise(cpus: Sequence[int] | None) -> NoiseSource:
                        write_bytes=int(NOISE["write_bytes"]))
 
 
-def launch(nranks: int, run_args: list[str], app: list[str], *, oversubscribe: bool = False,
-           timeout: float = 600, quiet: bool = False) -> subprocess.CompletedProcess:
-    """Start `mckmpi run RUN_ARGS -- APP` as `nranks` ranks and wait."""
-    cmd = command("mpiexec", nranks, [sys.executable, "-m", "mckmpi", "run", *run_args, "--", *app],
-                  oversubscribe=oversubscribe)
+def launch(job: Job, timeout: float = 600, quiet: bool = False) -> subprocess.CompletedProcess:
+    """Start `job` through mpiexec and wait (its output captured when `quiet`)."""
     output = subprocess.PIPE if quiet else None
-    return subprocess.run(cmd, env=root_env(), timeout=timeout, check=False, text=True,
-                          stdout=output, stderr=output)
+    return job.render("mpiexec").run(timeout, text=True, stdout=output, stderr=output)
 
 
 @dataclass(frozen=True)
-class Job:
+class DemoRun:
+    """One run of the study: an app in one mode on `ranks` ranks."""
+
     app: str
     mode: str
     ranks: int
     args: tuple[str, ...]
     oversubscribe: bool = False
 
+    def job(self, out: Path) -> Job:
+        """The job that runs it, its run file at `out`."""
+        return Job((str(app_path(self.app)), *self.args), self.ranks,
+                   {"mode": self.mode, "out": str(out)}, oversubscribe=self.oversubscribe)
 
-def layout(cpus: int, samples: int, detour_s: float) -> list[Job]:
+
+def layout(cpus: int, samples: int, detour_s: float) -> list[DemoRun]:
     """The jobs for a host with `cpus` CPUs: linux mode on every core, lwk mode on the cores
     left after one Linux core (the stencil keeps its rank count and oversubscribes)."""
     if cpus < 2:
@@ -87,10 +90,10 @@ def layout(cpus: int, samples: int, detour_s: float) -> list[Job]:
     detour = ("--duration-s", f"{detour_s:g}")
     stencil = ("--local", "256x256", "--iterations", "300", "--scaling", "weak")
     return [
-        Job("fwq", "linux", cpus, fwq), Job("fwq", "lwk", lwk, fwq),
-        Job("detour", "linux", cpus, detour), Job("detour", "lwk", lwk, detour),
-        Job("stencil", "linux", cpus, stencil),
-        Job("stencil", "lwk", cpus, stencil, oversubscribe=cpus > lwk),
+        DemoRun("fwq", "linux", cpus, fwq), DemoRun("fwq", "lwk", lwk, fwq),
+        DemoRun("detour", "linux", cpus, detour), DemoRun("detour", "lwk", lwk, detour),
+        DemoRun("stencil", "linux", cpus, stencil),
+        DemoRun("stencil", "lwk", cpus, stencil, oversubscribe=cpus > lwk),
     ]
 
 
@@ -121,12 +124,8 @@ def demo(out: str, samples: int = 3000, detour_s: float = 3.0) -> int:
         print(f"[{i}/{len(jobs)} {time.monotonic() - started:5.1f}s] {job.app}, {job.mode} mode, "
               f"{job.ranks} rank(s){', oversubscribed' if job.oversubscribe else ''}; "
               f"noise {where}", flush=True)
-        run_args = ["--mode", job.mode, "--out", str(path)]
-        if job.oversubscribe:
-            run_args.append("--oversubscribe")
         with demo_noise(None if job.mode == "linux" else linux_cpus):
-            proc = launch(job.ranks, run_args, [str(app_path(job.app)), *job.args],
-                          oversubscribe=job.oversubscribe, quiet=True)
+            proc = launch(job.job(path), quiet=True)
         if proc.returncode != 0:
             sys.stderr.write(proc.stdout + proc.stderr)
             print(f"mckmpi: demo job {job.app} ({job.mode}) failed with exit status "

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+
+from mckmpi.jobs import launchers
+from mckmpi.jobs.launchers import Job
 
 ROOT = Path(__file__).resolve().parent.parent
 APPS = ROOT / "apps"
@@ -26,29 +27,25 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def job_env(**extra: str) -> dict[str, str]:
-    """The environment of a test job: Open MPI may run as root; no MCKMPI_* from the caller."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MCKMPI_", "OMPI_COMM_WORLD", "PMI"))}
-    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    env.update(extra)
-    return env
+    """The environment of a test job: the one policy of every job (`launchers.job_env`)."""
+    return launchers.job_env(extra)
 
 
 def mckmpi(*args: str, timeout: float = 60, env: dict[str, str] | None = None,
            cwd: Path | None = None) -> subprocess.CompletedProcess:
     """`mckmpi ARGS` as a subprocess (one rank or a plain command)."""
-    return subprocess.run([sys.executable, "-m", "mckmpi", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env or job_env(), cwd=cwd)
+    launch = Job(("-m", "mckmpi", *args), options=None).render("local")
+    return subprocess.run(launch.argv, capture_output=True, text=True, timeout=timeout,
+                          env=env or launch.env, cwd=cwd)
 
 
 def mpirun(n: int, *args: str, timeout: float = 90, env: dict[str, str] | None = None,
            oversubscribe: bool = False, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """`mpiexec -n N python -m mckmpi ARGS`, killed (with its ranks) after `timeout`."""
-    cmd = ["mpiexec", "-n", str(n), "--bind-to", "none"]
-    if oversubscribe:
-        cmd.append("--oversubscribe")
-    cmd += [sys.executable, "-m", "mckmpi", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          env=env or job_env(), cwd=cwd)
+    launch = Job(("-m", "mckmpi", *args), n, options=None,
+                 oversubscribe=oversubscribe).render("mpiexec")
+    return subprocess.run(launch.argv, capture_output=True, text=True, timeout=timeout,
+                          env=env or launch.env, cwd=cwd)
 
 
 @pytest.fixture

@@ -13,13 +13,12 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import h5py
 import pytest
 
-from conftest import ROOT, job_env
+from conftest import ROOT, job_env, mckmpi
 from mckmpi.jobs import slurm, study
 from mckmpi.node.host import NodeFacts
 from mckmpi.node.partition import core_spec_linux_cores
@@ -45,7 +44,7 @@ def run(argv: list, timeout: float = 60, **kw) -> subprocess.CompletedProcess[st
 
 
 def mck(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return run([sys.executable, "-m", "mckmpi", *args], timeout=timeout, env=env)
+    return mckmpi(*args, env=env, timeout=timeout)
 
 
 def node(**changes: object) -> slurm.NodeInfo:
@@ -116,6 +115,25 @@ def test_local_points_become_virtual_nodes():
         study.local_adjust("p", "linux", 5, 1, {}, host)
 
 
+def test_run_args_take_every_section_of_mckmpi_run():
+    """--run-args accepts what `mckmpi run` accepts, offload options included, typed."""
+    given = study.parse_run_args(["--offload", "none", "--mem", "32M", "--lwk-cores", "1,2",
+                                  "--rank-policy", "fifo", "--trace-writer", "gather"])
+    assert given == {"offload": "none", "mem": 32 * 2**20, "lwk_cores": (1, 2),
+                     "rank_policy": "fifo", "trace_writer": "gather"}
+    with pytest.raises(study.StudyError, match="--offload: invalid choice: 'all'"):
+        study.parse_run_args(["--offload", "all"])
+
+
+def test_local_plan_with_offload_run_args(tmp_path):
+    out = tmp_path / "s"
+    res = mck("study", "plan", "--local", "--app", "fwq", "--nodes", "1", "--ranks-per-node",
+              "1", "--run-args", "--offload none", "--out", str(out), env=job_env())
+    assert res.returncode == 0, res.stderr
+    assert json.loads((out / "study.json").read_text())["request"]["run_args"] == [
+        "--offload", "none"]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--app", "cg", "--nodes", "1"], "--scaling weak or strong is needed for a cg study"),
     (["--app", "fwq", "--nodes", "1", "--scaling", "weak"], "--scaling is for stencil and cg"),
@@ -162,7 +180,7 @@ def test_local_study_run_then_collect(tmp_path):
         ("linux", 1), ("linux", 2), ("lwk", 1), ("lwk", 2)]
     assert all(r["verified"] == 1 and r["scaling"] == b"strong" for r in runs)
     status = mck("study", "status", str(out), env=env)
-    assert status.returncode == 0 and status.stdout.count("LOCAL COMPLETED") == 4
+    assert status.returncode == 0 and status.stdout.count(" local ") == 4 and status.stdout.count("COMPLETED") == 4
     # A local plan is not for Slurm: submitting it says so and submits nothing.
     sub = mck("study", "submit", str(out), env=env)
     assert sub.returncode == 2 and "planned with --local" in sub.stderr

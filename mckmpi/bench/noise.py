@@ -22,17 +22,14 @@ import os
 import pathlib
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 from collections.abc import Callable
 from typing import Any
 
 from mckmpi.bench import write_result
 from mckmpi.analysis import noise as noise_stats
-from mckmpi.bench.report import launch_env
 from mckmpi.demo import NOISE, app_path, demo_noise
-from mckmpi.jobs.launchers import command
+from mckmpi.jobs.launchers import Job
 from mckmpi.node.host import read_host
 from mckmpi.node.partition import plan_node
 from mckmpi.trace.reader import open_run
@@ -41,10 +38,8 @@ CASES = ("quiet", "noise-on-linux-cores", "noise-on-lwk-core", "quiet-fifo")
 
 
 def _job(app: list[str], policy: str, out: pathlib.Path) -> None:
-    job = [sys.executable, "-m", "mckmpi", "run", "--mode", "lwk", "--rank-policy", policy,
-           "--out", str(out), "--", *app]
-    proc = subprocess.run(command("mpiexec", 1, job), capture_output=True, text=True,
-                          timeout=600, env=launch_env())
+    job = Job(tuple(app), 1, {"mode": "lwk", "rank_policy": policy, "out": str(out)})
+    proc = job.render("mpiexec").run(600, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(app[:1])} failed:\n{proc.stderr[-2000:]}")
 

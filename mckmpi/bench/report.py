@@ -21,7 +21,6 @@ import json
 import os
 import pathlib
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,7 +28,7 @@ import time
 import numpy as np
 
 from mckmpi.bench import write_result
-from mckmpi.jobs.launchers import command
+from mckmpi.jobs.launchers import Job
 
 RANKS = 4
 QUANTUM_NS = 1_000_000
@@ -98,49 +97,21 @@ def _app(argv: list[str]) -> None:
     ctx.tracer.attrs("noise", fwq_quantum_ns=QUANTUM_NS, fwq_reps=1, timer_cost_ns=20)
 
 
-def launch_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MCKMPI_")}
-    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    return env
-
-
 def generate(path: pathlib.Path, samples_per_rank: int, writer: str) -> float:
     """Write the run file with a real job; returns its wall time in seconds."""
-    job = [
-        sys.executable,
-        "-m",
-        "mckmpi",
-        "run",
-        "--mode",
-        "linux",
-        "--oversubscribe",
-        "--trace-writer",
-        writer,
-        "--out",
-        str(path),
-        "-m",
-        "mckmpi.bench.report",
-        "--",
-        "--samples",
-        str(samples_per_rank),
-    ]
-    cmd = command("mpiexec", RANKS, job, oversubscribe=True)
+    job = Job(("-m", "mckmpi.bench.report", "--samples", str(samples_per_rank)), RANKS,
+              {"mode": "linux", "trace_writer": writer, "out": str(path)}, oversubscribe=True)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=launch_env(), capture_output=True, text=True, timeout=1800)
+    proc = job.render("mpiexec").run(1800, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"generating {path} failed:\n{proc.stderr[-2000:]}")
     return time.perf_counter() - t0
 
 
 def _measure(kind: str, path: pathlib.Path, plots: pathlib.Path) -> dict:
+    job = Job(("-c", _MEASURE, kind, str(path), str(plots)), options=None)
     t0 = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-c", _MEASURE, kind, str(path), str(plots)],
-        capture_output=True,
-        text=True,
-        timeout=1800,
-        env=launch_env(),
-    )
+    proc = job.render("local").run(1800, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"{kind} on {path} failed:\n{proc.stderr[-2000:]}")

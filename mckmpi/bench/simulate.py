@@ -18,8 +18,6 @@ import os
 import pathlib
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 
@@ -27,7 +25,8 @@ import numpy as np
 
 from mckmpi.bench import write_result
 from mckmpi.analysis import simulate
-from mckmpi.bench.report import generate, launch_env
+from mckmpi.bench.report import generate
+from mckmpi.jobs.launchers import Job
 from mckmpi.trace.reader import open_run
 
 RANKS = 10**6
@@ -56,23 +55,11 @@ def run(out_dir: pathlib.Path, quick: bool = False) -> dict:
     try:
         path = work / "noise.h5"
         generate(path, samples_per_rank, "parallel")
-        cmd = [
-            sys.executable,
-            "-m",
-            "mckmpi",
-            "simulate",
-            "--from",
-            str(path),
-            "--ranks",
-            "1e3,1e4,1e5,1e6",
-            "--work-us",
-            str(WORK_US),
-            "--iterations",
-            str(ITERATIONS),
-            "--json",
-        ]
+        args = ["simulate", "--from", str(path), "--ranks", "1e3,1e4,1e5,1e6",
+                "--work-us", str(WORK_US), "--iterations", str(ITERATIONS), "--json"]
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=launch_env())
+        proc = Job(("-m", "mckmpi", *args), options=None).render("local").run(
+            600, capture_output=True, text=True)
         command_s = time.perf_counter() - t0
         if proc.returncode != 0:
             raise RuntimeError(f"mckmpi simulate failed:\n{proc.stderr[-2000:]}")
@@ -101,7 +88,7 @@ def run(out_dir: pathlib.Path, quick: bool = False) -> dict:
         "iterations": ITERATIONS,
         "noise_windows": dist.count,
         "goal": "10^6 ranks x 10^4 iterations under 2 s",
-        "command": " ".join(["mckmpi", *cmd[3:]]).replace(str(path), "FILE"),
+        "command": " ".join(["mckmpi", *args]).replace(str(path), "FILE"),
         "command_seconds": command_s,
         "trace_load_seconds": load_s,
         "library_seconds_1e6_ranks": library_s,

@@ -20,14 +20,11 @@ import pathlib
 import re
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 
 from mckmpi.bench import write_result
-from mckmpi.bench.report import launch_env
 from mckmpi.demo import app_path
-from mckmpi.jobs.launchers import command
+from mckmpi.jobs.launchers import Job
 from mckmpi.trace.reader import open_run
 
 RANKS = 2
@@ -38,11 +35,9 @@ _REPS = re.compile(r"\((\d+)\s+(?:reps\b|x\s)")
 def _job(app: str, args: list[str], traced: bool, out: pathlib.Path) -> str:
     """Run apps/APP.py as a RANKS-rank job, under `mckmpi run --mode linux` or bare; its
     standard output."""
-    cmd = [str(app_path(app)), *args]
-    if traced:
-        cmd = ["-m", "mckmpi", "run", "--mode", "linux", "--out", str(out), "--", *cmd]
-    proc = subprocess.run(command("mpiexec", RANKS, [sys.executable, *cmd]), capture_output=True,
-                          text=True, timeout=600, env=launch_env())
+    job = Job((str(app_path(app)), *args), RANKS,
+              {"mode": "linux", "out": str(out)} if traced else None)
+    proc = job.render("mpiexec").run(600, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{app} ({'traced' if traced else 'bare'}) failed:\n{proc.stderr[-2000:]}")
     return proc.stdout

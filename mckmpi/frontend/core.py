@@ -30,7 +30,7 @@ other executables run as the rank's child (pinned, offloaded, traced; a failure 
 job), and an MPI executable is the rank itself, exec'd after pinning. One HDF5 run file per
 job goes to --out.""")
 def _build_run(p: argparse.ArgumentParser) -> None:
-    config.add_arguments(p, "partition", "lwk", "offload", "run")
+    config.add_arguments(p, *config.RUN_SECTIONS)
     p.add_argument("-m", dest="module", metavar="MODULE", help="run a Python module as the app")
     p.add_argument("app", nargs=argparse.REMAINDER, help="-- APP [ARGS...]")
 
@@ -42,7 +42,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     app_argv = args.app[1:] if args.app[:1] == ["--"] else args.app
     try:
-        settings = config.resolve(args, "partition", "lwk", "offload", "run")
+        settings = config.resolve(args, *config.RUN_SECTIONS)
         app = resolve_app(app_argv, args.module)
         return run(settings, app, ["mckmpi", *sys.argv[1:]])
     except UsageError as exc:

@@ -139,13 +139,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
         states = study.wait(args.directory, args.wait)
     else:
         states = study.status(args.directory)
-    rows = [[s.name, s.job_id or "-", s.state,
+    rows = [[s.name, s.job_id or ("local" if s.backend == "local" else "-"), s.state,
              "-" if s.exit_code is None else s.exit_code, s.log or "-", s.detail or ""]
             for s in states]
     print(render(("point", "job", "state", "exit", "log", "note"), rows,
                  title=f"study {Path(args.directory)}: {len(rows)} points"))
-    bad = [s for s in states if s.final and s.job_id and not s.ok]
-    bad += [s for s in states if s.state.startswith("LOCAL") and not s.ok]
+    bad = [s for s in states if s.failed]
     waiting = [s for s in states if not s.final]
     if bad:
         print(f"\n{len(bad)} failed: {', '.join(s.name for s in bad)}")

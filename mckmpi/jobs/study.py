@@ -4,8 +4,9 @@
 anything exists, then writes one job script per point, rendered from the templates in
 slurm/, and a manifest (`study.json`) into the study directory. `submit` hands the scripts
 to sbatch and records the job ids; `status` reads each job's state, exit code and log back
-from Slurm; `run_local` executes the same points on this host through mpiexec, each Slurm
-node becoming a virtual node (`mckmpi run --vnodes`). Every run file lands in DIR/runs, so
+from Slurm; `run_local` executes the same points on this host as `Job`s through mpiexec,
+each Slurm node becoming a virtual node (`mckmpi run --vnodes`); `status` reports the points
+of either kind as `PointState`s. Every run file lands in DIR/runs, so
 `mckmpi study collect DIR` gathers the study.
 
 A study directory::
@@ -42,7 +43,7 @@ from typing import Any
 from mckmpi import config
 from mckmpi.errors import PartitionError, UsageError
 from mckmpi.jobs import slurm
-from mckmpi.jobs.launchers import command, root_env
+from mckmpi.jobs.launchers import Job, Launch
 from mckmpi.node.host import NodeFacts, read_host
 from mckmpi.node.partition import core_spec_linux_cores, node_facts, plan_node
 from mckmpi.utility.units import format_cpulist, parse_cpulist
@@ -151,7 +152,7 @@ def parse_modes(text: str) -> tuple[str, ...]:
 def parse_run_args(args: Sequence[str]) -> dict[str, Any]:
     """The `mckmpi run` options in --run-args, checked and converted (name -> value)."""
     parser = argparse.ArgumentParser(prog="--run-args", add_help=False, exit_on_error=False)
-    config.add_arguments(parser, "partition", "lwk", "run")
+    config.add_arguments(parser, *config.RUN_SECTIONS)
     try:
         ns, extra = parser.parse_known_args(list(args))
     except argparse.ArgumentError as exc:
@@ -161,7 +162,7 @@ def parse_run_args(args: Sequence[str]) -> dict[str, Any]:
     own = [f"--{n.replace('_', '-')}" for n in OWN_RUN_OPTIONS if n in vars(ns)]
     if own:
         raise StudyError(f"--run-args: {', '.join(own)} is set by the plan for every point")
-    opts = {o.name: o for o in config.options("partition", "lwk", "run")}
+    opts = {o.name: o for o in config.options(*config.RUN_SECTIONS)}
     try:
         return {name: opts[name].convert(raw, "--run-args") for name, raw in vars(ns).items()}
     except UsageError as exc:
@@ -491,54 +492,73 @@ def submit(study_dir: str | os.PathLike[str], env: Mapping[str, str] | None = No
     return todo
 
 
+#: A point no backend has started yet; one whose Slurm job left no record anywhere.
+NOT_SUBMITTED, UNKNOWN = "NOT SUBMITTED", "UNKNOWN"
+
+
 @dataclass(frozen=True)
 class PointState:
-    """A point's job as Slurm (or the local run) last reported it."""
+    """A point's job as its backend last reported it, in Slurm's vocabulary of job states
+    (COMPLETED, FAILED, PENDING, ...) whether Slurm or this host (`study run`) ran it."""
 
     name: str
-    job_id: str | None
+    backend: str  # "slurm" or "local": where the point runs
+    job_id: str | None  # the Slurm job; None for local points and unsubmitted ones
     state: str
     exit_code: int | None
     log: str | None
-    detail: str  # the reason while pending, the log's last line after a failure
+    detail: str  # the reason while pending, the log's first error after a failure
+
+    @property
+    def started(self) -> bool:
+        return self.state != NOT_SUBMITTED
 
     @property
     def final(self) -> bool:
-        return self.state in slurm.FINAL_STATES or self.state.startswith("LOCAL") or \
-            self.job_id is None
+        """Nothing will change without the user: finished, or never started."""
+        return self.state in slurm.FINAL_STATES or not self.started
 
     @property
     def ok(self) -> bool:
-        return self.state in ("COMPLETED", "LOCAL COMPLETED")
+        return self.state == "COMPLETED"
+
+    @property
+    def failed(self) -> bool:
+        return self.state in slurm.FINAL_STATES and not self.ok
 
 
 def status(study_dir: str | os.PathLike[str],
            env: Mapping[str, str] | None = None) -> list[PointState]:
     """The state, exit code and log of every point's job."""
     study_dir = Path(study_dir)
-    return [point_state(study_dir, p, env) for p in load(study_dir)["points"]]
+    manifest = load(study_dir)
+    return [point_state(study_dir, p, manifest["target"], env) for p in manifest["points"]]
 
 
-def point_state(study_dir: Path, point: Mapping[str, Any],
+def point_state(study_dir: Path, point: Mapping[str, Any], target: str,
                 env: Mapping[str, str] | None) -> PointState:
-    if not point["job_id"]:
+    """The state of one point of a study planned for `target` ("slurm" or "local")."""
+    name = point["name"]
+    if target == "local":
         local = point.get("local")
         if not local:
-            return PointState(point["name"], None, "NOT SUBMITTED", None, None, "")
+            return PointState(name, target, None, NOT_SUBMITTED, None, None, "")
         log = str(study_dir / local["log"])
         failed = local["exit_code"] != 0
-        return PointState(point["name"], None, "LOCAL " + ("FAILED" if failed else "COMPLETED"),
+        return PointState(name, target, None, "FAILED" if failed else "COMPLETED",
                           local["exit_code"], log, first_error(log) if failed else "")
+    if not point["job_id"]:
+        return PointState(name, target, None, NOT_SUBMITTED, None, None, "")
     job = str(point["job_id"])
     try:
         st = slurm.job_state(job, env)
     except slurm.JobNotFound:
-        return PointState(point["name"], job, "UNKNOWN", None, None,
+        return PointState(name, target, job, UNKNOWN, None, None,
                           "no record in scontrol, sacct or the job completion log")
     log = st["stdout"] or str(study_dir / point["log"].replace("%j", job))
     failed = st["state"] in slurm.FINAL_STATES and st["state"] != "COMPLETED"
     detail = first_error(log) if failed else (st["reason"] or "")
-    return PointState(point["name"], job, st["state"], st["exit_code"], log, detail)
+    return PointState(name, target, job, st["state"], st["exit_code"], log, detail)
 
 
 def wait(study_dir: str | os.PathLike[str], timeout: float, poll: float = 1.0,
@@ -602,6 +622,8 @@ def run_local(study_dir: str | os.PathLike[str], echo: Callable[[str], None] = p
     study_dir = Path(study_dir).absolute()
     manifest = load(study_dir)
     given = parse_run_args(manifest["request"]["run_args"])
+    options = {k: v for k, v in given.items() if k != "oversubscribe"}
+    oversubscribe = bool(given.get("oversubscribe"))
     host = read_host(os.environ)
     points = manifest["points"]
     adjusted = [local_adjust(p["name"], p["mode"], p["nodes"], p["ranks_per_node"], given, host)
@@ -613,22 +635,21 @@ def run_local(study_dir: str | os.PathLike[str], echo: Callable[[str], None] = p
         tag = f"[{i}/{len(points)}] {point['name']}"
         run_file = f"runs/{point['name']}-local.h5"
         log = f"logs/{point['name']}-local.out"
-        argv = [sys.executable, "-m", "mckmpi", "run", "--mode", point["mode"],
-                *point["run_args"], *adj.run_args, "--out", str(study_dir / run_file), "--",
-                manifest["app_path"], *point["app_args"]]
-        cmd = command("mpiexec", point["ranks"], argv, oversubscribe=adj.oversubscribe)
+        job = Job((manifest["app_path"], *point["app_args"]), point["ranks"],
+                  {**options, "mode": point["mode"], "out": str(study_dir / run_file)},
+                  vnodes=point["nodes"], oversubscribe=oversubscribe or adj.oversubscribe)
         echo(f"{tag}: {point['ranks']} ranks on {point['nodes']} "
              f"{'virtual node' if point['nodes'] == 1 else 'virtual nodes'}, {point['mode']} mode"
              + "".join(f"; {n}" for n in adj.notes))
         started = time.monotonic()
-        code = _run_logged(cmd, study_dir / log, study_dir, timeout)
+        code = _run_logged(job.render("mpiexec"), study_dir / log, study_dir, timeout)
         seconds = time.monotonic() - started
         point["local"] = {"exit_code": code, "seconds": round(seconds, 3), "log": log,
                           "run_file": run_file if code == 0 else None,
                           "run_args": adj.run_args, "notes": adj.notes,
                           "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         save(study_dir, manifest)
-        state = point_state(study_dir, point, None)
+        state = point_state(study_dir, point, "local", None)
         states.append(state)
         if code == 0:
             echo(f"{tag}: completed in {seconds:.1f} s, run file {run_file}")
@@ -638,13 +659,13 @@ def run_local(study_dir: str | os.PathLike[str], echo: Callable[[str], None] = p
     return states
 
 
-def _run_logged(cmd: list[str], log: Path, cwd: Path, timeout: float) -> int:
+def _run_logged(launch: Launch, log: Path, cwd: Path, timeout: float) -> int:
     """Run a job with its output in `log`; after `timeout` seconds stop it and all its ranks."""
     with open(log, "wb") as out:
-        out.write(f"$ {shlex.join(cmd)}\n".encode())
+        out.write(f"$ {shlex.join(launch.argv)}\n".encode())
         out.flush()
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, cwd=cwd, env=root_env(),
+        proc = subprocess.Popen(launch.argv, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, cwd=cwd, env=launch.env,
                                 start_new_session=True)
         try:
             return proc.wait(timeout=timeout)
