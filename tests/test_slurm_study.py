@@ -115,6 +115,19 @@ def test_local_points_become_virtual_nodes():
         study.local_adjust("p", "linux", 5, 1, {}, host)
 
 
+def test_point_states_of_either_backend_are_one_type(tmp_path):
+    (tmp_path / "p.out").write_text("starting\nmckmpi: error: input deck missing\nabort\n")
+    failed = study.point_state(tmp_path, {"name": "p", "job_id": None, "local": {
+        "exit_code": 3, "log": "p.out"}}, "slurm", None)  # a Slurm plan run on this host
+    assert (failed.backend, failed.state, failed.exit_code) == ("local", "FAILED", 3)
+    assert failed.final and failed.failed and not failed.ok
+    assert failed.detail == "mckmpi: error: input deck missing"
+    waiting = study.point_state(tmp_path, {"name": "q", "job_id": None}, "slurm", None)
+    assert (waiting.backend, waiting.state, waiting.started) == ("slurm", study.NOT_SUBMITTED,
+                                                                 False)
+    assert waiting.final and not waiting.failed
+
+
 def test_run_args_take_every_section_of_mckmpi_run():
     """--run-args accepts what `mckmpi run` accepts, offload options included, typed."""
     given = study.parse_run_args(["--offload", "none", "--mem", "32M", "--lwk-cores", "1,2",

@@ -537,28 +537,27 @@ def status(study_dir: str | os.PathLike[str],
 
 def point_state(study_dir: Path, point: Mapping[str, Any], target: str,
                 env: Mapping[str, str] | None) -> PointState:
-    """The state of one point of a study planned for `target` ("slurm" or "local")."""
+    """The state of one point: from Slurm when it has a job, else from its run on this host
+    (`study run`, also of a plan made for Slurm), else not started on `target` yet."""
     name = point["name"]
-    if target == "local":
-        local = point.get("local")
-        if not local:
-            return PointState(name, target, None, NOT_SUBMITTED, None, None, "")
-        log = str(study_dir / local["log"])
-        failed = local["exit_code"] != 0
-        return PointState(name, target, None, "FAILED" if failed else "COMPLETED",
-                          local["exit_code"], log, first_error(log) if failed else "")
-    if not point["job_id"]:
+    if point["job_id"]:
+        job = str(point["job_id"])
+        try:
+            st = slurm.job_state(job, env)
+        except slurm.JobNotFound:
+            return PointState(name, "slurm", job, UNKNOWN, None, None,
+                              "no record in scontrol, sacct or the job completion log")
+        log = st["stdout"] or str(study_dir / point["log"].replace("%j", job))
+        failed = st["state"] in slurm.FINAL_STATES and st["state"] != "COMPLETED"
+        detail = first_error(log) if failed else (st["reason"] or "")
+        return PointState(name, "slurm", job, st["state"], st["exit_code"], log, detail)
+    local = point.get("local")
+    if not local:
         return PointState(name, target, None, NOT_SUBMITTED, None, None, "")
-    job = str(point["job_id"])
-    try:
-        st = slurm.job_state(job, env)
-    except slurm.JobNotFound:
-        return PointState(name, target, job, UNKNOWN, None, None,
-                          "no record in scontrol, sacct or the job completion log")
-    log = st["stdout"] or str(study_dir / point["log"].replace("%j", job))
-    failed = st["state"] in slurm.FINAL_STATES and st["state"] != "COMPLETED"
-    detail = first_error(log) if failed else (st["reason"] or "")
-    return PointState(name, target, job, st["state"], st["exit_code"], log, detail)
+    log = str(study_dir / local["log"])
+    failed = local["exit_code"] != 0
+    return PointState(name, "local", None, "FAILED" if failed else "COMPLETED",
+                      local["exit_code"], log, first_error(log) if failed else "")
 
 
 def wait(study_dir: str | os.PathLike[str], timeout: float, poll: float = 1.0,
