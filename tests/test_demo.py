@@ -23,6 +23,14 @@ def test_layout_keeps_a_linux_core_and_oversubscribes_only_the_stencil():
         layout(1, 100, 1.0)
 
 
+def test_each_demo_run_is_one_job_of_the_source_trees_app(tmp_path):
+    stencil = {(r.app, r.mode): r for r in layout(2, 100, 1.0)}[("stencil", "lwk")]
+    job = stencil.job(tmp_path / "s.h5")
+    assert (job.ranks, job.oversubscribe, job.vnodes) == (2, True, 1)
+    assert dict(job.options) == {"mode": "lwk", "out": str(tmp_path / "s.h5")}
+    assert job.app[0].endswith("apps/stencil.py") and job.app[1:] == stencil.args
+
+
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the demo needs 2 CPUs")
 def test_demo_runs_compares_and_leaves_nothing_behind(tmp_path):
     out = tmp_path / "demo"
