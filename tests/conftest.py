@@ -1,18 +1,11 @@
-"""Shared test helpers: launching real MPI jobs of `mckmpi run` with timeouts."""
+"""pytest hooks and fixtures; the helpers tests import are in fixtures.py."""
 
 from __future__ import annotations
 
-import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
-
-from mckmpi.jobs import launchers
-from mckmpi.jobs.launchers import Job
-
-ROOT = Path(__file__).resolve().parent.parent
-APPS = ROOT / "apps"
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -26,26 +19,18 @@ def pytest_configure(config: pytest.Config) -> None:
         config.option.basetemp = str(Path(tempfile.gettempdir()) / f"pytest-mckmpi-mpi-rank{rank}")
 
 
-def job_env(**extra: str) -> dict[str, str]:
-    """The environment of a test job: the one policy of every job (`launchers.job_env`)."""
-    return launchers.job_env(extra)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `offload` are skipped, with the reason, on a kernel that cannot offload."""
+    marked = [item for item in items if item.get_closest_marker("offload")]
+    if not marked:
+        return
+    from mckmpi.offload import seccomp
 
-
-def mckmpi(*args: str, timeout: float = 60, env: dict[str, str] | None = None,
-           cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """`mckmpi ARGS` as a subprocess (one rank or a plain command)."""
-    launch = Job(("-m", "mckmpi", *args), options=None).render("local")
-    return subprocess.run(launch.argv, capture_output=True, text=True, timeout=timeout,
-                          env=env or launch.env, cwd=cwd)
-
-
-def mpirun(n: int, *args: str, timeout: float = 90, env: dict[str, str] | None = None,
-           oversubscribe: bool = False, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """`mpiexec -n N python -m mckmpi ARGS`, killed (with its ranks) after `timeout`."""
-    launch = Job(("-m", "mckmpi", *args), n, options=None,
-                 oversubscribe=oversubscribe).render("mpiexec")
-    return subprocess.run(launch.argv, capture_output=True, text=True, timeout=timeout,
-                          env=env or launch.env, cwd=cwd)
+    found = seccomp.probe()
+    if not found["offload_ok"]:
+        skip = pytest.mark.skip(reason=f"kernel cannot offload: {found.get('error', 'no ADDFD')}")
+        for item in marked:
+            item.add_marker(skip)
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import ROOT, job_env, mckmpi, mpirun
+from fixtures import ROOT, job_env, mckmpi, mpirun
 from mckmpi.trace.reader import open_run
 from mckmpi.trace.schema import SCHEMA_VERSION
 from test_analysis import DETOUR_DTYPE, offload_calls, study_dir, write_synthetic

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import APPS, job_env, mpirun
+from fixtures import APPS, job_env, mpirun
 
 #: Small, quick arguments for every app.
 APP_ARGS = {

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import APPS, job_env
+from fixtures import APPS, job_env
 from mckmpi.trace.reader import open_run
 from test_apps import LAYOUTS, run_app
 

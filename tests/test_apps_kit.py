@@ -8,7 +8,7 @@ import importlib.util
 import numpy as np
 import pytest
 
-from conftest import APPS
+from fixtures import APPS
 from mckmpi import appkit
 
 

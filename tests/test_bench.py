@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import mckmpi
+from fixtures import mckmpi
 from mckmpi.frontend.bench import _benchmarks
 
 

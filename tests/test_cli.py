@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import APPS, mckmpi, mpirun
+from fixtures import APPS, mckmpi, mpirun
 
 
 def _one_clear_line(proc):

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from conftest import mckmpi
+from fixtures import job_env, job_tag, mckmpi, tagged_processes
 from mckmpi.demo import layout
 from mckmpi.errors import UsageError
 
@@ -34,7 +34,9 @@ def test_each_demo_run_is_one_job_of_the_source_trees_app(tmp_path):
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the demo needs 2 CPUs")
 def test_demo_runs_compares_and_leaves_nothing_behind(tmp_path):
     out = tmp_path / "demo"
-    proc = mckmpi("demo", "--out", str(out), "--samples", "300", "--detour-s", "0.5", timeout=300)
+    tag = job_tag()
+    proc = mckmpi("demo", "--out", str(out), "--samples", "300", "--detour-s", "0.5", timeout=300,
+                  env=job_env(**tag))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "=== summary" in proc.stdout and "linux (A) vs lwk (B)" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
@@ -48,15 +50,4 @@ def test_demo_runs_compares_and_leaves_nothing_behind(tmp_path):
         for mode in ("linux", "lwk"):
             assert (out / f"{app}-{mode}.h5").is_file()
         assert list((out / app).glob("*.png"))
-    left = [p for p in os.listdir("/proc") if p.isdigit() and _cmdline(p).startswith(
-        ("python -m mckmpi.background", "python -m mckmpi proxy"))]
-    assert left == []
-
-
-def _cmdline(pid: str) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            parts = f.read().split(b"\0")
-    except OSError:
-        return ""
-    return " ".join(["python", *(p.decode() for p in parts[1:4])]).strip()
+    assert tagged_processes(tag) == []  # no rank, proxy or noise process of this demo

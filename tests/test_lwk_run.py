@@ -3,7 +3,7 @@
 import h5py
 import pytest
 
-from conftest import APPS, mckmpi, mpirun
+from fixtures import APPS, mckmpi, mpirun
 from mckmpi.utility.units import format_cpulist
 
 PROBE = r'''

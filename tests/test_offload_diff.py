@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_offload_support import (
     NAMES,
-    NEEDS_OFFLOAD,
     NOBODY,
     fork,
     nobody_proxy,
@@ -21,7 +21,7 @@ from test_offload_support import (
 
 from mckmpi.offload import spawn, syscalls
 
-pytestmark = NEEDS_OFFLOAD
+pytestmark = pytest.mark.offload
 
 O = os
 FLAGS = [

@@ -10,13 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
-from test_offload_support import NEEDS_OFFLOAD, NOBODY, attach, fork, nobody_proxy, proxy_fds, scratch
+from test_offload_support import NOBODY, attach, fork, nobody_proxy, proxy_fds, scratch
 
 from mckmpi.offload import client, protocol, spawn
 from mckmpi.offload.errors import OffloadError
 from mckmpi.offload.syscalls import FD_BASE
 
-pytestmark = NEEDS_OFFLOAD
+pytestmark = pytest.mark.offload
 
 MiB = 1 << 20
 

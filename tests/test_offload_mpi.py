@@ -9,10 +9,11 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import job_env
-from test_offload_support import NEEDS_OFFLOAD
+import pytest
 
-pytestmark = NEEDS_OFFLOAD
+from fixtures import job_env
+
+pytestmark = pytest.mark.offload
 
 RANK = """
 import json, os, signal, sys, time

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from test_offload_support import (
-    NEEDS_OFFLOAD,
     attach,
     fork,
     io_counters,
@@ -26,7 +26,7 @@ from mckmpi.offload import accounting, spawn, syscalls
 from mckmpi.offload.policy import Policy
 from mckmpi.offload.syscalls import FD_BASE
 
-pytestmark = NEEDS_OFFLOAD
+pytestmark = pytest.mark.offload
 
 MiB = 1 << 20
 

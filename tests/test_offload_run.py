@@ -8,10 +8,9 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import job_env, mpirun
-from test_offload_support import NEEDS_OFFLOAD
+from fixtures import job_env, mpirun
 
-pytestmark = NEEDS_OFFLOAD
+pytestmark = pytest.mark.offload
 
 APP = """
 import numpy as np, mckmpi

@@ -26,16 +26,12 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-import pytest
 
-from mckmpi.offload import accounting, client, seccomp, server, spawn
+from mckmpi.offload import accounting, client, server, spawn
 from mckmpi.offload.policy import Policy
 from mckmpi.offload.syscalls import FD_BASE
 
 NOBODY = 65534
-#: Module mark of the tests that need a kernel able to offload (`pytestmark = NEEDS_OFFLOAD`).
-NEEDS_OFFLOAD = pytest.mark.skipif(not seccomp.probe()["offload_ok"],
-                                   reason="kernel lacks seccomp user notification with ADDFD")
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 

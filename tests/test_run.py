@@ -8,7 +8,7 @@ from pathlib import Path
 
 import h5py
 
-from conftest import APPS, job_env, mckmpi, mpirun
+from fixtures import APPS, job_env, mckmpi, mpirun
 from mckmpi import app as app_module
 from mckmpi.trace.reader import open_run
 from mckmpi.utility.units import format_cpulist

@@ -18,7 +18,7 @@ from pathlib import Path
 import h5py
 import pytest
 
-from conftest import ROOT, job_env, mckmpi
+from fixtures import ROOT, job_env, mckmpi
 from mckmpi.jobs import slurm, study
 from mckmpi.node.host import NodeFacts
 from mckmpi.node.partition import core_spec_linux_cores

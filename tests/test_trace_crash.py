@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import job_env, mckmpi
+from fixtures import job_env, mckmpi
 from mckmpi.trace.reader import RunFileError, open_run
 
 SAMPLES = 24 << 20  # 192 MiB per rank: the write lasts long enough to be interrupted

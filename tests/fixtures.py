@@ -1,0 +1,62 @@
+"""Helpers shared by the tests: launching `mckmpi` and real MPI jobs with timeouts, and
+finding what a job left behind. Imported as `from fixtures import ...`; the pytest hooks and
+fixtures live in conftest.py."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from pathlib import Path
+
+from mckmpi.jobs import launchers
+from mckmpi.jobs.launchers import Job
+
+ROOT = Path(__file__).resolve().parent.parent
+APPS = ROOT / "apps"
+#: The variable that marks every process of one test job (see `job_tag`, `tagged_processes`).
+TAG_VARIABLE = "MCKMPI_TEST_JOB_TAG"
+
+
+def job_env(**extra: str) -> dict[str, str]:
+    """The environment of a test job: the one policy of every job (`launchers.job_env`)."""
+    return launchers.job_env(extra)
+
+
+def mckmpi(*args: str, timeout: float = 60, env: dict[str, str] | None = None,
+           cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`mckmpi ARGS` as a subprocess (one rank or a plain command)."""
+    launch = Job(("-m", "mckmpi", *args), options=None).render("local")
+    return subprocess.run(launch.argv, capture_output=True, text=True, timeout=timeout,
+                          env=env or launch.env, cwd=cwd)
+
+
+def mpirun(n: int, *args: str, timeout: float = 90, env: dict[str, str] | None = None,
+           oversubscribe: bool = False, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`mpiexec -n N python -m mckmpi ARGS`, killed (with its ranks) after `timeout`."""
+    launch = Job(("-m", "mckmpi", *args), n, options=None,
+                 oversubscribe=oversubscribe).render("mpiexec")
+    return subprocess.run(launch.argv, capture_output=True, text=True, timeout=timeout,
+                          env=env or launch.env, cwd=cwd)
+
+
+def job_tag() -> dict[str, str]:
+    """An environment entry that every process of a job inherits (ranks, proxies, noise),
+    so `tagged_processes` finds exactly that job's leftovers on a shared machine."""
+    return {TAG_VARIABLE: uuid.uuid4().hex}
+
+
+def tagged_processes(tag: dict[str, str]) -> list[str]:
+    """Command lines of the live processes that carry `tag` in their environment."""
+    needle = f"{TAG_VARIABLE}={tag[TAG_VARIABLE]}".encode()
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if needle not in f.read().split(b"\0"):
+                    continue
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                found.append(f.read().replace(b"\0", b" ").decode(errors="replace").strip())
+        except OSError:
+            continue  # ended meanwhile, or a kernel thread
+    return found
