@@ -137,7 +137,7 @@ def _run_in_mpi(settings: Settings, app: App, argv: list[str], placement: Placem
             f"ranks of node {placement.node} computed different partition plans "
             f"({'; '.join(sorted({p.describe() for p in plans}))}): their cpusets differ"
         )
-    offloaded = offload.start(settings, policy, placement, plan, node_comm, world)
+    offloaded = offload.start(policy, settings.offload_proxy, placement, plan, node_comm, world)
     if settings.cpuset:
         from mckmpi.node.cpuset import attach, load
 

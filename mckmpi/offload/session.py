@@ -89,19 +89,20 @@ class OffloadRun:
         tracer.scalar("offload", "zero_copy", bool(self.session.zero_copy))
 
 
-def start(settings: Settings, policy: Policy, placement: Placement, plan: NodePlan,
+def start(policy: Policy, proxy_socket: str | None, placement: Placement, plan: NodePlan,
           node_comm: Any, world: Any) -> OffloadRun | None:
     """Start the node's proxy on its Linux cores (node-local rank 0); None when off.
 
     Called right after MPI init, before the rank enters an LWK cpuset or changes its
     scheduling: the proxy is a Linux process and must not inherit either, nor the filter.
-    `policy` is `policy_of(settings)`, found before MPI init.
+    `policy` is `policy_of(settings)`, found before MPI init; `proxy_socket` names a proxy
+    started by hand (--offload-proxy), else the node's local rank 0 starts one.
     """
     if not policy.active:
         return None
     seccomp.require()
-    if settings.offload_proxy:  # started by hand: it may come up a little after the ranks
-        socket = Path(settings.offload_proxy)
+    if proxy_socket:  # started by hand: it may come up a little after the ranks
+        socket = Path(proxy_socket)
         spawn.wait_for_socket(socket, HAND_STARTED_WAIT_S)
         return OffloadRun(policy, socket)
     job_key = world.bcast(_job_key() if placement.rank == 0 else None, root=0)
