@@ -1,0 +1,329 @@
+"""Offload fidelity: a program run as the child of `mckmpi run --mode lwk` behaves exactly as
+the same program run natively -- same results, same errno, same files, byte for byte.
+
+Everything goes through the command line (`python -m mckmpi run --mode lwk -- PROGRAM`
+against `PROGRAM`), so the suite holds whatever the offload's modules are called:
+
+* `fidelity_driver.py` scenarios (privilege drops of a root job's child, limits, paths that
+  name the caller, O_PATH, descriptor numbering, signals, exec, fork, locks, large files,
+  name lengths, ENOSPC/EROFS), as root and as an unprivileged user created for the tests;
+* real programs nobody here wrote (coreutils, findutils, diffutils, git, rsync, sqlite3,
+  gzip, xz, tar, make, Python's compileall/zipfile/tarfile/shutil), in one shell script.
+
+Each side runs once per module (a job start costs seconds); every scenario and program is
+then its own test, comparing its slice of the two runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pwd
+import shutil
+import stat
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import ROOT, job_env
+
+HERE = Path(__file__).resolve().parent
+DRIVER = HERE / "fidelity_driver.py"
+USER = "mckmpi-fidelity"
+#: the scenarios' and programs' interpreter: outside /root, so the test user can run it
+PY3 = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (privilege drops, mounts)")
+
+pytestmark = [pytest.mark.fidelity, pytest.mark.timeout(600)]
+
+
+def _driver_list() -> dict[str, list[str]]:
+    out = subprocess.run([PY3, str(DRIVER), "--list"], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    return json.loads(out)
+
+
+LISTED = _driver_list()
+ALL = LISTED["all"]
+PRIVILEGED = set(LISTED["privileged"])
+UNPRIVILEGED = [n for n in ALL if n not in PRIVILEGED]
+
+
+# --- who runs the jobs -------------------------------------------------------------------------
+
+
+def _test_user() -> tuple[int, int]:
+    """The dedicated unprivileged user (created when root and absent)."""
+    try:
+        pw = pwd.getpwnam(USER)
+    except KeyError:
+        if os.geteuid() != 0:
+            pytest.skip(f"user {USER} does not exist and only root can create it")
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                        USER], check=True, timeout=60, capture_output=True)
+        pw = pwd.getpwnam(USER)
+    return pw.pw_uid, pw.pw_gid
+
+
+def _as_user(uid: int, gid: int) -> list[str]:
+    return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--"]
+
+
+def _mckmpi_for_user(uid: int, gid: int) -> tuple[list[str], dict[str, str]] | str:
+    """An interpreter the test user may run that imports this mckmpi (the venv's may live
+    under /root): PY3 with the venv's packages. A reason string when there is none."""
+    env = job_env(PYTHONPATH=f"{ROOT}:{sysconfig.get_paths()['purelib']}", HOME="/tmp")
+    probe = subprocess.run([*_as_user(uid, gid), PY3, "-c", "import mckmpi, mpi4py, h5py"],
+                           env=env, capture_output=True, text=True, timeout=60, cwd="/tmp")
+    if probe.returncode != 0:
+        return f"user {USER} cannot import mckmpi with {PY3}: {probe.stderr.strip()[-200:]}"
+    return [*_as_user(uid, gid), PY3, "-m", "mckmpi"], env
+
+
+# --- running a side ----------------------------------------------------------------------------
+
+
+def tree(base: Path) -> dict[str, Any]:
+    """Every entry under `base`: type, permission bits, owner, size, content or link target
+    (walked by directory descriptor: paths may be longer than PATH_MAX)."""
+    out: dict[str, Any] = {}
+    for dirpath, dirnames, filenames, dirfd in os.fwalk(base):
+        rel_dir = os.path.relpath(dirpath, base)
+        for name in sorted(dirnames + filenames):
+            st = os.lstat(name, dir_fd=dirfd)
+            rel = os.path.normpath(os.path.join(rel_dir, name))
+            entry: list[Any] = [stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid,
+                                st.st_gid, st.st_size]
+            if stat.S_ISREG(st.st_mode):
+                h = hashlib.sha256()
+                fd = os.open(name, os.O_RDONLY, dir_fd=dirfd)
+                with open(fd, "rb") as f:
+                    while chunk := f.read(1 << 20):
+                        h.update(chunk)
+                entry.append(h.hexdigest()[:16])
+            elif stat.S_ISLNK(st.st_mode):
+                entry.append(os.readlink(name, dir_fd=dirfd))
+            if stat.S_ISDIR(st.st_mode):
+                entry[4] = None  # a directory's size depends on its history, not its content
+            out[rel] = entry
+    return out
+
+
+class Side:
+    """One run of the driver or the programs script: stdout, stderr, status, files."""
+
+    def __init__(self, base: Path, proc: subprocess.CompletedProcess) -> None:
+        self.base = base
+        self.proc = proc
+
+    @property
+    def observations(self) -> dict[str, Any]:
+        lines = self.proc.stdout.strip().splitlines()
+        assert self.proc.returncode == 0 and lines, (
+            f"status {self.proc.returncode}\nstdout: {self.proc.stdout[-2000:]}\n"
+            f"stderr: {self.proc.stderr[-3000:]}")
+        return json.loads(lines[-1])
+
+    def files(self, name: str) -> dict[str, Any]:
+        return tree(self.base / name)
+
+
+def _mount(args: list[str]) -> None:
+    subprocess.run(["mount", *args], check=True, timeout=30, capture_output=True)
+
+
+def _prepare_mounts(base: Path, owner: tuple[int, int]) -> list[Path]:
+    """A 1 MiB tmpfs (`small`) and a read-only bind mount (`ro`) for the ENOSPC/EROFS scenario."""
+    d = base / "enospc_erofs"
+    d.mkdir()
+    (d / "small").mkdir()
+    (d / "ro").mkdir()
+    (d / "ro" / "file").write_bytes(b"read-only\n")
+    uid, gid = owner
+    for p in (d, d / "ro" / "file"):
+        os.chown(p, uid, gid)
+    _mount(["-t", "tmpfs", "-o", f"size=1m,mode=0755,uid={uid},gid={gid}", "tmpfs",
+            str(d / "small")])
+    _mount(["--bind", str(d / "ro"), str(d / "ro")])
+    _mount(["-o", "remount,bind,ro", str(d / "ro")])
+    return [d / "small", d / "ro"]
+
+
+def _umount(points: list[Path]) -> None:
+    for p in points:
+        subprocess.run(["umount", "-l", str(p)], timeout=30, capture_output=True, check=False)
+
+
+class Runs:
+    """Runs each (what, mode, who) once per module and keeps the result."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.done: dict[tuple[str, str, str], Side] = {}
+        self.mounts: list[Path] = []
+
+    def side(self, what: str, mode: str, who: str) -> Side:
+        key = (what, mode, who)
+        if key not in self.done:
+            self.done[key] = self._run(what, mode, who)
+        return self.done[key]
+
+    def _run(self, what: str, mode: str, who: str) -> Side:
+        base = self.tmp / f"{what}-{mode}-{who}"
+        base.mkdir()
+        os.chmod(base, 0o755)
+        out = self.tmp / f"runs-{who}"
+        out.mkdir(exist_ok=True)
+        env = job_env(HOME="/tmp", LC_ALL="C", TZ="UTC")
+        user = None
+        if who == "user":
+            user = _test_user()
+            os.chown(base, *user)
+            os.chown(out, *user)
+        names = ALL if who == "root" else UNPRIVILEGED
+        if what == "scenarios":
+            if os.geteuid() == 0 and "enospc_erofs" in names:
+                self.mounts += _prepare_mounts(base, user or (0, 0))
+            uid, gid = user or _test_user()
+            program = [PY3, str(DRIVER), "--user", f"{uid}:{gid}", str(base), *names]
+        else:
+            program = ["/bin/sh", str(HERE / "fidelity_programs.sh"), str(base)]
+        if mode == "lwk":
+            if user is None:
+                mck: list[str] = [sys.executable, "-m", "mckmpi"]
+            else:
+                found = _mckmpi_for_user(*user)
+                if isinstance(found, str):
+                    pytest.skip(found)
+                mck, env = found[0], {**env, **found[1]}
+            cmd = [*mck, "run", "--mode", "lwk", "--out", str(out), "--", *program]
+        else:
+            cmd = [*(_as_user(*user) if user else []), *program]
+        proc = subprocess.run(cmd, cwd=base, env=env, capture_output=True, text=True,
+                              timeout=400, check=False)
+        side = Side(base, proc)
+        if mode == "lwk":
+            side.run_file = _offloaded_calls(out, proc)  # type: ignore[attr-defined]
+        return side
+
+    def close(self) -> None:
+        _umount(self.mounts)
+
+
+def _offloaded_calls(out: Path, proc: subprocess.CompletedProcess) -> dict[str, int]:
+    """Calls per name in the run file the lwk job wrote (proof the offload was on)."""
+    line = [ln for ln in proc.stderr.splitlines() if "run file" in ln]
+    assert line, f"no run file: status {proc.returncode}\n{proc.stderr[-3000:]}"
+    path = line[-1].rsplit(" ", 1)[-1]
+    rep = subprocess.run([sys.executable, "-m", "mckmpi", "report", "--json", path],
+                         capture_output=True, text=True, timeout=120, check=True, env=job_env())
+    return {row["call"]: row["count"] for row in json.loads(rep.stdout)["offload"]}
+
+
+@pytest.fixture(scope="module")
+def runs() -> Iterator[Runs]:
+    tmp = Path(tempfile.mkdtemp(prefix="mckmpi-fidelity-", dir="/tmp"))
+    os.chmod(tmp, 0o755)
+    r = Runs(tmp)
+    try:
+        yield r
+    finally:
+        r.close()
+        subprocess.run(["chmod", "-R", "u+rwX", str(tmp)], timeout=120, check=False,
+                       capture_output=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _compare(runs: Runs, what: str, who: str, name: str) -> tuple[Any, Any]:
+    native = runs.side(what, "native", who)
+    lwk = runs.side(what, "lwk", who)
+    n_obs, l_obs = native.observations, lwk.observations
+    assert l_obs[name] == n_obs[name], _diff(n_obs[name], l_obs[name])
+    assert lwk.files(name) == native.files(name)
+    assert lwk.run_file.get("openat", 0) > 0, lwk.run_file  # type: ignore[attr-defined]
+    return n_obs[name], l_obs[name]
+
+
+def _diff(native: list[Any], lwk: list[Any]) -> str:
+    lines = ["observations differ (native | lwk):"]
+    for i in range(max(len(native), len(lwk))):
+        a = native[i] if i < len(native) else None
+        b = lwk[i] if i < len(lwk) else None
+        lines.append(("   " if a == b else "!! ") + f"{a!r} | {b!r}")
+    return "\n".join(lines)
+
+
+# --- the scenarios -----------------------------------------------------------------------------
+
+
+@ROOT_ONLY
+@pytest.mark.privileged
+@pytest.mark.parametrize("name", ALL)
+def test_scenario_matches_native_as_root(runs: Runs, name: str) -> None:
+    native, _ = _compare(runs, "scenarios", "root", name)
+    assert native, "a scenario observes something"
+    assert not any(o[0] == "exception" for o in native), native
+
+
+@pytest.mark.parametrize("name", UNPRIVILEGED)
+def test_scenario_matches_native_as_user(runs: Runs, name: str) -> None:
+    if os.geteuid() == 0:
+        who = "user"
+    else:
+        pytest.skip("the unprivileged runs use a dedicated user that root creates")
+    native, _ = _compare(runs, "scenarios", who, name)
+    assert not any(o[0] == "exception" for o in native), native
+
+
+@ROOT_ONLY
+@pytest.mark.privileged
+def test_privilege_drops_are_refused_natively(runs: Runs) -> None:
+    """The comparison means something: natively a dropped child is refused what root may do."""
+    obs = runs.side("scenarios", "native", "root").observations
+    setuid = dict((o[0], o[1:]) for o in obs["setuid"])
+    assert setuid["read other"] == ["err", "EACCES"]
+    assert setuid["read /etc/shadow"] == ["err", "EACCES"]
+    assert setuid["create in rootdir"] == ["err", "EACCES"]
+    assert setuid["unlink root's file in sticky"] == ["err", "EACCES"] or \
+        setuid["unlink root's file in sticky"] == ["err", "EPERM"]
+    chroot = dict((o[0], o[1:]) for o in obs["chroot"])
+    assert chroot["read /etc/hostname"] == ["jail\n"]
+    assert chroot["create by a real path"] == ["err", "ENOENT"]
+    status, out, _ = obs["setpriv"][0]
+    # cat other, cat rootfile, cat shadow, touch, rm, mkdir, >>rootfile (sh: 2), rm in sticky,
+    # cat closed/f, ls closed (2), touch own file in sticky (0)
+    assert out.split() == ["1", "1", "1", "1", "1", "1", "2", "1", "1", "2", "0"], out
+
+
+# --- real programs -----------------------------------------------------------------------------
+
+PROGRAMS = ["coreutils", "findutils", "diffutils", "git", "rsync", "sqlite3", "gzip", "xz",
+            "tar", "make", "compileall", "zipfile", "tarfile", "shutil"]
+NEEDS = {"git": "git", "rsync": "rsync", "sqlite3": "sqlite3", "xz": "xz", "make": "make",
+         "diffutils": "diff", "findutils": "find", "gzip": "gzip", "tar": "tar"}
+
+
+@pytest.mark.programs
+@pytest.mark.parametrize("program", PROGRAMS)
+def test_real_program_matches_native(runs: Runs, program: str) -> None:
+    tool = NEEDS.get(program)
+    if tool and shutil.which(tool) is None:
+        pytest.skip(f"{tool} is not installed (launch/setup installs it)")
+    native = runs.side("programs", "native", "root")
+    lwk = runs.side("programs", "lwk", "root")
+    assert native.proc.returncode == 0, native.proc.stderr[-3000:]
+    assert lwk.proc.returncode == 0, lwk.proc.stderr[-3000:]
+    n_files, l_files = native.files(program), lwk.files(program)
+    assert n_files, f"{program} left nothing to compare"
+    assert (native.base / program / "status").read_text() == "0\n", \
+        (native.base / program / "output").read_text()[-2000:]
+    assert l_files == n_files, {k: (n_files.get(k), l_files.get(k))
+                                for k in set(n_files) | set(l_files)
+                                if n_files.get(k) != l_files.get(k)}
+    assert lwk.run_file.get("openat", 0) > 0  # type: ignore[attr-defined]
