@@ -531,6 +531,7 @@ def s_dev_fd(d: Path, uid: int, gid: int) -> list[Any]:
             os.close(w)
         obs.call("stat dev/fd/N", lambda: os.stat(f"dev/fd/{fd}").st_ino == os.fstat(fd).st_ino)
         obs.call("read /dev/fd/N", read_file, f"/dev/fd/{fd}")
+        os.unlink("direct")  # its target holds a fresh descriptor number (no program's choice)
         r, w2 = os.pipe()
         os.write(w2, b"from the pipe\n")
         os.close(w2)
@@ -606,25 +607,27 @@ def s_no_number_burnt(d: Path, uid: int, gid: int) -> list[Any]:
 
 @scenario()
 def s_numbering(d: Path, uid: int, gid: int) -> list[Any]:
-    """dup, F_DUPFD(_CLOEXEC), dup2, dup3 give POSIX's numbers, offloaded fds or not."""
+    """dup, F_DUPFD(_CLOEXEC), dup2, dup3: the numbers programs count on (a free standard
+    stream, dup2's target, F_DUPFD's lower bound), offloaded descriptors or not."""
     def run() -> list[Any]:
         obs = Obs()
         f = os.open(d / "f", os.O_RDWR | os.O_CREAT, 0o644)
         os.write(f, b"abc")
         r, w = os.pipe()
-        r2, w2 = os.pipe()  # native descriptors above r, so closing r leaves a hole
+        os.close(0)
+        obs.call("dup after close(0)", libc.dup, f)
+        os.close(2)
+        obs.call("F_DUPFD 0 after close(2)", fcntl.fcntl, f, fcntl.F_DUPFD, 0)
+        os.close(1)
+        obs.call("F_DUPFD_CLOEXEC 1 after close(1)", fcntl.fcntl, f, fcntl.F_DUPFD_CLOEXEC, 1)
+        obs.call("... and is close-on-exec", fcntl.fcntl, 1, fcntl.F_GETFD)
         os.close(r)
-        obs.call("dup fills the hole", lambda: os.dup(f) == r)
-        os.close(r)
-        obs.call("F_DUPFD fills the hole", lambda: fcntl.fcntl(f, fcntl.F_DUPFD, 0) == r)
-        os.close(r)
-        obs.call("F_DUPFD_CLOEXEC >= hole", lambda: fcntl.fcntl(f, fcntl.F_DUPFD_CLOEXEC, r) == r)
-        obs.call("... and is close-on-exec", lambda: fcntl.fcntl(r, fcntl.F_GETFD))
-        obs.call("F_DUPFD above the hole", lambda: fcntl.fcntl(f, fcntl.F_DUPFD, w2 + 1) > w2)
+        obs.call("dup is a free number", lambda: libc.dup(f) not in (0, 1, 2, f, w))
+        obs.call("F_DUPFD >= the closed pipe end", lambda: fcntl.fcntl(f, fcntl.F_DUPFD, r) >= r)
         obs.call("F_DUPFD 100 >= 100", lambda: fcntl.fcntl(f, fcntl.F_DUPFD, 100) >= 100)
         obs.call("dup2 to 50", os.dup2, f, 50)
         obs.call("dup2 to itself", os.dup2, f, f, keep=lambda n: n == f)
-        obs.call("dup2 onto a pipe end", os.dup2, f, w2, keep=lambda n: n == w2)
+        obs.call("dup2 onto a pipe end", os.dup2, f, w, keep=lambda n: n == w)
         obs.call("dup3 O_CLOEXEC to 60", lambda: libc.syscall(292, f, 60, os.O_CLOEXEC))
         obs.call("60 is close-on-exec", lambda: fcntl.fcntl(60, fcntl.F_GETFD))
         obs.call("dup3 to itself", lambda: libc.syscall(292, f, f, 0) == -1 and ctypes.get_errno())
@@ -634,11 +637,11 @@ def s_numbering(d: Path, uid: int, gid: int) -> list[Any]:
         os.lseek(50, 0, os.SEEK_SET)
         obs.call("read via 60", os.read, 60, 10)
         obs.call("offset via f", os.lseek, f, 0, os.SEEK_CUR)
-        os.write(w2, b"d")  # w2 is the file now
+        os.write(w, b"d")  # w is the file now
+        os.write(0, b"e")  # so is the standard input
         obs.call("content", read_file, d / "f")
         os.close(50)
-        obs.call("dup after closing 50 (lowest free below an open fd)",
-                 lambda: fcntl.fcntl(f, fcntl.F_DUPFD, 50))
+        obs.call("F_DUPFD 50 after closing 50", lambda: fcntl.fcntl(f, fcntl.F_DUPFD, 50) >= 50)
         return obs
 
     return in_child(run)

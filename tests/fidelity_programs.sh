@@ -73,8 +73,8 @@ diffutils() {
   echo delta >> other/a/words.txt
   rm other/c/q.bin
   echo new > other/new.txt
-  diff -ru src other > changes.diff || [ $? -eq 1 ]
-  cat changes.diff | sed 's/\t.*//'
+  { diff -ru src other || [ $? -eq 1 ]; } | sed 's/\t.*//' > changes.diff
+  cat changes.diff
   cmp src/a/b/xs.txt other/a/b/xs.txt
   cmp src/a/words.txt other/a/words.txt || [ $? -eq 1 ]
   printf '1\n2\n3\n' > d1; printf '1\n2x\n3\n' > d2; printf '1\n2\n3y\n' > d3
@@ -158,7 +158,8 @@ xz_files() {
   xz -t src/nums.xz
   xz -l src/nums.xz
   xz -d -c src/nums.xz | cmp - src/nums
-  tar -cf - -C src . | xz -T1 > all.tar.xz
+  tar --sort=name --mtime="$STAMP" --owner=0 --group=0 --numeric-owner -cf - -C src a c \
+    | xz -T1 > all.tar.xz
   xz -d -k all.tar.xz
 }
 

@@ -18,6 +18,10 @@ EMULATED = 1    # the proxy executed the call and returned its result
 CONTINUED = 2   # the kernel executed it in the rank (result/errno are not known: 0)
 ZERO_COPY = 4   # data moved straight through the proxy's mapping of the rank's arena
 CHANNEL = 8     # submitted through the asynchronous channel, not trapped
+LEFT = 16       # the descriptor left the offload: it got a number below the offload range
+NATIVE_TASK = 32  # the caller's process runs natively from this call on (identity changed)
+#: the bits a continued call keeps
+MARKS = LEFT | NATIVE_TASK
 
 _LAYOUT = struct.Struct("<qqqqiiiihBx")
 _SIZE = _LAYOUT.size

@@ -348,16 +348,23 @@ class DataCalls(Tracee):
 
     def _sys_close(self, nid, tid, a0, a1, a2, a3, a4, a5):
         self._fd = a0 & 0xFFFFFFFF
+        if self._fd < 3:  # a standard stream: the next new descriptor may need its number
+            (self.tids.get(tid) or self._proc(nid, tid)).std_gap = True
+            return CONTINUE
         return self._forget(nid, tid, range(self._fd, self._fd + 1))
 
     def _sys_dup2(self, nid, tid, a0, a1, a2, a3, a4, a5):
-        self._fd = a1 & 0xFFFFFFFF
+        old, self._fd = a0 & 0xFFFFFFFF, a1 & 0xFFFFFFFF
+        if self._fd < self.fd_base <= old < syscalls.FD_LIMIT:
+            self._how |= accounting.LEFT  # the copy at a low number is served by the kernel
         return self._forget(nid, tid, range(self._fd, self._fd + 1))
 
     _sys_dup3 = _sys_dup2
 
     def _sys_close_range(self, nid, tid, a0, a1, a2, a3, a4, a5):
         first, last = a0 & 0xFFFFFFFF, a1 & 0xFFFFFFFF
+        if first < 3:  # standard streams close now, or at the next exec
+            (self.tids.get(tid) or self._proc(nid, tid)).std_gap = True
         if a2 & CLOSE_RANGE_CLOEXEC or last < self.fd_base or first > last:
             return CONTINUE  # nothing offloaded closes now (exec will drop the cache)
         return self._forget(nid, tid, range(max(first, self.fd_base), last + 1))

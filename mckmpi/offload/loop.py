@@ -15,6 +15,18 @@ in the kernel's own order of checks.
 This module holds the loop; the handlers live in `paths` (path calls, opening,
 duplication) and `data` (data and bookkeeping calls), on top of `tracee` (the rank's
 processes, descriptors and memory), which reads and writes through `remote`.
+
+Identity per call: the proxy serves a process only while the process's identity (the
+credentials, capabilities, fs root, namespaces and RLIMIT_FSIZE of `tracee.identity`)
+equals the proxy's own, so every call it executes is one the caller could have made with
+the same outcome; cwd and umask are the caller's on every call. The filter traps every
+call that changes an identity (the ``identity`` rows of the syscall table); the process
+that makes one, and every process first seen with an identity unlike the proxy's, runs
+natively from then on: its calls are answered with CONTINUE, which is always correct
+(only not offloaded). This is McKernel's answer turned around: there, setuid and friends
+are forwarded to the process's own Linux-side proxy thread, which then holds the new
+credentials; a node proxy serving many ranks cannot hold every task's credentials, so the
+task with credentials of its own leaves the offload instead.
 """
 
 from __future__ import annotations
@@ -23,9 +35,11 @@ import errno
 import fcntl
 import os
 import select
+import struct
 import time
 import traceback
 from collections.abc import Callable
+from functools import partial
 
 from mckmpi.linux import check, libc
 from mckmpi.offload import accounting, syscalls
@@ -43,9 +57,10 @@ from mckmpi.offload.seccomp import (
     NOTIF_ZERO,
     USER_NOTIF_FLAG_CONTINUE,
 )
-from mckmpi.offload.tracee import CONTINUE, ID, Gone
+from mckmpi.offload.tracee import CONTINUE, ID, Gone, task_facts
 
 _PWRITE64, _WRITE = SYS["pwrite64"], SYS["write"]
+_U64 = struct.Struct("<Q")
 SMALL_WRITE = 64 << 10
 
 
@@ -62,7 +77,8 @@ class Emulator(PathCalls, DataCalls):
         self._resp = bytearray(NOTIF_RESP.size)
         self._handlers: list[Callable[..., int] | None] = [None] * 512
         for row in syscalls.trapped():
-            self._handlers[row.nr] = getattr(self, f"_sys_{row.name}")
+            self._handlers[row.nr] = (partial(self._identity_change, row.name)
+                                      if row.kind == "identity" else getattr(self, f"_sys_{row.name}"))
 
     # --- the loop ------------------------------------------------------------------------
 
@@ -161,7 +177,8 @@ class Emulator(PathCalls, DataCalls):
                 continue
             self._fd, self._how, self._moved = -1, emulated, False
             try:
-                res = handler(nid, tid, a0, a1, a2, a3, a4, a5)
+                proc = tids.get(tid) or self._proc(nid, tid)
+                res = CONTINUE if proc.native else handler(nid, tid, a0, a1, a2, a3, a4, a5)
             except Gone:  # the caller vanished; if it did not, let the kernel run the call
                 self._continue(nid)
                 continue
@@ -174,7 +191,8 @@ class Emulator(PathCalls, DataCalls):
             # the record goes in before the answer: once answered, the rank may detach
             t1 = now()
             if res == CONTINUE:
-                records.add(t0, t1, 0, 0, tid, self._fd, 0, nr, continued)
+                records.add(t0, t1, 0, 0, tid, self._fd, 0, nr,
+                            continued | (self._how & accounting.MARKS))
                 self._continue(nid)
                 continue
             if res >= 0:
@@ -183,6 +201,31 @@ class Emulator(PathCalls, DataCalls):
             else:
                 records.add(t0, t1, 0, -1, tid, self._fd, -res, nr, self._how)
             self._send(nid, res, nr)
+
+    def _identity_change(self, name: str, nid, tid, a0, a1, a2, a3, a4, a5):
+        """A call that changes what the task may do with files: native from now on.
+
+        Two cases change nothing the proxy relies on and stay served: reading a limit, and
+        an RLIMIT_NOFILE still above the offload range."""
+        proc = self._proc(nid, tid)
+        if name in ("setrlimit", "prlimit64"):
+            resource, new = (a0, a1) if name == "setrlimit" else (a1, a2)
+            if new == 0:
+                return CONTINUE
+            limit = self._peek(proc, nid, new, 8)
+            if ((resource & 0xFFFFFFFF) == syscalls.RLIMIT_NOFILE and limit is not None
+                    and len(limit) == 8
+                    and _U64.unpack(limit)[0] >= self.fd_base + syscalls.FD_SPAN):
+                return CONTINUE
+        if name == "prlimit64" and (a0 & 0xFFFFFFFF) not in (0, tid, proc.tgid):
+            try:  # another process under this filter gets the limit
+                other = self.procs.get(task_facts(a0 & 0xFFFFFFFF)[0])
+            except Gone:
+                other = None
+            if other is not None:
+                self._go_native(other, f"task {tid} called prlimit64 on it")
+        self._go_native(proc, f"it called {name}")
+        return CONTINUE
 
     def _send(self, nid: int, res: int, nr: int, flags: int = 0) -> None:
         """Answer with a result (>= 0), an error (-errno) or, with flags, CONTINUE."""

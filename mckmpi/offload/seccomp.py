@@ -92,21 +92,25 @@ def build_filter(fd_base: int, table: dict[str, Syscall] | None = None,
     """The BPF program (array of struct sock_filter) for the table and `fd_base`.
 
     Layout: wrong arch -> ALLOW (a 32-bit int 0x80 call has other numbers; letting it run
-    natively is correct, trapping it would be wrong); path/observe calls -> USER_NOTIF; fd
+    natively is correct, trapping it would be wrong); path/observe/identity calls ->
+    USER_NOTIF (an identity row with ``arg_in`` only for the listed argument values); fd
     calls jump to a per-signature block that returns USER_NOTIF iff one of their fd arguments
-    (low 32 bits, as a C int) lies in [fd_base, 2**31) -- and, for a row with ``arg_in``,
-    the named argument has one of the listed values; everything else ALLOW. The kernel
+    (low 32 bits, as a C int) lies in [fd_base, 2**31) or, with ``also_below``, its first one
+    below that number -- and, for a row with ``arg_in``, the named argument has one of the
+    listed values; everything else ALLOW. The kernel
     ignores the high 32 bits of an fd argument, so the filter does too.
     """
     table = table if table is not None else syscalls.table()
     arch = arch if arch is not None else syscalls.audit_arch()
     if not 0 < fd_base < FD_LIMIT:
         raise ValueError(f"fd_base {fd_base} out of range")
-    always = sorted(r.nr for r in table.values() if r.kind in ("path", "observe"))
+    always = sorted(r.nr for r in table.values()
+                    if r.kind in ("path", "observe") or (r.kind == "identity" and not r.arg_in))
+    when = sorted((r.nr, r.arg_in) for r in table.values() if r.kind == "identity" and r.arg_in)
     groups: dict[tuple[Any, ...], list[int]] = {}
     for r in table.values():
         if r.kind == "fd":
-            groups.setdefault((r.fd_args, r.arg_in), []).append(r.nr)
+            groups.setdefault((r.fd_args, r.arg_in, r.also_below), []).append(r.nr)
     # Symbolic program: jumps name labels, resolved to relative offsets below.
     prog: list[tuple[int, Any, Any, int]] = [
         (_BPF_LD_W_ABS, 0, 0, _OFF_ARCH),
@@ -114,13 +118,19 @@ def build_filter(fd_base: int, table: dict[str, Syscall] | None = None,
         (_BPF_LD_W_ABS, 0, 0, _OFF_NR),
     ]
     prog += [(_BPF_JEQ_K, "notify", 0, nr) for nr in always]
+    prog += [(_BPF_JEQ_K, f"w{nr}", 0, nr) for nr, _ in when]
     keys = sorted(groups, key=repr)
     for key in keys:
         prog += [(_BPF_JEQ_K, f"g{key}", 0, nr) for nr in sorted(groups[key])]
     prog.append((_BPF_RET_K, 0, 0, RET_ALLOW))
     labels: dict[str, int] = {}
+    for nr, (index, values) in when:  # notify only for the listed values of one argument
+        labels[f"w{nr}"] = len(prog)
+        prog.append((_BPF_LD_W_ABS, 0, 0, _off_arg_low(index)))
+        prog += [(_BPF_JEQ_K, "notify", 0, v) for v in values]
+        prog.append((_BPF_RET_K, 0, 0, RET_ALLOW))
     for key in keys:
-        fd_args, arg_in = key
+        fd_args, arg_in, below = key
         hit = "notify" if arg_in is None else f"g{key}.cond"
         labels[f"g{key}"] = len(prog)
         for i, arg in enumerate(fd_args):
@@ -128,8 +138,10 @@ def build_filter(fd_base: int, table: dict[str, Syscall] | None = None,
             miss = "allow" if last else f"g{key}.{i + 1}"
             if i:
                 labels[f"g{key}.{i}"] = len(prog)
+            prog.append((_BPF_LD_W_ABS, 0, 0, _off_arg_low(arg)))
+            if below and not i:  # also a low descriptor (a standard stream)
+                prog.append((_BPF_JGE_K, 0, "notify", below))
             prog += [
-                (_BPF_LD_W_ABS, 0, 0, _off_arg_low(arg)),
                 (_BPF_JGE_K, 0, miss, fd_base),
                 (_BPF_JGE_K, miss, hit, FD_LIMIT),
             ]

@@ -11,6 +11,11 @@ the proxy's dispatcher and the documentation cannot disagree. Each entry says
   ``observe`` always, but only so the proxy can keep its descriptor cache true (exec drops
               close-on-exec descriptors, close_range closes many, umask changes creation
               modes); the proxy answers CONTINUE;
+  ``identity`` always (or, with ``arg_in``, for the listed values of one argument): the
+              call changes what the task may do with files (credentials, capabilities, fs
+              root, namespaces, RLIMIT_FSIZE, Landlock). The proxy cannot act with that
+              context, so the task's process runs natively from then on (see `identity`);
+              the call itself is answered with CONTINUE;
   ``native``  never: the kernel runs it in the rank. Listed so the table documents why e.g.
               ``mmap`` or ``fcntl`` on an offloaded descriptor needs no proxy: the rank's
               descriptor shares the proxy's open file description, so running them natively
@@ -45,8 +50,10 @@ FD_LIMIT = 1 << 31
 AUDIT_ARCH_X86_64 = 0xC000003E
 F_DUPFD = 0
 F_DUPFD_CLOEXEC = 1030
+RLIMIT_FSIZE, RLIMIT_NOFILE = 1, 7
+PR_CAPBSET_DROP, PR_SET_SECUREBITS, PR_CAP_AMBIENT = 24, 28, 47
 
-KINDS = ("path", "fd", "observe", "native")
+KINDS = ("path", "fd", "observe", "identity", "native")
 ACTIONS = ("emulate", "continue")
 
 
@@ -59,12 +66,15 @@ class Syscall:
     kind: str
     action: str
     fd_args: tuple[int, ...] = ()
-    #: for ``fd`` calls: trap only when args[i] (low 32 bits) is one of the given values
+    #: for ``fd`` and ``identity`` calls: trap only when args[i] (low 32 bits) is one of
+    #: the given values
     arg_in: tuple[int, tuple[int, ...]] | None = None
+    #: for ``fd`` calls: trap also when the first fd argument is below this number
+    also_below: int = 0
 
 
 def _rows() -> list[Syscall]:
-    p, f, o, n = "path", "fd", "observe", "native"
+    p, f, o, i, n = "path", "fd", "observe", "identity", "native"
     e, c = "emulate", "continue"
     rows = [
         # path calls: the proxy resolves the path against the rank's cwd or dirfd
@@ -98,10 +108,27 @@ def _rows() -> list[Syscall]:
         Syscall("dup", 32, f, e, (0,)),
         Syscall("fcntl", 72, f, e, (0,), (1, (F_DUPFD, F_DUPFD_CLOEXEC))),
         # descriptor-table changes the proxy must see; the kernel performs them in the rank
-        Syscall("close", 3, f, c, (0,)), Syscall("dup2", 33, f, c, (1,)),
-        Syscall("dup3", 292, f, c, (1,)),
+        # (dup2/dup3 of an offloaded descriptor onto a low number: it leaves the offload)
+        # (close of a standard stream: the next new descriptor may have to take its number)
+        Syscall("close", 3, f, c, (0,), also_below=3), Syscall("dup2", 33, f, c, (0, 1)),
+        Syscall("dup3", 292, f, c, (0, 1)),
         Syscall("close_range", 436, o, c), Syscall("execve", 59, o, c),
         Syscall("execveat", 322, o, c), Syscall("umask", 95, o, c),
+        # identity changes: the task's process continues natively from then on
+        Syscall("setuid", 105, i, c), Syscall("setgid", 106, i, c),
+        Syscall("setreuid", 113, i, c), Syscall("setregid", 114, i, c),
+        Syscall("setgroups", 116, i, c), Syscall("setresuid", 117, i, c),
+        Syscall("setresgid", 119, i, c), Syscall("setfsuid", 122, i, c),
+        Syscall("setfsgid", 123, i, c), Syscall("capset", 126, i, c),
+        Syscall("chroot", 161, i, c), Syscall("pivot_root", 155, i, c),
+        Syscall("unshare", 272, i, c), Syscall("setns", 308, i, c),
+        Syscall("landlock_restrict_self", 446, i, c),
+        # RLIMIT_FSIZE: the proxy's writes do not honour the caller's; RLIMIT_NOFILE: the
+        # offload range must stay under it
+        Syscall("setrlimit", 160, i, c, arg_in=(0, (RLIMIT_FSIZE, RLIMIT_NOFILE))),
+        Syscall("prlimit64", 302, i, c, arg_in=(1, (RLIMIT_FSIZE, RLIMIT_NOFILE))),
+        Syscall("prctl", 157, i, c,
+                arg_in=(0, (PR_CAPBSET_DROP, PR_SET_SECUREBITS, PR_CAP_AMBIENT))),
         # run natively on the shared open file description (same effect as CONTINUE)
         Syscall("mmap", 9, n, c), Syscall("ioctl", 16, n, c),
         Syscall("flock", 73, n, c), Syscall("poll", 7, n, c), Syscall("ppoll", 271, n, c),
@@ -113,7 +140,7 @@ def _rows() -> list[Syscall]:
     for row in rows:
         assert row.kind in KINDS and row.action in ACTIONS, row
         assert (row.kind == "fd") == bool(row.fd_args), row
-        assert row.arg_in is None or row.kind == "fd", row
+        assert row.arg_in is None or row.kind in ("fd", "identity"), row
     return rows
 
 

@@ -8,7 +8,11 @@ proxy keeps, per process (`Proc`),
   inherited by a child, or a dirfd the rank opened natively),
 * an fd of its memory (`remote.open_memory`), reopened after an execve,
 * the cache of offloaded descriptors: rank fd number -> (proxy's duplicate, emulate?).
-  The duplicate shares the rank's open file description, so offsets and flags are one.
+  The duplicate shares the rank's open file description, so offsets and flags are one;
+* whether the process runs natively (`native`, the reason): its identity differs from
+  the proxy's (see `identity`), so the proxy may execute none of its calls;
+* whether a standard stream (0-2) may be closed (`std_gap`): the next new descriptor then
+  takes its number, as POSIX says.
 
 `Tracee` holds a rank's processes (by tgid and by tid), its arena mapping and the copy
 buffers, and reads or writes the rank's memory for the handlers: `_peek` and `_cstring`
@@ -23,6 +27,7 @@ import errno
 import fcntl
 import mmap
 import os
+import resource
 import select
 import stat
 import struct
@@ -32,7 +37,13 @@ from collections.abc import Callable
 from mckmpi.offload import accounting
 from mckmpi.offload.kernel_abi import TASK_SIZE
 from mckmpi.offload.policy import Policy
-from mckmpi.offload.remote import IOV2, ArenaMapping, open_memory, read_memory, write_memory
+from mckmpi.offload.remote import (
+    IOV2,
+    ArenaMapping,
+    open_memory,
+    read_memory,
+    write_memory,
+)
 from mckmpi.offload.seccomp import IOCTL_NOTIF_ID_VALID, pidfd_getfd, pidfd_open
 
 #: a handler result that is not a syscall result: let the kernel run the call in the rank
@@ -53,7 +64,8 @@ class Gone(Exception):
 class Proc:
     """State of one process (thread group) under a rank's filter."""
 
-    __slots__ = ("_iov", "_iov_addr", "base", "fds", "low", "mem", "pidfd", "tgid", "umask")
+    __slots__ = ("_iov", "_iov_addr", "base", "fds", "low", "mem", "native", "pidfd", "std_gap",
+                 "tgid", "umask")
 
     def __init__(self, tgid: int, umask: int, fd_base: int) -> None:
         self.tgid = tgid
@@ -67,6 +79,8 @@ class Proc:
         self.umask = umask
         self.base = fd_base
         self.low = fd_base
+        self.native = ""     # why the process runs natively; "" while the proxy serves it
+        self.std_gap = True  # not known yet whether 0, 1 and 2 are open
         self._iov = ctypes.create_string_buffer(IOV2.size)
         self._iov_addr = ctypes.addressof(self._iov)
 
@@ -138,6 +152,27 @@ class Proc:
                     self.fds[n] = entry
             n += 1
 
+    def release(self, slot: int) -> None:
+        """A number `free_slot` gave out was not used after all: it is free again."""
+        self.low = min(self.low, slot)
+
+    def std_hole(self, minimum: int) -> int | None:
+        """The standard stream number POSIX gives a new descriptor (the lowest free one
+        >= minimum, when that is 0, 1 or 2), else None: the offload range serves.
+
+        Programs count on these numbers (close(1); dup(f) redirects output; a daemon opens
+        /dev/null after close(0)); any other number POSIX would give is one the program
+        cannot predict (libraries and MPI hold descriptors), so it is taken from the range.
+        """
+        if not self.std_gap or minimum > 2:
+            return None
+        for n in range(minimum, 3):
+            if not os.path.lexists(f"/proc/{self.tgid}/fd/{n}"):
+                return n
+        if minimum == 0:
+            self.std_gap = False  # until a standard stream is closed (the filter sees it)
+        return None
+
     def close(self) -> None:
         self.forget_all()
         os.close(self.mem)
@@ -162,6 +197,38 @@ def task_facts(tid: int) -> tuple[int, int]:
     return tgid, umask
 
 
+#: the lines of /proc/<tid>/status that decide what a task may do with files
+_IDENTITY_KEYS = (b"Uid:", b"Gid:", b"Groups:", b"CapInh:", b"CapPrm:", b"CapEff:", b"CapBnd:",
+                  b"CapAmb:")
+
+
+def identity(tid: int) -> tuple[object, ...]:
+    """What decides the outcome of a file call made by task `tid`, besides its cwd and umask
+    (which the proxy adopts per call): real, effective, saved and fs uids and gids,
+    supplementary groups, capability sets, fs root, mount and user namespaces, and
+    RLIMIT_FSIZE. Two tasks with equal identities get the same answer from the kernel."""
+    with open(f"/proc/{tid}/status", "rb") as f:
+        lines = tuple(line for line in f.read().splitlines() if line.startswith(_IDENTITY_KEYS))
+    root = os.stat(f"/proc/{tid}/root")
+    spaces = tuple(os.stat(f"/proc/{tid}/ns/{ns}").st_ino for ns in ("mnt", "user"))
+    return lines, (root.st_dev, root.st_ino), spaces, resource.prlimit(tid, resource.RLIMIT_FSIZE)
+
+
+def differs(tid: int, reference: tuple[object, ...]) -> str:
+    """Why task `tid` cannot be served with the `reference` identity ("" if it can)."""
+    try:
+        mine = identity(tid)
+    except OSError as e:
+        return f"its identity cannot be read ({e.strerror})"
+    what = ("credentials or capabilities", "fs root", "namespaces", "RLIMIT_FSIZE")
+    for name, a, b in zip(what, mine, reference, strict=True):
+        if a != b:
+            return f"its {name} differ from the proxy's"
+    if mine[3][0] != resource.RLIM_INFINITY:  # its SIGXFSZ would hit the proxy
+        return "its RLIMIT_FSIZE is finite"
+    return ""
+
+
 class Tracee:
     """The proxy's state of one registered rank (its listener and every process it forks):
     processes, descriptors, memory. The call handlers (`paths`, `data`) extend it and the
@@ -181,13 +248,21 @@ class Tracee:
         self.tids: dict[int, Proc] = {}
         self.lock = threading.Lock()  # guards descriptor caches against the channel thread
         _, umask = task_facts(pid)
+        self.reference = identity(os.getpid())  # what the proxy's own calls are made with
         self.procs[pid] = Proc(pid, umask, fd_base)
         self.tids[pid] = self.procs[pid]
+        self.procs[pid].native = differs(pid, self.reference)
+        if self.procs[pid].native:
+            log(f"rank {rank}: its calls run natively: {self.procs[pid].native}")
         self._bounce = bytearray(BOUNCE)
         self._bview = memoryview(self._bounce)
         self._baddr = ctypes.addressof(ctypes.c_char.from_buffer(self._bounce))
         self._local = ctypes.create_string_buffer(1 << 16)
         self._laddr = ctypes.addressof(self._local)
+        self._openhow = ctypes.create_string_buffer(24)  # struct open_how of the proxy's walks
+        self._openhow_addr = ctypes.addressof(self._openhow)
+        self._statfs = ctypes.create_string_buffer(120)  # struct statfs
+        self._statfs_addr = ctypes.addressof(self._statfs)
         self._umask = -1
         self._idbuf = bytearray(8)
         # per-call record fields, set by handlers
@@ -221,8 +296,17 @@ class Tracee:
             self._sweep()
             with self.lock:
                 proc = self.procs[tgid] = Proc(tgid, umask, self.fd_base)
+            # a new process (forked, or in a new namespace): served only as the proxy
+            proc.native = differs(tid, self.reference)
         self.tids[tid] = proc
         return proc
+
+    def _go_native(self, proc: Proc, why: str) -> None:
+        """From now on the kernel runs every call of `proc` (see `loop`)."""
+        with self.lock:
+            proc.forget_all()  # its descriptors stay valid: they are the rank's own
+            proc.native = why
+        self._how |= accounting.NATIVE_TASK
 
     def _sweep(self) -> None:
         """Drop processes (other than the rank itself) that have exited."""
@@ -309,7 +393,7 @@ class Tracee:
         """A private duplicate of the rank's offloaded `fd` (for the async channel)."""
         with self.lock:
             proc = self.procs.get(self.pid)
-            if proc is None:
+            if proc is None or proc.native:
                 return None
             entry = proc.fds.get(fd)
             if entry is not None:
