@@ -210,21 +210,21 @@ class Runs:
                               timeout=400, check=False)
         side = Side(base, proc)
         if mode == "lwk":
-            side.run_file = _offloaded_calls(out, proc)  # type: ignore[attr-defined]
+            side.run_path, side.run_file = _offloaded_calls(out, proc)  # type: ignore[attr-defined]
         return side
 
     def close(self) -> None:
         _umount(self.mounts)
 
 
-def _offloaded_calls(out: Path, proc: subprocess.CompletedProcess) -> dict[str, int]:
-    """Calls per name in the run file the lwk job wrote (proof the offload was on)."""
+def _offloaded_calls(out: Path, proc: subprocess.CompletedProcess) -> tuple[str, dict[str, int]]:
+    """The run file the lwk job wrote, and its calls per name (proof the offload was on)."""
     line = [ln for ln in proc.stderr.splitlines() if "run file" in ln]
     assert line, f"no run file: status {proc.returncode}\n{proc.stderr[-3000:]}"
     path = line[-1].rsplit(" ", 1)[-1]
     rep = subprocess.run([sys.executable, "-m", "mckmpi", "report", "--json", path],
                          capture_output=True, text=True, timeout=120, check=True, env=job_env())
-    return {row["call"]: row["count"] for row in json.loads(rep.stdout)["offload"]}
+    return path, {row["call"]: row["count"] for row in json.loads(rep.stdout)["offload"]}
 
 
 @pytest.fixture(scope="module")
@@ -299,6 +299,25 @@ def test_privilege_drops_are_refused_natively(runs: Runs) -> None:
     # cat other, cat rootfile, cat shadow, touch, rm, mkdir, >>rootfile (sh: 2), rm in sticky,
     # cat closed/f, ls closed (2), touch own file in sticky (0)
     assert out.split() == ["1", "1", "1", "1", "1", "1", "2", "1", "1", "2", "0"], out
+
+
+@ROOT_ONLY
+@pytest.mark.privileged
+def test_run_file_records_native_processes_and_descriptors_that_left(runs: Runs) -> None:
+    """The run file says which calls made a process native (how bit 32: the privilege
+    drops) and which descriptors left the offload (how bit 16: close(1); dup(f)), and the
+    proxy still executed thousands of calls (bit 1)."""
+    import h5py
+
+    lwk = runs.side("scenarios", "lwk", "root")
+    with h5py.File(lwk.run_path, "r") as f:  # type: ignore[attr-defined]
+        calls = f["offload/calls"][()]
+    how = calls["how"]
+    native = {c.decode() for c in calls["call"][(how & 32) != 0]}
+    assert {"setuid", "setresuid", "capset", "chroot", "unshare"} & native, native
+    left = {c.decode() for c in calls["call"][(how & 16) != 0]}
+    assert {"dup", "fcntl"} <= left, left
+    assert ((how & 1) != 0).sum() > 2000
 
 
 # --- real programs -----------------------------------------------------------------------------
