@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, job_env
+from fixtures import ROOT, job_env
 
 HERE = Path(__file__).resolve().parent
 DRIVER = HERE / "fidelity_driver.py"
@@ -40,7 +40,7 @@ USER = "mckmpi-fidelity"
 PY3 = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (privilege drops, mounts)")
 
-pytestmark = [pytest.mark.fidelity, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.offload, pytest.mark.fidelity, pytest.mark.timeout(600)]
 
 
 def _driver_list() -> dict[str, list[str]]:
