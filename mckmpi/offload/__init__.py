@@ -28,7 +28,8 @@ Proxy side (each module imports only those below it):
 * `paths`      -- handlers of path calls, opening and duplicating (ADDFD);
 * `data`       -- handlers of data calls and descriptor-table bookkeeping;
 * `kernel_abi` -- Linux x86-64 ABI facts those handlers share;
-* `tracee`     -- the rank's processes, descriptors and memory as the proxy tracks them;
+* `tracee`     -- the rank's processes (identity, descriptors, memory) as the proxy
+                  tracks them;
 * `remote`     -- remote memory: the arena mapping, /proc/<pid>/mem, process_vm_writev.
 
 How a runner uses it (lwk mode), after MPI init:
