@@ -34,6 +34,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import resource
 import select
 import struct
 import time
@@ -62,6 +63,14 @@ from mckmpi.offload.tracee import CONTINUE, ID, Gone, task_facts
 _PWRITE64, _WRITE = SYS["pwrite64"], SYS["write"]
 _U64 = struct.Struct("<Q")
 SMALL_WRITE = 64 << 10
+
+
+def _nofile(pid: int) -> int:
+    """The soft RLIMIT_NOFILE of process `pid` as the kernel stores it (u64; infinity max)."""
+    try:
+        return resource.prlimit(pid, resource.RLIMIT_NOFILE)[0] & 0xFFFFFFFFFFFFFFFF
+    except OSError:
+        return 0xFFFFFFFFFFFFFFFF  # unknown: only an unlimited limit keeps the process served
 
 
 class Emulator(PathCalls, DataCalls):
@@ -206,16 +215,15 @@ class Emulator(PathCalls, DataCalls):
         """A call that changes what the task may do with files: native from now on.
 
         Two cases change nothing the proxy relies on and stay served: reading a limit, and
-        an RLIMIT_NOFILE still above the offload range."""
+        raising (or keeping) RLIMIT_NOFILE, which keeps the offload range usable."""
         proc = self._proc(nid, tid)
         if name in ("setrlimit", "prlimit64"):
-            resource, new = (a0, a1) if name == "setrlimit" else (a1, a2)
+            which, new = (a0, a1) if name == "setrlimit" else (a1, a2)
             if new == 0:
                 return CONTINUE
             limit = self._peek(proc, nid, new, 8)
-            if ((resource & 0xFFFFFFFF) == syscalls.RLIMIT_NOFILE and limit is not None
-                    and len(limit) == 8
-                    and _U64.unpack(limit)[0] >= self.fd_base + syscalls.FD_SPAN):
+            if ((which & 0xFFFFFFFF) == syscalls.RLIMIT_NOFILE and limit is not None
+                    and len(limit) == 8 and _U64.unpack(limit)[0] >= _nofile(proc.tgid)):
                 return CONTINUE
         if name == "prlimit64" and (a0 & 0xFFFFFFFF) not in (0, tid, proc.tgid):
             try:  # another process under this filter gets the limit

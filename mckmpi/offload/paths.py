@@ -195,12 +195,17 @@ class PathCalls(Tracee):
             # O_NONBLOCK: should the file become special meanwhile, or carry a lease, the
             # proxy still never blocks in open. Never through a procfs magic link.
             extra = os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-            local = bytearray(how or OPEN_HOW.pack(0, mode & 0o7777, 0))
-            _, mode_, resolve = OPEN_HOW.unpack_from(local)
-            OPEN_HOW.pack_into(local, 0, (flags | extra) & 0xFFFFFFFF, mode_,
-                               resolve | RESOLVE_NO_MAGICLINKS)
-            buf = ctypes.create_string_buffer(bytes(local), len(local))
-            fd = raw(SYS["openat2"], handle, path, ctypes.addressof(buf), len(local))
+            if how is None:
+                OPEN_HOW.pack_into(self._openhow, 0, (flags | extra) & 0xFFFFFFFF,
+                                   mode & 0o7777, RESOLVE_NO_MAGICLINKS)
+                fd = raw(SYS["openat2"], handle, path, self._openhow_addr, OPEN_HOW.size)
+            else:  # the caller's own open_how, extended: keep its size and other fields
+                local = bytearray(how)
+                _, mode_, resolve = OPEN_HOW.unpack_from(local)
+                OPEN_HOW.pack_into(local, 0, (flags | extra) & 0xFFFFFFFF, mode_,
+                                   resolve | RESOLVE_NO_MAGICLINKS)
+                buf = ctypes.create_string_buffer(bytes(local), len(local))
+                fd = raw(SYS["openat2"], handle, path, ctypes.addressof(buf), len(local))
             if fd < 0:
                 return CONTINUE  # also a writer-less FIFO or a lease: the rank waits natively
             res = self._opened(proc, nid, fd, flags)
