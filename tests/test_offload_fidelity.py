@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fixtures import ROOT, job_env
+from fixtures import ROOT, job_env, mpirun
 
 HERE = Path(__file__).resolve().parent
 DRIVER = HERE / "fidelity_driver.py"
@@ -181,7 +181,9 @@ class Runs:
         os.chmod(base, 0o755)
         out = self.tmp / f"runs-{who}"
         out.mkdir(exist_ok=True)
-        env = job_env(HOME="/tmp", LC_ALL="C", TZ="UTC")
+        # the jobs run in `base`: this tree's mckmpi comes from PYTHONPATH, not the cwd
+        env = job_env(HOME="/tmp", LC_ALL="C", TZ="UTC",
+                      PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
         user = None
         if who == "user":
             user = _test_user()
@@ -318,6 +320,39 @@ def test_run_file_records_native_processes_and_descriptors_that_left(runs: Runs)
     left = {c.decode() for c in calls["call"][(how & 16) != 0]}
     assert {"dup", "fcntl"} <= left, left
     assert ((how & 1) != 0).sum() > 2000
+
+
+_SELF_VIEW = r"""
+import json, os, sys
+d = os.path.join(sys.argv[1], "rank" + os.environ["OMPI_COMM_WORLD_RANK"])
+os.mkdir(d)
+os.chdir(d)
+keep = os.open("mine", os.O_RDWR | os.O_CREAT, 0o600)
+os.symlink("/proc/self", "self")
+os.symlink("/dev/fd", "fds")
+seen = {}
+for n in [*range(64), *range(4096, 4160)]:
+    native = os.path.exists(f"/proc/self/fd/{n}")
+    for link in ("self/fd", "fds"):
+        via = os.path.exists(f"{link}/{n}")
+        same = via == native and (not native or os.readlink(f"{link}/{n}") == os.readlink(f"/proc/self/fd/{n}"))
+        if not same:
+            seen[f"{link}/{n}"] = [native, via]
+print(json.dumps({"mismatches": seen, "mine": os.readlink(f"self/fd/{keep}").endswith("/mine")}))
+"""
+
+
+def test_ranks_see_only_their_own_descriptors_through_proc_self(tmp_path: Path) -> None:
+    """Two lwk ranks (one proxy holding both ranks' files and arena memfds): a symlink to
+    /proc/self or /dev/fd shows each rank's child exactly its own descriptors."""
+    os.chmod(tmp_path, 0o755)
+    proc = mpirun(2, "run", "--mode", "lwk", "--mem", "32M", "--oversubscribe", "--out",
+                  str(tmp_path / "runs"), "--", PY3, "-c", _SELF_VIEW, str(tmp_path), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    assert len(lines) == 2, proc.stdout
+    for line in lines:
+        assert line == {"mismatches": {}, "mine": True}, line
 
 
 # --- real programs -----------------------------------------------------------------------------
