@@ -62,15 +62,16 @@ from mckmpi.offload.tracee import CONTINUE, ID, Gone, task_facts
 
 _PWRITE64, _WRITE = SYS["pwrite64"], SYS["write"]
 _U64 = struct.Struct("<Q")
+_UNLIMITED = 0xFFFFFFFFFFFFFFFF  # RLIM_INFINITY as the kernel stores it
 SMALL_WRITE = 64 << 10
 
 
 def _nofile(pid: int) -> int:
     """The soft RLIMIT_NOFILE of process `pid` as the kernel stores it (u64; infinity max)."""
     try:
-        return resource.prlimit(pid, resource.RLIMIT_NOFILE)[0] & 0xFFFFFFFFFFFFFFFF
+        return resource.prlimit(pid, resource.RLIMIT_NOFILE)[0] & _UNLIMITED
     except OSError:
-        return 0xFFFFFFFFFFFFFFFF  # unknown: only an unlimited limit keeps the process served
+        return _UNLIMITED  # unknown: only an unlimited limit keeps the process served
 
 
 class Emulator(PathCalls, DataCalls):
@@ -214,16 +215,19 @@ class Emulator(PathCalls, DataCalls):
     def _identity_change(self, name: str, nid, tid, a0, a1, a2, a3, a4, a5):
         """A call that changes what the task may do with files: native from now on.
 
-        Two cases change nothing the proxy relies on and stay served: reading a limit, and
-        raising (or keeping) RLIMIT_NOFILE, which keeps the offload range usable."""
+        Some limit calls change nothing the proxy relies on and stay served: reading a
+        limit, an unlimited RLIMIT_FSIZE (the proxy's own), and raising (or keeping)
+        RLIMIT_NOFILE, which keeps the offload range usable."""
         proc = self._proc(nid, tid)
         if name in ("setrlimit", "prlimit64"):
-            which, new = (a0, a1) if name == "setrlimit" else (a1, a2)
+            which, new = (a0 & 0xFFFFFFFF, a1) if name == "setrlimit" else (a1 & 0xFFFFFFFF, a2)
             if new == 0:
                 return CONTINUE
             limit = self._peek(proc, nid, new, 8)
-            if ((which & 0xFFFFFFFF) == syscalls.RLIMIT_NOFILE and limit is not None
-                    and len(limit) == 8 and _U64.unpack(limit)[0] >= _nofile(proc.tgid)):
+            soft = _U64.unpack(limit)[0] if limit is not None and len(limit) == 8 else None
+            if soft is not None and (
+                    (which == syscalls.RLIMIT_FSIZE and soft == _UNLIMITED)
+                    or (which == syscalls.RLIMIT_NOFILE and soft >= _nofile(proc.tgid))):
                 return CONTINUE
         if name == "prlimit64" and (a0 & 0xFFFFFFFF) not in (0, tid, proc.tgid):
             try:  # another process under this filter gets the limit

@@ -7,15 +7,17 @@ the proxy's dispatcher and the documentation cannot disagree. Each entry says
   ``path``    always (the call names a file by path);
   ``fd``      only when one of ``fd_args`` is an offloaded descriptor, i.e. its low 32 bits,
               read as a C int, are >= the rank's ``fd_base`` (and, with ``arg_in``, only
-              for the listed values of one more argument, e.g. fcntl's F_DUPFD);
+              for the listed values of one more argument, e.g. fcntl's F_DUPFD; with
+              ``also_below``, also when the first one is below that number: the close of a
+              standard stream, whose number the next new descriptor may have to take);
   ``observe`` always, but only so the proxy can keep its descriptor cache true (exec drops
               close-on-exec descriptors, close_range closes many, umask changes creation
               modes); the proxy answers CONTINUE;
   ``identity`` always (or, with ``arg_in``, for the listed values of one argument): the
               call changes what the task may do with files (credentials, capabilities, fs
               root, namespaces, RLIMIT_FSIZE, Landlock). The proxy cannot act with that
-              context, so the task's process runs natively from then on (see `identity`);
-              the call itself is answered with CONTINUE;
+              context, so the task's process runs natively from then on (the proxy's
+              `tracee.identity`); the call itself is answered with CONTINUE;
   ``native``  never: the kernel runs it in the rank. Listed so the table documents why e.g.
               ``mmap`` or ``fcntl`` on an offloaded descriptor needs no proxy: the rank's
               descriptor shares the proxy's open file description, so running them natively
