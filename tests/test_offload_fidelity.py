@@ -364,13 +364,17 @@ NEEDS = {"git": "git", "rsync": "rsync", "sqlite3": "sqlite3", "xz": "xz", "make
 
 
 @pytest.mark.programs
+@pytest.mark.parametrize("who", ["root", "user"])
 @pytest.mark.parametrize("program", PROGRAMS)
-def test_real_program_matches_native(runs: Runs, program: str) -> None:
+def test_real_program_matches_native(runs: Runs, program: str, who: str) -> None:
+    """`who`: the user running the tests ("root"), or the dedicated unprivileged user."""
     tool = NEEDS.get(program)
     if tool and shutil.which(tool) is None:
         pytest.skip(f"{tool} is not installed (launch/setup installs it)")
-    native = runs.side("programs", "native", "root")
-    lwk = runs.side("programs", "lwk", "root")
+    if who == "user" and os.geteuid() != 0:
+        pytest.skip("the unprivileged runs use a dedicated user that root creates")
+    native = runs.side("programs", "native", who)
+    lwk = runs.side("programs", "lwk", who)
     assert native.proc.returncode == 0, native.proc.stderr[-3000:]
     assert lwk.proc.returncode == 0, lwk.proc.stderr[-3000:]
     n_files, l_files = native.files(program), lwk.files(program)
