@@ -219,3 +219,73 @@ def test_require_names_in_one_line_what_the_kernel_lacks(monkeypatch):
     message = str(caught.value)
     assert "\n" not in message and "5.4.0" in message
     assert "lacks wait_killable_recv, addfd" in message
+
+
+def _child(setup) -> tuple[int, int]:
+    """A forked child that runs `setup()` and waits: (pid, the pipe end that ends it)."""
+    r, w = os.pipe()
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(w)
+        os.close(ready_r)
+        setup()
+        os.write(ready_w, b".")
+        os.read(r, 1)
+        os._exit(0)
+    os.close(r)
+    os.close(ready_w)
+    os.read(ready_r, 1)
+    os.close(ready_r)
+    return pid, w
+
+
+def _end(pid: int, w: int) -> None:
+    os.close(w)
+    os.waitpid(pid, 0)
+
+
+def test_identity_tells_a_task_with_other_credentials_or_limits_apart():
+    """The proxy serves a process only with its own identity (tracee.identity/differs)."""
+    import resource
+
+    from mckmpi.offload.tracee import differs, identity
+
+    me = identity(os.getpid())
+    children = [_child(lambda: None),
+                _child(lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000)))]
+    if os.geteuid() == 0:
+        children.append(_child(lambda: os.setegid(65534) or os.seteuid(65534)))
+    try:
+        assert differs(children[0][0], me) == ""
+        assert "RLIMIT_FSIZE" in differs(children[1][0], me)
+        if len(children) > 2:
+            assert differs(children[2][0], me)  # credentials differ (or cannot even be read)
+    finally:
+        for child in reversed(children):  # a later child holds the earlier ones' pipe ends
+            _end(*child)
+    assert "cannot be read" in differs(children[0][0], me)  # gone
+
+
+def test_a_closed_standard_stream_is_the_number_a_new_descriptor_gets():
+    from mckmpi.offload.tracee import Proc
+
+    def close_stdout() -> None:
+        os.close(1)
+
+    pid, w = _child(close_stdout)
+    proc = Proc(pid, 0o022, BASE)
+    try:
+        assert proc.std_hole(0) == 1 and proc.std_hole(1) == 1
+        assert proc.std_hole(2) is None and proc.std_hole(3) is None
+        assert proc.std_gap  # still a hole: checked again next time
+    finally:
+        proc.close()
+        _end(pid, w)
+    pid, w = _child(lambda: None)
+    proc = Proc(pid, 0o022, BASE)
+    try:
+        assert proc.std_hole(0) is None and not proc.std_gap  # all open: no more checks
+    finally:
+        proc.close()
+        _end(pid, w)
