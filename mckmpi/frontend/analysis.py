@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +62,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from mckmpi.analysis.summary import summarize
     from mckmpi.trace.reader import open_run
 
-    with open_run(args.run_file) as run:
+    with open_run(args.run_file, allow_incomplete=True) as run:
+        if run.note:
+            print(f"mckmpi: {run.note}", file=sys.stderr, flush=True)
         summary = summarize(run)
     plots: list[Path] = []
     if args.plots:

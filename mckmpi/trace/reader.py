@@ -128,13 +128,22 @@ class Run:
         if not 0 <= rank < ds.shape[0]:
             raise RunFileError(
                 f"{self.path}: {key!r} has no rank {rank} (ranks 0..{ds.shape[0] - 1})")
-        n = ds.shape[1]
+        n = self.length(key, rank)
         step = max(1, block)
         if ds.chunks:
             length = ds.chunks[1]
             step = max(length, step - step % length)
         for a in range(0, n, step):
             yield self.read(key, (rank, slice(a, min(n, a + step))))
+
+    def length(self, key: str, rank: int) -> int:
+        """Real rows of `rank` in an [ranks, n, ...] array: n, unless the ranks' streams
+        ended at different lengths (the dataset's ``filled`` attribute; the rest is fill)."""
+        ds = self[key]
+        filled = ds.attrs.get("filled")
+        if filled is not None and 0 <= rank < len(filled):
+            return int(filled[rank])
+        return int(ds.shape[1])
 
     def row_offsets(self, key: str) -> np.ndarray:
         """First row of every rank in a table (len = ranks + 1): tables hold rank 0's rows

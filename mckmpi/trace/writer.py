@@ -72,24 +72,48 @@ FLUSH_S = 1.0
 MAX_BEHIND = 64 << 20
 #: Name of the final file while it is written, inside the spool directory.
 FINAL_NAME = "final.h5"
+#: Parallel files whose close failed even after truncation (kept from the collector).
+_UNCLOSABLE: list[h5py.File] = []
 
 
 # --- errors as collective decisions --------------------------------------------------------
 
 
 def describe(exc: BaseException, path: Path) -> tuple[int, str]:
-    """(errno, one line) of a failed I/O step on `path`: HDF5 hides errno in its message."""
+    """(errno, one line) of a failed I/O step on `path`. HDF5 reports most failures without
+    the errno ("file write failed"), so then the directory is probed with a small write of
+    its own, which meets the same condition (full, over quota, failing device)."""
     code = getattr(exc, "errno", None) or 0
     if not code:
         text = str(exc)
         for candidate in (errnos.ENOSPC, errnos.EDQUOT, errnos.EIO, errnos.EROFS,
                           errnos.EACCES, errnos.EEXIST):
-            if f"errno = {candidate}," in text or os.strerror(candidate) in text:
+            if f"errno = {candidate}," in text:
                 code = candidate
                 break
+        else:
+            code = _probe(path.parent)
     reason = os.strerror(code) if code else str(exc).splitlines()[0]
     name = errnos.errorcode.get(code, "")
     return code, f"cannot write {path}: {name + ' ' if name else ''}({reason})"
+
+
+def _probe(directory: Path) -> int:
+    """The errno a 64 KiB write in `directory` meets now (0 if it succeeds)."""
+    probe = directory / f".mckmpi-probe-{os.getpid()}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        return exc.errno or 0
+    try:
+        os.write(fd, bytes(64 << 10))
+        os.fsync(fd)
+        return 0
+    except OSError as exc:
+        return exc.errno or 0
+    finally:
+        os.close(fd)
+        probe.unlink(missing_ok=True)
 
 
 def agree(comm: MPI.Intracomm, failure: tuple[int, str] | None) -> None:
@@ -105,7 +129,7 @@ def _attempt(path: Path, step: Any, *args: Any) -> tuple[int, str] | None:
     """Run one local I/O step; its failure as (errno, line) instead of an exception."""
     try:
         step(*args)
-    except OSError as exc:
+    except (OSError, RuntimeError, ValueError) as exc:  # how h5py reports HDF5 I/O failures
         return describe(exc, path)
     return None
 
@@ -125,33 +149,41 @@ class Streamer:
     flush_s: float = FLUSH_S
     wake_fd: int = -1
     on_signal: Any = None  # called with the signal number after its flush
+    on_error: Any = None  # called (in the thread) with the OSError of a failed flush
     error: OSError | None = None
     sent: dict[str, tuple[Record, int]] = field(default_factory=dict)
     attrs_sent: str = ""
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _stop_fds: tuple[int, int] = (-1, -1)
 
     def start(self) -> None:
+        self._stop_fds = os.pipe2(os.O_CLOEXEC)
         self._thread = threading.Thread(target=self._loop, name="mckmpi-trace-streamer",
                                         daemon=True)
         self._thread.start()
 
     def _loop(self) -> None:
         wait = self.flush_s
-        while not self._stop.is_set():
+        while True:
             signum = self._sleep(wait)
+            if self._stop.is_set():
+                return
             moved = self.flush()
             wait = self.flush_s if moved <= MAX_BEHIND else self.flush_s * MAX_BEHIND / moved
             if signum and self.on_signal is not None:
                 self.on_signal(signum)
+            if self.error is not None:
+                if self.on_error is not None:
+                    self.on_error(self.error)
+                return
 
     def _sleep(self, seconds: float) -> int:
-        if self.wake_fd < 0:
-            self._stop.wait(seconds)
-            return 0
-        ready, _, _ = select.select([self.wake_fd], [], [], seconds)
-        if not ready:
+        """Sleep until the interval is over, `stop` or a signal; the signal's number."""
+        fds = [self._stop_fds[0]] + ([self.wake_fd] if self.wake_fd >= 0 else [])
+        ready, _, _ = select.select(fds, [], [], seconds)
+        if self.wake_fd not in ready:
             return 0
         try:
             data = os.read(self.wake_fd, 64)
@@ -206,11 +238,11 @@ class Streamer:
         """Stop the thread and flush what is left; the spool stays open for the ending."""
         self._stop.set()
         if self._thread is not None:
-            if self.wake_fd < 0:
-                self._thread.join()
-            else:
-                # The thread sleeps in select on the wakeup fd: it wakes within flush_s.
-                self._thread.join(self.flush_s + 5)
+            os.write(self._stop_fds[1], b"x")
+            self._thread.join()
+            self._thread = None
+            for fd in self._stop_fds:
+                os.close(fd)
         self.flush()
 
     def close(self) -> None:
@@ -250,7 +282,8 @@ class RunFile:
     @classmethod
     def start(cls, comm: MPI.Intracomm, path: Path, tracer: Tracer, root_attrs: dict[str, Any],
               provenance: dict[str, Any], method: str = "auto", flush_s: float = FLUSH_S,
-              wake_fd: int = -1, on_signal: Any = None, reserved: bool = False) -> RunFile:
+              wake_fd: int = -1, on_signal: Any = None, on_error: Any = None,
+              reserved: bool = False) -> RunFile:
         """Reserve the name, write the header and open the spools (collective). `reserved`:
         rank 0 already created ``path.partial`` with `reserve_name`."""
         rank = comm.Get_rank()
@@ -269,7 +302,7 @@ class RunFile:
             target = spool_path(run.spool, rank)
             holder: list[SpoolWriter] = []
             agree(comm, _attempt(target, lambda: holder.append(SpoolWriter(target))))
-            run.streamer = Streamer(tracer, holder[0], flush_s, wake_fd, on_signal)
+            run.streamer = Streamer(tracer, holder[0], flush_s, wake_fd, on_signal, on_error)
             run.streamer.start()
         return run
 
@@ -328,10 +361,21 @@ class RunFile:
             agree(comm, _attempt(final, write_records, layouts, datasets, rank, records))
             agree(comm, _attempt(final, f.flush))
             agree(comm, _attempt(final, f.attrs.__setitem__, "complete", True))
-        except BaseException:
-            _attempt(final, f.close)
+            del datasets
+            agree(comm, _attempt(final, f.close))
+        except StorageError:
+            self._discard(f, final)
             raise
-        agree(comm, _attempt(final, f.close))
+
+    def _discard(self, f: h5py.File, final: Path) -> None:
+        """`_drop` for a parallel file: truncated by rank 0, closed by all (collective)."""
+        comm = self.comm
+        if not f.id.valid:
+            return
+        if comm.Get_rank() == 0:
+            _attempt(final, os.truncate, final, 0)
+        comm.Barrier()
+        _drop(f, final, truncate=False)
 
     def _write_gathered(self, final: Path, layouts: list[Layout], root: dict[str, Any],
                         group_attrs: dict[str, dict[str, Any]], records: dict[str, np.ndarray],
@@ -351,19 +395,24 @@ class RunFile:
                      group_attrs: dict[str, dict[str, Any]], records: dict[str, np.ndarray],
                      size: int) -> None:
         comm, asked = self.comm, 1
+        f = h5py.File(final, "w")
         try:
-            with h5py.File(final, "w") as f:
-                datasets = write_header(f, layouts, root, self.provenance, group_attrs,
-                                        compress=True)
-                write_records(layouts, datasets, 0, records)
-                for peer in range(1, size):
-                    # One rank's records in memory at a time: ask, receive, write, drop.
-                    comm.send(True, dest=peer, tag=GATHER_TAG)
-                    asked = peer + 1
-                    received = comm.recv(source=peer, tag=GATHER_TAG)
-                    write_records(layouts, datasets, peer, received)
-                f.flush()
-                f.attrs["complete"] = True
+            datasets = write_header(f, layouts, root, self.provenance, group_attrs,
+                                    compress=True)
+            write_records(layouts, datasets, 0, records)
+            for peer in range(1, size):
+                # One rank's records in memory at a time: ask, receive, write, drop.
+                comm.send(True, dest=peer, tag=GATHER_TAG)
+                asked = peer + 1
+                received = comm.recv(source=peer, tag=GATHER_TAG)
+                write_records(layouts, datasets, peer, received)
+            f.flush()
+            f.attrs["complete"] = True
+            del datasets
+            f.close()
+        except BaseException:
+            _drop(f, final)
+            raise
         finally:
             for rest in range(asked, size):
                 comm.send(False, dest=rest, tag=GATHER_TAG)
@@ -387,6 +436,18 @@ class RunFile:
             self.streamer.stop()
             self.streamer.ending(ending)
             self.streamer.close()
+
+
+def _drop(f: h5py.File, final: Path, truncate: bool = True) -> None:
+    """Close and delete a final file that failed. Its close flushes metadata, which fails
+    again on a full disk, and an HDF5 file left open crashes the process at exit: so the
+    file, dropped anyway, is first truncated to give its space back."""
+    if f.id.valid:
+        if truncate:
+            _attempt(final, os.truncate, final, 0)
+        if _attempt(final, f.close) is not None:
+            _UNCLOSABLE.append(f)  # never collected: its close would crash the process
+    final.unlink(missing_ok=True)
 
 
 def _writer_kind(method: str) -> str:

@@ -1,0 +1,202 @@
+"""Every ending of a job leaves a run file that says how it ended and holds what was taken.
+
+Jobs run under mpiexec with two ranks; the apps stream their samples through the tracer
+(`tracer.stream`), as FWQ does. A stamp app stores, as each sample, the CLOCK_MONOTONIC
+time it was taken, so a test can tell exactly how far before a kill the file reaches.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import job_env, mckmpi, mpirun
+from mckmpi.trace.reader import RunFileError, open_run
+
+ROOT = Path(__file__).resolve().parents[1]
+FWQ = str(ROOT / "apps" / "fwq.py")
+FLUSH_S = 0.2
+
+STAMPS = textwrap.dedent("""
+    import os, sys, time
+    import numpy as np
+    from mpi4py import MPI
+    import mckmpi
+
+    comm = MPI.COMM_WORLD
+    rank = comm.Get_rank()
+    out, n, exit_rank = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    stamps = np.zeros(n, dtype=np.int64)
+    stream = mckmpi.context().tracer.stream("noise", "stamps_ns", stamps, units="ns")
+    with open(os.path.join(out, f"pid-{rank}"), "w") as fh:   # an offloaded open and write
+        fh.write(str(os.getpid()))
+    for i in range(n):
+        stamps[i] = time.monotonic_ns()
+        stream.filled = i + 1
+        time.sleep(0.002)
+    if rank == exit_rank:
+        sys.exit(3)
+    comm.Barrier()
+""")
+
+
+def _start(tmp_path: Path, *run_args: str, app: list[str]) -> subprocess.Popen:
+    cmd = ["mpiexec", "-n", "2", "--bind-to", "none", sys.executable, "-m", "mckmpi", "run",
+           "--trace-flush", str(FLUSH_S), "--out", str(tmp_path / "out"), *run_args, "--", *app]
+    return subprocess.Popen(cmd, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def _stamps_app(tmp_path: Path, n: int, exit_rank: int = -1) -> list[str]:
+    app = tmp_path / "stamps.py"
+    app.write_text(STAMPS)
+    return [str(app), str(tmp_path), str(n), str(exit_rank)]
+
+
+def _wait(predicate, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the job ended early:\n{proc.stderr.read()[-2000:]}")
+        time.sleep(0.02)
+    raise AssertionError("timed out waiting for the job")
+
+
+def _one(tmp_path: Path, pattern: str) -> Path:
+    found = sorted((tmp_path / "out").glob(pattern))
+    assert len(found) == 1, found
+    return found[0]
+
+
+def _reap(proc: subprocess.Popen, timeout: float = 60) -> tuple[str, str]:
+    try:
+        return proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+def _pids(tmp_path: Path) -> list[int]:
+    return [int((tmp_path / f"pid-{r}").read_text()) for r in range(2)]
+
+
+def test_kill_9_of_the_whole_job_loses_at_most_the_last_flush(tmp_path):
+    proc = _start(tmp_path, app=_stamps_app(tmp_path, 100_000))
+    _wait(lambda: all((tmp_path / f"pid-{r}").exists() for r in range(2)), proc, 60)
+    time.sleep(1.5)  # sampling for a while, several flushes
+    ranks = _pids(tmp_path)
+    killed_at = time.monotonic_ns()
+    os.killpg(proc.pid, signal.SIGKILL)  # mpiexec ...
+    for pid in ranks:  # ... and every rank, wherever it is
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    _reap(proc)
+    partial = _one(tmp_path, "*.h5.partial")
+    assert not list((tmp_path / "out").glob("*.h5"))
+    with pytest.raises(RunFileError, match="incomplete"):
+        open_run(partial)
+    with open_run(partial, allow_incomplete=True) as run:
+        assert run.partial and "ending killed" in run.note
+        for rank in range(2):
+            n = run.length("noise/stamps_ns", rank)
+            last = int(run.read("noise/stamps_ns", (rank, n - 1)))
+            assert n > 100
+            # Only the tail since the last flush is lost (plus one sleep of the app).
+            assert killed_at - last < (FLUSH_S + 0.5) * 1e9, (rank, (killed_at - last) / 1e9)
+    report = mckmpi("report", str(partial), timeout=60)
+    assert report.returncode == 0, report.stderr
+    assert "partial run file" in report.stderr and "stamps" not in report.stderr.split("\n")[1:]
+
+
+def test_sigterm_finishes_the_run_file_with_the_ending(tmp_path):
+    proc = _start(tmp_path, app=[FWQ, "--samples", "100000", "--quantum-us", "500"])
+    _wait(lambda: any((tmp_path / "out").glob("*.partial.d/rank-000001.spool"))
+          and list((tmp_path / "out").glob("*.partial.d/rank-000001.spool"))[0].stat().st_size
+          > 4096, proc, 60)
+    time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGTERM)  # mpiexec forwards it to every rank
+    _, err = _reap(proc)
+    assert proc.returncode != 0
+    path = _one(tmp_path, "*.h5")
+    assert not list((tmp_path / "out").glob("*.partial*")), "left-overs beside a complete file"
+    with open_run(path) as run:
+        a = run.attrs
+        assert a["complete"] and a["ending"] == "signal" and a["signal"] == "SIGTERM"
+        assert a["exit_status"] == 128 + signal.SIGTERM
+        for rank in range(2):
+            assert run.length("noise/fwq_ns", rank) > 100
+    report = mckmpi("report", str(path), timeout=60)
+    assert report.returncode == 0 and "ending     signal SIGTERM" in report.stdout
+
+
+@pytest.mark.offload
+def test_a_rank_that_exits_3_leaves_its_samples_calls_and_ending(tmp_path):
+    proc = _start(tmp_path, "--offload", "io", app=_stamps_app(tmp_path, 200, exit_rank=1))
+    _, err = _reap(proc, timeout=120)
+    assert proc.returncode == 3, err[-2000:]
+    partial = _one(tmp_path, "*.h5.partial")
+    with open_run(partial, allow_incomplete=True) as run:
+        a = run.attrs
+        assert (a["ending"], a["exit_status"], a["ending_rank"]) == ("exit", 3, 1), run.note
+        assert "rank 1 exited with status 3" in a["error"]
+        assert run.length("noise/stamps_ns", 1) == 200
+        calls = run.table("offload/calls", rank=1)
+        assert b"openat" in set(calls["call"].tolist()), calls
+    report = mckmpi("report", str(partial), timeout=60)
+    assert report.returncode == 0, report.stderr
+    assert "ending exit on rank 1" in report.stderr
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 512 KiB tmpfs: the header and the spools fit, a few MiB of data do not."""
+    mnt = tmp_path / "full"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mnt)],
+                          capture_output=True, text=True, timeout=30)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30)
+
+
+BIG = textwrap.dedent("""
+    import numpy as np
+    import mckmpi
+    # 2 MiB per rank that gzip cannot shrink
+    mckmpi.context().tracer.array("noise", "big", np.random.default_rng().random(1 << 18))
+""")
+
+
+@pytest.mark.parametrize("writer", ["parallel", "gather"])
+def test_a_full_disk_is_one_line_with_errno_and_no_hang(tmp_path, full_disk, writer):
+    app = tmp_path / "big.py"
+    app.write_text(BIG)
+    started = time.monotonic()
+    proc = mpirun(2, "run", "--trace-flush", "0", "--trace-writer", writer, "--out",
+                  str(full_disk), "--", str(app), timeout=60)
+    took = time.monotonic() - started
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("mckmpi: error:")]
+    assert proc.returncode == 74, proc.stderr[-2000:]
+    assert len(lines) == 1 and "ENOSPC" in lines[0] and str(full_disk) in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert took < 10 + 10, took  # 10 s to end, plus the start-up of two interpreters
+    partial = next(full_disk.glob("*.h5.partial"))
+    with open_run(partial, allow_incomplete=True) as run:
+        assert run.partial and run.world_size == 2
+    assert os.strerror(errno.ENOSPC) in lines[0]
