@@ -71,7 +71,7 @@ def job_ending(endings: list[dict[str, Any] | None]) -> dict[str, Any]:
                  "error": error}
     else:
         return {"ending": "normal", "exit_status": 0, "signal": "", "ending_rank": -1,
-                "error": ""}
+                "error": "", "ending_time_ns": max(int(e.get("time_ns", 0)) for e in endings)}
     return {"ending": first["ending"], "exit_status": int(first.get("exit_status", -1)),
             "signal": first.get("signal", ""), "ending_rank": int(first.get("rank", -1)),
-            "error": first.get("error", "")}
+            "error": first.get("error", ""), "ending_time_ns": int(first.get("time_ns", 0))}
