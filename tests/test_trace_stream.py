@@ -174,3 +174,29 @@ def test_a_spool_write_failure_is_kept_not_raised_in_the_thread(tmp_path):
     with pytest.raises(StorageError, match="ENOSPC"):
         run.finish(t, writer.normal_ending(0))
     assert spool_path(spool_dir(run.partial), 0).is_file()
+
+
+def test_collect_marks_partial_runs_and_never_counts_them(tmp_path):
+    from mckmpi.analysis import scaling, study
+
+    done = _tracer()
+    done.scalar("app", "wall_ns", 2_000_000_000, units="ns")
+    from mpi4py import MPI
+
+    writer.write_run(MPI.COMM_SELF, tmp_path / "done.h5", done, dict(ROOT), {})
+    t = _tracer()
+    t.scalar("app", "wall_ns", 1_000_000_000, units="ns")
+    run = _start(tmp_path, t)
+    _wait_spooled(run, "app/wall_ns", 1)
+    (spool_dir(run.partial) / writer.FINAL_NAME).write_bytes(b"half a file")  # the writer's
+    collected = study.collect(tmp_path)
+    assert not collected.skipped
+    rows = {r["path"].decode(): r for r in collected.rows}
+    assert set(rows) == {"done.h5", "r.h5.partial"}
+    assert (rows["done.h5"]["complete"], rows["done.h5"]["ending"]) == (1, b"normal")
+    assert (rows["r.h5.partial"]["complete"], rows["r.h5.partial"]["ending"]) == (0, b"killed")
+    (curve,) = scaling.curves(collected.rows)
+    assert list(curve.runs) == [1] and list(curve.time_s) == [2.0]
+    assert np.isnan(rows["r.h5.partial"]["speedup"])
+    assert "(partial)" in study.text(collected.rows)
+    run.streamer.stop()
