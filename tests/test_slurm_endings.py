@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from mckmpi import slurm
+from mckmpi.jobs import slurm
 from mckmpi.trace.reader import open_run
 from mckmpi.trace.spool import read_spool
 
