@@ -52,7 +52,8 @@ class Cluster:
 
     def __init__(self, directory: Path) -> None:
         self.dir = directory
-        up = _run([SLURM_UP, "--dir", directory, "--nodes", "1", "--timeout", "30"], timeout=90)
+        up = _run([SLURM_UP, "--dir", directory, "--nodes", "1", "--cpus", "2", "--timeout",
+                   "30"], timeout=90)
         assert up.returncode == 0, up.stdout + up.stderr
         self.env = _env(directory)
 
@@ -117,7 +118,7 @@ def _check_ended_by_sigterm(out: Path, before: dict[int, int]) -> None:
 def test_scancel_during_fwq_finishes_the_run_file(cluster, tmp_path):
     out = tmp_path / "out"
     job = slurm.submit(_fwq_job(tmp_path, out), env=cluster.env,
-                       extra_args=["-o", str(tmp_path / "job.log")])
+                       extra_args=["-n", "2", "-o", str(tmp_path / "job.log")])
     before = _wait_sampling(out, job, cluster.env)
     assert _run(["scancel", job], env=cluster.env).returncode == 0
     state = slurm.wait(job, timeout=60, poll=0.2, env=cluster.env)
@@ -128,7 +129,7 @@ def test_scancel_during_fwq_finishes_the_run_file(cluster, tmp_path):
 def test_time_limit_during_fwq_finishes_the_run_file(cluster, tmp_path):
     out = tmp_path / "out"
     job = slurm.submit(_fwq_job(tmp_path, out), env=cluster.env,
-                       extra_args=["-o", str(tmp_path / "job.log"), "--time", "1"])
+                       extra_args=["-n", "2", "-o", str(tmp_path / "job.log"), "--time", "1"])
     _wait_sampling(out, job, cluster.env)
     state = slurm.wait(job, timeout=150, poll=0.5, env=cluster.env)  # 1 min, checked every 30 s
     assert state["state"] == "TIMEOUT", state
