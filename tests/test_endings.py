@@ -200,3 +200,34 @@ def test_a_full_disk_is_one_line_with_errno_and_no_hang(tmp_path, full_disk, wri
     with open_run(partial, allow_incomplete=True) as run:
         assert run.partial and run.world_size == 2
     assert os.strerror(errno.ENOSPC) in lines[0]
+
+
+@pytest.mark.offload
+@pytest.mark.parametrize("layout", [
+    ("1", ("--mode", "lwk", "--mem", "64M"), "--async"),  # the asynchronous offload channel
+    ("2", ("--mode", "linux"), "--async"),                # a worker thread
+    ("2", ("--mode", "linux"), ""),                       # synchronous writes
+], ids=["lwk-channel", "linux-thread", "linux-sync"])
+def test_a_full_checkpoint_target_is_the_real_enospc(tmp_path, full_disk, layout):
+    n, run_args, mode = layout
+    with open(full_disk / "filler", "wb") as fh:  # the disk is full before the first checkpoint
+        try:
+            while True:
+                fh.write(bytes(64 << 10))
+                fh.flush()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+    started = time.monotonic()
+    proc = mpirun(int(n), "run", *run_args, "--out", str(tmp_path / "out"), "--",
+                  str(ROOT / "apps" / "checkpoint.py"), "--elements", "20000", "--iterations",
+                  "6", "--every", "2", "--dir", str(full_disk), *filter(None, [mode]),
+                  timeout=60)
+    assert time.monotonic() - started < 10 + 10  # 10 s, plus starting the interpreters
+    lines = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
+    assert proc.returncode == 74, proc.stderr[-3000:]
+    assert lines and all("[Errno 28] No space left on device" in ln for ln in lines), lines
+    assert "GreenletExit" not in proc.stderr and "Traceback" not in proc.stderr
+    with open_run(next((tmp_path / "out").glob("*.h5.partial")), allow_incomplete=True) as run:
+        assert (run.attrs["ending"], run.attrs["exit_status"]) == ("exit", 74)
+    leftovers = subprocess.run(["pgrep", "-f", str(full_disk)], capture_output=True, text=True)
+    assert leftovers.stdout == "", "processes of the job outlived it"
