@@ -694,7 +694,7 @@ def run_local(study_dir: str | os.PathLike[str], echo: Callable[[str], None] = p
     states = []
     for i, (point, adj) in enumerate(zip(points, adjusted, strict=True), 1):
         tag = f"[{i}/{len(points)}] {point['name']}"
-        run_file = f"runs/{point['name']}-local.h5"
+        run_file = _free_name(study_dir, f"runs/{point['name']}-local", ".h5")
         log = f"logs/{point['name']}-local.out"
         job = Job((manifest["app_path"], *point["app_args"]), point["ranks"],
                   {**options, "mode": point["mode"], "out": str(study_dir / run_file)},
@@ -718,6 +718,16 @@ def run_local(study_dir: str | os.PathLike[str], echo: Callable[[str], None] = p
             echo(f"{tag}: FAILED with exit code {code} after {seconds:.1f} s, log {log}: "
                  f"{state.detail}")
     return states
+
+
+def _free_name(study_dir: Path, stem: str, suffix: str) -> str:
+    """`stem + suffix`, or with -2, -3, ... when a run file of an earlier run has it (or its
+    partial file does): run files are never overwritten."""
+    name, n = stem + suffix, 1
+    while (study_dir / name).exists() or (study_dir / f"{name}.partial").exists():
+        n += 1
+        name = f"{stem}-{n}{suffix}"
+    return name
 
 
 def _run_logged(launch: Launch, log: Path, cwd: Path, timeout: float) -> int:
