@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import job_env, mckmpi, mpirun
+from fixtures import APPS, job_tag, mckmpi, mpirun, tagged_processes
+from mckmpi.jobs.launchers import Job
 from mckmpi.trace.reader import RunFileError, open_run
 
-ROOT = Path(__file__).resolve().parents[1]
-FWQ = str(ROOT / "apps" / "fwq.py")
+FWQ = str(APPS / "fwq.py")
 FLUSH_S = 0.2
 
 STAMPS = textwrap.dedent("""
@@ -48,11 +48,12 @@ STAMPS = textwrap.dedent("""
 """)
 
 
-def _start(tmp_path: Path, *run_args: str, app: list[str]) -> subprocess.Popen:
-    cmd = ["mpiexec", "-n", "2", "--bind-to", "none", sys.executable, "-m", "mckmpi", "run",
-           "--trace-flush", str(FLUSH_S), "--out", str(tmp_path / "out"), *run_args, "--", *app]
-    return subprocess.Popen(cmd, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+def _start(tmp_path: Path, app: list[str], **options: str) -> subprocess.Popen:
+    """A 2-rank job in its own session (so the test can kill all of it), not waited for."""
+    launch = Job(tuple(app), 2, {"trace_flush": FLUSH_S, "out": str(tmp_path / "out"),
+                                 **options}).render("mpiexec")
+    return subprocess.Popen(launch.argv, env=launch.env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 def _stamps_app(tmp_path: Path, n: int, exit_rank: int = -1) -> list[str]:
@@ -92,7 +93,7 @@ def _pids(tmp_path: Path) -> list[int]:
 
 
 def test_kill_9_of_the_whole_job_loses_at_most_the_last_flush(tmp_path):
-    proc = _start(tmp_path, app=_stamps_app(tmp_path, 100_000))
+    proc = _start(tmp_path, _stamps_app(tmp_path, 100_000))
     _wait(lambda: all((tmp_path / f"pid-{r}").exists() for r in range(2)), proc, 60)
     time.sleep(1.5)  # sampling for a while, several flushes
     ranks = _pids(tmp_path)
@@ -122,7 +123,7 @@ def test_kill_9_of_the_whole_job_loses_at_most_the_last_flush(tmp_path):
 
 
 def test_sigterm_finishes_the_run_file_with_the_ending(tmp_path):
-    proc = _start(tmp_path, app=[FWQ, "--samples", "100000", "--quantum-us", "500"])
+    proc = _start(tmp_path, [FWQ, "--samples", "100000", "--quantum-us", "500"])
     _wait(lambda: any((tmp_path / "out").glob("*.partial.d/rank-000001.spool"))
           and list((tmp_path / "out").glob("*.partial.d/rank-000001.spool"))[0].stat().st_size
           > 4096, proc, 60)
@@ -144,7 +145,7 @@ def test_sigterm_finishes_the_run_file_with_the_ending(tmp_path):
 
 @pytest.mark.offload
 def test_a_rank_that_exits_3_leaves_its_samples_calls_and_ending(tmp_path):
-    proc = _start(tmp_path, "--offload", "io", app=_stamps_app(tmp_path, 200, exit_rank=1))
+    proc = _start(tmp_path, _stamps_app(tmp_path, 200, exit_rank=1), offload="io")
     _, err = _reap(proc, timeout=120)
     assert proc.returncode == 3, err[-2000:]
     partial = _one(tmp_path, "*.h5.partial")
@@ -218,10 +219,11 @@ def test_a_full_checkpoint_target_is_the_real_enospc(tmp_path, full_disk, layout
         except OSError as exc:
             assert exc.errno == errno.ENOSPC
     started = time.monotonic()
+    tag = job_tag()
     proc = mpirun(int(n), "run", *run_args, "--out", str(tmp_path / "out"), "--",
-                  str(ROOT / "apps" / "checkpoint.py"), "--elements", "20000", "--iterations",
+                  str(APPS / "checkpoint.py"), "--elements", "20000", "--iterations",
                   "6", "--every", "2", "--dir", str(full_disk), *filter(None, [mode]),
-                  timeout=60)
+                  timeout=60, env=Job(("x",), env=tag).render("local").env)
     assert time.monotonic() - started < 10 + 10  # 10 s, plus starting the interpreters
     lines = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
     assert proc.returncode == 74, proc.stderr[-3000:]
@@ -229,5 +231,18 @@ def test_a_full_checkpoint_target_is_the_real_enospc(tmp_path, full_disk, layout
     assert "GreenletExit" not in proc.stderr and "Traceback" not in proc.stderr
     with open_run(next((tmp_path / "out").glob("*.h5.partial")), allow_incomplete=True) as run:
         assert (run.attrs["ending"], run.attrs["exit_status"]) == ("exit", 74)
-    leftovers = subprocess.run(["pgrep", "-f", str(full_disk)], capture_output=True, text=True)
-    assert leftovers.stdout == "", "processes of the job outlived it"
+    assert tagged_processes(tag) == [], "processes of the job (ranks, proxy) outlived it"
+
+
+def test_a_rank_killed_mid_run_is_named(tmp_path):
+    proc = _start(tmp_path, _stamps_app(tmp_path, 100_000))
+    _wait(lambda: all((tmp_path / f"pid-{r}").exists() for r in range(2)), proc, 60)
+    time.sleep(1)
+    os.kill(_pids(tmp_path)[1], signal.SIGKILL)  # mpiexec then ends rank 0
+    _reap(proc)
+    assert proc.returncode != 0
+    with open_run(_one(tmp_path, "*.h5.partial"), allow_incomplete=True) as run:
+        a = run.attrs
+        assert (a["ending"], a["ending_rank"]) == ("killed", 1), run.note
+        assert "rank 1 recorded no ending" in a["error"]
+        assert run.length("noise/stamps_ns", 1) > 100 and run.length("noise/stamps_ns", 0) > 100

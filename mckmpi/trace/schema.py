@@ -31,9 +31,10 @@ PARTIAL_SUFFIX = ".partial"
 #: signal     a rank received a terminating signal (`signal`: SIGTERM from scancel or a time
 #:            limit, SIGINT, SIGHUP, or a signal named with `mckmpi run --signal`);
 #: io-error   the run's data could not be written (`error` names the path and the errno);
+#: proxy      the node's offload proxy died (the rank cannot do I/O any more);
 #: killed     a rank vanished without a word (kill -9, MPI_Abort in the app, a lost node);
 #:            only a partial file can say this.
-ENDINGS = ("normal", "exit", "exception", "signal", "io-error", "killed")
+ENDINGS = ("normal", "exit", "exception", "signal", "io-error", "proxy", "killed")
 
 #: Kinds of recorded data and how they are laid out across ranks.
 SCALAR, ARRAY, TABLE = "scalar", "array", "table"
@@ -58,17 +59,22 @@ RANKS_DTYPE = np.dtype([
 
 
 def job_ending(endings: list[dict[str, Any] | None]) -> dict[str, Any]:
-    """The job's ending from the ranks' own: the earliest that is not normal (times on rank
-    0's clock), else normal; ranks without one vanished (`killed`)."""
+    """The job's ending from the ranks' own (None: the rank recorded none). The cause is
+    preferred to its consequences: the earliest exit, exception, I/O error or lost proxy
+    (times on rank 0's clock); else a rank that vanished without a word (`killed`: the
+    launcher then signals the others); else the earliest signal; else normal."""
     missing = [r for r, e in enumerate(endings) if not e]
     bad = [e for e in endings if e and e.get("ending") != "normal"]
-    if bad:
-        first = min(bad, key=lambda e: (e.get("ending") == "signal", e.get("time_ns", 0)))
+    causes = [e for e in bad if e.get("ending") != "signal"]
+    if causes:
+        first = min(causes, key=lambda e: e.get("time_ns", 0))
     elif missing:
         error = "no rank recorded an ending" if len(missing) == len(endings) \
             else f"rank {missing[0]} recorded no ending"
         first = {"ending": "killed", "rank": missing[0], "exit_status": -1, "signal": "",
                  "error": error}
+    elif bad:
+        first = min(bad, key=lambda e: e.get("time_ns", 0))
     else:
         return {"ending": "normal", "exit_status": 0, "signal": "", "ending_rank": -1,
                 "error": "", "ending_time_ns": max(int(e.get("time_ns", 0)) for e in endings)}
