@@ -183,8 +183,10 @@ def _run_in_mpi(settings: Settings, app: App, argv: list[str], placement: Placem
         runtime = boot(LwkOptions.of(settings), plan, rp)
         ctx.mem, ctx.scheduler = runtime.arena, runtime.scheduler
     if offloaded is not None:
-        ctx.offload = offloaded.attach(placement, node_comm, world,
-                                       None if runtime is None else runtime.arena)
+        ctx.offload = offloaded.attach(
+            placement, node_comm, world, None if runtime is None else runtime.arena,
+            before_abort=lambda message: run_file.abandon(endings.ending(
+                "proxy", placement.rank, offset_ns, offload.EXIT_PROXY_DIED, error=message)))
         pin(plan, placement.local_rank)  # the offload's watcher thread joins MPI's helpers
     set_context(ctx)
     started = time.monotonic_ns()

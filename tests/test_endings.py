@@ -246,3 +246,41 @@ def test_a_rank_killed_mid_run_is_named(tmp_path):
         assert (a["ending"], a["ending_rank"]) == ("killed", 1), run.note
         assert "rank 1 recorded no ending" in a["error"]
         assert run.length("noise/stamps_ns", 1) > 100 and run.length("noise/stamps_ns", 0) > 100
+
+
+def _tagged_pids(tag: dict[str, str], word: str) -> list[int]:
+    """Pids of live processes of the tagged job whose command line contains `word`."""
+    needle = "=".join(next(iter(tag.items()))).encode()
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if needle not in f.read().split(b"\0"):
+                    continue
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if word.encode() in f.read().split(b"\0"):
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+@pytest.mark.offload
+def test_a_killed_proxy_is_the_recorded_ending(tmp_path):
+    tag = job_tag()
+    launch = Job(tuple(_stamps_app(tmp_path, 100_000)), 1,
+                 {"mode": "lwk", "mem": "64M", "trace_flush": FLUSH_S,
+                  "out": str(tmp_path / "out")}, env=tag).render("mpiexec")
+    proc = subprocess.Popen(launch.argv, env=launch.env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _wait(lambda: (tmp_path / "pid-0").exists(), proc, 60)
+    time.sleep(0.5)
+    (proxy,) = _tagged_pids(tag, "proxy")
+    os.kill(proxy, signal.SIGKILL)
+    _, err = _reap(proc)
+    assert proc.returncode == 70, err[-2000:]
+    with open_run(_one(tmp_path, "*.h5.partial"), allow_incomplete=True) as run:
+        a = run.attrs
+        assert (a["ending"], a["ending_rank"], a["exit_status"]) == ("proxy", 0, 70), run.note
+        assert "proxy" in a["error"] and run.length("noise/stamps_ns", 0) > 10
+    assert tagged_processes(tag) == []
