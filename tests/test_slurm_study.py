@@ -353,6 +353,32 @@ def test_failed_job_is_reported_with_exit_code_and_log(cluster, tmp_path):
 
 
 @pytest.mark.slurm
+def test_retry_failed_submits_exactly_the_points_that_did_not_complete(cluster, tmp_path):
+    _, env = cluster
+    out = tmp_path / "retry"
+    manifest = plan(env, out, "--app", "fwq", "--nodes", "1,2", "--ranks-per-node", "1",
+                    "--modes", "linux", "--size", "30000", "--app-args", "--quantum-us 100")
+    res = mck("study", "submit", str(out), env=env)
+    assert res.returncode == 0, res.stderr
+    first = [p["job_id"] for p in json.loads((out / "study.json").read_text())["points"]]
+    assert subprocess.run(["scancel", first[1]], env=env, timeout=30).returncode == 0
+    status = mck("study", "status", str(out), "--wait", "60", env=env, timeout=90)
+    assert status.returncode == 1 and "--retry failed" in status.stdout
+    rows = status_rows(status.stdout)
+    assert rows[manifest["points"][0]["name"]][1:4] == ["COMPLETED", "0", "completed"]
+    assert rows[manifest["points"][1]["name"]][1] == "CANCELLED"
+    res = mck("study", "submit", "--retry", "failed", str(out), env=env)
+    assert res.returncode == 0 and "1 jobs submitted" in res.stdout, res.stdout + res.stderr
+    points = json.loads((out / "study.json").read_text())["points"]
+    assert points[0]["job_id"] == first[0] and "attempts" not in points[0]
+    assert points[1]["job_id"] not in (None, first[1])
+    assert [(a["job_id"], a["end"]["state"]) for a in points[1]["attempts"]] == [
+        (first[1], "CANCELLED")]
+    status = mck("study", "status", str(out), "--wait", "60", env=env, timeout=90)
+    assert status.returncode == 0, status.stdout + status.stderr
+
+
+@pytest.mark.slurm
 @pytest.mark.parametrize("argv, message", [
     (["--ranks-per-node", "2"], "--ranks-per-node 2 exceeds the 1 CPUs per node (2 minus "
                                 "specialised cores) that partition mckmpi (n[1-2]) gives a job"),

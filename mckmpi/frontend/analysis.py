@@ -48,10 +48,13 @@ offloaded system calls, memory and scheduler counters, app figures.
                                                   per-iteration time)
   mckmpi report RUN.h5 --json                     (every number, every rank)
 
+  mckmpi report results/fwq-linux-...h5.partial (a job that did not finish: read as far
+                                                  as its data reached, said in one line)
+
 FWQ excess = sample - the rank's smallest sample; percentiles are exact samples.""",
 )
 def _build_report(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_file", help="an HDF5 run file written by mckmpi run")
+    p.add_argument("run_file", help="an HDF5 run file written by mckmpi run (or its .partial)")
     _plots_option(p)
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
 
