@@ -117,6 +117,9 @@ def run(settings: Settings, app: App, argv: list[str]) -> int:
     world = MPI.COMM_WORLD
     try:
         return _run_in_mpi(settings, app, argv, placement, plan, policy, world)
+    except endings.JobSignal as exc:
+        # Signalled before the app started (every rank is): nothing to record yet.
+        return 128 + exc.signum
     except StorageError as exc:
         # Every rank raised it together (an agreed decision): one line, no abort.
         if placement.rank == 0:

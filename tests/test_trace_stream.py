@@ -200,3 +200,22 @@ def test_collect_marks_partial_runs_and_never_counts_them(tmp_path):
     assert np.isnan(rows["r.h5.partial"]["speedup"])
     assert "(partial)" in study.text(collected.rows)
     run.streamer.stop()
+
+
+def test_the_job_ending_is_the_cause_not_its_consequences():
+    from mckmpi.trace.schema import job_ending
+
+    def end(word: str, rank: int, t: int, sig: str = "") -> dict:
+        return {"ending": word, "rank": rank, "time_ns": t, "signal": sig,
+                "exit_status": 143 if sig else 3, "error": f"{word} on {rank}"}
+
+    normal = [end("normal", 0, 5), end("normal", 1, 9)]
+    assert job_ending(normal)["ending"] == "normal" and job_ending(normal)["ending_time_ns"] == 9
+    # rank 1 exits 3; the launcher then signals rank 0 (earlier on the clock, still a consequence)
+    got = job_ending([end("signal", 0, 1, "SIGTERM"), end("exit", 1, 2)])
+    assert (got["ending"], got["ending_rank"], got["exit_status"]) == ("exit", 1, 3)
+    got = job_ending([end("signal", 0, 1, "SIGTERM"), None])
+    assert (got["ending"], got["ending_rank"]) == ("killed", 1)
+    got = job_ending([end("signal", 0, 4, "SIGTERM"), end("signal", 1, 2, "SIGTERM")])
+    assert (got["ending"], got["ending_rank"], got["signal"]) == ("signal", 1, "SIGTERM")
+    assert job_ending([None, None])["error"] == "no rank recorded an ending"
