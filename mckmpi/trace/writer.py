@@ -292,11 +292,15 @@ class RunFile:
                                             root=0)
         partial = path.with_name(path.name + PARTIAL_SUFFIX)
         run = cls(comm, path, partial, root_attrs, provenance, method)
-        records = comm.gather((manifest(tracer.records), current(tracer.records)), root=0)
-        group_attrs = tracer.group_attrs
+        # The header holds the root group's records (the runner's /ranks table); the rest
+        # streams to the spools and is laid out at the end.
+        header = {k: r for k, r in tracer.records.items() if "/" not in k}
+        layouts = merge(comm.allgather(manifest(header)))
+        records = comm.gather(current(header), root=0)
         failure = None
         if rank == 0:
-            failure = _attempt(partial, run._write_header_file, records, group_attrs, reserved)
+            failure = _attempt(partial, run._write_header_file, layouts, records,
+                               tracer.group_attrs, reserved)
         agree(comm, failure)
         if flush_s > 0:
             target = spool_path(run.spool, rank)
@@ -306,16 +310,15 @@ class RunFile:
             run.streamer.start()
         return run
 
-    def _write_header_file(self, records: list[tuple[dict[str, tuple], dict[str, np.ndarray]]],
+    def _write_header_file(self, layouts: list[Layout], records: list[dict[str, np.ndarray]],
                            group_attrs: dict[str, dict[str, Any]], reserved: bool) -> None:
         if not reserved:
             reserve_name(self.path)
         os.mkdir(self.spool)
-        layouts = merge([manifest for manifest, _ in records])
         with h5py.File(self.partial, "w") as f:
             datasets = write_header(f, layouts, self.root_attrs, self.provenance, group_attrs,
                                     compress=True)
-            for r, (_, data) in enumerate(records):
+            for r, data in enumerate(records):
                 write_records(layouts, datasets, r, data)
 
     def finish(self, tracer: Tracer, ending: dict[str, Any]) -> Path:
