@@ -34,10 +34,10 @@ from typing import Any
 
 import numpy as np
 
+from mckmpi import endings
 from mckmpi.app import App
 from mckmpi.config import Settings
 from mckmpi.context import Context, set_context
-from mckmpi import endings
 from mckmpi.endings import SignalCatcher, parse_signals
 from mckmpi.errors import PartitionError, StorageError, UsageError
 from mckmpi.offload.policy import Policy

@@ -11,14 +11,13 @@ import errno
 import os
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
 
 import pytest
-
 from fixtures import APPS, job_tag, mckmpi, mpirun, tagged_processes
+
 from mckmpi.jobs.launchers import Job
 from mckmpi.trace.reader import RunFileError, open_run
 

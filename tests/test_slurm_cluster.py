@@ -7,8 +7,8 @@ The start/stop tests use clusters of their own so they can check exactly what th
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from mckmpi.jobs import slurm
 from mckmpi.errors import UsageError
+from mckmpi.jobs import slurm
 from mckmpi.trace.reader import open_run
 
 pytestmark = pytest.mark.slurm

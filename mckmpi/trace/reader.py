@@ -278,7 +278,7 @@ def _recover(path: Path, header: h5py.File) -> Run:
             + (f" {ending['signal']}" if ending["signal"] else "")
             + (f" on rank {ending['ending_rank']}" if ending["ending_rank"] >= 0 else "")
             + (f" ({ending['error']})" if ending["error"] else "")
-            + f"; data up to each rank's last flush"
+            + "; data up to each rank's last flush"
             + (f"; no ending from rank(s) {_ranks(silent)}" if silent else "")
             + (f"; last frame cut short on rank(s) {_ranks(torn)}" if torn else ""))
     return Run(path, f, partial=True, note=note)

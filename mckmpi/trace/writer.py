@@ -364,7 +364,7 @@ class RunFile:
             agree(comm, _attempt(final, write_records, layouts, datasets, rank, records))
             agree(comm, _attempt(final, f.flush))
             agree(comm, _attempt(final, f.attrs.__setitem__, "complete", True))
-            del datasets
+            datasets.clear()  # no dataset left open when the file closes
             agree(comm, _attempt(final, f.close))
         except StorageError:
             self._discard(f, final)
