@@ -285,3 +285,17 @@ def test_a_killed_proxy_is_the_recorded_ending(tmp_path):
         assert (a["ending"], a["ending_rank"], a["exit_status"]) == ("proxy", 0, 70), run.note
         assert "proxy" in a["error"] and run.length("noise/stamps_ns", 0) > 10
     assert tagged_processes(tag) == []
+
+
+def test_a_run_file_is_never_overwritten(tmp_path):
+    app = tmp_path / "nothing.py"
+    app.write_text("")
+    out = tmp_path / "run.h5"
+    first = mpirun(2, "run", "--out", str(out), "--", str(app), timeout=60)
+    assert first.returncode == 0, first.stderr
+    before = out.read_bytes()
+    second = mpirun(2, "run", "--out", str(out), "--", str(app), timeout=60)
+    lines = [ln for ln in second.stderr.splitlines() if ln.startswith("mckmpi: error:")]
+    assert second.returncode == 74 and len(lines) == 1, second.stderr
+    assert "exists: run files are never overwritten" in lines[0]
+    assert out.read_bytes() == before and not list(tmp_path.glob("run.h5.partial*"))
