@@ -55,6 +55,10 @@ CKPT_DTYPE = np.dtype([("iter", "i4"), ("start_ns", "i8"), ("bytes", "i8"), ("wr
                        ("verify_ns", "i8")])
 
 
+#: Exit status of a checkpoint that could not be written (sysexits.h EX_IOERR).
+EX_IOERR = 74
+
+
 def parse(argv: list[str]) -> tuple[appkit.AppParser, argparse.Namespace]:
     p = appkit.parser("checkpoint", __doc__)
     p.add_argument("--elements", type=appkit.positive_int, default=1 << 20,
@@ -131,6 +135,7 @@ class Checkpointer:
         self.snapshot = mem.empty(elements) if mode != "sync" else None
         self.log = np.zeros(count, dtype=CKPT_DTYPE)
         self.ok = True
+        self.error: OSError | None = None  # a writer task's failure, raised by `wait`
         self.sched = sched
         self.pool = None
         self.job = None
@@ -155,8 +160,9 @@ class Checkpointer:
     def take(self, c: int, iteration: int, state: np.ndarray) -> None:
         """Checkpoint `c` of `state`; returns as soon as `state` may change again."""
         if self.mode == "sync":
-            self._done(c, iteration, write_and_verify(self.paths[c % 2], state, self.readbuf,
-                                                      self.same, self.fsync))
+            path = self.paths[c % 2]
+            self._done(c, iteration, _named(path, write_and_verify, path, state, self.readbuf,
+                                            self.same, self.fsync))
             return
         self.wait()
         np.copyto(self.snapshot, state)
@@ -170,12 +176,27 @@ class Checkpointer:
             self.sched.yield_()  # let the writer hand the snapshot to the pool now
 
     def wait(self) -> None:
-        """Until the write in flight (if any) is done and verified."""
+        """Until the write in flight (if any) is done and verified; its OSError if it
+        failed (ENOSPC, EIO, ... as the system call returned it)."""
         if self.mode == "thread" and self.job is not None:
             job, self.job = self.job, None
-            self._done(self.pending, self.pending_iter, job.result())
+            path = self.paths[self.pending % 2]
+            self._done(self.pending, self.pending_iter, _named(path, job.result))
         elif self.mode in ("scheduler", "channel"):
             self.idle.wait()
+            if self.error is not None:
+                raise self.error
+
+    def abandon(self) -> None:
+        """After a failure: stop the writer and its pool or channel without waiting."""
+        if self.mode in ("scheduler", "channel"):
+            self.stopping = True
+            self.ready.set()
+        if self.pool is not None:
+            self.pool.close()
+        if self.channel is not None:
+            self.sched.remove_poller(self.channel.poll)
+            self.channel.close()
 
     def close(self) -> None:
         self.wait()
@@ -189,18 +210,34 @@ class Checkpointer:
             self.sched.remove_poller(self.channel.poll)
             self.channel.close()
 
+    def _failing(self, body: Any) -> None:
+        """Run a writer task's loop; a failure goes to `error` for the compute task's next
+        `wait`, instead of ending this task with nobody waiting for it."""
+        try:
+            body()
+        except OSError as exc:
+            self.error = exc
+            self.idle.set()
+
     def _writer(self) -> None:
+        self._failing(self._write_loop)
+
+    def _write_loop(self) -> None:
         while True:
             self.ready.wait()
             self.ready.clear()
             if self.stopping:
                 return
-            job = self.pool.submit(write_and_verify, self.paths[self.pending % 2], self.snapshot,
-                                   self.readbuf, self.same, self.fsync)
-            self._done(self.pending, self.pending_iter, job.result())  # blocks this task only
+            path = self.paths[self.pending % 2]
+            job = self.pool.submit(write_and_verify, path, self.snapshot, self.readbuf,
+                                   self.same, self.fsync)
+            self._done(self.pending, self.pending_iter, _named(path, job.result))  # this task
             self.idle.set()
 
     def _queuer(self) -> None:
+        self._failing(self._queue_loop)
+
+    def _queue_loop(self) -> None:
         """The channel's writer task: queue write, [fsync,] read-back; wait for the read."""
         from mckmpi.lwk.scheduler import Event
 
@@ -224,12 +261,21 @@ class Checkpointer:
                 self.channel.fsync(fd, on_done=lambda result: results.append(result))
             self.channel.read(fd, 0, self.readbuf, on_done=lambda result: done(result, True))
             read_back.wait()  # blocks this task only; the compute task's yields poll the ring
-            os.close(fd)
-            np.equal(self.readbuf, self.snapshot, out=self.same)
+            path = self.paths[self.pending % 2]
             written, got = results[0], results[-1]
-            if min(results) < 0:
-                raise OSError(-min(results), f"checkpoint I/O through the offload channel: "
-                                             f"{os.strerror(-min(results))}")
+            try:
+                if min(results) < 0:
+                    raise OSError(-min(results), os.strerror(-min(results)), path)
+                if written < nbytes:
+                    # A short write, as on a nearly full disk: write the rest as a program
+                    # would, which returns the real errno (ENOSPC) or completes it.
+                    view = memoryview(self.snapshot).cast("B")
+                    while written < nbytes:
+                        written += _named(path, os.pwrite, fd, view[written:], written)
+                    got = _named(path, os.preadv, fd, [memoryview(self.readbuf).cast("B")], 0)
+            finally:
+                os.close(fd)
+            np.equal(self.readbuf, self.snapshot, out=self.same)
             equal = written == nbytes and got == nbytes and bool(self.same.all())
             self._done(self.pending, self.pending_iter,
                        (times[0], times[1] - times[0], clock() - times[1], equal))
@@ -239,6 +285,16 @@ class Checkpointer:
         start, write_ns, verify_ns, equal = result
         self.log[c] = (iteration, start, self.readbuf.nbytes, write_ns, verify_ns)
         self.ok = self.ok and equal
+
+
+def _named(path: str, call: Any, *args: Any) -> Any:
+    """`call(*args)`, its OSError naming `path` (the errno exactly as the system returned it)."""
+    try:
+        return call(*args)
+    except OSError as exc:
+        if exc.filename is None:
+            raise OSError(exc.errno, exc.strerror, path) from None
+        raise
 
 
 def checkpoint_dir(p: appkit.AppParser, args: argparse.Namespace, comm: Any) -> tuple[Path, bool]:
@@ -335,7 +391,13 @@ def main(argv: list[str] | None = None) -> None:
         inj.stop()
         writer.close()
 
-    appkit.run_phases(ctx, run)
+    try:
+        appkit.run_phases(ctx, run)
+    except OSError as exc:
+        # A full or failing disk: one line with the errno; the harness ends the job.
+        writer.abandon()
+        print(f"checkpoint: error: rank {rank}: {exc}", file=sys.stderr, flush=True)
+        sys.exit(EX_IOERR)
     # Restart: the newest checkpoint before the end (the older slot if the newest is the end).
     c = count - 2 if count >= 2 and count * every == n else count - 1
     restart = writer.readbuf

@@ -10,7 +10,7 @@ so the interpreter's share of a quantum is small and nothing is allocated in the
 benchmark's own resolution is recorded with the samples: the cost and the resolution of
 the clock, and the shortest quantum it accepts (50x the clock's step, never below 10 us).
 
-Records: noise/fwq_ns [ranks, samples] int64 ns; attrs of noise: fwq_quantum_ns, fwq_reps,
+Records: noise/fwq_ns [ranks, samples] int64 ns (streamed while sampling); attrs of noise: fwq_quantum_ns, fwq_reps,
 fwq_unit_ns, fwq_min_quantum_ns, timer_cost_ns, timer_resolution_ns.
 """
 
@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> None:
     quantum_ns = timer.check_quantum(p, "--quantum-us", args.quantum_us)
     kernel = appkit.WorkKernel(ctx.mem)
     samples = ctx.mem.zeros(args.samples, dtype=np.int64)
+    # Streamed: under the harness the samples reach the run file while they are taken.
+    stream = ctx.tracer.stream("noise", "fwq_ns", samples, units="ns")
     run = kernel.runner(inj)
     # Every rank does the same work: the fastest unit any rank measured sets the repetitions,
     # so no rank's quiet samples fall short of the quantum.
@@ -59,16 +61,16 @@ def main(argv: list[str] | None = None) -> None:
             t0 = c()
             run(reps)
             samples[i] = c() - t0
+            stream.filled = i + 1
         inj.stop()
 
+    ctx.tracer.attrs("noise", fwq_quantum_ns=quantum_ns, fwq_reps=reps,
+                     fwq_unit_ns=round(unit_ns), fwq_elements=kernel.elements,
+                     fwq_min_quantum_ns=timer.min_quantum_ns, timer_cost_ns=timer.cost_ns,
+                     timer_resolution_ns=timer.resolution_ns)
     appkit.run_phases(ctx, measure)
     appkit.verify_all(comm, kernel.verify(), "FWQ kernel produced a wrong result")
-    tracer = ctx.tracer
-    tracer.array("noise", "fwq_ns", samples, units="ns")
-    tracer.attrs("noise", fwq_quantum_ns=quantum_ns, fwq_reps=reps, fwq_unit_ns=round(unit_ns),
-                 fwq_elements=kernel.elements, fwq_min_quantum_ns=timer.min_quantum_ns,
-                 timer_cost_ns=timer.cost_ns, timer_resolution_ns=timer.resolution_ns)
-    inj.record(tracer)
+    inj.record(ctx.tracer)
     worst = comm.reduce(int(samples.max()), op=MPI.MAX, root=0)
     if comm.Get_rank() == 0:
         print(f"fwq: {comm.Get_size()} ranks x {args.samples} samples, quantum {quantum_ns} ns "

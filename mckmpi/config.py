@@ -274,6 +274,17 @@ TRACE_WRITER = option(
     help="how the run file is written: parallel HDF5 (collective), gathered to rank 0, "
          "or auto (parallel when h5py has MPI)",
 )
+TRACE_FLUSH = option(
+    name="trace_flush", section="run", default=1.0, type=float, metavar="SECONDS",
+    help="stream recorded data to the run file's spool at most this far behind (also "
+         "whenever 64 MiB are pending), so a killed job keeps all but the last interval; "
+         "0 writes everything at the end only",
+)
+SIGNAL = option(
+    name="signal", section="run", default="", metavar="USR1[,USR2]",
+    help="also end the run on these signals, recording the ending and writing the run file "
+         "(e.g. for sbatch --signal=USR1@60); SIGTERM, SIGINT and SIGHUP always do",
+)
 HUGEPAGES = option(
     name="hugepages", section="lwk", default="auto", choices=("auto", "never", "require"),
     help="huge pages for the arena: auto uses hugetlbfs pages when reserved, else THP; "

@@ -22,3 +22,14 @@ class PartitionError(UsageError):
 
 class FeatureUnavailable(UsageError):
     """The kernel or the environment lacks a feature a requested mode needs."""
+
+
+class StorageError(UsageError):
+    """The run file cannot be written (a full or failing file system): one line naming the
+    path and the errno, agreed by every rank, exit status 74 (EX_IOERR)."""
+
+    exit_code = 74
+
+    def __init__(self, message: str, errno: int = 0) -> None:
+        super().__init__(message)
+        self.errno = errno

@@ -45,3 +45,16 @@ def syscall(nr: int, *args: int | bytes | None) -> int:
 def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
     """prctl(2), raising OSError on failure."""
     return check(libc.prctl(option, arg2, arg3, arg4, arg5), f"prctl({option})")
+
+
+AT_FDCWD = -100
+RENAME_NOREPLACE = 1
+libc.renameat2.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                           ctypes.c_uint)
+
+
+def rename_noreplace(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """rename(2) that fails with EEXIST instead of replacing `dst` (renameat2 NOREPLACE):
+    a finished file never overwrites another."""
+    check(libc.renameat2(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst),
+                         RENAME_NOREPLACE), f"rename {os.fspath(src)} -> {os.fspath(dst)}")

@@ -19,8 +19,10 @@ One `mckmpi run` per rank, started by mpiexec or srun. The stages, in order:
 
 from __future__ import annotations
 
+import errno
 import os
 import runpy
+import secrets
 import subprocess
 import sys
 import threading
@@ -32,10 +34,12 @@ from typing import Any
 
 import numpy as np
 
+from mckmpi import endings
 from mckmpi.app import App
 from mckmpi.config import Settings
 from mckmpi.context import Context, set_context
-from mckmpi.errors import PartitionError, UsageError
+from mckmpi.endings import SignalCatcher, parse_signals
+from mckmpi.errors import PartitionError, StorageError, UsageError
 from mckmpi.offload.policy import Policy
 from mckmpi.node.partition import NodePlan, node_facts, plan_node
 from mckmpi.node.host import read_host
@@ -113,6 +117,14 @@ def run(settings: Settings, app: App, argv: list[str]) -> int:
     world = MPI.COMM_WORLD
     try:
         return _run_in_mpi(settings, app, argv, placement, plan, policy, world)
+    except endings.JobSignal as exc:
+        # Signalled before the app started (every rank is): nothing to record yet.
+        return 128 + exc.signum
+    except StorageError as exc:
+        # Every rank raised it together (an agreed decision): one line, no abort.
+        if placement.rank == 0:
+            print(f"mckmpi: error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
     except UsageError as exc:
         if placement.local_rank == 0:
             print(f"mckmpi: error: {exc}", file=sys.stderr, flush=True)
@@ -160,6 +172,11 @@ def _run_in_mpi(settings: Settings, app: App, argv: list[str], placement: Placem
     row["clock_offset_ns"], row["clock_rtt_ns"] = offset_ns, rtt_ns
     tracer.scalar("", "ranks", row)
 
+    # The run file exists from here on (NAME.h5.partial + the ranks' spools), before the
+    # LWK boot and the offload filter: the streamer's spool descriptor stays native.
+    catcher = SignalCatcher.install(parse_signals(settings.signal))
+    run_file = _start_run_file(world, tracer, settings, app, argv, placement, plan, node_comm,
+                               offset_ns, catcher)
     ctx = Context(placement=placement, mode=settings.mode, harness=True, tracer=tracer,
                   node_plan=plan, comm=world)
     runtime = None
@@ -169,17 +186,20 @@ def _run_in_mpi(settings: Settings, app: App, argv: list[str], placement: Placem
         runtime = boot(LwkOptions.of(settings), plan, rp)
         ctx.mem, ctx.scheduler = runtime.arena, runtime.scheduler
     if offloaded is not None:
-        ctx.offload = offloaded.attach(placement, node_comm, world,
-                                       None if runtime is None else runtime.arena)
+        ctx.offload = offloaded.attach(
+            placement, node_comm, world, None if runtime is None else runtime.arena,
+            before_abort=lambda message: run_file.abandon(endings.ending(
+                "proxy", placement.rank, offset_ns, offload.EXIT_PROXY_DIED, error=message)))
         pin(plan, placement.local_rank)  # the offload's watcher thread joins MPI's helpers
     set_context(ctx)
     started = time.monotonic_ns()
     if runtime is None:
-        status = _run_app(app, world)
+        end = _run_app(app, placement.rank, offset_ns)
     else:
         # The app is the scheduler's first task, so it may yield, spawn and join anywhere.
         runtime.start_app()
-        status = runtime.scheduler.run(lambda: _run_app(app, world))
+        end = runtime.scheduler.run(lambda: _run_app(app, placement.rank, offset_ns))
+    catcher.quiet()
     tracer.scalar("app", "wall_ns", time.monotonic_ns() - started, units="ns")
     if offloaded is not None:
         offloaded.finish(tracer)
@@ -187,26 +207,45 @@ def _run_in_mpi(settings: Settings, app: App, argv: list[str], placement: Placem
         runtime.record(tracer)
         runtime.finish()
     set_context(None)
-
-    path = _run_file_path(settings, app, placement, world)
-    _write(world, path, tracer, settings, app, argv, placement, plan, node_comm)
-    if placement.rank == 0:
-        print(f"mckmpi: run file {path}", file=sys.stderr, flush=True)
-    return status
+    return _end(world, run_file, tracer, end, placement, catcher)
 
 
-def _run_app(app: App, world: Any) -> int:
+def _end(world: Any, run_file: Any, tracer: Tracer, end: dict[str, Any],
+         placement: Placement, catcher: SignalCatcher) -> int:
+    """The rank's ending, in one place. A normal end or a signal (which every rank of a
+    cancelled job receives) finishes the run file with all ranks; an exit status or an
+    exception on one rank may leave the others blocked in the app, so that rank records its
+    ending and data in its spool and aborts the job, like ``python -m mpi4py``."""
+    if end["ending"] in ("normal", "signal"):
+        path = run_file.finish(tracer, end)
+        catcher.restore()
+        if placement.rank == 0:
+            print(f"mckmpi: run file {path}" + ("" if end["ending"] == "normal" else
+                  f" (ended by {end['signal']})"), file=sys.stderr, flush=True)
+        return end["exit_status"]
+    run_file.abandon(end)
+    if end["ending"] == "io-error":
+        print(f"mckmpi: error: {end['error']}", file=sys.stderr, flush=True)
+    if placement.rank != 0:
+        # Rank 0 speaks for the job (apps report usage errors there): when it exits too,
+        # its abort, not ours, ends the job, so its line is not lost in the teardown.
+        time.sleep(ABORT_GRACE_S)
+    world.Abort(end["exit_status"] if 0 < end["exit_status"] < 256 else 1)
+    return 1  # not reached
+
+
+def _run_app(app: App, rank: int, offset_ns: int) -> dict[str, Any]:
     """Run the app in this interpreter, or an executable as a child that inherits the rank's
-    pinning and offload filter; any unhandled exception or failed child aborts COMM_WORLD."""
+    pinning and offload filter; how it ended (see `mckmpi.endings`)."""
     saved_argv, saved_path0 = sys.argv, sys.path[0]
     try:
         if app.kind == "binary":
             status = subprocess.run([app.target, *app.args], check=False).returncode
+            end = endings.of_child(status, app.target, rank, offset_ns)
             if status:
-                print(f"mckmpi: rank {world.Get_rank()}: {app.target} exited with status "
-                      f"{status}", file=sys.stderr, flush=True)
-                world.Abort(status if status > 0 else 128 - status)
-        elif app.kind == "module":
+                print(f"mckmpi: {end['error']}", file=sys.stderr, flush=True)
+            return end
+        if app.kind == "module":
             sys.argv = [app.target, *app.args]
             runpy.run_module(app.target, run_name="__main__", alter_sys=True)
         else:
@@ -214,48 +253,77 @@ def _run_app(app: App, world: Any) -> int:
             sys.path[0] = str(Path(app.target).resolve().parent)
             runpy.run_path(app.target, run_name="__main__")
     except SystemExit as exc:
-        code = exc.code
-        if code is None or code == 0:
-            return 0
-        if not isinstance(code, int):
-            print(code, file=sys.stderr, flush=True)
-            code = 1
-        if world.Get_rank() != 0:
-            # Rank 0 speaks for the job (apps report usage errors there): when it exits too,
-            # its abort, not ours, ends the job, so its line is not lost in the teardown.
-            time.sleep(ABORT_GRACE_S)
-        world.Abort(code)
-    except BaseException:
+        if exc.code is not None and not isinstance(exc.code, int):
+            print(exc.code, file=sys.stderr, flush=True)
+        return endings.of_exception(exc, rank, offset_ns)
+    except (endings.JobSignal, StorageError) as exc:
+        return endings.of_exception(exc, rank, offset_ns)
+    except BaseException as exc:
         traceback.print_exc()
         sys.stderr.flush()
-        world.Abort(1)
+        return endings.of_exception(exc, rank, offset_ns)
     finally:
         sys.argv, sys.path[0] = saved_argv, saved_path0
-    return 0
+    return endings.ending("normal", rank, offset_ns)
 
 
-def _run_file_path(settings: Settings, app: App, placement: Placement, world: Any) -> Path:
-    """Rank 0 names the file (job id or time stamp) and tells everyone."""
-    name = None
+def run_file_name(out: Path, app: App, mode: str, env: dict[str, str] | os._Environ,
+                  suffix: str) -> Path:
+    """The run file's name in directory `out`: app, mode, the Slurm cluster, job and step
+    (or a time stamp outside Slurm) and a short random `suffix`, so names stay unique when
+    job ids repeat (a new cluster, two clusters, a restarted controller)."""
+    job = env.get("SLURM_JOB_ID")
+    if job:
+        cluster = env.get("SLURM_CLUSTER_NAME", "")
+        stamp = f"{cluster + '-' if cluster else ''}job{job}.{env.get('SLURM_STEP_ID', '0')}"
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+    return out / f"{app.name}-{mode}-{stamp}-{suffix}.h5"
+
+
+def _reserve_run_file(settings: Settings, app: App, placement: Placement, world: Any) -> Path:
+    """Rank 0 names the file and creates NAME.h5.partial exclusively (a name is never
+    reused, a file never overwritten); every rank learns the name or the same error."""
+    from mckmpi.trace.writer import agree, describe, reserve_name
+
+    name, failure = None, None
     if placement.rank == 0:
         out = Path(settings.out)
-        if out.suffix == ".h5":
-            out.parent.mkdir(parents=True, exist_ok=True)
-            name = str(out)
-        else:
-            out.mkdir(parents=True, exist_ok=True)
-            job = os.environ.get("SLURM_JOB_ID")
-            step = os.environ.get("SLURM_STEP_ID")
-            stamp = f"job{job}.{step}" if job else time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
-            name = str(out / f"{app.name}-{settings.mode}-{stamp}.h5")
-    return Path(world.bcast(name, root=0))
+        try:
+            if out.suffix == ".h5":
+                out.parent.mkdir(parents=True, exist_ok=True)
+                reserve_name(out)
+                name = out
+            else:
+                out.mkdir(parents=True, exist_ok=True)
+                for _ in range(16):
+                    candidate = run_file_name(out, app, settings.mode, os.environ,
+                                              secrets.token_hex(3))
+                    try:
+                        reserve_name(candidate)
+                    except FileExistsError:
+                        continue
+                    name = candidate
+                    break
+                else:
+                    raise FileExistsError(errno.EEXIST, "no free run file name", str(out))
+        except OSError as exc:
+            failure = describe(exc, out)
+            if isinstance(exc, FileExistsError) and out.suffix == ".h5":
+                failure = (errno.EEXIST, f"{out} exists: run files are never overwritten "
+                                         "(choose another --out)")
+    agree(world, failure)
+    return Path(world.bcast(None if name is None else str(name), root=0))
 
 
-def _write(world: Any, path: Path, tracer: Tracer, settings: Settings, app: App, argv: list[str],
-           placement: Placement, plan: NodePlan, node_comm: Any) -> None:
+def _start_run_file(world: Any, tracer: Tracer, settings: Settings, app: App, argv: list[str],
+                    placement: Placement, plan: NodePlan, node_comm: Any, offset_ns: int,
+                    catcher: SignalCatcher) -> Any:
+    """The run file's header and the streamer (collective)."""
     from mckmpi.info import versions
-    from mckmpi.trace.writer import write_run
+    from mckmpi.trace.writer import RunFile
 
+    path = _reserve_run_file(settings, app, placement, world)
     hosts = sorted(set(world.allgather(placement.host)))
     node_plans = world.allgather(plan.describe() if node_comm.Get_rank() == 0 else None)
     root = {
@@ -270,9 +338,26 @@ def _write(world: Any, path: Path, tracer: Tracer, settings: Settings, app: App,
         "launcher": placement.launcher,
         "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
         "slurm_nodelist": os.environ.get("SLURM_JOB_NODELIST", ""),
+        "slurm_cluster": os.environ.get("SLURM_CLUSTER_NAME", "") if os.environ.get(
+            "SLURM_JOB_ID") else "",
     }
     provenance: dict[str, Any] = dict(versions())
     provenance["hosts"] = hosts
     provenance["node_plans"] = [p for p in node_plans if p is not None]
-    provenance["settings"] = [f"{k}={v} ({settings.origins[k]})" for k, v in sorted(settings.values.items())]
-    write_run(world, path, tracer, root, provenance, method=settings.trace_writer)
+    provenance["settings"] = [f"{k}={v} ({settings.origins[k]})"
+                              for k, v in sorted(settings.values.items())]
+
+    def spool_failed(exc: OSError) -> None:
+        from mckmpi.trace.writer import describe
+
+        catcher.interrupt(StorageError(describe(exc, run_file.spool)[1], exc.errno or 0))
+
+    def signalled(signum: int) -> None:
+        # In the streamer's thread, right after it flushed: the ending is on disk even if
+        # the main thread is stuck in C until Slurm's SIGKILL.
+        run_file.streamer.ending(endings.of_signal(signum, placement.rank, offset_ns))
+
+    run_file = RunFile.start(world, path, tracer, root, provenance, settings.trace_writer,
+                             flush_s=settings.trace_flush, wake_fd=catcher.wake_fd,
+                             on_signal=signalled, on_error=spool_failed, reserved=True)
+    return run_file

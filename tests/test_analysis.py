@@ -14,7 +14,7 @@ from mckmpi.analysis import compare, scaling, simulate, study
 from mckmpi.analysis.report import render_summary
 from mckmpi.analysis.stats import moments, order_index, select
 from mckmpi.analysis.summary import summarize
-from mckmpi.trace import writer
+from mckmpi.trace import layout, writer
 from mckmpi.trace.reader import open_run
 from mckmpi.trace.schema import RANKS_DTYPE
 from mckmpi.trace.tracer import Tracer
@@ -230,12 +230,12 @@ def test_report_of_a_file_with_only_ranks(tmp_path):
 
 
 def test_chunked_writer_round_trip_in_small_blocks(tmp_path, monkeypatch):
-    monkeypatch.setattr(writer, "WRITE_BLOCK", 4096)
+    monkeypatch.setattr(layout, "WRITE_BLOCK", 4096)
     data = np.arange(300_000, dtype=np.int64)  # 2.4 MB: chunked, many write calls
     path = write_synthetic(tmp_path / "c.h5", fwq=data + 1, method="parallel")
     with open_run(path) as run:
         ds = run["noise/fwq_ns"]
-        assert ds.chunks == (1, writer.CHUNK_BYTES // 8)
+        assert ds.chunks == (1, layout.CHUNK_BYTES // 8)
         blocks = list(run.rank_blocks("noise/fwq_ns", 0, block=200_000))
         assert [b.size for b in blocks] == [131_072, 131_072, 37_856]
         assert np.array_equal(np.concatenate(blocks), data + 1)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from mckmpi.jobs import slurm
 from mckmpi.errors import UsageError
+from mckmpi.jobs import slurm
 from mckmpi.trace.reader import open_run
 
 pytestmark = pytest.mark.slurm
@@ -161,11 +162,12 @@ def test_srun_of_mckmpi_run_spans_both_nodes(cluster, tmp_path, mode_args):
     assert res.returncode == 0, res.stderr
     (path,) = tmp_path.glob("fwq-*.h5")
     mode = "lwk" if mode_args else "linux"
-    assert path.name.startswith(f"fwq-{mode}-job") and path.name.endswith(".0.h5")
+    assert re.fullmatch(rf"fwq-{mode}-mckmpi-job\d+\.0-[0-9a-f]{{6}}\.h5", path.name), path.name
     with open_run(path) as r:
         assert (r.attrs["launcher"], r.attrs["nnodes"], r.attrs["world_size"]) == ("slurm", 2, 2)
         assert r.attrs["mode"] == mode and r.attrs["slurm_nodelist"] == "n[1-2]"
-        assert path.name == f"fwq-{mode}-job{r.attrs['slurm_job_id']}.0.h5"
+        assert f"-job{r.attrs['slurm_job_id']}.0-" in path.name
+        assert r.attrs["slurm_cluster"] == "mckmpi" and r.attrs["ending"] == "normal"
         assert sorted(r.provenance["hosts"]) == ["n1", "n2"]
         assert sorted(h.decode() for h in r.ranks["host"]) == ["n1", "n2"]
         assert r.read("noise/fwq_ns").shape == (2, 50)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -52,7 +53,7 @@ def node(**changes: object) -> slurm.NodeInfo:
 
 
 def status_rows(text: str) -> dict[str, list[str]]:
-    """`study status` table rows by point name: job, state, exit, log, note words."""
+    """`study status` table rows by point name: job, state, exit, ending, log, note words."""
     return {ln.split()[0]: ln.split()[1:] for ln in text.splitlines()
             if ln.split() and ln.split()[0].count("-") >= 2 and not ln.startswith("--")}
 
@@ -126,6 +127,46 @@ def test_point_states_of_either_backend_are_one_type(tmp_path):
     assert (waiting.backend, waiting.state, waiting.started) == ("slurm", study.NOT_SUBMITTED,
                                                                  False)
     assert waiting.final and not waiting.failed
+
+
+SACCT_ENDS = {"11": "COMPLETED|0:0", "12": "CANCELLED by 0|0:15", "13": "TIMEOUT|0:0",
+              "14": "NODE_FAIL|0:0", "15": "OUT_OF_MEMORY|0:125", "16": "FAILED|3:0",
+              "17": "COMPLETED|0:15"}
+
+
+def _fake_slurm(bin_dir: Path, ends: dict[str, str]) -> dict[str, str]:
+    """scontrol that has forgotten every job and sacct that remembers `ends`, on PATH."""
+    bin_dir.mkdir(exist_ok=True)
+    cases = "".join(f'  *"-j {job} "*) echo "{end}|n1|p" ;;\n' for job, end in ends.items())
+    for name, body in (
+            ("scontrol", 'case "$*" in "show job"*) echo "Invalid job id specified" >&2; exit 1;;'
+                         ' esac\necho "JobCompType = jobcomp/none"\n'),
+            ("sacct", f'case "$*" in\n{cases}esac\n')):
+        (bin_dir / name).write_text("#!/bin/sh\n" + body)
+        (bin_dir / name).chmod(0o755)
+    return job_env(PATH=f"{bin_dir}:{os.environ['PATH']}")
+
+
+def _manifest(out: Path, jobs: list[str]) -> None:
+    out.mkdir()
+    study.save(out, {"schema": study.SCHEMA, "schema_version": study.VERSION, "target": "slurm",
+                     "points": [{"name": f"p-{j}", "job_id": j, "log": "p-%j.out"}
+                                for j in jobs]})
+
+
+def test_status_tells_the_real_end_and_keeps_it(tmp_path):
+    out = tmp_path / "study"
+    _manifest(out, list(SACCT_ENDS))
+    states = study.status(out, _fake_slurm(tmp_path / "bin", SACCT_ENDS))
+    assert [s.ending for s in states] == ["completed", "cancelled, SIGTERM", "timeout", "node-fail",
+                                          "out-of-memory, 125", "exit 3", "signal SIGTERM"]
+    assert [s.ok for s in states] == [True] + [False] * 6  # 0:15 is a signal, not success
+    kept = {p["job_id"]: p["end"] for p in study.load(out)["points"]}
+    assert kept["12"] == {"job_id": "12", "state": "CANCELLED", "exit_code": 0, "signal": 15,
+                          "ending": "cancelled, SIGTERM"}
+    # Accounting forgets too: the end kept in study.json still answers.
+    states = study.status(out, _fake_slurm(tmp_path / "bin", {}))
+    assert [s.ending for s in states][:3] == ["completed", "cancelled, SIGTERM", "timeout"]
 
 
 def test_run_args_take_every_section_of_mckmpi_run():
@@ -279,9 +320,11 @@ def test_plan_submit_status_collect_round_trip(cluster, tmp_path):
     assert [rows[p["name"]][:3] for p in manifest["points"]] == [
         [job, "COMPLETED", "0"] for job in jobs]
     assert len(set(jobs)) == 4 and all(jobs)
-    names = sorted(p.name for p in (out / "runs").iterdir())
-    assert names == sorted([f"stencil-linux-job{jobs[0]}.0.h5", f"stencil-linux-job{jobs[1]}.0.h5",
-                            f"stencil-lwk-job{jobs[2]}.0.h5", f"stencil-lwk-job{jobs[3]}.0.h5"])
+    names = sorted(re.sub(r"-[0-9a-f]{6}\.h5$", ".h5", p.name) for p in (out / "runs").iterdir())
+    assert names == sorted([f"stencil-linux-mckmpi-job{jobs[0]}.0.h5",
+                            f"stencil-linux-mckmpi-job{jobs[1]}.0.h5",
+                            f"stencil-lwk-mckmpi-job{jobs[2]}.0.h5",
+                            f"stencil-lwk-mckmpi-job{jobs[3]}.0.h5"])
     again = mck("study", "submit", str(out), env=env)
     assert again.returncode == 0 and "already submitted" in again.stdout
     res = mck("study", "collect", str(out), "-o", str(tmp_path / "s.h5"), env=env)
@@ -304,9 +347,35 @@ def test_failed_job_is_reported_with_exit_code_and_log(cluster, tmp_path):
     point = json.loads((out / "study.json").read_text())["points"][0]
     log = out / "logs" / f"fwq-linux-n1-{point['job_id']}.out"
     row = status_rows(status.stdout)["fwq-linux-n1"]
-    assert row[:4] == [point["job_id"], "FAILED", "2", str(log)]
-    assert " ".join(row[4:]).startswith("fwq: error: --quantum-us 1 ")  # the cause, not srun's
+    assert row[:6] == [point["job_id"], "FAILED", "2", "exit", "2", str(log)]
+    assert " ".join(row[6:]).startswith("fwq: error: --quantum-us 1 ")  # the cause, not srun's
     assert "1 failed: fwq-linux-n1" in status.stdout
+
+
+@pytest.mark.slurm
+def test_retry_failed_submits_exactly_the_points_that_did_not_complete(cluster, tmp_path):
+    _, env = cluster
+    out = tmp_path / "retry"
+    manifest = plan(env, out, "--app", "fwq", "--nodes", "1,2", "--ranks-per-node", "1",
+                    "--modes", "linux", "--size", "30000", "--app-args", "--quantum-us 100")
+    res = mck("study", "submit", str(out), env=env)
+    assert res.returncode == 0, res.stderr
+    first = [p["job_id"] for p in json.loads((out / "study.json").read_text())["points"]]
+    assert subprocess.run(["scancel", first[1]], env=env, timeout=30).returncode == 0
+    status = mck("study", "status", str(out), "--wait", "60", env=env, timeout=90)
+    assert status.returncode == 1 and "--retry failed" in status.stdout
+    rows = status_rows(status.stdout)
+    assert rows[manifest["points"][0]["name"]][1:4] == ["COMPLETED", "0", "completed"]
+    assert rows[manifest["points"][1]["name"]][1] == "CANCELLED"
+    res = mck("study", "submit", "--retry", "failed", str(out), env=env)
+    assert res.returncode == 0 and "1 jobs submitted" in res.stdout, res.stdout + res.stderr
+    points = json.loads((out / "study.json").read_text())["points"]
+    assert points[0]["job_id"] == first[0] and "attempts" not in points[0]
+    assert points[1]["job_id"] not in (None, first[1])
+    assert [(a["job_id"], a["end"]["state"]) for a in points[1]["attempts"]] == [
+        (first[1], "CANCELLED")]
+    status = mck("study", "status", str(out), "--wait", "60", env=env, timeout=90)
+    assert status.returncode == 0, status.stdout + status.stderr
 
 
 @pytest.mark.slurm

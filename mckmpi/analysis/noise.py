@@ -131,7 +131,7 @@ def _int_dataset(run: Run, key: str) -> None:
 
 def fwq_rank(run: Run, rank: int, block: int = BLOCK_ELEMENTS) -> FwqRank:
     """Excess statistics, envelope and histogram of one rank, in two or three passes."""
-    n = run[FWQ].shape[1]
+    n = run.length(FWQ, rank)
     if n == 0:
         return FwqRank(rank, 0)
     env = _EnvelopeBuilder(n)

@@ -56,6 +56,10 @@ def header(s: RunSummary) -> str:
         f"created    {a.get('created')}   schema {a.get('schema')} v{a.get('schema_version')}"
         f"   complete {bool(a.get('complete'))}",
     ]
+    if a.get("ending") not in (None, "", "normal"):
+        lines.append(f"ending     {a['ending']} {a.get('signal') or ''}".rstrip()
+                     + f"   status {a.get('exit_status')}   rank {a.get('ending_rank')}"
+                     + (f"   {a['error']}" if a.get("error") else ""))
     if a.get("slurm_job_id"):
         lines.append(f"slurm      job {a['slurm_job_id']} on {a.get('slurm_nodelist')}")
     prov = s.provenance

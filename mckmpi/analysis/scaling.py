@@ -59,6 +59,11 @@ def series_key(row: np.void) -> tuple[str, str, str, str]:
     return _s(row["app"]), _s(row["mode"]), scaling, problem
 
 
+def is_complete(row: np.void) -> bool:
+    """Whether a study row is a complete run (partial runs never count as repeats)."""
+    return "complete" not in (row.dtype.names or ()) or bool(row["complete"])
+
+
 def curves(rows: np.ndarray) -> list[Curve]:
     """Every scaling series in `rows` (a study table), with at least one point each."""
     groups: dict[tuple[str, str, str, str], dict[int, list[float]]] = defaultdict(
@@ -66,7 +71,7 @@ def curves(rows: np.ndarray) -> list[Curve]:
     )
     for row in rows:
         t = run_time(row)
-        if math.isfinite(t) and t > 0:
+        if math.isfinite(t) and t > 0 and is_complete(row):
             groups[series_key(row)][int(row["ranks"])].append(t)
     out = []
     for (app, mode, scaling, problem), points in sorted(groups.items()):
@@ -101,7 +106,7 @@ def apply(rows: np.ndarray) -> None:
     for i, row in enumerate(rows):
         c = by_key.get(series_key(row))
         t = run_time(row)
-        if c is None or not (math.isfinite(t) and t > 0):
+        if c is None or not (math.isfinite(t) and t > 0) or not is_complete(row):
             rows["speedup"][i] = rows["efficiency"][i] = math.nan
             rows["baseline_ranks"][i] = 0
             continue

@@ -1,7 +1,9 @@
 """`mckmpi study collect` and `plot`: one table of many runs, and its scaling curves.
 
-`collect` walks a directory for run files, summarises each (files that are incomplete or
-not run files are listed and skipped, never fatal) and writes a study file: HDF5 with
+`collect` walks a directory for run files, summarises each (files that are not run files
+or cannot be read are listed and skipped, never fatal; partial files of jobs that did not
+finish are read as far as they go, marked `complete` = 0, and never count as repeats of a
+point) and writes a study file: HDF5 with
 root attributes `schema` = "mckmpi.study", `schema_version` = 1, `created`, `source`, and
 one dataset `runs`, a table with one row per run (`STUDY_DTYPE`; units are in the column
 names; unknown numbers are NaN, unknown integers -1). Speedup and efficiency follow
@@ -22,7 +24,7 @@ from mckmpi.analysis import scaling
 from mckmpi.analysis.report import num
 from mckmpi.analysis.summary import RunSummary, summarize
 from mckmpi.errors import UsageError
-from mckmpi.trace.reader import RunFileError, open_run
+from mckmpi.trace.reader import RunFileError, is_complete, open_run
 from mckmpi.trace.schema import PARTIAL_SUFFIX
 from mckmpi.utility.table import render
 
@@ -50,6 +52,8 @@ STUDY_DTYPE = np.dtype(
         ("baseline_ranks", "i4"),
         ("slurm_job_id", "S32"),
         ("created", "S32"),
+        ("complete", "i1"),  # 0: a partial file (the job did not finish)
+        ("ending", "S16"),  # how the job ended (run file attribute `ending`)
     ]
 )
 
@@ -95,6 +99,8 @@ def _row(s: RunSummary, root: Path) -> np.void:
         row["noise_pct"] = math.nan
     row["slurm_job_id"] = str(a.get("slurm_job_id", "")).encode()[:32]
     row["created"] = str(a.get("created", "")).encode()[:32]
+    row["complete"] = int(is_complete(s.path, a))
+    row["ending"] = str(a.get("ending", "")).encode()[:16]
     return row
 
 
@@ -104,9 +110,9 @@ def collect(directory: str | Path) -> Collected:
     if not root.is_dir():
         raise UsageError(f"not a directory: {root}")
     rows, skipped = [], []
-    for path in sorted(root.rglob("*.h5")) + sorted(root.rglob(f"*.h5{PARTIAL_SUFFIX}")):
+    for path in _run_files(root):
         try:
-            with open_run(path) as run:
+            with open_run(path, allow_incomplete=path.name.endswith(PARTIAL_SUFFIX)) as run:
                 rows.append(_row(summarize(run), root))
         except RunFileError as exc:
             skipped.append((path, str(exc).removeprefix(f"{path}: ")))
@@ -120,6 +126,19 @@ def collect(directory: str | Path) -> Collected:
     table = np.array(rows, dtype=STUDY_DTYPE)
     scaling.apply(table)
     return Collected(table, skipped)
+
+
+def _run_files(root: Path) -> list[Path]:
+    """Run files under `root`: complete ones, then partial ones whose job left no complete
+    file (a job stopped between renaming and cleaning up leaves both). Files inside a
+    partial file's spool directory are the writer's, not runs."""
+    def outside_spools(p: Path) -> bool:
+        return not any(parent.name.endswith(f".h5{PARTIAL_SUFFIX}.d") for parent in p.parents)
+
+    done = sorted(p for p in root.rglob("*.h5") if outside_spools(p))
+    partial = sorted(p for p in root.rglob(f"*.h5{PARTIAL_SUFFIX}") if outside_spools(p)
+                     and not p.with_name(p.name.removesuffix(PARTIAL_SUFFIX)).exists())
+    return done + partial
 
 
 def write(rows: np.ndarray, path: str | Path, source: str) -> Path:
@@ -186,7 +205,8 @@ def text(rows: np.ndarray) -> str:
             num(float(r["fwq_p999_us"])),
             num(float(r["noise_pct"])),
             {1: "yes", 0: "NO", -1: "-"}[int(r["verified"])],
-            s(r["path"]),
+            s(r["ending"]) if "ending" in rows.dtype.names else "-",
+            s(r["path"]) + ("" if scaling.is_complete(r) else " (partial)"),
         ]
         for r in rows[order]
     ]
@@ -205,9 +225,10 @@ def text(rows: np.ndarray) -> str:
             "fwq p99.9 us",
             "noise %",
             "verified",
+            "ending",
             "file",
         ),
         table,
         title=f"study: {len(rows)} runs (speedup and efficiency against the fewest ranks "
-        f"of each series)",
+        f"of each series; partial runs of jobs that did not finish are not counted)",
     )

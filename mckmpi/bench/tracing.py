@@ -1,11 +1,13 @@
 """Benchmark: what the harness costs the measured work, under `mckmpi run` vs bare.
 
-apps/fwq.py runs as a 2-rank job twice per round, alternating, in the same benchmark run:
-under the harness (`mckmpi run --mode linux`, tracing on: the samples go into a run file)
-and bare (`mpiexec python apps/fwq.py`, the tracer keeps nothing). Compared: rank 0's median
-FWQ sample, and the median per kernel repetition (median / calibrated repetitions), which
-removes the run-to-run spread of the calibration, and each round's pair. Goal: the traced
-median within 1% of the bare one; the spread of each side over its rounds says how much of
+apps/fwq.py runs as a 2-rank job three times per round, rotating, in the same benchmark run:
+under the harness (`mckmpi run --mode linux`, tracing on: the samples stream into the run
+file's spool every second), under the harness with streaming off (`--trace-flush 0`: the
+run file is written at the end only) and bare (`mpiexec python apps/fwq.py`, the tracer
+keeps nothing). Compared: rank 0's median FWQ sample, and the median per kernel repetition
+(median / calibrated repetitions), which removes the run-to-run spread of the calibration,
+and each round's pair. Goals: the traced median within 1% of the bare one, and the streamed
+within 1% of the unstreamed (what streaming costs); the spread of each side over its rounds says how much of
 a difference this host can resolve. Every run's median comes from the app's own summary
 line; the traced runs' run files are checked to hold the samples.
 
@@ -32,14 +34,22 @@ _MEDIAN = re.compile(r"median\s+(\d+)\s*ns")
 _REPS = re.compile(r"\((\d+)\s+(?:reps\b|x\s)")
 
 
-def _job(app: str, args: list[str], traced: bool, out: pathlib.Path) -> str:
-    """Run apps/APP.py as a RANKS-rank job, under `mckmpi run --mode linux` or bare; its
-    standard output."""
+#: The sides compared: `mckmpi run` options, or None for the bare app.
+SIDES: dict[str, dict[str, float] | None] = {
+    "traced": {"trace_flush": 1.0},      # streaming, as users run it
+    "unstreamed": {"trace_flush": 0.0},  # the whole trace written at the end only
+    "bare": None,
+}
+
+
+def _job(app: str, args: list[str], options: dict[str, float] | None, out: pathlib.Path) -> str:
+    """Run apps/APP.py as a RANKS-rank job, under `mckmpi run --mode linux OPTIONS` or bare
+    (None); its standard output."""
     job = Job((str(app_path(app)), *args), RANKS,
-              {"mode": "linux", "out": str(out)} if traced else None)
+              None if options is None else {"mode": "linux", "out": str(out), **options})
     proc = job.render("mpiexec").run(600, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"{app} ({'traced' if traced else 'bare'}) failed:\n{proc.stderr[-2000:]}")
+        raise RuntimeError(f"{app} ({options or 'bare'}) failed:\n{proc.stderr[-2000:]}")
     return proc.stdout
 
 
@@ -50,12 +60,13 @@ def _found(pattern: re.Pattern[str], app: str, stdout: str) -> re.Match[str]:
     return found
 
 
-def _fwq(traced: bool, samples: int, quantum_us: float, out: pathlib.Path) -> dict:
-    stdout = _job("fwq", ["--samples", str(samples), "--quantum-us", str(quantum_us)], traced, out)
+def _fwq(options: dict[str, float] | None, samples: int, quantum_us: float, out: pathlib.Path) -> dict:
+    stdout = _job("fwq", ["--samples", str(samples), "--quantum-us", str(quantum_us)], options,
+                  out)
     reps = _REPS.search(stdout)
     result = {"median_ns": int(_found(_MEDIAN, "fwq", stdout).group(1)),
               "reps": int(reps.group(1)) if reps else None}
-    if traced:
+    if options is not None:
         with open_run(out) as run:
             shape = run["noise/fwq_ns"].shape
         if shape != (RANKS, samples):
@@ -67,9 +78,62 @@ _ITER = re.compile(r"median iteration\s+([0-9.]+) ms")
 STENCIL = ("--local", "256x256", "--iterations", "300", "--scaling", "weak")
 
 
-def _stencil(traced: bool, out: pathlib.Path) -> float:
+def _stencil(options: dict[str, float] | None, out: pathlib.Path) -> float:
     """Rank 0's median iteration time (ns) of one stencil job, from its summary line."""
-    return float(_found(_ITER, "stencil", _job("stencil", list(STENCIL), traced, out)).group(1)) * 1e6
+    stdout = _job("stencil", list(STENCIL), options, out)
+    return float(_found(_ITER, "stencil", stdout).group(1)) * 1e6
+
+
+def flush_costs(work: pathlib.Path, flushes: int = 200, rows: int = 1000) -> dict:
+    """Time of one streaming flush of `rows` int64 samples (1 s of 1 ms FWQ samples), three
+    ways: a spool frame appended to a plain file (what the streamer does); an HDF5 file
+    reopened, its dataset extended and written, then closed (consistent after every close);
+    and an HDF5 file held open in SWMR mode, extended, written and flushed. Medians in us."""
+    import time
+
+    import h5py
+    import numpy as np
+
+    from mckmpi.trace.spool import SpoolWriter
+
+    data = np.arange(rows, dtype=np.int64)
+
+    def timed(step) -> float:
+        times = []
+        for i in range(flushes):
+            t0 = time.perf_counter_ns()
+            step(i)
+            times.append(time.perf_counter_ns() - t0)
+        return statistics.median(times) / 1e3
+
+    spool = SpoolWriter(work / "flush.spool")
+    spool_us = timed(lambda i: spool.data("noise/fwq_ns", "array", data, i * rows,
+                                          (i + 1) * rows, {"": "ns"}, True))
+    spool.close()
+    reopen_path = work / "flush-reopen.h5"
+    with h5py.File(reopen_path, "w", libver="latest") as f:
+        f.create_dataset("fwq_ns", shape=(0,), maxshape=(None,), chunks=(rows,), dtype="i8")
+
+    def reopen(i: int) -> None:
+        with h5py.File(reopen_path, "r+", libver="latest") as f:
+            ds = f["fwq_ns"]
+            ds.resize(((i + 1) * rows,))
+            ds[i * rows:] = data
+
+    reopen_us = timed(reopen)
+    swmr = h5py.File(work / "flush-swmr.h5", "w", libver="latest")
+    ds = swmr.create_dataset("fwq_ns", shape=(0,), maxshape=(None,), chunks=(rows,), dtype="i8")
+    swmr.swmr_mode = True
+
+    def append(i: int) -> None:
+        ds.resize(((i + 1) * rows,))
+        ds[i * rows:] = data
+        ds.flush()
+
+    swmr_us = timed(append)
+    swmr.close()
+    return {"rows_per_flush": rows, "flushes": flushes, "spool_append_us": spool_us,
+            "hdf5_reopen_append_close_us": reopen_us, "hdf5_swmr_append_flush_us": swmr_us}
 
 
 def _ratio(traced: list[float], bare: list[float]) -> float:
@@ -83,17 +147,19 @@ def run(out_dir: pathlib.Path, quick: bool = False) -> dict:
     quantum_us = 1000.0
     out_dir.mkdir(parents=True, exist_ok=True)
     work = pathlib.Path(tempfile.mkdtemp(prefix="bench-tracing-", dir=out_dir))
-    runs: dict[str, list[dict]] = {"traced": [], "bare": []}
+    runs: dict[str, list[dict]] = {side: [] for side in SIDES}
     stencil: dict[str, list[float]] = {"traced": [], "bare": []}
     try:
+        flush = flush_costs(work)
         for i in range(rounds):
-            # Alternate which goes first, so a drifting machine does not favour one side.
-            order = (True, False) if i % 2 == 0 else (False, True)
-            for traced in order:
-                side = "traced" if traced else "bare"
+            # Rotate which goes first, so a drifting machine does not favour one side.
+            sides = list(SIDES)[i % len(SIDES):] + list(SIDES)[:i % len(SIDES)]
+            for side in sides:
                 print(f"bench tracing: round {i + 1}/{rounds}, {side}", flush=True)
-                runs[side].append(_fwq(traced, samples, quantum_us, work / f"fwq-{i}.h5"))
-                stencil[side].append(_stencil(traced, work / f"stencil-{i}.h5"))
+                runs[side].append(_fwq(SIDES[side], samples, quantum_us,
+                                       work / f"fwq-{side}-{i}.h5"))
+                if side in stencil:
+                    stencil[side].append(_stencil(SIDES[side], work / f"stencil-{i}.h5"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     medians = {k: [r["median_ns"] for r in v] for k, v in runs.items()}
@@ -101,6 +167,7 @@ def run(out_dir: pathlib.Path, quick: bool = False) -> dict:
     ratio = _ratio(medians["traced"], medians["bare"])
     # Each round's traced run against the bare run next to it: drift between rounds cancels.
     paired = [t / b for t, b in zip(medians["traced"], medians["bare"])]
+    streaming = _ratio(medians["traced"], medians["unstreamed"])
     result = {
         "benchmark": "tracing",
         "quick": quick,
@@ -115,6 +182,15 @@ def run(out_dir: pathlib.Path, quick: bool = False) -> dict:
         "difference_percent": (ratio - 1) * 100,
         "paired_ratios": paired,
         "median_paired_ratio": statistics.median(paired),
+        "streaming": {
+            "flush_costs": flush,
+            "goal": "median FWQ sample with the trace streamed every second within 1% of "
+                    "the same run file written at the end only",
+            "unstreamed_median_ns": statistics.median(medians["unstreamed"]),
+            "ratio_streamed_vs_unstreamed_median": streaming,
+            "difference_percent": (streaming - 1) * 100,
+            "paired_ratios": [t / u for t, u in zip(medians["traced"], medians["unstreamed"])],
+        },
         "spread_percent": {k: (max(v) / min(v) - 1) * 100 for k, v in medians.items()},
         "runs": runs,
         "stencil": {
@@ -132,5 +208,7 @@ def run(out_dir: pathlib.Path, quick: bool = False) -> dict:
         result["traced_median_ns_per_rep"] = statistics.median(per_rep["traced"])
         result["bare_median_ns_per_rep"] = statistics.median(per_rep["bare"])
         result["ratio_traced_vs_bare_per_rep"] = _ratio(per_rep["traced"], per_rep["bare"])
+        result["streaming"]["ratio_streamed_vs_unstreamed_per_rep"] = _ratio(
+            per_rep["traced"], per_rep["unstreamed"])
     write_result(out_dir, "tracing", result)
     return result

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,10 +48,13 @@ offloaded system calls, memory and scheduler counters, app figures.
                                                   per-iteration time)
   mckmpi report RUN.h5 --json                     (every number, every rank)
 
+  mckmpi report results/fwq-linux-...h5.partial (a job that did not finish: read as far
+                                                  as its data reached, said in one line)
+
 FWQ excess = sample - the rank's smallest sample; percentiles are exact samples.""",
 )
 def _build_report(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_file", help="an HDF5 run file written by mckmpi run")
+    p.add_argument("run_file", help="an HDF5 run file written by mckmpi run (or its .partial)")
     _plots_option(p)
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
 
@@ -61,7 +65,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from mckmpi.analysis.summary import summarize
     from mckmpi.trace.reader import open_run
 
-    with open_run(args.run_file) as run:
+    with open_run(args.run_file, allow_incomplete=True) as run:
+        if run.note:
+            print(f"mckmpi: {run.note}", file=sys.stderr, flush=True)
         summary = summarize(run)
     plots: list[Path] = []
     if args.plots:

@@ -109,13 +109,18 @@ def _split(text: str, name: str) -> list[str]:
 @study_action("submit", "submit a planned study with sbatch and record the job ids")
 def _build_submit(p: argparse.ArgumentParser) -> None:
     p.add_argument("directory", metavar="DIR", help="a study directory written by study plan")
+    p.add_argument("--retry", choices=("failed",),
+                   help="also submit again every point whose job ended without completing "
+                        "(non-zero exit, a signal, TIMEOUT, CANCELLED, NODE_FAIL, "
+                        "OUT_OF_MEMORY); earlier jobs stay listed in study.json")
 
 
 @_build_submit.run
 def _cmd_submit(args: argparse.Namespace) -> int:
     from mckmpi.jobs import study
 
-    submitted = study.submit(args.directory, echo=lambda line: print(line, flush=True))
+    submitted = study.submit(args.directory, echo=lambda line: print(line, flush=True),
+                             retry_failed=args.retry == "failed")
     if not submitted:
         print(f"every point of {args.directory} is already submitted")
     else:
@@ -140,14 +145,16 @@ def _cmd_status(args: argparse.Namespace) -> int:
     else:
         states = study.status(args.directory)
     rows = [[s.name, s.job_id or ("local" if s.backend == "local" else "-"), s.state,
-             "-" if s.exit_code is None else s.exit_code, s.log or "-", s.detail or ""]
+             "-" if s.exit_code is None else s.exit_code, s.ending or "-", s.log or "-",
+             s.detail or ""]
             for s in states]
-    print(render(("point", "job", "state", "exit", "log", "note"), rows,
+    print(render(("point", "job", "state", "exit", "ending", "log", "note"), rows,
                  title=f"study {Path(args.directory)}: {len(rows)} points"))
     bad = [s for s in states if s.failed]
     waiting = [s for s in states if not s.final]
     if bad:
-        print(f"\n{len(bad)} failed: {', '.join(s.name for s in bad)}")
+        print(f"\n{len(bad)} failed: {', '.join(s.name for s in bad)}; submit them again with: "
+              f"mckmpi study submit --retry failed {args.directory}")
     if waiting and args.wait is not None:
         print(f"\n{len(waiting)} still running or pending after {args.wait:g} s")
     # A script can tell a healthy study (0) from one with a failure or left-over job (1).

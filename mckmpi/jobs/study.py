@@ -35,7 +35,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from string import Template
 from typing import Any
@@ -470,8 +470,11 @@ def request_of(manifest: Mapping[str, Any]) -> Request:
 
 
 def submit(study_dir: str | os.PathLike[str], env: Mapping[str, str] | None = None,
-           echo: Callable[[str], None] = lambda line: None) -> list[dict[str, Any]]:
-    """Submit every point that has no job yet; the job ids go into the manifest at once."""
+           echo: Callable[[str], None] = lambda line: None,
+           retry_failed: bool = False) -> list[dict[str, Any]]:
+    """Submit every point that has no job yet; the job ids go into the manifest at once.
+    `retry_failed`: first give up the jobs of points that ended without completing (their
+    job and end move to the point's `attempts`), so exactly those are submitted again."""
     study_dir = Path(study_dir)
     manifest = load(study_dir)
     if manifest["target"] == "local":
@@ -479,6 +482,14 @@ def submit(study_dir: str | os.PathLike[str], env: Mapping[str, str] | None = No
                          "it again without --local to submit it to Slurm")
     req = request_of(manifest)
     check_fit(req, probe_cluster(req.partition, env))
+    if retry_failed:
+        for point, state in zip(manifest["points"], _states(study_dir, manifest, env),
+                                strict=True):
+            if state.backend == "slurm" and state.failed:
+                point.setdefault("attempts", []).append(
+                    {"job_id": point["job_id"], "end": point.pop("end", None) or _end(state)})
+                point["job_id"] = None
+        save(study_dir, manifest)
     todo = [p for p in manifest["points"] if not p["job_id"]]
     for done, point in enumerate(todo):
         try:
@@ -508,6 +519,7 @@ class PointState:
     exit_code: int | None
     log: str | None
     detail: str  # the reason while pending, the log's first error after a failure
+    signal: int | None = None  # the signal that ended the job (Slurm's ExitCode N:SIG)
 
     @property
     def started(self) -> bool:
@@ -520,19 +532,63 @@ class PointState:
 
     @property
     def ok(self) -> bool:
-        return self.state == "COMPLETED"
+        """Completed with status 0 and no signal (Slurm's ``0:15`` is SIGTERM, not success)."""
+        return self.state == "COMPLETED" and not self.exit_code and not self.signal
 
     @property
     def failed(self) -> bool:
         return self.state in slurm.FINAL_STATES and not self.ok
 
+    @property
+    def ending(self) -> str:
+        """How the job really ended, in a few words: ``completed``, ``exit 3``, ``signal
+        SIGTERM``, ``timeout``, ``cancelled``, ``node-fail``, ``out-of-memory``, ...; empty
+        while it has not ended."""
+        if self.state not in slurm.FINAL_STATES:
+            return ""
+        if self.ok:
+            return "completed"
+        if self.state not in ("COMPLETED", "FAILED"):
+            word = self.state.lower().replace("_", "-")
+        else:
+            word = f"exit {self.exit_code}" if self.exit_code else "failed"
+        if self.signal:
+            try:
+                name = signal.Signals(self.signal).name
+            except ValueError:
+                name = str(self.signal)
+            word = f"signal {name}" if word in ("failed", "completed") else f"{word}, {name}"
+        return word
+
 
 def status(study_dir: str | os.PathLike[str],
            env: Mapping[str, str] | None = None) -> list[PointState]:
-    """The state, exit code and log of every point's job."""
+    """The state, exit code and log of every point's job. The end of every finished Slurm
+    job is kept in the manifest (`end` of its point), so it stays known after the
+    controller forgot the job."""
     study_dir = Path(study_dir)
     manifest = load(study_dir)
+    states = _states(study_dir, manifest, env)
+    changed = False
+    for point, state in zip(manifest["points"], states, strict=True):
+        if state.backend == "slurm" and state.state in slurm.FINAL_STATES:
+            end = _end(state)
+            if point.get("end") != end:
+                point["end"], changed = end, True
+    if changed:
+        save(study_dir, manifest)
+    return states
+
+
+def _states(study_dir: Path, manifest: Mapping[str, Any],
+            env: Mapping[str, str] | None) -> list[PointState]:
     return [point_state(study_dir, p, manifest["target"], env) for p in manifest["points"]]
+
+
+def _end(state: PointState) -> dict[str, Any]:
+    """What study.json keeps of a finished job."""
+    return {"job_id": state.job_id, "state": state.state, "exit_code": state.exit_code,
+            "signal": state.signal, "ending": state.ending}
 
 
 def point_state(study_dir: Path, point: Mapping[str, Any], target: str,
@@ -542,15 +598,21 @@ def point_state(study_dir: Path, point: Mapping[str, Any], target: str,
     name = point["name"]
     if point["job_id"]:
         job = str(point["job_id"])
+        log = str(study_dir / point["log"].replace("%j", job))
         try:
             st = slurm.job_state(job, env)
         except slurm.JobNotFound:
+            end = point.get("end")
+            if end and end.get("job_id") == job:  # kept by an earlier `status`
+                kept = PointState(name, "slurm", job, end["state"], end["exit_code"], log, "",
+                                  end["signal"])
+                return replace(kept, detail=first_error(log) if kept.failed else "")
             return PointState(name, "slurm", job, UNKNOWN, None, None,
                               "no record in scontrol, sacct or the job completion log")
-        log = st["stdout"] or str(study_dir / point["log"].replace("%j", job))
-        failed = st["state"] in slurm.FINAL_STATES and st["state"] != "COMPLETED"
-        detail = first_error(log) if failed else (st["reason"] or "")
-        return PointState(name, "slurm", job, st["state"], st["exit_code"], log, detail)
+        state = PointState(name, "slurm", job, st["state"], st["exit_code"], st["stdout"] or log,
+                           "", st["signal"])
+        return replace(state, detail=first_error(state.log) if state.failed
+                       else (st["reason"] or ""))
     local = point.get("local")
     if not local:
         return PointState(name, target, None, NOT_SUBMITTED, None, None, "")
@@ -632,7 +694,7 @@ def run_local(study_dir: str | os.PathLike[str], echo: Callable[[str], None] = p
     states = []
     for i, (point, adj) in enumerate(zip(points, adjusted, strict=True), 1):
         tag = f"[{i}/{len(points)}] {point['name']}"
-        run_file = f"runs/{point['name']}-local.h5"
+        run_file = _free_name(study_dir, f"runs/{point['name']}-local", ".h5")
         log = f"logs/{point['name']}-local.out"
         job = Job((manifest["app_path"], *point["app_args"]), point["ranks"],
                   {**options, "mode": point["mode"], "out": str(study_dir / run_file)},
@@ -656,6 +718,16 @@ def run_local(study_dir: str | os.PathLike[str], echo: Callable[[str], None] = p
             echo(f"{tag}: FAILED with exit code {code} after {seconds:.1f} s, log {log}: "
                  f"{state.detail}")
     return states
+
+
+def _free_name(study_dir: Path, stem: str, suffix: str) -> str:
+    """`stem + suffix`, or with -2, -3, ... when a run file of an earlier run has it (or its
+    partial file does): run files are never overwritten."""
+    name, n = stem + suffix, 1
+    while (study_dir / name).exists() or (study_dir / f"{name}.partial").exists():
+        n += 1
+        name = f"{stem}-{n}{suffix}"
+    return name
 
 
 def _run_logged(launch: Launch, log: Path, cwd: Path, timeout: float) -> int:

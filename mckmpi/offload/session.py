@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,12 +63,16 @@ class OffloadRun:
     handle: Any = None  # the proxy handle on the node's local rank 0, else None
     session: OffloadSession | None = None
 
-    def attach(self, placement: Placement, node_comm: Any, world: Any, arena: Any) -> OffloadSession:
+    def attach(self, placement: Placement, node_comm: Any, world: Any, arena: Any,
+               before_abort: Callable[[str], None] | None = None) -> OffloadSession:
         """Register with the node proxy and install the filter (after the LWK boot, so the
-        arena can be shared with the proxy). Losing the proxy aborts the job."""
+        arena can be shared with the proxy). Losing the proxy aborts the job, after
+        `before_abort(message)` (the run file records the ending)."""
 
         def proxy_died(message: str) -> None:
             os.write(2, f"mckmpi: error: rank {placement.rank}: {message}\n".encode())
+            if before_abort is not None:
+                before_abort(message)
             world.Abort(EXIT_PROXY_DIED)
 
         self.session = client.attach(self.socket, rank=placement.rank,

@@ -2,7 +2,13 @@
 
 `open_run(path)` checks the schema name, version and completeness and returns a `Run`
 whose datasets are read only when asked for (h5py slices), so a file with 10^8 samples
-opens instantly on a laptop. Analysis reads through the helpers below, which bound memory
+opens instantly on a laptop.
+
+A file is complete only when its `complete` attribute says so *and* its name is final (not
+``*.partial``). With ``allow_incomplete``, a partial file (``NAME.h5.partial``: the job did
+not finish) is recovered: its header plus the ranks' spools replayed as far as each is
+whole, laid out as the writer would have (in memory), with `Run.partial` set and
+`Run.note` saying in one line how the job ended and what is missing. Analysis reads through the helpers below, which bound memory
 (`rank_blocks` streams one rank's row in chunk-aligned blocks, `table` slices one rank's
 rows) and turn HDF5 read failures of a damaged file into one clear `RunFileError`.
 """
@@ -18,7 +24,9 @@ import h5py
 import numpy as np
 
 from mckmpi.errors import UsageError
-from mckmpi.trace.schema import PARTIAL_SUFFIX, SCHEMA, SCHEMA_VERSION
+from mckmpi.trace.layout import merge, write_header, write_records
+from mckmpi.trace.schema import PARTIAL_SUFFIX, SCHEMA, SCHEMA_VERSION, job_ending
+from mckmpi.trace.spool import read_spool, spool_dir, spool_path
 
 #: Elements per block when streaming a rank's row (8 MiB of int64).
 BLOCK_ELEMENTS = 1 << 20
@@ -44,6 +52,8 @@ class Run:
 
     path: Path
     file: h5py.File
+    partial: bool = False
+    note: str = ""  # partial files: one line on how the job ended and what the file holds
     _row_offsets: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     @property
@@ -118,13 +128,22 @@ class Run:
         if not 0 <= rank < ds.shape[0]:
             raise RunFileError(
                 f"{self.path}: {key!r} has no rank {rank} (ranks 0..{ds.shape[0] - 1})")
-        n = ds.shape[1]
+        n = self.length(key, rank)
         step = max(1, block)
         if ds.chunks:
             length = ds.chunks[1]
             step = max(length, step - step % length)
         for a in range(0, n, step):
             yield self.read(key, (rank, slice(a, min(n, a + step))))
+
+    def length(self, key: str, rank: int) -> int:
+        """Real rows of `rank` in an [ranks, n, ...] array: n, unless the ranks' streams
+        ended at different lengths (the dataset's ``filled`` attribute; the rest is fill)."""
+        ds = self[key]
+        filled = ds.attrs.get("filled")
+        if filled is not None and 0 <= rank < len(filled):
+            return int(filled[rank])
+        return int(ds.shape[1])
 
     def row_offsets(self, key: str) -> np.ndarray:
         """First row of every rank in a table (len = ranks + 1): tables hold rank 0's rows
@@ -166,14 +185,23 @@ class Run:
         self.close()
 
 
+def is_complete(path: Path, attrs: Any) -> bool:
+    """Complete means both: the attribute says so and the name is final."""
+    return bool(attrs.get("complete", False)) and not path.name.endswith(PARTIAL_SUFFIX)
+
+
 def open_run(path: str | Path, allow_incomplete: bool = False) -> Run:
-    """Open and check a run file; a clear `RunFileError` for anything that is not one."""
+    """Open and check a run file; a clear `RunFileError` for anything that is not one.
+    `allow_incomplete` reads a partial file as far as it is consistent (see module doc)."""
     path = Path(path)
     if path.is_dir():
         raise RunFileError(f"{path} is a directory, not a run file "
                            "(`mckmpi study collect` takes a directory of runs)")
     if not path.is_file():
-        raise RunFileError(f"no such run file: {path}")
+        partial = path.with_name(path.name + PARTIAL_SUFFIX)
+        hint = f" (the job did not finish: its partial file is {partial})" \
+            if partial.is_file() else ""
+        raise RunFileError(f"no such run file: {path}{hint}")
     try:
         f = h5py.File(path, "r")
     except OSError as exc:
@@ -181,6 +209,7 @@ def open_run(path: str | Path, allow_incomplete: bool = False) -> Run:
     schema = _text(f.attrs.get("schema"))
     version = _text(f.attrs.get("schema_version"))
     problem = None
+    complete = is_complete(path, f.attrs)
     if schema != SCHEMA:
         problem = f"not an mckmpi run file (schema {schema!r})"
     elif not isinstance(version, int) or version > SCHEMA_VERSION:
@@ -188,10 +217,72 @@ def open_run(path: str | Path, allow_incomplete: bool = False) -> Run:
                    f"({SCHEMA_VERSION}): upgrade mckmpi")
     elif version < 1:
         problem = f"schema version {version} is not supported"
-    elif not f.attrs.get("complete", False) and not allow_incomplete:
-        hint = " (a job stopped while writing it)" if path.name.endswith(PARTIAL_SUFFIX) else ""
+    elif not complete and not allow_incomplete:
+        hint = " (a job stopped before it was written; `mckmpi report` reads what it holds)" \
+            if path.name.endswith(PARTIAL_SUFFIX) else ""
         problem = f"incomplete run file{hint}"
     if problem:
         f.close()
         raise RunFileError(f"{path}: {problem}")
-    return Run(path, f)
+    if complete:
+        return Run(path, f)
+    if not spool_dir(path).is_dir():
+        return Run(path, f, partial=True, note=f"{path}: incomplete run file, "
+                   f"ending {_text(f.attrs.get('ending', 'unknown'))}; no spooled data")
+    try:
+        return _recover(path, f)
+    finally:
+        f.close()
+
+
+def _recover(path: Path, header: h5py.File) -> Run:
+    """The header and every rank's spool, laid out in an in-memory file."""
+    size = int(header.attrs.get("world_size", header["ranks"].shape[0] if "ranks" in header else 0))
+    directory = spool_dir(path)
+    spools = []
+    for rank in range(size):
+        target = spool_path(directory, rank)
+        try:
+            spools.append(read_spool(target) if target.is_file() else None)
+        except (OSError, ValueError) as exc:
+            raise RunFileError(f"{target}: unreadable spool ({exc})") from None
+    manifests = [{} if sp is None else
+                 {k: (kind, data.dtype.descr if data.dtype.names else data.dtype.str,
+                      data.shape, units, stream)
+                  for k, (kind, data, units, stream) in sp.records.items()}
+                 for sp in spools]
+    try:
+        layouts = merge(manifests)
+    except ValueError as exc:
+        raise RunFileError(f"{path}: spools disagree ({exc})") from None
+    # The header's own datasets (the /ranks table) stay as they are.
+    layouts = [lay for lay in layouts if lay.key not in header]
+    group_attrs: dict[str, dict[str, Any]] = {}
+    for sp in reversed([sp for sp in spools if sp is not None]):
+        for group, values in sp.attrs.items():
+            group_attrs.setdefault(group, {}).update(values)  # rank 0's values win
+    ending = job_ending([None if sp is None else sp.ending for sp in spools])
+    root = {k: v for k, v in header.attrs.items() if k not in ("schema", "schema_version",
+                                                                "complete")}
+    root.update(ending)
+    f = h5py.File(f"{path}#recovered-{id(spools)}", "w", driver="core", backing_store=False)
+    for name in header:
+        header.copy(header[name], f, name=name)
+    datasets = write_header(f, layouts, root, {}, group_attrs, compress=False)
+    for rank, sp in enumerate(spools):
+        if sp is not None:
+            write_records(layouts, datasets, rank, {k: v[1] for k, v in sp.records.items()})
+    silent = [r for r, sp in enumerate(spools) if sp is None or sp.ending is None]
+    torn = [r for r, sp in enumerate(spools) if sp is not None and sp.torn]
+    note = (f"{path}: partial run file (the job did not finish), ending {ending['ending']}"
+            + (f" {ending['signal']}" if ending["signal"] else "")
+            + (f" on rank {ending['ending_rank']}" if ending["ending_rank"] >= 0 else "")
+            + (f" ({ending['error']})" if ending["error"] else "")
+            + "; data up to each rank's last flush"
+            + (f"; no ending from rank(s) {_ranks(silent)}" if silent else "")
+            + (f"; last frame cut short on rank(s) {_ranks(torn)}" if torn else ""))
+    return Run(path, f, partial=True, note=note)
+
+
+def _ranks(ranks: list[int]) -> str:
+    return ",".join(map(str, ranks[:8])) + ("..." if len(ranks) > 8 else "")

@@ -3,7 +3,8 @@
 Layout (see results/README.md for the full description):
 
     /                  attrs: schema, schema_version, complete, created, command, app,
-                              app_args, mode, world_size, nnodes, slurm_job_id, slurm_nodelist
+                              app_args, mode, world_size, nnodes, slurm_job_id, slurm_nodelist,
+                              ending, exit_status, signal, ending_rank, error
     /provenance        attrs: versions, kernel, hosts, partition plan
     /ranks             table, one row per rank (rank, node, local_rank, host, cpus, ...)
     /<group>/<name>    per-concern data recorded through the Tracer:
@@ -15,11 +16,25 @@ them onto rank 0's clock (t_rank0 = t + offset).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 SCHEMA = "mckmpi.run"
 SCHEMA_VERSION = 1
 PARTIAL_SUFFIX = ".partial"
+
+#: How a job ended (root attribute `ending`), one word each:
+#: normal     every rank's app returned (exit status 0);
+#: exit       a rank's app exited with a non-zero status (`exit_status`);
+#: exception  an uncaught exception in a rank (`error` is its first line);
+#: signal     a rank received a terminating signal (`signal`: SIGTERM from scancel or a time
+#:            limit, SIGINT, SIGHUP, or a signal named with `mckmpi run --signal`);
+#: io-error   the run's data could not be written (`error` names the path and the errno);
+#: proxy      the node's offload proxy died (the rank cannot do I/O any more);
+#: killed     a rank vanished without a word (kill -9, MPI_Abort in the app, a lost node);
+#:            only a partial file can say this.
+ENDINGS = ("normal", "exit", "exception", "signal", "io-error", "proxy", "killed")
 
 #: Kinds of recorded data and how they are laid out across ranks.
 SCALAR, ARRAY, TABLE = "scalar", "array", "table"
@@ -41,3 +56,28 @@ RANKS_DTYPE = np.dtype([
     ("clock_offset_ns", "i8"),
     ("clock_rtt_ns", "i8"),
 ])
+
+
+def job_ending(endings: list[dict[str, Any] | None]) -> dict[str, Any]:
+    """The job's ending from the ranks' own (None: the rank recorded none). The cause is
+    preferred to its consequences: the earliest exit, exception, I/O error or lost proxy
+    (times on rank 0's clock); else a rank that vanished without a word (`killed`: the
+    launcher then signals the others); else the earliest signal; else normal."""
+    missing = [r for r, e in enumerate(endings) if not e]
+    bad = [e for e in endings if e and e.get("ending") != "normal"]
+    causes = [e for e in bad if e.get("ending") != "signal"]
+    if causes:
+        first = min(causes, key=lambda e: e.get("time_ns", 0))
+    elif missing:
+        error = "no rank recorded an ending" if len(missing) == len(endings) \
+            else f"rank {missing[0]} recorded no ending"
+        first = {"ending": "killed", "rank": missing[0], "exit_status": -1, "signal": "",
+                 "error": error}
+    elif bad:
+        first = min(bad, key=lambda e: e.get("time_ns", 0))
+    else:
+        return {"ending": "normal", "exit_status": 0, "signal": "", "ending_rank": -1,
+                "error": "", "ending_time_ns": max(int(e.get("time_ns", 0)) for e in endings)}
+    return {"ending": first["ending"], "exit_status": int(first.get("exit_status", -1)),
+            "signal": first.get("signal", ""), "ending_rank": int(first.get("rank", -1)),
+            "error": first.get("error", ""), "ending_time_ns": int(first.get("time_ns", 0))}

@@ -1,12 +1,20 @@
 """The one tracing API: what the runtime, the proxy's records and every app write through.
 
 A `Tracer` collects, per rank, named data under a group (one group per concern: noise,
-offload, memory, scheduler, app). Nothing is written while the app runs; the writer lays
-the data of all ranks out at the end of the job. Three kinds cover every trace:
+offload, memory, scheduler, app). Under the harness, what is recorded reaches the rank's
+spool while the app runs (at most about a second later, see `trace.writer.Streamer`), and
+the writer lays the data of all ranks out in the run file at the end of the job. Three
+kinds cover every trace:
 
 - ``scalar(group, name, value)``: one value per rank          -> dataset [ranks]
 - ``array(group, name, values)``: a same-shaped array per rank -> dataset [ranks, ...]
 - ``table(group, name, rows)``: any number of records per rank -> one table with a 'rank' column
+
+Samples taken in a long loop are registered before the loop with
+``stream(group, name, buffer)``; the app sets ``.filled`` as it goes, and what is filled
+streams out, so a job that is killed keeps its samples up to the last flush. Ranks whose
+streams ended at different lengths (a job stopped early) are padded in the file; the
+dataset's ``filled`` attribute then says how many of each rank's are real.
 
 Units are attributes; times are int64 nanoseconds. The empty group is the file's root
 (the runner's /ranks table). A disabled tracer (an app run without
@@ -24,10 +32,23 @@ from mckmpi.trace.schema import ARRAY, SCALAR, STRING_BYTES, TABLE
 
 
 @dataclass
+class Stream:
+    """A preallocated buffer that fills while the app runs: rows [0, filled) are data."""
+
+    data: np.ndarray
+    filled: int = 0
+
+
+@dataclass
 class Record:
     kind: str
     data: np.ndarray
     units: dict[str, str]
+    stream: Stream | None = None
+
+    def current(self) -> np.ndarray:
+        """What the record holds now (a stream: its filled rows)."""
+        return self.data if self.stream is None else self.data[:self.stream.filled]
 
 
 @dataclass
@@ -60,14 +81,26 @@ class Tracer:
             raise TypeError(f"{group}/{name}: 'rank' is added by the writer")
         self._put(group, name, TABLE, rows, dict(units or {}))
 
+    def stream(self, group: str, name: str, buffer: np.ndarray, units: str = "") -> Stream:
+        """Register `buffer` (allocated before the timed loop) as an array that fills row by
+        row: set ``.filled`` on the returned `Stream` as rows are complete. Every rank streams
+        the same dtype and row shape; ranks may stop at different rows."""
+        buffer = np.asarray(buffer)
+        if buffer.ndim < 1:
+            raise TypeError(f"{group}/{name}: a stream needs at least one dimension")
+        stream = Stream(buffer)
+        self._put(group, name, ARRAY, buffer, {"": units} if units else {}, stream)
+        return stream
+
     def attrs(self, group: str, **values: Any) -> None:
         """Job-level attributes of a group (rank 0's values are written)."""
         if self.enabled:
             self.group_attrs.setdefault(group, {}).update(values)
 
-    def _put(self, group: str, name: str, kind: str, data: np.ndarray, units: dict[str, str]) -> None:
+    def _put(self, group: str, name: str, kind: str, data: np.ndarray, units: dict[str, str],
+             stream: Stream | None = None) -> None:
         if not self.enabled:
             return
         if not name or "/" in name:
             raise ValueError(f"bad trace name {group!r}/{name!r}")
-        self.records[f"{group}/{name}" if group else name] = Record(kind, data, units)
+        self.records[f"{group}/{name}" if group else name] = Record(kind, data, units, stream)

@@ -1,155 +1,467 @@
-"""Writing one run file per job from the tracers of all ranks.
+"""Writing one run file per job from the tracers of all ranks, streaming while the app runs.
 
-Every rank first shares a small manifest of what it recorded (names, kinds, dtypes,
+A run file lives in three steps (`RunFile`):
+
+1. **start** (collective): rank 0 reserves ``NAME.h5.partial`` (O_EXCL; ``NAME.h5`` must not
+   exist either) and writes its header (schema, ``complete = False``, the job's attributes,
+   provenance, the /ranks table) with plain HDF5, then closes it: the header is never open
+   for writing again, so no kill can damage it. Every rank opens its spool
+   (``NAME.h5.partial.d/rank-N.spool``, see `trace.spool`).
+2. **stream**: each rank's `Streamer` thread appends what the tracer holds to the spool,
+   at most `flush_s` seconds (or `MAX_BEHIND` bytes) behind, and at once when a signal
+   arrives. A job killed now leaves the header and the spools, which the reader replays.
+3. **finish** (collective): the final file is written inside the spool directory, laid out
+   for the whole job (parallel HDF5 or gathered to rank 0), marked ``complete = True``,
+   closed and renamed to ``NAME.h5`` without replacing anything; the header and the spools
+   are removed after. If the rename fails, the file is marked incomplete again and the
+   header with its spools stays what readers see.
+
+Layout: every rank first shares a small manifest of what it recorded (names, kinds, dtypes,
 shapes); from the merged manifest all ranks derive the same layout, which is what parallel
-HDF5 needs: every rank creates the same datasets in the same order, then writes only its
-own slice (`driver="mpio"`). Without MPI support in h5py, or when asked, the data is
-gathered to rank 0, which writes the same layout alone.
+HDF5 needs: every rank creates the same datasets in the same order (`create_dataset`, the
+one place datasets are made), then writes only its own slice. Streams that ended at
+different lengths are padded to the longest, with a ``filled`` attribute.
 
-The file is created as ``NAME.partial`` with ``complete = False``, flipped to True after the
-last byte, closed, and only then renamed: a job killed while writing leaves a file that
-says it is incomplete, never one that looks complete.
+I/O errors are collective decisions: before every collective HDF5 step the ranks agree
+(one allgather) that everyone can go on; otherwise every rank raises the same
+`StorageError` naming the first failing path and its errno, and the header and spools stay
+readable.
 
 Memory stays bounded for large traces (10^8 samples): arrays are chunked one rank per chunk
 row, so a rank's data is written (and later read) without touching other ranks' chunks;
-data is written in blocks of at most `WRITE_BLOCK` bytes, so writing copies no more than
-one block of a record (a parallel writer's record may even be a `numpy.memmap`); the single
-writer receives one rank's records at a time instead of gathering the whole job into rank 0.
+data is written in blocks of at most `WRITE_BLOCK` bytes; the single writer receives one
+rank's records at a time instead of gathering the whole job into rank 0.
 """
 
 from __future__ import annotations
 
+import errno as errnos
 import os
-from dataclasses import dataclass
+import select
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
 
-from mckmpi.trace.schema import ARRAY, PARTIAL_SUFFIX, SCHEMA, SCHEMA_VERSION, TABLE
+from mckmpi.errors import StorageError
+from mckmpi.linux import rename_noreplace
+from mckmpi.trace.layout import (
+    Layout,
+    current,
+    manifest,
+    merge,
+    write_header,
+    write_records,
+)
+from mckmpi.trace.schema import PARTIAL_SUFFIX, job_ending
+from mckmpi.trace.spool import SpoolWriter, plain, spool_dir, spool_path
 from mckmpi.trace.tracer import Record, Tracer
 
 if TYPE_CHECKING:
     from mpi4py import MPI
 
-#: Datasets above this size are chunked (and compressed when one writer writes them).
-CHUNK_THRESHOLD = 1 << 20
-#: Target size of one chunk of a per-rank array.
-CHUNK_BYTES = 1 << 20
-#: Largest slice of one record handed to HDF5 in one write call.
-WRITE_BLOCK = 64 << 20
 #: Message tag of the single writer's rank-by-rank collection.
 GATHER_TAG = 0x6D636C
+#: Default and bound of how far the spool may lag behind what was recorded.
+FLUSH_S = 1.0
+MAX_BEHIND = 64 << 20
+#: Name of the final file while it is written, inside the spool directory.
+FINAL_NAME = "final.h5"
+#: Parallel files whose close failed even after truncation (kept from the collector).
+_UNCLOSABLE: list[h5py.File] = []
 
 
-@dataclass(frozen=True)
-class Layout:
-    """The dataset one recorded name becomes, identical on every rank."""
+# --- errors as collective decisions --------------------------------------------------------
 
-    key: str
-    kind: str
-    dtype: np.dtype
-    shape: tuple[int, ...]
-    units: dict[str, str]
-    offsets: tuple[int, ...]  # tables: first row of each rank (len = ranks + 1)
+
+def describe(exc: BaseException, path: Path) -> tuple[int, str]:
+    """(errno, one line) of a failed I/O step on `path`. HDF5 reports most failures without
+    the errno ("file write failed"), so then the directory is probed with a small write of
+    its own, which meets the same condition (full, over quota, failing device)."""
+    code = getattr(exc, "errno", None) or 0
+    if not code:
+        text = str(exc)
+        for candidate in (errnos.ENOSPC, errnos.EDQUOT, errnos.EIO, errnos.EROFS,
+                          errnos.EACCES, errnos.EEXIST):
+            if f"errno = {candidate}," in text:
+                code = candidate
+                break
+        else:
+            code = _probe(path.parent)
+    reason = os.strerror(code) if code else str(exc).splitlines()[0]
+    name = errnos.errorcode.get(code, "")
+    return code, f"cannot write {path}: {name + ' ' if name else ''}({reason})"
+
+
+def _probe(directory: Path) -> int:
+    """The errno a 64 KiB write in `directory` meets now (0 if it succeeds)."""
+    probe = directory / f".mckmpi-probe-{os.getpid()}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        return exc.errno or 0
+    try:
+        os.write(fd, bytes(64 << 10))
+        os.fsync(fd)
+        return 0
+    except OSError as exc:
+        return exc.errno or 0
+    finally:
+        os.close(fd)
+        probe.unlink(missing_ok=True)
+
+
+def agree(comm: MPI.Intracomm, failure: tuple[int, str] | None) -> None:
+    """One allgather: every rank learns whether any failed, and all raise the first failure
+    together, so no rank enters a collective step the others have left."""
+    failures = [f for f in comm.allgather(failure) if f is not None]
+    if failures:
+        code, line = failures[0]
+        raise StorageError(line, code)
+
+
+def _attempt(path: Path, step: Any, *args: Any) -> tuple[int, str] | None:
+    """Run one local I/O step; its failure as (errno, line) instead of an exception."""
+    try:
+        step(*args)
+    except (OSError, RuntimeError, ValueError) as exc:  # how h5py reports HDF5 I/O failures
+        return describe(exc, path)
+    return None
+
+
+# --- the streamer ---------------------------------------------------------------------------
+
+
+@dataclass
+class Streamer:
+    """A thread that appends what the tracer holds to this rank's spool: every `flush_s`
+    seconds (sooner when the last flush moved more than `MAX_BEHIND` bytes), at once when a
+    byte arrives on `wake_fd` (the signal wakeup fd: the byte is the signal number), and a
+    last time on `stop`. A failed write stops streaming and is kept in `error`."""
+
+    tracer: Tracer
+    spool: SpoolWriter
+    flush_s: float = FLUSH_S
+    wake_fd: int = -1
+    on_signal: Any = None  # called with the signal number after its flush
+    on_error: Any = None  # called (in the thread) with the OSError of a failed flush
+    error: OSError | None = None
+    sent: dict[str, tuple[Record, int]] = field(default_factory=dict)
+    attrs_sent: str = ""
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _stop_fds: tuple[int, int] = (-1, -1)
+
+    def start(self) -> None:
+        self._stop_fds = os.pipe2(os.O_CLOEXEC)
+        self._thread = threading.Thread(target=self._loop, name="mckmpi-trace-streamer",
+                                        daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        wait = self.flush_s
+        while True:
+            signum = self._sleep(wait)
+            if self._stop.is_set():
+                return
+            moved = self.flush()
+            wait = self.flush_s if moved <= MAX_BEHIND else self.flush_s * MAX_BEHIND / moved
+            if signum and self.on_signal is not None:
+                self.on_signal(signum)
+            if self.error is not None:
+                if self.on_error is not None:
+                    self.on_error(self.error)
+                return
+
+    def _sleep(self, seconds: float) -> int:
+        """Sleep until the interval is over, `stop` or a signal; the signal's number."""
+        fds = [self._stop_fds[0]] + ([self.wake_fd] if self.wake_fd >= 0 else [])
+        ready, _, _ = select.select(fds, [], [], seconds)
+        if self.wake_fd not in ready:
+            return 0
+        try:
+            data = os.read(self.wake_fd, 64)
+        except BlockingIOError:
+            return 0
+        return data[-1] if data else 0
+
+    def flush(self) -> int:
+        """Append what changed since the last flush; bytes written (0 after a failure)."""
+        with self._lock:
+            if self.error is not None or self.spool.fd < 0:
+                return 0
+            try:
+                return self._flush()
+            except OSError as exc:
+                self.error = exc
+                return 0
+
+    def _flush(self) -> int:
+        moved = 0
+        for key, rec in list(self.tracer.records.items()):
+            data = rec.current()
+            zero_d = data.ndim == 0
+            n = 1 if zero_d else data.shape[0]
+            last = self.sent.get(key)
+            if last is not None and last[0] is rec and last[1] == n:
+                continue
+            start = last[1] if last is not None and last[0] is rec and rec.stream is not None \
+                and last[1] <= n else 0
+            rows = data if zero_d else data[start:n]
+            moved += self.spool.data(key, rec.kind, rows, start if not zero_d else 0, n,
+                                     rec.units, rec.stream is not None)
+            self.sent[key] = (rec, n)
+        attrs = {g: {k: plain(v) for k, v in values.items()}
+                 for g, values in list(self.tracer.group_attrs.items())}
+        text = repr(sorted((g, sorted(v.items())) for g, v in attrs.items()))
+        if text != self.attrs_sent:
+            moved += self.spool.frame({"type": "attrs", "groups": attrs})
+            self.attrs_sent = text
+        return moved
+
+    def ending(self, ending: dict[str, Any]) -> None:
+        """Record how this rank ended (the last ending frame counts)."""
+        with self._lock:
+            if self.error is None and self.spool.fd >= 0:
+                try:
+                    self.spool.frame({"type": "ending", **ending})
+                except OSError as exc:
+                    self.error = exc
+
+    def stop(self) -> None:
+        """Stop the thread and flush what is left; the spool stays open for the ending."""
+        self._stop.set()
+        if self._thread is not None:
+            os.write(self._stop_fds[1], b"x")
+            self._thread.join()
+            self._thread = None
+            for fd in self._stop_fds:
+                os.close(fd)
+        self.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            self.spool.close()
+
+
+# --- the run file's life --------------------------------------------------------------------
+
+
+def reserve_name(path: Path) -> Path:
+    """Create ``path.partial`` exclusively (neither it nor `path` may exist): the name is
+    this job's from now on. Returns the partial path; FileExistsError when taken."""
+    partial = path.with_name(path.name + PARTIAL_SUFFIX)
+    if path.exists():
+        raise FileExistsError(errnos.EEXIST, "exists", str(path))
+    os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    return partial
+
+
+@dataclass
+class RunFile:
+    """One job's run file from start to finish (see the module docstring)."""
+
+    comm: Any
+    path: Path
+    partial: Path
+    root_attrs: dict[str, Any]
+    provenance: dict[str, Any]
+    method: str
+    streamer: Streamer | None = None
+
+    @property
+    def spool(self) -> Path:
+        return spool_dir(self.partial)
+
+    @classmethod
+    def start(cls, comm: MPI.Intracomm, path: Path, tracer: Tracer, root_attrs: dict[str, Any],
+              provenance: dict[str, Any], method: str = "auto", flush_s: float = FLUSH_S,
+              wake_fd: int = -1, on_signal: Any = None, on_error: Any = None,
+              reserved: bool = False) -> RunFile:
+        """Reserve the name, write the header and open the spools (collective). `reserved`:
+        rank 0 already created ``path.partial`` with `reserve_name`."""
+        rank = comm.Get_rank()
+        _writer_kind(method)
+        root_attrs, provenance = comm.bcast((root_attrs, provenance) if rank == 0 else None,
+                                            root=0)
+        partial = path.with_name(path.name + PARTIAL_SUFFIX)
+        run = cls(comm, path, partial, root_attrs, provenance, method)
+        # The header holds the root group's records (the runner's /ranks table); the rest
+        # streams to the spools and is laid out at the end.
+        header = {k: r for k, r in tracer.records.items() if "/" not in k}
+        layouts = merge(comm.allgather(manifest(header)))
+        records = comm.gather(current(header), root=0)
+        failure = None
+        if rank == 0:
+            failure = _attempt(partial, run._write_header_file, layouts, records,
+                               tracer.group_attrs, reserved)
+        agree(comm, failure)
+        if flush_s > 0:
+            target = spool_path(run.spool, rank)
+            holder: list[SpoolWriter] = []
+            agree(comm, _attempt(target, lambda: holder.append(SpoolWriter(target))))
+            run.streamer = Streamer(tracer, holder[0], flush_s, wake_fd, on_signal, on_error)
+            run.streamer.start()
+        return run
+
+    def _write_header_file(self, layouts: list[Layout], records: list[dict[str, np.ndarray]],
+                           group_attrs: dict[str, dict[str, Any]], reserved: bool) -> None:
+        if not reserved:
+            reserve_name(self.path)
+        os.mkdir(self.spool)
+        with h5py.File(self.partial, "w") as f:
+            datasets = write_header(f, layouts, self.root_attrs, self.provenance, group_attrs,
+                                    compress=True)
+            for r, data in enumerate(records):
+                write_records(layouts, datasets, r, data)
+
+    def finish(self, tracer: Tracer, ending: dict[str, Any]) -> Path:
+        """Record this rank's `ending`, write the final file and rename it (collective).
+        Returns the final path; raises `StorageError` on every rank when it cannot."""
+        comm, rank, size = self.comm, self.comm.Get_rank(), self.comm.Get_size()
+        failure = None
+        if self.streamer is not None:
+            self.streamer.stop()
+            self.streamer.ending(ending)
+            self.streamer.close()
+            if self.streamer.error is not None:
+                failure = describe(self.streamer.error, self.streamer.spool.path)
+        endings = comm.allgather(ending)
+        layouts = merge(comm.allgather(manifest(tracer.records)))
+        root = {**self.root_attrs, **job_ending(endings)}
+        group_attrs = comm.bcast(tracer.group_attrs if rank == 0 else None, root=0)
+        agree(comm, failure)
+        final = self.spool / FINAL_NAME
+        records = current(tracer.records)
+        if _writer_kind(self.method) == "parallel":
+            self._write_parallel(final, layouts, root, group_attrs, records)
+        else:
+            self._write_gathered(final, layouts, root, group_attrs, records, size)
+        failure = None
+        if rank == 0:
+            failure = _attempt(self.path, self._publish, final)
+        agree(comm, failure)
+        return self.path
+
+    def _write_parallel(self, final: Path, layouts: list[Layout], root: dict[str, Any],
+                        group_attrs: dict[str, dict[str, Any]], records: dict[str, np.ndarray]
+                        ) -> None:
+        comm, rank = self.comm, self.comm.Get_rank()
+        holder: list[h5py.File] = []
+        agree(comm, _attempt(final, lambda: holder.append(
+            h5py.File(final, "w", driver="mpio", comm=comm))))
+        f = holder[0]
+        try:
+            datasets: list[h5py.Dataset] = []
+            agree(comm, _attempt(final, lambda: datasets.extend(
+                write_header(f, layouts, root, self.provenance, group_attrs, compress=False))))
+            agree(comm, _attempt(final, write_records, layouts, datasets, rank, records))
+            agree(comm, _attempt(final, f.flush))
+            agree(comm, _attempt(final, f.attrs.__setitem__, "complete", True))
+            datasets.clear()  # no dataset left open when the file closes
+            agree(comm, _attempt(final, f.close))
+        except StorageError:
+            self._discard(f, final)
+            raise
+
+    def _discard(self, f: h5py.File, final: Path) -> None:
+        """`_drop` for a parallel file: truncated by rank 0, closed by all (collective)."""
+        comm = self.comm
+        if not f.id.valid:
+            return
+        if comm.Get_rank() == 0:
+            _attempt(final, os.truncate, final, 0)
+        comm.Barrier()
+        _drop(f, final, truncate=False)
+
+    def _write_gathered(self, final: Path, layouts: list[Layout], root: dict[str, Any],
+                        group_attrs: dict[str, dict[str, Any]], records: dict[str, np.ndarray],
+                        size: int) -> None:
+        comm, rank = self.comm, self.comm.Get_rank()
+        failure = None
+        if rank == 0:
+            failure = _attempt(final, self._gather_into, final, layouts, root, group_attrs,
+                               records, size)
+        else:
+            # Rank 0 asks for each rank's records in turn, or says it stopped (False).
+            if comm.recv(source=0, tag=GATHER_TAG):
+                comm.send(records, dest=0, tag=GATHER_TAG)
+        agree(comm, failure)
+
+    def _gather_into(self, final: Path, layouts: list[Layout], root: dict[str, Any],
+                     group_attrs: dict[str, dict[str, Any]], records: dict[str, np.ndarray],
+                     size: int) -> None:
+        comm, asked = self.comm, 1
+        f = h5py.File(final, "w")
+        try:
+            datasets = write_header(f, layouts, root, self.provenance, group_attrs,
+                                    compress=True)
+            write_records(layouts, datasets, 0, records)
+            for peer in range(1, size):
+                # One rank's records in memory at a time: ask, receive, write, drop.
+                comm.send(True, dest=peer, tag=GATHER_TAG)
+                asked = peer + 1
+                received = comm.recv(source=peer, tag=GATHER_TAG)
+                write_records(layouts, datasets, peer, received)
+            f.flush()
+            f.attrs["complete"] = True
+            del datasets
+            f.close()
+        except BaseException:
+            _drop(f, final)
+            raise
+        finally:
+            for rest in range(asked, size):
+                comm.send(False, dest=rest, tag=GATHER_TAG)
+
+    def _publish(self, final: Path) -> None:
+        """Rename the complete file to its name, never replacing one; on failure it is
+        marked incomplete again, and the header and spools remain the record."""
+        try:
+            rename_noreplace(final, self.path)
+        except OSError:
+            with h5py.File(final, "r+") as f:
+                f.attrs["complete"] = False
+            raise
+        self.partial.unlink()
+        shutil.rmtree(self.spool, ignore_errors=True)
+
+    def abandon(self, ending: dict[str, Any]) -> None:
+        """This rank cannot take part in `finish` (the job is aborting): record its ending
+        and what it holds in its spool, so the partial file tells what happened."""
+        if self.streamer is not None:
+            self.streamer.stop()
+            self.streamer.ending(ending)
+            self.streamer.close()
+
+
+def _drop(f: h5py.File, final: Path, truncate: bool = True) -> None:
+    """Close and delete a final file that failed. Its close flushes metadata, which fails
+    again on a full disk, and an HDF5 file left open crashes the process at exit: so the
+    file, dropped anyway, is first truncated to give its space back."""
+    if f.id.valid:
+        if truncate:
+            _attempt(final, os.truncate, final, 0)
+        if _attempt(final, f.close) is not None:
+            _UNCLOSABLE.append(f)  # never collected: its close would crash the process
+    final.unlink(missing_ok=True)
+
+
+def _writer_kind(method: str) -> str:
+    if method == "parallel" and not parallel_available():
+        raise RuntimeError("trace_writer=parallel, but h5py was built without MPI")
+    return "parallel" if method == "parallel" or (method == "auto" and parallel_available()) \
+        else "gather"
 
 
 def parallel_available() -> bool:
     return bool(h5py.get_config().mpi)
-
-
-def _manifest(tracer: Tracer) -> dict[str, tuple]:
-    return {k: (r.kind, r.data.dtype.descr if r.data.dtype.names else r.data.dtype.str,
-                r.data.shape, r.units)
-            for k, r in tracer.records.items()}
-
-
-def _merge(manifests: list[dict[str, tuple]]) -> list[Layout]:
-    size = len(manifests)
-    layouts = []
-    for key in sorted({k for m in manifests for k in m}):
-        entries = [(r, m[key]) for r, m in enumerate(manifests) if key in m]
-        kinds = {e[1][0] for e in entries}
-        dtypes = {str(e[1][1]) for e in entries}
-        if len(kinds) != 1 or len(dtypes) != 1:
-            raise ValueError(f"trace {key}: ranks disagree on kind/dtype ({kinds}, {dtypes})")
-        kind, descr, _, units = entries[0][1]
-        dtype = np.dtype(descr if isinstance(descr, str) else [tuple(f) for f in descr])
-        offsets: tuple[int, ...] = ()
-        if kind == TABLE:
-            counts = [m[key][2][0] if key in m else 0 for m in manifests]
-            offsets = tuple(int(x) for x in np.concatenate([[0], np.cumsum(counts)]))
-            dtype = np.dtype([("rank", "i4")] + [(n, dtype.fields[n][0]) for n in dtype.names])
-            shape: tuple[int, ...] = (offsets[-1],)
-        else:
-            shapes = {tuple(e[1][2]) for e in entries}
-            if len(shapes) != 1:
-                raise ValueError(f"trace {key}: ranks recorded different shapes {sorted(shapes)}")
-            shape = (size,) + shapes.pop()
-        layouts.append(Layout(key, kind, dtype, shape, units, offsets))
-    return layouts
-
-
-def _create(f: h5py.File, lay: Layout, compress: bool) -> h5py.Dataset:
-    nbytes = int(np.prod(lay.shape)) * lay.dtype.itemsize
-    kwargs: dict[str, Any] = {}
-    if nbytes > CHUNK_THRESHOLD and lay.shape[0] > 0:
-        kwargs["chunks"] = _chunks(lay)
-        if compress:
-            kwargs.update(compression="gzip", compression_opts=1, shuffle=True)
-    if lay.kind != TABLE and lay.dtype.kind == "f":
-        kwargs["fillvalue"] = np.nan
-    ds = f.create_dataset(lay.key, shape=lay.shape, dtype=lay.dtype, **kwargs)
-    ds.attrs["kind"] = lay.kind
-    for field, unit in lay.units.items():
-        ds.attrs["units" if not field else f"units:{field}"] = unit
-    return ds
-
-
-def _chunks(lay: Layout) -> tuple[int, ...] | bool:
-    """Per-rank arrays: one rank per chunk row, about `CHUNK_BYTES` each, so reading or
-    writing one rank never decompresses another's data. Other kinds: h5py's guess."""
-    if lay.kind != ARRAY or len(lay.shape) < 2 or 0 in lay.shape:
-        return True
-    inner = int(np.prod(lay.shape[2:])) * lay.dtype.itemsize
-    length = max(1, min(lay.shape[1], CHUNK_BYTES // max(1, inner)))
-    return (1, length) + tuple(lay.shape[2:])
-
-
-def _blocks(count: int, row_bytes: int, align: int) -> list[tuple[int, int]]:
-    """[start, stop) ranges over `count` rows of `row_bytes`, each at most `WRITE_BLOCK`
-    bytes (at least one row) and a multiple of `align` rows long."""
-    step = max(1, WRITE_BLOCK // max(1, row_bytes))
-    step = max(align, step - step % align) if align > 1 else step
-    return [(a, min(a + step, count)) for a in range(0, count, step)]
-
-
-def _write_record(ds: h5py.Dataset, lay: Layout, rank: int, rec: Record) -> None:
-    """This rank's part of one dataset, in bounded blocks."""
-    data = rec.data
-    if lay.kind == TABLE:
-        first = lay.offsets[rank]
-        for a, b in _blocks(data.shape[0], lay.dtype.itemsize, 1):
-            rows = np.empty(b - a, dtype=lay.dtype)
-            rows["rank"] = rank
-            for name in data.dtype.names:
-                rows[name] = data[name][a:b]
-            ds[first + a:first + b] = rows
-        return
-    if lay.kind != ARRAY or data.ndim == 0:
-        ds[rank] = data
-        return
-    chunks = ds.chunks
-    align = chunks[1] if chunks else 1
-    row_bytes = int(np.prod(data.shape[1:])) * data.dtype.itemsize
-    for a, b in _blocks(data.shape[0], row_bytes, align):
-        ds[rank, a:b] = data[a:b]
-
-
-def _write_attrs(obj: h5py.HLObject, values: dict[str, Any]) -> None:
-    for k, v in values.items():
-        obj.attrs[k] = "" if v is None else v
 
 
 def write_run(
@@ -160,69 +472,12 @@ def write_run(
     provenance: dict[str, Any],
     method: str = "auto",
 ) -> Path:
-    """Write the job's run file at `path` (collective over `comm`); returns the final path."""
-    rank, size = comm.Get_rank(), comm.Get_size()
-    layouts = _merge(comm.allgather(_manifest(tracer)))
-    # Attribute values must be identical on every rank for collective metadata writes.
-    root_attrs, provenance, group_attrs = comm.bcast(
-        (root_attrs, provenance, tracer.group_attrs) if rank == 0 else None, root=0)
-    parallel = method == "parallel" or (method == "auto" and parallel_available())
-    if method == "parallel" and not parallel_available():
-        raise RuntimeError("trace_writer=parallel, but h5py was built without MPI")
-    partial = path.with_name(path.name + PARTIAL_SUFFIX)
-
-    if parallel:
-        with h5py.File(partial, "w", driver="mpio", comm=comm) as f:
-            datasets = _write_header(f, layouts, root_attrs, provenance, group_attrs,
-                                     compress=False)
-            _write_records(layouts, datasets, rank, tracer.records)
-            f.flush()
-            comm.Barrier()
-            f.attrs["complete"] = True
-    elif rank == 0:
-        with h5py.File(partial, "w") as f:
-            datasets = _write_header(f, layouts, root_attrs, provenance, group_attrs, compress=True)
-            _write_records(layouts, datasets, 0, tracer.records)
-            for peer in range(1, size):
-                # One rank's records in memory at a time: ask, receive, write, drop.
-                comm.send(None, dest=peer, tag=GATHER_TAG)
-                _write_records(layouts, datasets, peer, comm.recv(source=peer, tag=GATHER_TAG))
-            f.flush()
-            f.attrs["complete"] = True
-    else:
-        comm.recv(source=0, tag=GATHER_TAG)
-        comm.send(tracer.records, dest=0, tag=GATHER_TAG)
-    comm.Barrier()
-    if rank == 0:
-        os.replace(partial, path)
-    comm.Barrier()
-    return path
+    """Write the job's run file at `path` in one go (collective; no streaming); returns the
+    final path."""
+    run = RunFile.start(comm, path, tracer, root_attrs, provenance, method, flush_s=0)
+    return run.finish(tracer, normal_ending(comm.Get_rank()))
 
 
-def _write_header(
-    f: h5py.File,
-    layouts: list[Layout],
-    root_attrs: dict[str, Any],
-    provenance: dict[str, Any],
-    group_attrs: dict[str, dict[str, Any]],
-    compress: bool,
-) -> list[h5py.Dataset]:
-    """Attributes and every dataset, created empty (collectively when parallel)."""
-    f.attrs["schema"] = SCHEMA
-    f.attrs["schema_version"] = SCHEMA_VERSION
-    f.attrs["complete"] = False
-    _write_attrs(f, root_attrs)
-    _write_attrs(f.require_group("provenance"), provenance)
-    datasets = [_create(f, lay, compress) for lay in layouts]
-    for group, values in sorted(group_attrs.items()):
-        _write_attrs(f.require_group(group), values)
-    return datasets
-
-
-def _write_records(layouts: list[Layout], datasets: list[h5py.Dataset], rank: int,
-                   records: dict[str, Record]) -> None:
-    for lay, ds in zip(layouts, datasets):
-        rec = records.get(lay.key)
-        if rec is not None and not (lay.kind == TABLE and rec.data.shape[0] == 0):
-            _write_record(ds, lay, rank, rec)
-
+def normal_ending(rank: int) -> dict[str, Any]:
+    return {"ending": "normal", "exit_status": 0, "signal": "", "rank": rank, "error": "",
+            "time_ns": time.monotonic_ns()}

@@ -1,0 +1,301 @@
+"""Every ending of a job leaves a run file that says how it ended and holds what was taken.
+
+Jobs run under mpiexec with two ranks; the apps stream their samples through the tracer
+(`tracer.stream`), as FWQ does. A stamp app stores, as each sample, the CLOCK_MONOTONIC
+time it was taken, so a test can tell exactly how far before a kill the file reaches.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from fixtures import APPS, job_tag, mckmpi, mpirun, tagged_processes
+
+from mckmpi.jobs.launchers import Job
+from mckmpi.trace.reader import RunFileError, open_run
+
+FWQ = str(APPS / "fwq.py")
+FLUSH_S = 0.2
+
+STAMPS = textwrap.dedent("""
+    import os, sys, time
+    import numpy as np
+    from mpi4py import MPI
+    import mckmpi
+
+    comm = MPI.COMM_WORLD
+    rank = comm.Get_rank()
+    out, n, exit_rank = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    stamps = np.zeros(n, dtype=np.int64)
+    stream = mckmpi.context().tracer.stream("noise", "stamps_ns", stamps, units="ns")
+    with open(os.path.join(out, f"pid-{rank}"), "w") as fh:   # an offloaded open and write
+        fh.write(str(os.getpid()))
+    for i in range(n):
+        stamps[i] = time.monotonic_ns()
+        stream.filled = i + 1
+        time.sleep(0.002)
+    if rank == exit_rank:
+        sys.exit(3)
+    comm.Barrier()
+""")
+
+
+def _start(tmp_path: Path, app: list[str], **options: str) -> subprocess.Popen:
+    """A 2-rank job in its own session (so the test can kill all of it), not waited for."""
+    launch = Job(tuple(app), 2, {"trace_flush": FLUSH_S, "out": str(tmp_path / "out"),
+                                 **options}).render("mpiexec")
+    return subprocess.Popen(launch.argv, env=launch.env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _stamps_app(tmp_path: Path, n: int, exit_rank: int = -1) -> list[str]:
+    app = tmp_path / "stamps.py"
+    app.write_text(STAMPS)
+    return [str(app), str(tmp_path), str(n), str(exit_rank)]
+
+
+def _wait(predicate, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the job ended early:\n{proc.stderr.read()[-2000:]}")
+        time.sleep(0.02)
+    raise AssertionError("timed out waiting for the job")
+
+
+def _one(tmp_path: Path, pattern: str) -> Path:
+    found = sorted((tmp_path / "out").glob(pattern))
+    assert len(found) == 1, found
+    return found[0]
+
+
+def _reap(proc: subprocess.Popen, timeout: float = 60) -> tuple[str, str]:
+    try:
+        return proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+def _pids(tmp_path: Path) -> list[int]:
+    return [int((tmp_path / f"pid-{r}").read_text()) for r in range(2)]
+
+
+def test_kill_9_of_the_whole_job_loses_at_most_the_last_flush(tmp_path):
+    proc = _start(tmp_path, _stamps_app(tmp_path, 100_000))
+    _wait(lambda: all((tmp_path / f"pid-{r}").exists() for r in range(2)), proc, 60)
+    time.sleep(1.5)  # sampling for a while, several flushes
+    ranks = _pids(tmp_path)
+    killed_at = time.monotonic_ns()
+    os.killpg(proc.pid, signal.SIGKILL)  # mpiexec ...
+    for pid in ranks:  # ... and every rank, wherever it is
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    _reap(proc)
+    partial = _one(tmp_path, "*.h5.partial")
+    assert not list((tmp_path / "out").glob("*.h5"))
+    with pytest.raises(RunFileError, match="incomplete"):
+        open_run(partial)
+    with open_run(partial, allow_incomplete=True) as run:
+        assert run.partial and "ending killed" in run.note
+        for rank in range(2):
+            n = run.length("noise/stamps_ns", rank)
+            last = int(run.read("noise/stamps_ns", (rank, n - 1)))
+            assert n > 100
+            # Only the tail since the last flush is lost (plus one sleep of the app).
+            assert killed_at - last < (FLUSH_S + 0.5) * 1e9, (rank, (killed_at - last) / 1e9)
+    report = mckmpi("report", str(partial), timeout=60)
+    assert report.returncode == 0, report.stderr
+    said = [line for line in report.stderr.splitlines() if line]
+    assert len(said) == 1 and "partial run file" in said[0] and "ending killed" in said[0]
+    assert "noise/stamps_ns" in report.stdout
+
+
+def test_sigterm_finishes_the_run_file_with_the_ending(tmp_path):
+    proc = _start(tmp_path, [FWQ, "--samples", "100000", "--quantum-us", "500"])
+    _wait(lambda: any((tmp_path / "out").glob("*.partial.d/rank-000001.spool"))
+          and list((tmp_path / "out").glob("*.partial.d/rank-000001.spool"))[0].stat().st_size
+          > 4096, proc, 60)
+    time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGTERM)  # mpiexec forwards it to every rank
+    _, err = _reap(proc)
+    assert proc.returncode != 0
+    path = _one(tmp_path, "*.h5")
+    assert not list((tmp_path / "out").glob("*.partial*")), "left-overs beside a complete file"
+    with open_run(path) as run:
+        a = run.attrs
+        assert a["complete"] and a["ending"] == "signal" and a["signal"] == "SIGTERM"
+        assert a["exit_status"] == 128 + signal.SIGTERM
+        for rank in range(2):
+            assert run.length("noise/fwq_ns", rank) > 100
+    report = mckmpi("report", str(path), timeout=60)
+    assert report.returncode == 0 and "ending     signal SIGTERM" in report.stdout
+
+
+@pytest.mark.offload
+def test_a_rank_that_exits_3_leaves_its_samples_calls_and_ending(tmp_path):
+    proc = _start(tmp_path, _stamps_app(tmp_path, 200, exit_rank=1), offload="io")
+    _, err = _reap(proc, timeout=120)
+    assert proc.returncode == 3, err[-2000:]
+    partial = _one(tmp_path, "*.h5.partial")
+    with open_run(partial, allow_incomplete=True) as run:
+        a = run.attrs
+        assert (a["ending"], a["exit_status"], a["ending_rank"]) == ("exit", 3, 1), run.note
+        assert "rank 1 exited with status 3" in a["error"]
+        assert run.length("noise/stamps_ns", 1) == 200
+        calls = run.table("offload/calls", rank=1)
+        assert b"openat" in set(calls["call"].tolist()), calls
+    report = mckmpi("report", str(partial), timeout=60)
+    assert report.returncode == 0, report.stderr
+    assert "ending exit on rank 1" in report.stderr
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 512 KiB tmpfs: the header and the spools fit, a few MiB of data do not."""
+    mnt = tmp_path / "full"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mnt)],
+                          capture_output=True, text=True, timeout=30)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30)
+
+
+BIG = textwrap.dedent("""
+    import numpy as np
+    import mckmpi
+    # 2 MiB per rank that gzip cannot shrink
+    mckmpi.context().tracer.array("noise", "big", np.random.default_rng().random(1 << 18))
+""")
+
+
+@pytest.mark.parametrize("writer", ["parallel", "gather"])
+def test_a_full_disk_is_one_line_with_errno_and_no_hang(tmp_path, full_disk, writer):
+    app = tmp_path / "big.py"
+    app.write_text(BIG)
+    started = time.monotonic()
+    proc = mpirun(2, "run", "--trace-flush", "0", "--trace-writer", writer, "--out",
+                  str(full_disk), "--", str(app), timeout=60)
+    took = time.monotonic() - started
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("mckmpi: error:")]
+    assert proc.returncode == 74, proc.stderr[-2000:]
+    assert len(lines) == 1 and "ENOSPC" in lines[0] and str(full_disk) in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert took < 10 + 10, took  # 10 s to end, plus the start-up of two interpreters
+    partial = next(full_disk.glob("*.h5.partial"))
+    with open_run(partial, allow_incomplete=True) as run:
+        assert run.partial and run.world_size == 2
+    assert os.strerror(errno.ENOSPC) in lines[0]
+
+
+@pytest.mark.offload
+@pytest.mark.parametrize("layout", [
+    ("1", ("--mode", "lwk", "--mem", "64M"), "--async"),  # the asynchronous offload channel
+    ("2", ("--mode", "linux"), "--async"),                # a worker thread
+    ("2", ("--mode", "linux"), ""),                       # synchronous writes
+], ids=["lwk-channel", "linux-thread", "linux-sync"])
+def test_a_full_checkpoint_target_is_the_real_enospc(tmp_path, full_disk, layout):
+    n, run_args, mode = layout
+    with open(full_disk / "filler", "wb") as fh:  # the disk is full before the first checkpoint
+        try:
+            while True:
+                fh.write(bytes(64 << 10))
+                fh.flush()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+    started = time.monotonic()
+    tag = job_tag()
+    proc = mpirun(int(n), "run", *run_args, "--out", str(tmp_path / "out"), "--",
+                  str(APPS / "checkpoint.py"), "--elements", "20000", "--iterations",
+                  "6", "--every", "2", "--dir", str(full_disk), *filter(None, [mode]),
+                  timeout=60, env=Job(("x",), env=tag).render("local").env)
+    assert time.monotonic() - started < 10 + 10  # 10 s, plus starting the interpreters
+    lines = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
+    assert proc.returncode == 74, proc.stderr[-3000:]
+    assert lines and all("[Errno 28] No space left on device" in ln for ln in lines), lines
+    assert "GreenletExit" not in proc.stderr and "Traceback" not in proc.stderr
+    with open_run(next((tmp_path / "out").glob("*.h5.partial")), allow_incomplete=True) as run:
+        assert (run.attrs["ending"], run.attrs["exit_status"]) == ("exit", 74)
+    assert tagged_processes(tag) == [], "processes of the job (ranks, proxy) outlived it"
+
+
+def test_a_rank_killed_mid_run_is_named(tmp_path):
+    proc = _start(tmp_path, _stamps_app(tmp_path, 100_000))
+    _wait(lambda: all((tmp_path / f"pid-{r}").exists() for r in range(2)), proc, 60)
+    time.sleep(1)
+    os.kill(_pids(tmp_path)[1], signal.SIGKILL)  # mpiexec then ends rank 0
+    _reap(proc)
+    assert proc.returncode != 0
+    with open_run(_one(tmp_path, "*.h5.partial"), allow_incomplete=True) as run:
+        a = run.attrs
+        assert (a["ending"], a["ending_rank"]) == ("killed", 1), run.note
+        assert "rank 1 recorded no ending" in a["error"]
+        assert run.length("noise/stamps_ns", 1) > 100 and run.length("noise/stamps_ns", 0) > 100
+
+
+def _tagged_pids(tag: dict[str, str], word: str) -> list[int]:
+    """Pids of live processes of the tagged job whose command line contains `word`."""
+    needle = "=".join(next(iter(tag.items()))).encode()
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if needle not in f.read().split(b"\0"):
+                    continue
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if word.encode() in f.read().split(b"\0"):
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+@pytest.mark.offload
+def test_a_killed_proxy_is_the_recorded_ending(tmp_path):
+    tag = job_tag()
+    launch = Job(tuple(_stamps_app(tmp_path, 100_000)), 1,
+                 {"mode": "lwk", "mem": "64M", "trace_flush": FLUSH_S,
+                  "out": str(tmp_path / "out")}, env=tag).render("mpiexec")
+    proc = subprocess.Popen(launch.argv, env=launch.env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _wait(lambda: (tmp_path / "pid-0").exists(), proc, 60)
+    time.sleep(0.5)
+    (proxy,) = _tagged_pids(tag, "proxy")
+    os.kill(proxy, signal.SIGKILL)
+    _, err = _reap(proc)
+    assert proc.returncode == 70, err[-2000:]
+    with open_run(_one(tmp_path, "*.h5.partial"), allow_incomplete=True) as run:
+        a = run.attrs
+        assert (a["ending"], a["ending_rank"], a["exit_status"]) == ("proxy", 0, 70), run.note
+        assert "proxy" in a["error"] and run.length("noise/stamps_ns", 0) > 10
+    assert tagged_processes(tag) == []
+
+
+def test_a_run_file_is_never_overwritten(tmp_path):
+    app = tmp_path / "nothing.py"
+    app.write_text("")
+    out = tmp_path / "run.h5"
+    first = mpirun(2, "run", "--out", str(out), "--", str(app), timeout=60)
+    assert first.returncode == 0, first.stderr
+    before = out.read_bytes()
+    second = mpirun(2, "run", "--out", str(out), "--", str(app), timeout=60)
+    lines = [ln for ln in second.stderr.splitlines() if ln.startswith("mckmpi: error:")]
+    assert second.returncode == 74 and len(lines) == 1, second.stderr
+    assert "exists: run files are never overwritten" in lines[0]
+    assert out.read_bytes() == before and not list(tmp_path.glob("run.h5.partial*"))
