@@ -36,7 +36,7 @@ def test_user_errors(args, match):
 
 
 def test_env_errors_name_the_variable():
-    from conftest import job_env
+    from fixtures import job_env
 
     line = _one_clear_line(mckmpi("partition", "show", env=job_env(MCKMPI_MODE="fast")))
     assert "MCKMPI_MODE" in line
