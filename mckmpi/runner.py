@@ -256,6 +256,12 @@ def _write(world: Any, path: Path, tracer: Tracer, settings: Settings, app: App,
     from mckmpi.info import versions
     from mckmpi.trace.writer import write_run
 
+    from mckmpi import provenance as prov
+
+    node_name = placement.host if settings.vnodes == 1 else f"{placement.host}-v{placement.vnode}"
+    nodes = prov.gather(world, node_comm.Get_rank() == 0, node_name)
+    if world.Get_rank() == 0:
+        prov.record(tracer, prov.job_facts(os.environ, app.kind, app.target, argv), nodes)
     hosts = sorted(set(world.allgather(placement.host)))
     node_plans = world.allgather(plan.describe() if node_comm.Get_rank() == 0 else None)
     root = {
