@@ -235,11 +235,15 @@ def nodes_of(provenance: Mapping[str, Any]) -> list[NodeFacts]:
             for i in range(count)]
 
 
+def attributes(job: Mapping[str, Any], nodes: Sequence[NodeFacts]) -> dict[str, Any]:
+    """The /provenance attributes of the job's and every node's facts."""
+    return {**dict(job), **node_columns(nodes), "shared_hosts": shared_hosts(nodes)}
+
+
 def record(tracer: Tracer, job: Mapping[str, Any], nodes: Sequence[NodeFacts]) -> None:
     """Put the job's and every node's facts into the /provenance group (rank 0's call
     counts: group attributes are rank 0's values)."""
-    tracer.attrs("provenance", **dict(job), **node_columns(nodes),
-                 shared_hosts=shared_hosts(nodes))
+    tracer.attrs("provenance", **attributes(job, nodes))
 
 
 def gather(world: Any, node_leader: bool, name: str) -> list[NodeFacts]:

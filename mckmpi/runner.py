@@ -13,7 +13,8 @@ One `mckmpi run` per rank, started by mpiexec or srun. The stages, in order:
 6. the app: a Python file or module run in-process with its own ``sys.argv``, or an
    executable run as the rank's child (it inherits pinning and filter); an unhandled
    exception or a failed child on any rank aborts COMM_WORLD, like ``python -m mpi4py``.
-   An MPI executable is the rank itself: it is exec'd after pinning, without the rest;
+   An MPI executable is the rank itself: it runs as the child of a pinned rank that never
+   initialises MPI, recorded from outside (placement, time, exit; `mckmpi.external`);
 7. the run file, written collectively by all ranks.
 """
 
@@ -96,9 +97,11 @@ def run(settings: Settings, app: App, argv: list[str]) -> int:
     placement = with_vnodes(from_env(os.environ), settings.vnodes)
     plan = vnode_plan(settings, placement.vnode, placement.local_size)
     if app.kind == "mpi-binary":
-        # It is this rank's MPI process itself: nothing of the harness survives the exec.
+        # It is this rank's MPI process itself, run as our child: the harness must not init MPI.
         pin(plan, placement.local_rank)
-        os.execv(app.target, [app.target, *app.args])
+        from mckmpi.external import run_external
+
+        return run_external(settings, app, argv, placement, plan)
 
     from mckmpi.offload.session import policy_of
 
