@@ -209,7 +209,7 @@ def run_external(settings: Any, app: Any, argv: list[str], placement: Any, plan:
     if placement.rank != 0:
         return status
     tracers, missing = collect(path, placement.size)
-    nodes = [prov.NodeFacts(**t.group_attrs.pop("node_facts")) for t in tracers
+    nodes = [prov.NodeProvenance(**t.group_attrs.pop("node_facts")) for t in tracers
              if "node_facts" in t.group_attrs]
     provenance: dict[str, Any] = dict(versions(mpi=False))
     provenance["mpi_library"] = "the executable's own (mckmpi does not initialise MPI)"

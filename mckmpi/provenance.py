@@ -26,6 +26,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mckmpi.node.host import sysfs_choice
+
 if TYPE_CHECKING:
     from mckmpi.trace.tracer import Tracer
 
@@ -47,7 +49,7 @@ SOURCE_ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
-class NodeFacts:
+class NodeProvenance:
     """One node of the job as its node-local rank 0 sees it."""
 
     name: str          # the launcher's node name (SLURMD_NODENAME, or the host)
@@ -90,19 +92,17 @@ def isolation(cmdline: str, sysfs: Path = Path("/sys"), proc: Path = Path("/proc
     parts.append(f"params={','.join(params) if params else 'none'}")
     governor = read_text(cpu / "cpu0/cpufreq/scaling_governor")
     parts.append(f"governor={governor or 'none'}")
-    thp = read_text(sysfs / "kernel/mm/transparent_hugepage/enabled")
-    chosen = re.search(r"\[(\w+)\]", thp)
-    parts.append(f"thp={chosen.group(1) if chosen else 'none'}")
+    parts.append(f"thp={sysfs_choice(str(sysfs / 'kernel/mm/transparent_hugepage/enabled'))}")
     rt = read_text(proc / "sys/kernel/sched_rt_runtime_us")
     parts.append(f"sched_rt_runtime_us={rt or 'unknown'}")
     return " ".join(parts)
 
 
 def node_facts(name: str, proc: Path = Path("/proc"), sysfs: Path = Path("/sys"),
-               hostname: str | None = None) -> NodeFacts:
+               hostname: str | None = None) -> NodeProvenance:
     """This node's facts (read by one rank per node)."""
     cmdline = read_text(proc / "cmdline")
-    return NodeFacts(name=name, hostname=hostname or socket.gethostname(),
+    return NodeProvenance(name=name, hostname=hostname or socket.gethostname(),
                      cpu_model=cpu_model(proc), kernel_cmdline=cmdline,
                      isolation=isolation(cmdline, sysfs, proc))
 
@@ -201,7 +201,7 @@ def parent_command(pid: int | None = None, proc: Path = Path("/proc")) -> str:
     return " ".join(a for a in raw.split("\0") if a)
 
 
-def shared_hosts(nodes: Sequence[NodeFacts]) -> bool:
+def shared_hosts(nodes: Sequence[NodeProvenance]) -> bool:
     """Whether several nodes of the job are one machine (virtual nodes, or several slurmd on
     one host): their 'separate' cores are the same CPUs, and noise crosses nodes."""
     return len({n.hostname for n in nodes}) < len(nodes)
@@ -222,31 +222,31 @@ def job_facts(env: Mapping[str, str], kind: str, target: str, argv: Sequence[str
     return facts
 
 
-def node_columns(nodes: Sequence[NodeFacts]) -> dict[str, list[str]]:
+def node_columns(nodes: Sequence[NodeProvenance]) -> dict[str, list[str]]:
     """Per-node facts as parallel lists (`node_name`, `node_hostname`, ...), index = node id."""
-    return {f"node_{f.name}": [str(getattr(n, f.name)) for n in nodes] for f in fields(NodeFacts)}
+    return {f"node_{f.name}": [str(getattr(n, f.name)) for n in nodes] for f in fields(NodeProvenance)}
 
 
-def nodes_of(provenance: Mapping[str, Any]) -> list[NodeFacts]:
+def nodes_of(provenance: Mapping[str, Any]) -> list[NodeProvenance]:
     """The per-node facts of a run file's provenance (inverse of `node_columns`)."""
-    columns = {f.name: list(provenance.get(f"node_{f.name}", []) or []) for f in fields(NodeFacts)}
+    columns = {f.name: list(provenance.get(f"node_{f.name}", []) or []) for f in fields(NodeProvenance)}
     count = len(columns["name"])
-    return [NodeFacts(**{k: (v[i] if i < len(v) else "") for k, v in columns.items()})
+    return [NodeProvenance(**{k: (v[i] if i < len(v) else "") for k, v in columns.items()})
             for i in range(count)]
 
 
-def attributes(job: Mapping[str, Any], nodes: Sequence[NodeFacts]) -> dict[str, Any]:
+def attributes(job: Mapping[str, Any], nodes: Sequence[NodeProvenance]) -> dict[str, Any]:
     """The /provenance attributes of the job's and every node's facts."""
     return {**dict(job), **node_columns(nodes), "shared_hosts": shared_hosts(nodes)}
 
 
-def record(tracer: Tracer, job: Mapping[str, Any], nodes: Sequence[NodeFacts]) -> None:
+def record(tracer: Tracer, job: Mapping[str, Any], nodes: Sequence[NodeProvenance]) -> None:
     """Put the job's and every node's facts into the /provenance group (rank 0's call
     counts: group attributes are rank 0's values)."""
     tracer.attrs("provenance", **attributes(job, nodes))
 
 
-def gather(world: Any, node_leader: bool, name: str) -> list[NodeFacts]:
+def gather(world: Any, node_leader: bool, name: str) -> list[NodeProvenance]:
     """Every node's facts on rank 0 (in node order; [] elsewhere): collective over `world`,
     one reader per node (`node_leader`: the node's local rank 0)."""
     mine = node_facts(name) if node_leader else None

@@ -45,7 +45,7 @@ def test_node_facts_read_cpu_model_cmdline_and_isolation(tmp_path):
 def test_node_without_isolation_or_sysfs_says_none(tmp_path):
     n = prov.node_facts("n1", tmp_path / "noproc", tmp_path / "nosys", hostname="h")
     assert n.cpu_model == "unknown" and n.kernel_cmdline == ""
-    assert n.isolation.startswith("isolated=none nohz_full=none params=none governor=none")
+    assert n.isolation.startswith("isolated=none nohz_full=none params=none governor=none thp=unavailable")
 
 
 def test_arm_cpuinfo_names_implementer_and_part(tmp_path):
@@ -92,8 +92,8 @@ def test_app_hash_and_source_commit(tmp_path):
 
 
 def test_record_and_report_say_when_nodes_share_a_host():
-    nodes = [prov.NodeFacts("n1", "box", "Xeon", "ro", "isolated=none"),
-             prov.NodeFacts("n2", "box", "Xeon", "ro", "isolated=none")]
+    nodes = [prov.NodeProvenance("n1", "box", "Xeon", "ro", "isolated=none"),
+             prov.NodeProvenance("n2", "box", "Xeon", "ro", "isolated=none")]
     t = Tracer()
     job = {**prov.slurm_facts({"SLURM_JOB_ID": "5", "SLURM_STEP_ID": "0"}), "source_commit": "abc",
            "launch_command": "mckmpi run -- a.py", "environment": ["MCKMPI_MODE=lwk"]}
@@ -105,7 +105,7 @@ def test_record_and_report_say_when_nodes_share_a_host():
     text = "\n".join(provenance_lines(attrs))
     assert "job 5 step 0" in text and "commit abc" in text and "MCKMPI_MODE=lwk" in text
     assert "2 nodes on 1 host(s) (box)" in text
-    apart = [prov.NodeFacts("n1", "a", "", "", ""), prov.NodeFacts("n2", "b", "", "", "")]
+    apart = [prov.NodeProvenance("n1", "a", "", "", ""), prov.NodeProvenance("n2", "b", "", "", "")]
     assert not prov.shared_hosts(apart)
     assert provenance_lines({}) == []
 
