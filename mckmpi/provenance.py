@@ -142,6 +142,14 @@ def slurm_facts(env: Mapping[str, str], version: str = "") -> dict[str, str]:
     }
 
 
+def study_facts(env: Mapping[str, str]) -> dict[str, str]:
+    """The study point a job belongs to, as its job script (or `study run`) says: point name,
+    repeat index and axis values ('' for a job outside a study)."""
+    return {"study_point": env.get("MCKMPI_STUDY_POINT", ""),
+            "study_repeat": env.get("MCKMPI_STUDY_REPEAT", ""),
+            "study_axes": env.get("MCKMPI_STUDY_AXES", "")}
+
+
 def _command(argv: Sequence[str], cwd: Path | None = None) -> str:
     if shutil.which(argv[0]) is None:
         return ""
@@ -211,6 +219,7 @@ def job_facts(env: Mapping[str, str], kind: str, target: str, argv: Sequence[str
     """What rank 0 records once for the whole job."""
     path = app_file(kind, target)
     facts: dict[str, Any] = slurm_facts(env, slurm_version(env))
+    facts.update(study_facts(env))
     facts.update({
         "launch_command": " ".join(argv),
         "parent_command": parent_command(),

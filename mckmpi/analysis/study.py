@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 
 from mckmpi.analysis import scaling
-from mckmpi.analysis.report import num
+from mckmpi.analysis.report import fmt, num
 from mckmpi.analysis.summary import RunSummary, summarize
 from mckmpi.errors import UsageError
 from mckmpi.trace.reader import RunFileError, open_run
@@ -27,7 +27,10 @@ from mckmpi.trace.schema import PARTIAL_SUFFIX
 from mckmpi.utility.table import render
 
 STUDY_SCHEMA = "mckmpi.study"
-STUDY_VERSION = 1
+STUDY_VERSION = 2
+#: Columns version 2 added (points, repeats, axes, baselines, stamps, predictions).
+V2_COLUMNS = ("point", "repeat", "axes", "baseline_mode", "host", "cluster", "commit",
+              "predicted_iter_us", "prediction_error")
 
 STUDY_DTYPE = np.dtype(
     [
@@ -50,6 +53,39 @@ STUDY_DTYPE = np.dtype(
         ("baseline_ranks", "i4"),
         ("slurm_job_id", "S32"),
         ("created", "S32"),
+        ("point", "S128"),  # the study point the run belongs to
+        ("repeat", "i4"),  # its repeat index, -1 unknown
+        ("axes", "S256"),  # the point's axis values ("mem=256M app:--size=1024"), or ""
+        ("baseline_mode", "S16"),  # the mode of the run speedup and efficiency are against
+        ("host", "S64"),  # the machine of node 0 (provenance), for plot stamps
+        ("cluster", "S64"),  # the Slurm cluster, "" outside Slurm
+        ("commit", "S48"),  # the source commit the run was made with
+        ("predicted_iter_us", "f8"),  # what `simulate` predicted from the smallest points
+        ("prediction_error", "f8"),  # (predicted - measured) / measured
+    ]
+)
+
+#: Metrics of a run that repeats summarise (columns of `STUDY_DTYPE`).
+METRICS = ("iter_us", "wall_s", "fwq_p999_us", "noise_pct", "speedup", "efficiency",
+           "predicted_iter_us")
+
+#: One row per point and metric: the repeats' median and 95% interval (`repeats`).
+POINTS_DTYPE = np.dtype(
+    [
+        ("point", "S128"),
+        ("app", "S64"),
+        ("mode", "S16"),
+        ("scaling", "S16"),
+        ("nodes", "i4"),
+        ("ranks", "i4"),
+        ("size", "S32"),
+        ("axes", "S256"),
+        ("metric", "S32"),
+        ("n", "i4"),
+        ("median", "f8"),
+        ("mean", "f8"),
+        ("ci_low", "f8"),
+        ("ci_high", "f8"),
     ]
 )
 
@@ -64,7 +100,8 @@ class Collected:
     skipped: list[tuple[Path, str]]
 
 
-def _row(s: RunSummary, root: Path) -> np.void:
+def row_of(s: RunSummary, root: Path) -> np.void:
+    """One study-table row of a summarised run file (`root`: paths are relative to it)."""
     row = np.zeros((), dtype=STUDY_DTYPE)
     a, app = s.attrs, s.app
     try:
@@ -95,7 +132,51 @@ def _row(s: RunSummary, root: Path) -> np.void:
         row["noise_pct"] = math.nan
     row["slurm_job_id"] = str(a.get("slurm_job_id", "")).encode()[:32]
     row["created"] = str(a.get("created", "")).encode()[:32]
+    prov = s.provenance
+    row["axes"] = str(prov.get("study_axes", "")).encode()[:256]
+    row["point"] = str(prov.get("study_point") or derived_point(row)).encode()[:128]
+    repeat = str(prov.get("study_repeat", ""))
+    row["repeat"] = int(repeat) if repeat.isdigit() else -1
+    hosts = list(prov.get("node_hostname") or [])
+    row["host"] = str(hosts[0] if hosts else (prov.get("hosts") or [""])[0]).encode()[:64]
+    row["cluster"] = str(prov.get("slurm_cluster", "")).encode()[:64]
+    row["commit"] = str(prov.get("source_commit", "")).encode()[:48]
+    row["predicted_iter_us"] = row["prediction_error"] = math.nan
     return row
+
+
+def derived_point(row: np.void | np.ndarray) -> str:
+    """A point name for a run that was not planned as part of a study."""
+    def s(key: str) -> str:
+        return bytes(row[key]).decode(errors="replace")
+
+    parts = [s("app"), s("scaling"), s("mode"), f"n{int(row['nodes'])}", f"r{int(row['ranks'])}"]
+    if s("size"):
+        parts.append(f"s{s('size')}")
+    return "-".join(p for p in parts if p)
+
+
+def points(rows: np.ndarray) -> np.ndarray:
+    """Median and 95% interval of every metric over the repeats of each point."""
+    from mckmpi.analysis.repeats import interval
+
+    out = []
+    keys = sorted({(bytes(r["point"]), bytes(r["axes"])) for r in rows})
+    for point, axes in keys:
+        mine = rows[(rows["point"] == point) & (rows["axes"] == axes)]
+        first = mine[0]
+        for metric in METRICS:
+            iv = interval(mine[metric])
+            if iv.n == 0:
+                continue
+            rec = np.zeros((), dtype=POINTS_DTYPE)
+            for key in ("point", "app", "mode", "scaling", "nodes", "ranks", "size", "axes"):
+                rec[key] = first[key]
+            rec["metric"] = metric.encode()
+            rec["n"], rec["median"], rec["mean"] = iv.n, iv.median, iv.mean
+            rec["ci_low"], rec["ci_high"] = iv.low, iv.high
+            out.append(rec)
+    return np.array(out, dtype=POINTS_DTYPE)
 
 
 def collect(directory: str | Path) -> Collected:
@@ -107,7 +188,7 @@ def collect(directory: str | Path) -> Collected:
     for path in sorted(root.rglob("*.h5")) + sorted(root.rglob(f"*.h5{PARTIAL_SUFFIX}")):
         try:
             with open_run(path) as run:
-                rows.append(_row(summarize(run), root))
+                rows.append(row_of(summarize(run), root))
         except RunFileError as exc:
             skipped.append((path, str(exc).removeprefix(f"{path}: ")))
     if not rows:
@@ -123,7 +204,10 @@ def collect(directory: str | Path) -> Collected:
 
 
 def write(rows: np.ndarray, path: str | Path, source: str) -> Path:
-    """Write the study file (replacing it atomically)."""
+    """Write the study file (replacing it atomically): the runs and, per point, the
+    repeats' median and interval of every metric."""
+    from mckmpi.analysis.repeats import CI_METHOD
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + PARTIAL_SUFFIX)
@@ -133,8 +217,39 @@ def write(rows: np.ndarray, path: str | Path, source: str) -> Path:
         f.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         f.attrs["source"] = source
         f.create_dataset("runs", data=rows)
+        ds = f.create_dataset("points", data=points(rows))
+        ds.attrs["ci_method"] = CI_METHOD
     tmp.replace(path)
     return path
+
+
+def read_points(path: str | Path) -> np.ndarray:
+    """The per-point table of a study file (computed from its runs for older files)."""
+    rows = read(path)
+    with h5py.File(path, "r") as f:
+        if "points" in f:
+            return f["points"][()]
+    return points(rows)
+
+
+def rows_of(path: str | Path) -> np.ndarray:
+    """The study table of a run file, a study file or a directory of run files."""
+    path = Path(path)
+    if path.is_dir():
+        return collect(path).rows
+    if not path.is_file():
+        raise UsageError(f"no such run file, study file or directory: {path}")
+    try:
+        with h5py.File(path, "r") as f:
+            schema = f.attrs.get("schema")
+    except OSError:
+        raise UsageError(f"{path}: not an HDF5 run or study file") from None
+    if (schema.decode() if isinstance(schema, bytes) else schema) == STUDY_SCHEMA:
+        return read(path)
+    with open_run(path) as run:
+        rows = np.array([row_of(summarize(run), path.parent)], dtype=STUDY_DTYPE)
+    scaling.apply(rows)
+    return rows
 
 
 def read(path: str | Path) -> np.ndarray:
@@ -159,9 +274,44 @@ def read(path: str | Path) -> np.ndarray:
     except (OSError, KeyError) as exc:
         raise StudyFileError(f"{path}: not a readable study file ({exc})") from None
     missing = set(STUDY_DTYPE.names or ()) - set(rows.dtype.names or ())
-    if missing:
+    if missing - set(V2_COLUMNS):
         raise StudyFileError(f"{path}: study table lacks columns {sorted(missing)}")
+    if missing:  # a version 1 file: no points, repeats or predictions recorded
+        full = np.zeros(rows.shape, dtype=STUDY_DTYPE)
+        for name in rows.dtype.names or ():
+            full[name] = rows[name]
+        for name in ("predicted_iter_us", "prediction_error"):
+            full[name] = math.nan
+        full["repeat"] = -1
+        for i, r in enumerate(full):
+            full["point"][i] = derived_point(r).encode()[:128]
+        rows = full
     return rows
+
+
+def points_text(pts: np.ndarray) -> str:
+    """Per point: the repeats' median and 95% interval of the time, noise and efficiency."""
+    from mckmpi.analysis.repeats import CI_METHOD
+
+    def cell(point: bytes, metric: str) -> str:
+        sel = pts[(pts["point"] == point) & (pts["metric"] == metric.encode())]
+        if not len(sel):
+            return "-"
+        r = sel[0]
+        ci = "" if not math.isfinite(r["ci_low"]) else f" [{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]"
+        return f"{fmt(float(r['median']))}{ci}"
+
+    names = list(dict.fromkeys(bytes(p) for p in pts["point"]))
+    rows = []
+    for name in names:
+        first = pts[pts["point"] == name][0]
+        n = int(max(pts[pts["point"] == name]["n"]))
+        rows.append([name.decode(errors="replace"), first["axes"].decode() or "-", n,
+                     cell(name, "iter_us"), cell(name, "wall_s"), cell(name, "efficiency"),
+                     cell(name, "fwq_p999_us"), cell(name, "noise_pct")])
+    return render(("point", "axes", "runs", "iter us", "wall s", "efficiency", "fwq p99.9 us",
+                   "noise %"), rows,
+                  title=f"points: median of the repeats [95% CI: {CI_METHOD}]")
 
 
 def text(rows: np.ndarray) -> str:
@@ -208,6 +358,6 @@ def text(rows: np.ndarray) -> str:
             "file",
         ),
         table,
-        title=f"study: {len(rows)} runs (speedup and efficiency against the fewest ranks "
-        f"of each series)",
+        title=f"study: {len(rows)} runs (speedup and efficiency against linux mode's fewest "
+        f"ranks of each problem, else the series' own)",
     )

@@ -186,6 +186,52 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- check ---------------------------------------------------------------------------------
+
+
+@command(
+    "check",
+    "pass or fail runs against a reference file (exit 1 on a regression beyond tolerance and noise)",
+    """Check a run file, a study file or a directory of run files against a reference file
+(TOML, one per system and app): every metric it names must lie within its band, value *
+(1 + lower) .. value * (1 + upper). A point's value is the median of its repeats; it fails
+only when the whole 95% interval of the repeats lies outside the band (beyond the noise).
+A point or metric the reference names but no run has fails too. Exit status: 0 pass,
+1 a failure, 2 an unusable reference or input.
+
+  mckmpi check results/stencil/study.h5 --reference references/mckmpi-stencil.toml
+  mckmpi check RUN.h5 --reference ref.toml --json
+
+Reference file:
+  system = "mckmpi"                       # Slurm cluster or host name of the runs
+  app = "stencil"
+  [all]                                   # every point
+  verified = { value = 1, tolerance = 0 }
+  [points."stencil-strong-linux-n2"]
+  iter_us = { value = 850.0, lower = -0.5, upper = 0.1, unit = "us" }""",
+)
+def _build_check(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", metavar="RUN.h5|STUDY.h5|DIR", help="what to check")
+    p.add_argument("--reference", required=True, metavar="FILE", help="reference file (TOML)")
+    p.add_argument("--json", action="store_true", help="print the verdicts as JSON")
+
+
+@_build_check.run
+def _cmd_check(args: argparse.Namespace) -> int:
+    from mckmpi.analysis import check, study
+
+    ref = check.load_reference(args.reference)
+    verdicts = check.check(study.rows_of(args.runs), ref)
+    if args.json:
+        _print_json({"reference": str(ref.path), "verdicts": [
+            {"point": v.point, "metric": v.metric, "value": v.bound.value,
+             "low": v.bound.low, "high": v.bound.high, **v.measured.to_json(),
+             "status": v.status} for v in verdicts]})
+    else:
+        print(check.text(verdicts, ref))
+    return 1 if check.failed(verdicts) else 0
+
+
 # --- study ---------------------------------------------------------------------------------
 
 
@@ -261,6 +307,8 @@ def _cmd_collect(args: argparse.Namespace) -> int:
     collected = study.collect(args.directory)
     path = study.write(collected.rows, args.output, source=str(Path(args.directory).resolve()))
     print(study.text(collected.rows))
+    print()
+    print(study.points_text(study.points(collected.rows)))
     for skipped, why in collected.skipped:
         print(f"mckmpi: skipped {skipped}: {why}", file=sys.stderr)
     print(
