@@ -129,3 +129,26 @@ def test_check_command_exit_status_for_run_study_and_directory(tmp_path):
     wrong = mckmpi("check", str(path), "--reference", str(other))
     assert wrong.returncode == 2 and "reference for system daint" in wrong.stderr
     assert wrong.stderr.count("\n") == 1
+
+
+def test_study_plot_draws_scaling_and_the_noise_survey(tmp_path):
+    runs = repeated_study(tmp_path)
+    rng = np.random.default_rng(1)
+    for mode, scale in (("linux", 50_000), ("lwk", 2_000)):
+        for nodes in (1, 2):
+            samples = 1_000_000 + rng.exponential(scale, size=(2 * nodes, 2000)).astype(np.int64)
+            path = write_synthetic(runs / f"fwq-{mode}-{nodes}.h5", mode=mode,
+                                   world_size=2 * nodes, fwq=samples[0],
+                                   provenance={"node_name": ["n1"], "node_hostname": ["box"],
+                                               "source_commit": "abc"})
+            assert path.is_file()
+    path = study.write(study.collect(runs).rows, tmp_path / "study.h5", source=str(runs))
+    out = mckmpi("study", "plot", str(path), "--plots", str(tmp_path / "plots"))
+    assert out.returncode == 0, out.stderr
+    names = sorted(p.name for p in (tmp_path / "plots").glob("*.png"))
+    assert names == ["scaling-cg-strong-global_size_1000.png", "survey-synthetic.png"]
+    assert "plot " in out.stdout
+    from mckmpi.analysis.plots import stamp
+
+    assert stamp(["box", "box"], ["2026-01-01T00:00", "2026-01-03T00:00"], ["abcdef0123456"]) == \
+        "host box; 2026-01-01..2026-01-03; commit abcdef0123"

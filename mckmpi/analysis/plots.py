@@ -361,38 +361,140 @@ def simulation(sim: Simulation, path: Path) -> Path:
     return _save(fig, path)
 
 
-def scaling_plots(curves: Sequence[Curve], out_dir: Path) -> list[Path]:
-    """One figure per app, scaling kind and problem: speedup and efficiency against ranks,
-    one line per mode, with the ideal as a dashed line."""
-    groups: dict[tuple[str, str, str], list[Curve]] = {}
+def stamp(hosts: Sequence[str], dates: Sequence[str], commits: Sequence[str]) -> str:
+    """Where, when and from which source the data of a plot came: one line for its title."""
+    def short(values: Sequence[str], width: int = 0) -> str:
+        kept = sorted({v[:width] if width else v for v in values if v})
+        return ", ".join(kept[:3]) + (f" (+{len(kept) - 3})" if len(kept) > 3 else "") or "unknown"
+
+    days = sorted({d[:10] for d in dates if d})
+    when = days[0] if len(days) == 1 else f"{days[0]}..{days[-1]}" if days else "unknown"
+    return f"host {short(hosts)}; {when}; commit {short(commits, 10)}"
+
+
+def _rank_axis(ax: Axes, ranks: np.ndarray) -> None:
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ranks)
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlabel("ranks")
+    ax.grid(alpha=0.3, which="both")
+
+
+def scaling_plots(curves: Sequence[Curve], out_dir: Path, where: str = "",
+                  predictions: dict[tuple[str, str, int], float] | None = None) -> list[Path]:
+    """One figure per app, scaling kind, problem and axis values, one line per mode: time per
+    iteration (median of the repeats, 95% interval as bars; predictions as open markers),
+    speedup and efficiency against the common baseline (linux mode's fewest ranks)."""
+    groups: dict[tuple[str, str, str, str], list[Curve]] = {}
     for c in curves:
-        groups.setdefault((c.app, c.scaling, c.problem), []).append(c)
+        groups.setdefault((c.app, c.scaling, c.problem, c.axes), []).append(c)
     written = []
-    for (app, kind, problem), series in sorted(groups.items()):
-        fig = Figure(figsize=(10, 4.2), layout="constrained")
-        left, right = fig.subplots(1, 2)
+    for (app, kind, problem, axes), series in sorted(groups.items()):
+        fig = Figure(figsize=(14, 4.6), layout="constrained")
+        timing, left, right = fig.subplots(1, 3)
         ranks = np.unique(np.concatenate([c.ranks for c in series])).astype(float)
-        left.plot(ranks, ranks / ranks[0], "--", color="0.5", label="ideal")
+        base = series[0]
+        unit, scale = ("ms", 1e3) if max(float(np.nanmax(c.time_s)) for c in series) >= 1e-3 \
+            else ("us", 1e6)
+        ideal = ranks / base.baseline_ranks
+        left.plot(ranks, ideal, "--", color="0.5", label="ideal")
         right.axhline(1.0, linestyle="--", color="0.5", label="ideal")
         for i, c in enumerate(sorted(series, key=lambda c: c.mode)):
+            low = c.time_s - (c.ci_low_s if c.ci_low_s is not None else c.time_s)
+            high = (c.ci_high_s if c.ci_high_s is not None else c.time_s) - c.time_s
+            err = np.nan_to_num(np.vstack([low, high]) * scale, nan=0.0)
+            label = f"{c.mode} (repeats {', '.join(str(n) for n in sorted(set(c.runs)))})"
+            timing.errorbar(c.ranks, c.time_s * scale, yerr=err, fmt="o-", color=f"C{i}",
+                            capsize=4, label=label)
+            if predictions:
+                pred = [(p, predictions[(c.app, c.mode, int(p))]) for p in c.ranks
+                        if (c.app, c.mode, int(p)) in predictions]
+                if pred:
+                    timing.plot([p for p, _ in pred], [v / 1e6 * scale for _, v in pred], "s",
+                                mfc="none", color=f"C{i}", markersize=9,
+                                label=f"{c.mode} predicted (simulate)")
             left.plot(c.ranks, c.speedup, "o-", color=f"C{i}", label=c.mode)
             right.plot(c.ranks, c.efficiency, "o-", color=f"C{i}", label=c.mode)
-        for ax in (left, right):
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(ranks)
-            ax.xaxis.set_major_formatter(ScalarFormatter())
-            ax.xaxis.set_minor_locator(NullLocator())
-            ax.set_xlabel("ranks")
-            ax.grid(alpha=0.3, which="both")
+        for ax in (timing, left, right):
+            _rank_axis(ax, ranks)
             ax.legend(frameon=False, fontsize="small")
+        timing.set_ylabel(f"time per iteration [{unit}] (median, 95% CI)")
+        timing.set_title("time per iteration (lower is better)", fontsize="medium")
         left.set_yscale("log", base=2)
         left.yaxis.set_major_formatter(ScalarFormatter())
-        left.set_ylabel("speedup over the fewest ranks" + (" (scaled)" if kind == "weak" else ""))
-        right.set_ylabel("parallel efficiency")
+        baseline = f"{base.baseline_mode} at {base.baseline_ranks} ranks"
+        left.set_ylabel(f"speedup over {baseline}" + (" (scaled)" if kind == "weak" else ""))
+        right.set_ylabel(f"parallel efficiency vs {baseline}")
         right.set_ylim(0, max(1.1, max(float(np.nanmax(c.efficiency)) for c in series) * 1.05))
         left.set_title("speedup", fontsize="medium")
         right.set_title("efficiency", fontsize="medium")
-        fig.suptitle(f"{app}: {kind} scaling, {problem}")
-        slug = f"{app}-{kind}-{problem}".replace(" ", "_").replace("/", "_")
+        fig.suptitle(f"{app}: {kind} scaling, {problem}" + (f", {axes}" if axes else "")
+                     + (f"\n{where}" if where else ""))
+        slug = f"{app}-{kind}-{problem}-{axes}".rstrip("-")
+        slug = "".join(ch if ch.isalnum() or ch in "-_.=" else "_" for ch in slug)
         written.append(_save(fig, out_dir / f"scaling-{slug}.png"))
     return written
+
+
+def _hist_quantiles(counts: np.ndarray, qs: Sequence[float]) -> list[float]:
+    """Quantiles (us) of samples binned on `LOG_EDGES_NS` (each bin's geometric middle)."""
+    total = counts.sum()
+    cum = np.cumsum(counts)
+    mids = np.sqrt(np.maximum(LOG_EDGES_NS[:-1], 0.5) * LOG_EDGES_NS[1:]) / 1e3
+    return [float(mids[min(len(mids) - 1, int(np.searchsorted(cum, q * total)))]) for q in qs]
+
+
+def survey_plots(nodes: Sequence[tuple[str, int, str, np.ndarray]], what: str, title: str,
+                 where: str, path: Path) -> Path:
+    """A noise survey: per node the distribution of the noise (box: quartiles, whiskers:
+    p1..p99.9, dot: max), one panel row per mode, and the CDF of all samples, one curve per
+    mode and node count. `nodes`: (mode, node count of the run, node label, histogram on
+    `LOG_EDGES_NS`)."""
+    modes = sorted({m for m, *_ in nodes})
+    fig = Figure(figsize=(13, 2.8 * len(modes) + 1.6), layout="constrained")
+    grid = fig.add_gridspec(len(modes), 2, width_ratios=(3, 2))
+    cdf = fig.add_subplot(grid[:, 1])
+    top = None
+    for row, mode in enumerate(modes):
+        ax = fig.add_subplot(grid[row, 0], sharey=top)
+        top = top or ax
+        mine = [(n, label, h) for m, n, label, h in nodes if m == mode and h.sum()]
+        stats = []
+        for n, label, h in mine:
+            p1, q1, med, q3, p999 = _hist_quantiles(h, (0.01, 0.25, 0.5, 0.75, 0.999))
+            stats.append({"label": f"{label}\n{n}-node job", "whislo": p1, "q1": q1, "med": med,
+                          "q3": q3, "whishi": p999, "fliers": [_hist_quantiles(h, (1.0,))[0]]})
+        if stats:
+            ax.bxp(stats, showfliers=True, patch_artist=True,
+                   boxprops={"facecolor": f"C{row}", "alpha": 0.4},
+                   flierprops={"marker": "o", "markersize": 4})
+        ax.set_yscale("log")
+        ax.set_ylabel(f"{what} [us]")
+        ax.set_title(f"{mode} mode: per node (box: quartiles, whiskers p1..p99.9, dot: max)",
+                     fontsize="medium", loc="left")
+        ax.tick_params(axis="x", labelsize="small")
+        ax.grid(alpha=0.3, axis="y", which="both")
+        pooled: dict[int, np.ndarray] = {}
+        for n, _, h in mine:
+            pooled[n] = pooled.get(n, np.zeros_like(h)) + h
+        for k, (n, h) in enumerate(sorted(pooled.items())):
+            x = LOG_EDGES_NS[1:] / 1e3
+            keep = h > 0
+            frac = np.cumsum(h) / h.sum()
+            cdf.step(x[keep], frac[keep], where="post", color=f"C{row}",
+                     linestyle=("-", "--", ":", "-.")[k % 4],
+                     label=f"{mode}, {n} node{'s' if n > 1 else ''} ({int(h.sum())} samples)")
+    low = [_hist_quantiles(h, (0.005,))[0] for *_, h in nodes if h.sum()]
+    if low:
+        cdf.set_xlim(left=max(1e-3, min(low) / 3))
+    cdf.set_xscale("log")
+    cdf.set_ylim(0, 1.02)
+    cdf.set_xlabel(f"{what} [us]")
+    cdf.set_ylabel("fraction of samples at or below")
+    cdf.set_title("CDF of all samples", fontsize="medium")
+    cdf.grid(alpha=0.3, which="both")
+    cdf.legend(frameon=False, fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.12),
+               ncols=2)
+    fig.suptitle(f"{title}\n{where}")
+    return _save(fig, path)

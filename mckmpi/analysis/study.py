@@ -361,3 +361,80 @@ def text(rows: np.ndarray) -> str:
         title=f"study: {len(rows)} runs (speedup and efficiency against linux mode's fewest "
         f"ranks of each problem, else the series' own)",
     )
+
+
+def source_of(path: str | Path) -> Path:
+    """The directory a study file was collected from (its run paths are relative to it)."""
+    with h5py.File(path, "r") as f:
+        source = f.attrs.get("source", "")
+    return Path(source.decode() if isinstance(source, bytes) else str(source))
+
+
+def survey_nodes(rows: np.ndarray, source: Path) -> tuple[str, list[tuple[str, int, str, np.ndarray]]]:
+    """The noise of every node of a noise survey's runs, for `plots.survey_plots`: what was
+    measured ('FWQ excess' or 'detour duration') and per node (mode, the run's node count,
+    node label, histogram on `LOG_EDGES_NS`). Runs whose file is gone are left out."""
+    from mckmpi.analysis.noise import DETOURS, FWQ, fwq
+    from mckmpi.analysis.stats import LOG_EDGES_NS
+    from mckmpi.provenance import nodes_of
+
+    out: list[tuple[str, int, str, np.ndarray]] = []
+    what = ""
+    for row in rows[np.argsort(rows["nodes"], kind="stable")]:
+        path = Path(row["path"].decode())
+        path = path if path.is_absolute() else source / path
+        if not path.is_file():
+            continue
+        with open_run(path) as run:
+            if FWQ not in run and DETOURS not in run:
+                continue
+            node_of = run.ranks["node"]
+            names = [n.name for n in nodes_of(run.provenance)]
+            per_node: dict[int, np.ndarray] = {}
+            if FWQ in run:
+                what = "FWQ excess over the rank's minimum"
+                for r in fwq(run):
+                    if r.histogram is not None:
+                        node = int(node_of[r.rank])
+                        per_node[node] = per_node.get(node, 0) + r.histogram
+            else:
+                what = what or "detour duration"
+                for rank in range(len(node_of)):
+                    durations = run.table(DETOURS, rank)["duration_ns"]
+                    counts = np.histogram(durations, LOG_EDGES_NS)[0]
+                    node = int(node_of[rank])
+                    per_node[node] = per_node.get(node, 0) + counts
+        for node, hist in sorted(per_node.items()):
+            label = names[node] if node < len(names) else f"node {node}"
+            out.append((row["mode"].decode(), int(row["nodes"]), label, np.asarray(hist)))
+    return what, out
+
+
+def plot(study_file: str | Path, rows: np.ndarray, out_dir: Path) -> tuple[list[Path], list[str]]:
+    """Every plot of a study: scaling figures of the mini-apps (with predictions where
+    collected) and the noise survey figure; each says host, date and commit of its data.
+    Returns the files written and notes on what could not be drawn."""
+    from mckmpi.analysis import plots
+
+    where = plots.stamp([r.decode() for r in rows["host"]], [r.decode() for r in rows["created"]],
+                        [r.decode() for r in rows["commit"]])
+    predicted = {(r["app"].decode(), r["mode"].decode(), int(r["ranks"])): float(r["predicted_iter_us"])
+                 for r in rows if math.isfinite(r["predicted_iter_us"])}
+    written = plots.scaling_plots(scaling.curves(rows[rows["scaling"] != b""]), out_dir, where,
+                                  predicted)
+    notes = []
+    survey = rows[(rows["scaling"] == b"") & (np.isfinite(rows["fwq_p999_us"])
+                                              | np.isfinite(rows["noise_pct"]))]
+    if len(survey):
+        source = source_of(study_file)
+        what, nodes = survey_nodes(survey, source)
+        apps = "-".join(sorted({a.decode() for a in survey["app"]}))
+        if nodes:
+            written.append(plots.survey_plots(
+                nodes, what, f"noise survey ({apps}): {what} per node and mode", where,
+                out_dir / f"survey-{apps}.png"))
+        else:
+            notes.append(f"no run file of the noise survey found under {source}")
+    if not written:
+        notes.append("no run with a time or noise samples to plot")
+    return written, notes

@@ -317,7 +317,8 @@ def _cmd_collect(args: argparse.Namespace) -> int:
     return 0
 
 
-@study_action("plot", "scaling plots (speedup, parallel efficiency per mode) of a study file")
+@study_action("plot", "scaling plots (time per iteration, speedup, efficiency per mode) and "
+                      "noise survey plots (per node, CDF per mode) of a study file")
 def _build_study_plot(p: argparse.ArgumentParser) -> None:
     p.add_argument("study_file", metavar="STUDY.h5", help="written by `mckmpi study collect`")
     p.add_argument("--plots", required=True, metavar="DIR", help="directory for the PNG plots")
@@ -325,13 +326,12 @@ def _build_study_plot(p: argparse.ArgumentParser) -> None:
 
 @_build_study_plot.run
 def _cmd_study_plot(args: argparse.Namespace) -> int:
-    from mckmpi.analysis import scaling, study
-    from mckmpi.analysis.plots import scaling_plots
+    from mckmpi.analysis import study
 
     rows = study.read(args.study_file)
     print(study.text(rows))
-    curves = scaling.curves(rows)
-    _print_plots(scaling_plots(curves, Path(args.plots)))
-    if not curves:
-        print("no run with a time to plot")
+    written, notes = study.plot(args.study_file, rows, Path(args.plots))
+    for note in notes:
+        print(note)
+    _print_plots(written)
     return 0
