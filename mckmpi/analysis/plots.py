@@ -419,6 +419,9 @@ def scaling_plots(curves: Sequence[Curve], out_dir: Path, where: str = "",
         for ax in (timing, left, right):
             _rank_axis(ax, ranks)
             ax.legend(frameon=False, fontsize="small")
+        spans = [float(np.nanmax(c.time_s) / np.nanmin(c.time_s)) for c in series]
+        if max(spans + [1.0]) > 5:
+            timing.set_yscale("log")
         timing.set_ylabel(f"time per iteration [{unit}] (median, 95% CI)")
         timing.set_title("time per iteration (lower is better)", fontsize="medium")
         left.set_yscale("log", base=2)

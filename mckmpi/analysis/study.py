@@ -148,7 +148,8 @@ def row_of(s: RunSummary, root: Path) -> np.void:
 def derived_point(row: np.void | np.ndarray) -> str:
     """A point name for a run that was not planned as part of a study."""
     def s(key: str) -> str:
-        return bytes(row[key]).decode(errors="replace")
+        value = np.asarray(row[key]).item()
+        return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
     parts = [s("app"), s("scaling"), s("mode"), f"n{int(row['nodes'])}", f"r{int(row['ranks'])}"]
     if s("size"):
@@ -200,6 +201,7 @@ def collect(directory: str | Path) -> Collected:
         raise UsageError(f"no complete run files under {root}{why}")
     table = np.array(rows, dtype=STUDY_DTYPE)
     scaling.apply(table)
+    predict(table, root)
     return Collected(table, skipped)
 
 
@@ -333,6 +335,8 @@ def text(rows: np.ndarray) -> str:
             num(float(r["iter_us"])),
             num(float(r["speedup"])),
             num(float(r["efficiency"])),
+            num(float(r["predicted_iter_us"])),
+            num(float(r["prediction_error"]) * 100),
             num(float(r["fwq_p999_us"])),
             num(float(r["noise_pct"])),
             {1: "yes", 0: "NO", -1: "-"}[int(r["verified"])],
@@ -352,6 +356,8 @@ def text(rows: np.ndarray) -> str:
             "iter us",
             "speedup",
             "efficiency",
+            "predicted us",
+            "pred. error %",
             "fwq p99.9 us",
             "noise %",
             "verified",
@@ -438,3 +444,71 @@ def plot(study_file: str | Path, rows: np.ndarray, out_dir: Path) -> tuple[list[
     if not written:
         notes.append("no run with a time or noise samples to plot")
     return written, notes
+
+
+def _phase_arrays(paths: list[Path], app: str) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, int]:
+    """compute, halo, allreduce [rank-rows, iterations] of the runs (repeats stacked, cut to
+    the shortest), and the process grid's dimensions."""
+    from mckmpi.analysis.predict import PATTERNS
+
+    parts: dict[str, list[np.ndarray]] = {"compute": [], "halo": [], "allreduce": []}
+    ndim = 1
+    names = ({"halo": "app/halo_ns", "allreduce": "app/comm_ns"} if PATTERNS.get(app, (1, 0))[1]
+             else {"halo": "app/comm_ns"})
+    for path in paths:
+        with open_run(path) as run:
+            parts["compute"].append(run.read("app/compute_ns"))
+            for part, key in names.items():
+                if key in run:
+                    parts[part].append(run.read(key))
+            grid = str(run.file["app"].attrs.get("process_grid", ""))
+            ndim = max(ndim, sum(1 for d in grid.split("x") if d.isdigit() and int(d) > 1))
+
+    def stack(arrays: list[np.ndarray]) -> np.ndarray | None:
+        if not arrays:
+            return None
+        n = min(a.shape[1] for a in arrays)
+        return np.concatenate([a[:, :n] for a in arrays]).astype(np.float64)
+
+    compute = stack(parts["compute"])
+    assert compute is not None
+    return compute, stack(parts["halo"]), stack(parts["allreduce"]), ndim
+
+
+def predict(rows: np.ndarray, root: Path) -> None:
+    """Fill `predicted_iter_us` and `prediction_error` of the stencil and cg series: each
+    series' smallest point (its repeats) calibrates `mckmpi.analysis.predict`, which then
+    predicts every point of the series from that alone."""
+    from mckmpi.analysis.predict import PATTERNS, calibrate, iteration_ns
+
+    series: dict[tuple, list[int]] = {}
+    for i, r in enumerate(rows):
+        if r["app"].decode() in PATTERNS and r["scaling"] and math.isfinite(r["iter_us"]):
+            series.setdefault(scaling.series_key(r), []).append(i)
+    for k, members in series.items():
+        app, kind = k[0], k[2]
+        by_ranks: dict[int, list[int]] = {}
+        for i in members:
+            by_ranks.setdefault(int(rows["ranks"][i]), []).append(i)
+        if len(by_ranks) < 2:
+            continue  # nothing larger to predict
+        p0 = min(by_ranks)
+        pc = min((p for p in by_ranks if p >= 2), default=None)
+        if pc is None:
+            continue
+
+        def files(p: int) -> list[Path]:
+            return [root / rows["path"][i].decode() for i in by_ranks[p]]
+
+        try:
+            compute, _, _, ndim = _phase_arrays(files(p0), app)
+            _, halo, allreduce, _ = _phase_arrays(files(pc), app)
+        except (RunFileError, KeyError, OSError):
+            continue  # runs without per-phase times (or gone): no prediction
+        cal = calibrate(app, compute, halo, allreduce, p0, ndim, comm_ranks=pc)
+        for p, idx in sorted(by_ranks.items()):
+            work = cal.work_ns if kind == "weak" else cal.work_ns * p0 / p
+            predicted = iteration_ns(cal, p, work) / 1e3
+            for i in idx:
+                rows["predicted_iter_us"][i] = predicted
+                rows["prediction_error"][i] = (predicted - rows["iter_us"][i]) / rows["iter_us"][i]
