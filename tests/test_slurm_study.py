@@ -182,7 +182,7 @@ def test_local_study_run_then_collect(tmp_path):
     assert lines[0].startswith("[1/4] cg-strong-linux-n1: 1 ranks on 1 virtual node, linux")
     assert sum("completed in" in ln for ln in lines) == 4
     manifest = json.loads((out / "study.json").read_text())
-    assert [p["local"]["exit_code"] for p in manifest["points"]] == [0, 0, 0, 0]
+    assert [p["local"][0]["exit_code"] for p in manifest["points"]] == [0, 0, 0, 0]
     with open_run(out / "runs" / "cg-strong-lwk-n2-local.h5") as r:
         assert (r.attrs["mode"], r.attrs["nnodes"], r.attrs["vnodes"]) == ("lwk", 2, 2)
     res = mck("study", "collect", str(out), "-o", str(tmp_path / "cg.h5"), env=env)

@@ -229,6 +229,48 @@ def job_state(job_id: str | int, env: Mapping[str, str] | None = None) -> JobSta
                       "completion log")
 
 
+def job_states(job_ids: Iterable[str], env: Mapping[str, str] | None = None) -> dict[str, JobState]:
+    """The states of many jobs (array tasks as 'A_T') from one `scontrol show job` of every
+    job the controller remembers; the jobs it forgot are looked up one by one in accounting
+    and the job completion log (`job_state`), unknown ones are left out."""
+    wanted = [str(j) for j in job_ids]
+    for job in wanted:
+        if not _JOB_ID.fullmatch(job):
+            raise SlurmError(f"{job!r} is not a Slurm job id")
+    found: dict[str, JobState] = {}
+    res = _run(["scontrol", "show", "job", "-o"], env)
+    if res.returncode == 0:
+        for line in res.stdout.splitlines():
+            if not line.strip() or "JobId=" not in line:
+                continue
+            rec = parse_fields(line)
+            names = [rec.get("JobId", "")]
+            array, tasks = rec.get("ArrayJobId"), rec.get("ArrayTaskId", "")
+            if array and tasks:
+                # A pending array is one record for all its tasks: "0-5", "0,3-5%2".
+                names += [f"{array}_{t}" for t in _task_ids(tasks)]
+            for name in names:
+                if name in wanted:
+                    found[name] = _state(name, rec, "scontrol")
+    for job in wanted:
+        if job not in found:
+            try:
+                found[job] = job_state(job, env)
+            except JobNotFound:
+                pass
+    return found
+
+
+def _task_ids(spec: str) -> list[int]:
+    """Array task ids of scontrol's ArrayTaskId ('3', '0-5', '0,2-4%2')."""
+    out: list[int] = []
+    for part in spec.split("%", 1)[0].split(","):
+        lo, _, hi = part.partition("-")
+        if lo.isdigit() and (not hi or hi.isdigit()):
+            out += range(int(lo), int(hi or lo) + 1)
+    return out
+
+
 def wait(job_id: str | int, timeout: float, poll: float = 0.5,
          env: Mapping[str, str] | None = None) -> JobState:
     """Poll the job's state until it is final; raise JobTimeout after `timeout` seconds."""
