@@ -336,3 +336,100 @@ def test_submit_checks_the_cluster_again(cluster, tmp_path):
     res = mck("study", "submit", str(out), env=gone)
     assert res.returncode == 2 and "no Slurm found: SLURM_CONF names a missing" in res.stderr
     assert json.loads((out / "study.json").read_text())["points"][0]["job_id"] is None
+
+
+@pytest.mark.slurm
+def test_two_node_study_with_repeats_axes_arrays_gates_and_plots(cluster, tmp_path):
+    """A 2-node study, 3 repeats, two axes zipped, as job arrays over pmix; provenance in
+    every run file; collected, gated by a passing and a failing reference, plotted."""
+    cluster_dir, env = cluster
+    out = tmp_path / "st"
+    manifest = plan(env, out, "--app", "stencil", "--nodes", "1,2", "--ranks-per-node", "1",
+                    "--scaling", "weak", "--size", "16", "--modes", "linux", "--repeats", "3",
+                    "--axis", "app:--iterations=4,6", "--axis", "mem=32M,64M",
+                    "--combine", "zip", "--app-args", "--warmup 1",
+                    "--sbatch-args", "--comment=mckmpi-test")
+    names = [p["name"] for p in manifest["points"]]
+    assert names == ["stencil-weak-linux-n1-iterations4-mem32M",
+                     "stencil-weak-linux-n2-iterations4-mem32M",
+                     "stencil-weak-linux-n1-iterations6-mem64M",
+                     "stencil-weak-linux-n2-iterations6-mem64M"]
+    assert [len(j["tasks"]) for j in manifest["jobs"]] == [6, 6]  # one array per shape
+    two = manifest["points"][1]
+    assert any("share host(s) vm" in n or "share host(s)" in n for n in two["notes"])
+    script = (out / two["script"]).read_text()
+    assert "#SBATCH --array=0-5" in script and "--mpi=pmix" in script
+    assert "#SBATCH --comment=mckmpi-test" in script
+    status = mck("study", "submit", str(out), env=env)
+    assert status.returncode == 0, status.stderr
+    status = mck("study", "status", str(out), "--wait", "240", env=env, timeout=300)
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert "COMPLETED" in status.stdout.splitlines()[-1] or "12 COMPLETED" in status.stdout
+    files = sorted((out / "runs").glob("*.h5"))
+    assert len(files) == 12
+    with open_run(next(f for f in files if "stencil" in f.name)) as r:
+        p = r.provenance
+        assert p["slurm_array_job_id"] and p["slurm_array_task_id"].isdigit()
+        assert p["slurm_step_id"] == "0" and p["slurm_cluster"] == "mckmpi"
+        assert p["slurm_partition"] == "mckmpi" and p["slurm_version"].startswith("slurm")
+        assert p["study_point"] in names and p["study_repeat"] in ("0", "1", "2")
+        assert p["source_commit"] and len(p["app_sha256"]) == 64
+        assert any(e.startswith("SLURM_JOB_ID=") for e in p["environment"])
+    two_node = [f for f in files if open_run(f).attrs["nnodes"] == 2]
+    with open_run(two_node[0]) as r:
+        p = r.provenance
+        assert p["node_name"] == ["n1", "n2"] and len(set(p["node_hostname"])) == 1
+        assert p["shared_hosts"] and p["slurm_step_nodelist"] == "n[1-2]"
+    res = mck("study", "collect", str(out), "-o", str(out / "study.h5"), env=env)
+    assert res.returncode == 0, res.stderr
+    pts = study_points(out / "study.h5")
+    assert set(pts["n"]) == {3}
+
+    def median(point: str) -> float:
+        sel = pts[(pts["point"] == point.encode()) & (pts["metric"] == b"iter_us")]
+        return float(sel["median"][0])
+
+    # Passing: the 2-node point within a wide band. Failing on purpose: the 1-rank point
+    # (no messages, so its repeats agree) against a reference 10x faster, +-50%.
+    ok, bad = tmp_path / "ok.toml", tmp_path / "bad.toml"
+    for path, point, value, band in ((ok, names[3], median(names[3]), (-0.9, 9.0)),
+                                     (bad, names[0], median(names[0]) / 10, (-0.5, 0.5))):
+        path.write_text(f'system = "mckmpi"\napp = "stencil"\n[all]\n'
+                        f'verified = {{ value = 1, tolerance = 0 }}\n'
+                        f'[points."{point}"]\n'
+                        f'iter_us = {{ value = {value}, lower = {band[0]}, upper = {band[1]} }}\n')
+    passed = mck("check", str(out / "study.h5"), "--reference", str(ok), env=env)
+    assert passed.returncode == 0, passed.stdout + passed.stderr
+    failed = mck("check", str(out), "--reference", str(bad), env=env)
+    assert failed.returncode == 1 and f"1 fail: {names[0]} iter_us" in failed.stdout
+    plot = mck("study", "plot", str(out / "study.h5"), "--plots", str(out / "plots"), env=env)
+    assert plot.returncode == 0, plot.stderr
+    assert len(list((out / "plots").glob("scaling-stencil-weak-*.png"))) == 2
+
+
+def study_points(path: Path):
+    from mckmpi.analysis import study as analysis_study
+
+    return analysis_study.read_points(path)
+
+
+@pytest.mark.slurm
+def test_core_spec_and_map_cpu_by_hand(cluster, tmp_path):
+    """srun --core-spec by hand: the specialised CPU is the Linux core, never the rank's;
+    an explicit map_cpu names the LWK cores and says so."""
+    _, env = cluster
+    for opt, note in (("--core-spec=0", "Slurm's specialised CPUs 1 (CPUSpecList of n1) are the "
+                                        "Linux cores"),
+                      ("--cpu-bind=map_cpu:0", "srun --cpu-bind=map_cpu:0: those are the LWK "
+                                               "cores")):
+        path = tmp_path / f"{opt[2:6]}.h5"
+        res = run(["srun", "-N", "1", "-n", "1", "--mpi=pmix", opt, sys.executable, "-m",
+                   "mckmpi", "run", "--mode", "lwk", "--mem", "32M", "--offload", "none",
+                   "--out", path, "--", ROOT / "apps" / "fwq.py", "--samples", "50"],
+                  env=env, cwd=tmp_path, timeout=120)
+        assert res.returncode == 0, res.stderr
+        assert note in res.stderr
+        with open_run(path) as r:
+            assert r.provenance["node_plans"] == ["lwk: linux cpus 1, lwk cpus 0, 1 ranks, "
+                                                  "mem/rank 32M"]
+            assert r.ranks["cpus"][0] == b"0"

@@ -200,6 +200,33 @@ def parse_node(rec: Mapping[str, str]) -> NodeInfo:
         state=rec.get("State", "UNKNOWN"))
 
 
+def specialised_cpus(env: Mapping[str, str] | None = None) -> tuple[int, ...]:
+    """This Slurm node's specialised CPUs (CPUSpecList), () outside Slurm or without any.
+
+    Slurm exports nothing about core specialisation to a job, so the node's record is asked
+    for; the answer is kept per job and node in a file under the runtime directory, under
+    a lock, so the ranks of a node cost slurmctld one `scontrol show node` together."""
+    import fcntl
+
+    environ = os.environ if env is None else env
+    node, job = environ.get("SLURMD_NODENAME"), environ.get("SLURM_JOB_ID")
+    if not node or not job:
+        return ()
+    base = Path(environ.get("XDG_RUNTIME_DIR") or "/tmp") / f"mckmpi-{os.getuid()}"
+    base.mkdir(mode=0o700, parents=True, exist_ok=True)
+    cache = base / f"slurm-spec-{job}-{node}"
+    with open(base / f"slurm-spec-{job}-{node}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not cache.is_file():
+            found = nodes(node, env)
+            text = ",".join(str(c) for c in found[0].spec_cpus) if found else ""
+            tmp = cache.with_name(cache.name + f".{os.getpid()}")
+            tmp.write_text(text)
+            tmp.replace(cache)
+        text = cache.read_text().strip()
+    return tuple(int(c) for c in text.split(",") if c)
+
+
 def submit(script_path: str | os.PathLike[str], *, extra_args: Iterable[str] = (),
            env: Mapping[str, str] | None = None) -> str:
     """Submit a batch script with sbatch and return its job id."""
