@@ -360,6 +360,9 @@ def test_two_node_study_with_repeats_axes_arrays_gates_and_plots(cluster, tmp_pa
     script = (out / two["script"]).read_text()
     assert "#SBATCH --array=0-5" in script and "--mpi=pmix" in script
     assert "#SBATCH --comment=mckmpi-test" in script
+    # n1 and n2 are one host: their ranks share CPUs, so they must not busy-poll.
+    assert "export OMPI_MCA_mpi_yield_when_idle=1" in script
+    assert "yield_when_idle" not in (out / manifest["points"][0]["script"]).read_text()
     status = mck("study", "submit", str(out), env=env)
     assert status.returncode == 0, status.stderr
     status = mck("study", "status", str(out), "--wait", "240", env=env, timeout=300)

@@ -571,16 +571,14 @@ def shared_host_notes(nodes: int, rpn: int, cluster: Cluster | None, local: bool
 
 
 def yield_env(nodes: int, rpn: int, cluster: Cluster | None) -> dict[str, str]:
-    """Environment a point's job needs: Open MPI's yield-when-idle when the ranks of the
-    nodes that share one host outnumber its CPUs (busy-polling ranks on one CPU turn a
-    microsecond message into milliseconds); Open MPI cannot see that from one node."""
-    if cluster is None or not cluster.shared_hosts:
+    """Environment a point's job needs: Open MPI's yield-when-idle when nodes of the job
+    share a host. Every node plans its ranks on the same CPU numbers, so ranks of two such
+    nodes share CPUs, and busy-polling ranks on one CPU turn a microsecond message into
+    milliseconds; Open MPI cannot see that from one node."""
+    if cluster is None or not cluster.shared_hosts or nodes < 2:
         return {}
-    per_host: dict[str, int] = {}
-    for n in cluster.nodes[:nodes]:
-        per_host[n.hostname] = per_host.get(n.hostname, 0) + rpn
-    cpus = min(n.cpus for n in cluster.nodes)
-    if max(per_host.values()) > cpus:
+    hosts = [n.hostname for n in cluster.nodes[:nodes]]
+    if len(set(hosts)) < len(hosts):
         return {"OMPI_MCA_mpi_yield_when_idle": "1"}
     return {}
 
