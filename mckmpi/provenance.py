@@ -21,6 +21,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -251,8 +252,24 @@ def attributes(job: Mapping[str, Any], nodes: Sequence[NodeProvenance]) -> dict[
 
 def record(tracer: Tracer, job: Mapping[str, Any], nodes: Sequence[NodeProvenance]) -> None:
     """Put the job's and every node's facts into the /provenance group (rank 0's call
-    counts: group attributes are rank 0's values)."""
+    counts: group attributes are rank 0's values), and say when nodes shared a host."""
     tracer.attrs("provenance", **attributes(job, nodes))
+    note = shared_hosts_note(nodes)
+    if note:
+        print(f"mckmpi: note: {note}", file=sys.stderr, flush=True)
+
+
+def shared_hosts_note(nodes: Sequence[NodeProvenance]) -> str:
+    """One line when nodes of the job were one machine, '' otherwise."""
+    if not shared_hosts(nodes):
+        return ""
+    by_host: dict[str, list[str]] = {}
+    for n in nodes:
+        by_host.setdefault(n.hostname, []).append(n.name)
+    shared = "; ".join(f"{', '.join(names)} on {host}" for host, names in sorted(by_host.items())
+                       if len(names) > 1)
+    return (f"nodes {shared} share one machine: their CPUs, noise and timings are not "
+            "independent (provenance shared_hosts)")
 
 
 def gather(world: Any, node_leader: bool, name: str) -> list[NodeProvenance]:

@@ -91,13 +91,16 @@ def test_app_hash_and_source_commit(tmp_path):
     assert prov.source_commit(tmp_path) == ""
 
 
-def test_record_and_report_say_when_nodes_share_a_host():
+def test_record_and_report_say_when_nodes_share_a_host(capsys):
     nodes = [prov.NodeProvenance("n1", "box", "Xeon", "ro", "isolated=none"),
              prov.NodeProvenance("n2", "box", "Xeon", "ro", "isolated=none")]
     t = Tracer()
     job = {**prov.slurm_facts({"SLURM_JOB_ID": "5", "SLURM_STEP_ID": "0"}), "source_commit": "abc",
            "launch_command": "mckmpi run -- a.py", "environment": ["MCKMPI_MODE=lwk"]}
     prov.record(t, job, nodes)
+    assert prov.shared_hosts_note(nodes) == (
+        "nodes n1, n2 on box share one machine: their CPUs, noise and timings are not "
+        "independent (provenance shared_hosts)")
     attrs = t.group_attrs["provenance"]
     assert attrs["shared_hosts"] is True
     assert attrs["node_hostname"] == ["box", "box"] and attrs["node_name"] == ["n1", "n2"]
@@ -106,7 +109,8 @@ def test_record_and_report_say_when_nodes_share_a_host():
     assert "job 5 step 0" in text and "commit abc" in text and "MCKMPI_MODE=lwk" in text
     assert "2 nodes on 1 host(s) (box)" in text
     apart = [prov.NodeProvenance("n1", "a", "", "", ""), prov.NodeProvenance("n2", "b", "", "", "")]
-    assert not prov.shared_hosts(apart)
+    assert not prov.shared_hosts(apart) and prov.shared_hosts_note(apart) == ""
+    assert "mckmpi: note: nodes n1, n2 on box share one machine" in capsys.readouterr().err
     assert provenance_lines({}) == []
 
 

@@ -158,6 +158,17 @@ def test_local_plan_with_offload_run_args(tmp_path):
     (["--app", "fwq", "--nodes", "1", "--sbatch-args", "-N 3"], "-N is set by the plan"),
     (["--app", "fwq", "--nodes", "1"], "no Slurm found: sbatch and scontrol not on PATH"),
     (["--app", "fwq", "--nodes", "4096", "--local"], "point fwq-linux-n4096 does not fit this"),
+    (["--app", "fwq", "--nodes", "1", "--app-args", "--quantum-usec 5"],
+     "refused by fwq.py: unrecognized arguments: --quantum-usec 5"),
+    (["--app", "fwq", "--nodes", "1", "--axis", "app:--samples=10,x"],
+     "app arguments '--samples=x' refused by fwq.py: argument --samples"),
+    (["--app", "fwq", "--nodes", "1", "--axis", "colour=1,2"], "--axis colour: not an option"),
+    (["--app", "fwq", "--nodes", "1", "--axis", "mode=linux,lwk"], "--axis mode: set by the plan"),
+    (["--app", "fwq", "--nodes", "1", "--axis", "oversubscribe=yes"], "a switch takes the values"),
+    (["--app", "fwq", "--nodes", "1", "--axis", "mem"], "--axis wants NAME=V1,V2"),
+    (["--app", "fwq", "--nodes", "1", "--axis", "mem=1G,2G", "--axis", "app:--samples=1,2,3",
+      "--combine", "zip"], "--combine zip needs axes with the same number of values"),
+    (["--app", "fwq", "--nodes", "1", "--repeats", "0"], "--repeats must be at least 1"),
 ])
 def test_bad_plans_are_one_line_and_create_nothing(tmp_path, argv, message):
     env = job_env(PATH=str(tmp_path))  # no Slurm on PATH
@@ -367,7 +378,10 @@ def test_two_node_study_with_repeats_axes_arrays_gates_and_plots(cluster, tmp_pa
     assert status.returncode == 0, status.stderr
     status = mck("study", "status", str(out), "--wait", "240", env=env, timeout=300)
     assert status.returncode == 0, status.stdout + status.stderr
-    assert "COMPLETED" in status.stdout.splitlines()[-1] or "12 COMPLETED" in status.stdout
+    progress = [ln for ln in status.stdout.splitlines() if ln.startswith("[")]
+    assert progress and progress[-1].endswith("] 12 COMPLETED")  # said while waiting
+    rows = status_rows(status.stdout)
+    assert rows[f"{names[3]}#2"][1] == "COMPLETED" and "_" in rows[f"{names[3]}#2"][0]
     files = sorted((out / "runs").glob("*.h5"))
     assert len(files) == 12
     with open_run(next(f for f in files if "stencil" in f.name)) as r:
@@ -436,3 +450,63 @@ def test_core_spec_and_map_cpu_by_hand(cluster, tmp_path):
             assert r.provenance["node_plans"] == ["lwk: linux cpus 1, lwk cpus 0, 1 ranks, "
                                                   "mem/rank 32M"]
             assert r.ranks["cpus"][0] == b"0"
+
+
+def test_axes_cross_and_zip_and_derived_names():
+    mem, size = study.parse_axis("mem=256M,1G"), study.parse_axis("app:--size=1024,2048")
+    assert (mem.target, mem.option, mem.values) == ("run", "--mem", ("256M", "1G"))
+    assert (size.target, size.option, size.label) == ("app", "--size", "size")
+    assert study.axis_points([mem, size], "cross") == [
+        ("256M", "1024"), ("256M", "2048"), ("1G", "1024"), ("1G", "2048")]
+    assert study.axis_points([mem, size], "zip") == [("256M", "1024"), ("1G", "2048")]
+    assert study.axis_suffix([mem, size], ("256M", "1024")) == "mem256M-size1024"
+    assert study.axis_text([mem, size], ("256M", "1024")) == "mem=256M app:--size=1024"
+    over = study.parse_axis("oversubscribe=on,off")
+    assert over.switch and over.args("on") == ["--oversubscribe"] and over.args("off") == []
+    assert study.axis_points([], "cross") == [()]
+
+
+def test_sbatch_args_take_a_lone_dashed_option(tmp_path):
+    from mckmpi.frontend.cli import glue_command_lines
+
+    assert glue_command_lines(["study", "plan", "--sbatch-args", "--account=proj42", "--run-args",
+                               "--mem 1G", "--", "--sbatch-args", "x"]) == [
+        "study", "plan", "--sbatch-args=--account=proj42", "--run-args=--mem 1G", "--",
+        "--sbatch-args", "x"]
+    out = tmp_path / "s"
+    res = mck("study", "plan", "--local", "--app", "fwq", "--nodes", "1", "--ranks-per-node", "1",
+              "--sbatch-args", "--account=proj42", "--out", str(out), env=job_env())
+    assert res.returncode == 0, res.stderr
+    assert json.loads((out / "study.json").read_text())["request"]["sbatch_args"] == [
+        "--account=proj42"]
+
+
+def test_local_study_with_repeats_and_an_axis(tmp_path):
+    out = tmp_path / "fwq"
+    env = job_env()
+    res = mck("study", "plan", "--local", "--app", "fwq", "--nodes", "1", "--ranks-per-node", "1",
+              "--modes", "linux", "--repeats", "2", "--axis", "app:--samples=40,60",
+              "--app-args", "--quantum-us 200", "--out", str(out), env=env)
+    assert res.returncode == 0, res.stderr
+    res = mck("study", "run", str(out), env=env, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.splitlines()[0].startswith("[1/4] fwq-linux-n1-samples40#0: 1 ranks")
+    names = sorted(p.name for p in (out / "runs").glob("*.h5"))
+    assert names == ["fwq-linux-n1-samples40-r0-local.h5", "fwq-linux-n1-samples40-r1-local.h5",
+                     "fwq-linux-n1-samples60-r0-local.h5", "fwq-linux-n1-samples60-r1-local.h5"]
+    with open_run(out / "runs" / names[3]) as r:
+        p = r.provenance
+        assert (p["study_point"], p["study_repeat"]) == ("fwq-linux-n1-samples60", "1")
+        assert p["study_axes"] == "app:--samples=60" and r["noise/fwq_ns"].shape == (1, 60)
+    status = mck("study", "status", str(out), env=env)
+    assert status.stdout.count("LOCAL COMPLETED") == 4
+    res = mck("study", "collect", str(out), "-o", str(out / "study.h5"), env=env)
+    assert res.returncode == 0, res.stderr
+    from mckmpi.analysis import study as analysis_study
+
+    pts = analysis_study.read_points(out / "study.h5")
+    p99 = pts[pts["metric"] == b"fwq_p999_us"]
+    assert sorted(p99["point"].tolist()) == [b"fwq-linux-n1-samples40", b"fwq-linux-n1-samples60"]
+    assert set(p99["n"]) == {2}
+    plot = mck("study", "plot", str(out / "study.h5"), "--plots", str(out / "plots"), env=env)
+    assert plot.returncode == 0 and (out / "plots" / "survey-fwq.png").is_file(), plot.stdout

@@ -440,12 +440,19 @@ def scaling_plots(curves: Sequence[Curve], out_dir: Path, where: str = "",
     return written
 
 
+#: Noise below this (us) is drawn at it on log axes: under the timer's resolution, and zero
+#: (a sample equal to the rank's minimum) has no place on a log scale.
+NOISE_FLOOR_US = 0.01
+
+
 def _hist_quantiles(counts: np.ndarray, qs: Sequence[float]) -> list[float]:
-    """Quantiles (us) of samples binned on `LOG_EDGES_NS` (each bin's geometric middle)."""
+    """Quantiles (us) of samples binned on `LOG_EDGES_NS` (each bin's geometric middle),
+    at least `NOISE_FLOOR_US`."""
     total = counts.sum()
     cum = np.cumsum(counts)
     mids = np.sqrt(np.maximum(LOG_EDGES_NS[:-1], 0.5) * LOG_EDGES_NS[1:]) / 1e3
-    return [float(mids[min(len(mids) - 1, int(np.searchsorted(cum, q * total)))]) for q in qs]
+    return [max(NOISE_FLOOR_US, float(mids[min(len(mids) - 1, int(np.searchsorted(cum, q * total)))]))
+            for q in qs]
 
 
 def survey_plots(nodes: Sequence[tuple[str, int, str, np.ndarray]], what: str, title: str,
@@ -466,14 +473,15 @@ def survey_plots(nodes: Sequence[tuple[str, int, str, np.ndarray]], what: str, t
         stats = []
         for n, label, h in mine:
             p1, q1, med, q3, p999 = _hist_quantiles(h, (0.01, 0.25, 0.5, 0.75, 0.999))
-            stats.append({"label": f"{label}\n{n}-node job", "whislo": p1, "q1": q1, "med": med,
+            stats.append({"label": label, "whislo": p1, "q1": q1, "med": med,
                           "q3": q3, "whishi": p999, "fliers": [_hist_quantiles(h, (1.0,))[0]]})
         if stats:
             ax.bxp(stats, showfliers=True, patch_artist=True,
                    boxprops={"facecolor": f"C{row}", "alpha": 0.4},
                    flierprops={"marker": "o", "markersize": 4})
         ax.set_yscale("log")
-        ax.set_ylabel(f"{what} [us]")
+        ax.set_ylim(bottom=NOISE_FLOOR_US / 2)
+        ax.set_ylabel(f"{what.split(' over ')[0]} [us]")
         ax.set_title(f"{mode} mode: per node (box: quartiles, whiskers p1..p99.9, dot: max)",
                      fontsize="medium", loc="left")
         ax.tick_params(axis="x", labelsize="small")
@@ -488,10 +496,8 @@ def survey_plots(nodes: Sequence[tuple[str, int, str, np.ndarray]], what: str, t
             cdf.step(x[keep], frac[keep], where="post", color=f"C{row}",
                      linestyle=("-", "--", ":", "-.")[k % 4],
                      label=f"{mode}, {n} node{'s' if n > 1 else ''} ({int(h.sum())} samples)")
-    low = [_hist_quantiles(h, (0.005,))[0] for *_, h in nodes if h.sum()]
-    if low:
-        cdf.set_xlim(left=max(1e-3, min(low) / 3))
     cdf.set_xscale("log")
+    cdf.set_xlim(left=NOISE_FLOOR_US / 2)
     cdf.set_ylim(0, 1.02)
     cdf.set_xlabel(f"{what} [us]")
     cdf.set_ylabel("fraction of samples at or below")
@@ -499,5 +505,6 @@ def survey_plots(nodes: Sequence[tuple[str, int, str, np.ndarray]], what: str, t
     cdf.grid(alpha=0.3, which="both")
     cdf.legend(frameon=False, fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.12),
                ncols=2)
-    fig.suptitle(f"{title}\n{where}")
+    fig.suptitle(f"{title}\n{where}; noise below {NOISE_FLOOR_US} us (timer resolution) drawn at "
+                 f"{NOISE_FLOOR_US} us")
     return _save(fig, path)

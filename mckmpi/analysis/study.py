@@ -410,9 +410,12 @@ def survey_nodes(rows: np.ndarray, source: Path) -> tuple[str, list[tuple[str, i
                     counts = np.histogram(durations, LOG_EDGES_NS)[0]
                     node = int(node_of[rank])
                     per_node[node] = per_node.get(node, 0) + counts
+        nodes, axes, repeat = int(row["nodes"]), row["axes"].decode(), int(row["repeat"])
+        job = "\n".join([f"{nodes}-node job", *axes.replace("app:", "").split(),
+                         *([f"repeat {repeat}"] if repeat >= 0 else [])])
         for node, hist in sorted(per_node.items()):
             label = names[node] if node < len(names) else f"node {node}"
-            out.append((row["mode"].decode(), int(row["nodes"]), label, np.asarray(hist)))
+            out.append((row["mode"].decode(), nodes, f"{label}\n{job}", np.asarray(hist)))
     return what, out
 
 
