@@ -114,8 +114,10 @@ class Fragments:
 def run_binary(target: str, args: tuple[str, ...]) -> tuple[int, int, int, int]:
     """Run the program; returns (exit status as a shell reports it, wall ns, real-time
     start and end ns)."""
+    # A path as the user gave it ('./a.out' is stored as 'a.out'): never a PATH search.
+    exe = str(Path(target).resolve())
     start_unix, started = time.time_ns(), time.monotonic_ns()
-    status = subprocess.run([target, *args], check=False).returncode
+    status = subprocess.run([exe, *args], check=False).returncode
     wall, end_unix = time.monotonic_ns() - started, time.time_ns()
     return (status if status >= 0 else 128 - status), wall, start_unix, end_unix
 
@@ -219,6 +221,8 @@ def run_external(settings: Any, app: Any, argv: list[str], placement: Any, plan:
     provenance.update(prov.attributes(prov.job_facts(os.environ, app.kind, app.target, argv),
                                       nodes))
     provenance["hosts"] = sorted({n.name for n in nodes})
+    if prov.shared_hosts_note(nodes):
+        print(f"mckmpi: note: {prov.shared_hosts_note(nodes)}", file=sys.stderr, flush=True)
     root = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(argv),
             "app": app.target, "app_args": " ".join(app.args), "mode": settings.mode,
             "world_size": placement.size, "vnodes": settings.vnodes,

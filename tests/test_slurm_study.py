@@ -510,3 +510,25 @@ def test_local_study_with_repeats_and_an_axis(tmp_path):
     assert set(p99["n"]) == {2}
     plot = mck("study", "plot", str(out / "study.h5"), "--plots", str(out / "plots"), env=env)
     assert plot.returncode == 0 and (out / "plots" / "survey-fwq.png").is_file(), plot.stdout
+
+
+@pytest.mark.slurm
+def test_an_mpi_executable_under_srun_leaves_a_run_file(cluster, tmp_path):
+    _, env = cluster
+    src = tmp_path / "hello.c"
+    src.write_text("#include <mpi.h>\n#include <stdio.h>\nint main(int c, char **v) { int r;"
+                   " MPI_Init(&c, &v); MPI_Comm_rank(MPI_COMM_WORLD, &r); printf(\"HELLO %d\\n\","
+                   " r); MPI_Finalize(); return 0; }\n")
+    subprocess.run(["mpicc", "-o", str(tmp_path / "hello"), str(src)], check=True, timeout=60)
+    res = run(["srun", "-N", "2", "-n", "2", "--mpi=pmix", sys.executable, "-m", "mckmpi", "run",
+               "--out", tmp_path / "runs", "--", "./hello"], env=env, cwd=tmp_path, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert sorted(ln for ln in res.stdout.splitlines() if ln.startswith("HELLO")) == [
+        "HELLO 0", "HELLO 1"]
+    assert "share one machine" in res.stderr and "not measured" in res.stderr
+    (path,) = (tmp_path / "runs").glob("hello-linux-job*.0.h5")
+    with open_run(path) as r:
+        assert r.attrs["launcher"] == "slurm" and r.attrs["nnodes"] == 2
+        assert list(r.ranks["node"]) == [0, 1] and list(r.ranks["host"]) == [b"n1", b"n2"]
+        assert r.read("app/exit_code").tolist() == [0, 0]
+        assert r.provenance["slurm_step_nodelist"] == "n[1-2]" and r.provenance["shared_hosts"]
