@@ -107,7 +107,7 @@ def slurm_binding(settings: Settings, host: NodeFacts, linux_cores: Any, lwk_cor
                       file=sys.stderr, flush=True)
             return tuple(c for c in host.cpus if c not in mapped), tuple(sorted(set(mapped)))
     from mckmpi.node.partition import core_spec_linux_cores
-    from mckmpi.slurm import SlurmError, specialised_cpus
+    from mckmpi.jobs.slurm import SlurmError, specialised_cpus
 
     try:
         spec = specialised_cpus(env)

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -499,7 +500,7 @@ def test_local_study_with_repeats_and_an_axis(tmp_path):
         assert (p["study_point"], p["study_repeat"]) == ("fwq-linux-n1-samples60", "1")
         assert p["study_axes"] == "app:--samples=60" and r["noise/fwq_ns"].shape == (1, 60)
     status = mck("study", "status", str(out), env=env)
-    assert status.stdout.count("LOCAL COMPLETED") == 4
+    assert status.stdout.count(" local ") == 4 and status.stdout.count("COMPLETED") == 4
     res = mck("study", "collect", str(out), "-o", str(out / "study.h5"), env=env)
     assert res.returncode == 0, res.stderr
     from mckmpi.analysis import study as analysis_study

@@ -788,13 +788,13 @@ def status(study_dir: str | os.PathLike[str],
     points = manifest["points"]
     ids = [j for p in points for j in point_tasks(p) if j]
     known = slurm.job_states(ids, env) if ids else {}
-    return [point_state(study_dir, p, manifest["target"], k, known, env) for p in points
+    return [point_state(study_dir, p, manifest["target"], env, k, known) for p in points
             for k in range(len(point_tasks(p)))]
 
 
-def point_state(study_dir: Path, point: Mapping[str, Any], target: str, repeat: int = 0,
-                known: Mapping[str, slurm.JobState] | None = None,
-                env: Mapping[str, str] | None = None) -> PointState:
+def point_state(study_dir: Path, point: Mapping[str, Any], target: str,
+                env: Mapping[str, str] | None = None, repeat: int = 0,
+                known: Mapping[str, slurm.JobState] | None = None) -> PointState:
     """The state of one run of a point: from Slurm when it has a job, else from its run on
     this host (`study run`, also of a plan made for Slurm), else not started on `target`."""
     name = run_label(point, repeat)
@@ -936,7 +936,7 @@ def run_local(study_dir: str | os.PathLike[str], echo: Callable[[str], None] = p
                     "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         point["local"] = local
         save(study_dir, manifest)
-        state = point_state(study_dir, point, "local", k)
+        state = point_state(study_dir, point, "local", None, k)
         states.append(state)
         if code == 0:
             echo(f"{tag}: completed in {seconds:.1f} s, run file {run_file}")
