@@ -114,13 +114,28 @@ def launch_environment(env: Mapping[str, str]) -> list[str]:
             for k, v in sorted(env.items()) if k.startswith(ENV_PREFIXES)]
 
 
-def het_component(env: Mapping[str, str]) -> str:
-    """Which component of a heterogeneous job this step belongs to ('' outside one): the
-    group whose SLURM_JOB_ID_HET_GROUP_<n> is this job's id, else SLURM_HET_JOB_OFFSET."""
-    job = env.get("SLURM_JOB_ID", "")
+#: Per-component variables of a heterogeneous step: SLURM_<NAME>_HET_GROUP_<n> (Slurm 20.02
+#: and later) or SLURM_<NAME>_PACK_GROUP_<n> (what 22.05's srun still exports to tasks).
+_HET_GROUP = re.compile(r"SLURM_(\w+?)_(?:HET|PACK)_GROUP_(\d+)$")
+
+
+def het_groups(env: Mapping[str, str], name: str) -> dict[int, str]:
+    """component -> value of SLURM_<name>_HET_GROUP_<n> (or _PACK_GROUP_<n>)."""
+    out = {}
     for key, value in env.items():
-        if key.startswith("SLURM_JOB_ID_HET_GROUP_") and value == job and job:
-            return key.rsplit("_", 1)[1]
+        m = _HET_GROUP.match(key)
+        if m and m.group(1) == name:
+            out[int(m.group(2))] = value
+    return out
+
+
+def het_component(env: Mapping[str, str]) -> str:
+    """Which component of a heterogeneous job this rank's job record is ('' outside one):
+    the group whose job id is SLURM_JOB_ID, else SLURM_HET_JOB_OFFSET."""
+    job = env.get("SLURM_JOB_ID", "")
+    for group, value in sorted(het_groups(env, "JOB_ID").items()):
+        if job and value == job:
+            return str(group)
     return env.get("SLURM_HET_JOB_OFFSET", "")
 
 
@@ -132,9 +147,11 @@ def slurm_facts(env: Mapping[str, str], version: str = "") -> dict[str, str]:
         "slurm_step_id": get("SLURM_STEP_ID", get("SLURM_STEPID", "")),
         "slurm_array_job_id": get("SLURM_ARRAY_JOB_ID", ""),
         "slurm_array_task_id": get("SLURM_ARRAY_TASK_ID", ""),
-        "slurm_het_job_id": get("SLURM_HET_JOB_ID", ""),
+        "slurm_het_job_id": get("SLURM_HET_JOB_ID", "") or het_groups(env, "JOB_ID").get(0, ""),
         "slurm_het_component": het_component(env),
-        "slurm_het_size": get("SLURM_HET_SIZE", ""),
+        "slurm_het_size": get("SLURM_HET_SIZE", get("SLURM_PACK_SIZE", "")),
+        "slurm_het_nodelists": " ".join(f"{g}:{v}" for g, v in
+                                        sorted(het_groups(env, "JOB_NODELIST").items())),
         "slurm_cluster": get("SLURM_CLUSTER_NAME", ""),
         "slurm_partition": get("SLURM_JOB_PARTITION", ""),
         "slurm_step_nodelist": get("SLURM_STEP_NODELIST", ""),

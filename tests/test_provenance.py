@@ -73,6 +73,15 @@ def test_slurm_facts_of_an_array_task_and_a_het_component():
     assert (f["slurm_cluster"], f["slurm_partition"]) == ("c", "p")
     assert f["slurm_step_nodelist"] == "n[1-2]" and f["slurm_version"] == "slurm 22.05.8"
     assert all(v == "" for v in prov.slurm_facts({}).values())
+    # Slurm 22.05's srun exports the components of a het step as *_PACK_GROUP_<n>; rank 0's
+    # job record is component 0, the het job's id.
+    het = prov.slurm_facts({"SLURM_JOB_ID": "8", "SLURM_JOB_ID_PACK_GROUP_0": "8",
+                            "SLURM_JOB_ID_PACK_GROUP_1": "9", "SLURM_PACK_SIZE": "2",
+                            "SLURM_JOB_NODELIST_PACK_GROUP_0": "n1",
+                            "SLURM_JOB_NODELIST_PACK_GROUP_1": "n2"})
+    assert (het["slurm_het_job_id"], het["slurm_het_component"], het["slurm_het_size"]) == (
+        "8", "0", "2")
+    assert het["slurm_het_nodelists"] == "0:n1 1:n2"
 
 
 def test_app_hash_and_source_commit(tmp_path):

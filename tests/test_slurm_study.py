@@ -533,3 +533,19 @@ def test_an_mpi_executable_under_srun_leaves_a_run_file(cluster, tmp_path):
         assert list(r.ranks["node"]) == [0, 1] and list(r.ranks["host"]) == [b"n1", b"n2"]
         assert r.read("app/exit_code").tolist() == [0, 0]
         assert r.provenance["slurm_step_nodelist"] == "n[1-2]" and r.provenance["shared_hosts"]
+
+
+@pytest.mark.slurm
+def test_a_heterogeneous_step_records_its_components(cluster, tmp_path):
+    _, env = cluster
+    path = tmp_path / "het.h5"
+    rank = [sys.executable, "-m", "mckmpi", "run", "--out", path, "--", ROOT / "apps" / "fwq.py",
+            "--samples", "30"]
+    res = run(["srun", "--mpi=pmix", "-N1", "-n1", *rank, ":", "-N1", "-n1", *rank], env=env,
+              cwd=tmp_path, timeout=120)
+    assert res.returncode == 0, res.stderr
+    with open_run(path) as r:
+        p = r.provenance
+        assert (p["slurm_het_size"], p["slurm_het_component"]) == ("2", "0")
+        assert p["slurm_het_job_id"] == r.attrs["slurm_job_id"]
+        assert p["slurm_het_nodelists"] == "0:n1 1:n2"

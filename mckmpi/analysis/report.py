@@ -81,8 +81,10 @@ def provenance_lines(prov: dict[str, Any]) -> list[str]:
         ids = [f"job {prov['slurm_job_id']} step {prov.get('slurm_step_id') or '-'}"]
         if prov.get("slurm_array_job_id"):
             ids.append(f"array {prov['slurm_array_job_id']}_{prov.get('slurm_array_task_id')}")
-        if prov.get("slurm_het_component"):
-            ids.append(f"het component {prov['slurm_het_component']}")
+        if prov.get("slurm_het_size"):
+            ids.append(f"het job {prov.get('slurm_het_job_id')} of {prov['slurm_het_size']} "
+                       f"components ({prov.get('slurm_het_nodelists') or '-'}), rank 0 in "
+                       f"component {prov.get('slurm_het_component') or '-'}")
         lines.append(
             f"step       {', '.join(ids)}; cluster {prov.get('slurm_cluster') or '-'}, "
             f"partition {prov.get('slurm_partition') or '-'}, "
