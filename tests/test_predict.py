@@ -61,3 +61,26 @@ def test_collect_stores_predicted_next_to_measured(tmp_path):
     err = (rows["predicted_iter_us"] - rows["iter_us"]) / rows["iter_us"]
     assert rows["prediction_error"] == pytest.approx(err)
     assert (abs(rows["prediction_error"]) < 0.2).all()
+
+
+def test_simulate_models_allreduce_trees_beside_the_barrier(tmp_path):
+    import json
+
+    from conftest import mckmpi
+
+    rng = np.random.default_rng(5)
+    fwq = 100_000 + (rng.random(16_000) < 0.01) * rng.integers(10_000, 50_000, 16_000)
+    path = write_synthetic(tmp_path / "fwq.h5", fwq=fwq)
+    out = mckmpi("simulate", "--from", str(path), "--ranks", "8,512", "--work-us", "100",
+                 "--allreduce-round-us", "5", "--allreduces", "2", "--json")
+    assert out.returncode == 0, out.stderr
+    tree = {row["ranks"]: row["iteration_ns"] for row in json.loads(out.stdout)["tree"]}
+    assert sorted(tree) == [1, 8, 512]
+    # No noise in the median iteration of one rank: work plus nothing to wait for.
+    assert tree[1] == pytest.approx(100_000, rel=0.01)
+    # 2 x 9 rounds of 5 us at 512 ranks, and the noise the tree collects on the way.
+    assert tree[512] > 100_000 + 2 * 9 * 5_000
+    assert tree[1] < tree[8] < tree[512]
+    bad = mckmpi("simulate", "--from", str(path), "--ranks", "8", "--work-us", "100",
+                 "--allreduce-round-us", "0")
+    assert bad.returncode == 2 and "--allreduce-round-us must be positive" in bad.stderr

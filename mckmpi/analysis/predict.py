@@ -114,6 +114,25 @@ def iteration_ns(cal: Calibration, ranks: int, work_ns: float, seed: int = 0,
     return float(np.median(steps))
 
 
+#: Rank-iterations one prediction simulates at most (a million ranks get fewer iterations).
+BUDGET = 20_000_000
+
+
+def iterations_for(ranks: int) -> int:
+    """Simulated iterations for `ranks`: ITERATIONS, fewer for huge rank counts (>= 10)."""
+    return max(10, min(ITERATIONS, BUDGET // max(1, ranks)))
+
+
+def collective_table(noise_ns: np.ndarray, work_ns: float, ranks: list[int], round_ns: float,
+                     allreduces: int, seed: int = 0) -> list[tuple[int, float]]:
+    """(ranks, predicted ns per iteration) of a bulk-synchronous app whose iterations end in
+    `allreduces` recursive-doubling allreduces of `round_ns` per round, its noise drawn from
+    `noise_ns` (the noise of one window of `work_ns`)."""
+    cal = Calibration(work_ns, 1, np.asarray(noise_ns, dtype=np.float64), 0.0, round_ns, 1, 0,
+                      allreduces)
+    return [(p, iteration_ns(cal, p, work_ns, seed, iterations_for(p))) for p in ranks]
+
+
 def calibrate(app: str, compute_ns: np.ndarray, halo_ns: np.ndarray | None,
               allreduce_ns: np.ndarray | None, ranks: int, ndim: int,
               comm_ranks: int | None = None) -> Calibration:

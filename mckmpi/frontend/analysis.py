@@ -160,6 +160,12 @@ def _build_simulate(p: argparse.ArgumentParser) -> None:
         help="which trace the noise comes from [auto: FWQ if recorded, else detours]",
     )
     p.add_argument("--seed", type=int, default=0, help="random seed [0]")
+    p.add_argument("--allreduce-round-us", type=float, metavar="C",
+                   help="also model the synchronisation as recursive-doubling allreduce trees "
+                        "with C us per round (LogGP: L + 2o + sG), noise hitting the message "
+                        "overheads too (an allreduce-bound app such as CG)")
+    p.add_argument("--allreduces", type=int, default=1, metavar="N",
+                   help="allreduces per iteration for --allreduce-round-us [1]")
     _plots_option(p)
     p.add_argument("--json", action="store_true", help="print the prediction as JSON")
 
@@ -173,15 +179,26 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     with open_run(args.run_file) as run:
         dist = simulate.load(run, args.work_us * 1e3, args.source)
     sim = simulate.simulate(dist, ranks, args.iterations, args.seed, path=args.run_file)
+    tree = None
+    if args.allreduce_round_us is not None:
+        if args.allreduce_round_us <= 0 or args.allreduces < 1:
+            from mckmpi.errors import UsageError
+
+            raise UsageError("--allreduce-round-us must be positive and --allreduces at least 1")
+        tree = simulate.tree_predictions(dist, sim, args.allreduce_round_us * 1e3, args.allreduces)
     plots: list[Path] = []
     if args.plots:
         from mckmpi.analysis.plots import simulation
 
         plots = [simulation(sim, Path(args.plots) / f"simulate-{Path(args.run_file).stem}.png")]
     if args.json:
-        _print_json({**sim.to_json(), "plots": plots})
+        extra = {} if tree is None else {"tree": [{"ranks": p, "iteration_ns": t} for p, t in tree]}
+        _print_json({**sim.to_json(), **extra, "plots": plots})
     else:
         print(simulate.text(sim))
+        if tree is not None:
+            print()
+            print(simulate.tree_text(sim, tree, args.allreduce_round_us * 1e3, args.allreduces))
         _print_plots(plots)
     return 0
 
