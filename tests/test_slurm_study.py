@@ -433,14 +433,14 @@ def study_points(path: Path):
 
 @pytest.mark.slurm
 def test_core_spec_and_map_cpu_by_hand(cluster, tmp_path):
-    """srun --core-spec by hand: the specialised CPU is the Linux core, never the rank's;
-    an explicit map_cpu names the LWK cores and says so."""
+    """srun --core-spec/--thread-spec by hand: the specialised CPU is the Linux core, never
+    the rank's; an explicit map_cpu names the LWK cores and says so."""
     _, env = cluster
-    for opt, note in (("--core-spec=0", "Slurm's specialised CPUs 1 (CPUSpecList of n1) are the "
-                                        "Linux cores"),
+    spec = "Slurm's specialised CPUs 1 (CPUSpecList of n1) are the Linux cores"
+    for opt, note in (("--core-spec=0", spec), ("--core-spec=1", spec), ("--thread-spec=1", spec),
                       ("--cpu-bind=map_cpu:0", "srun --cpu-bind=map_cpu:0: those are the LWK "
                                                "cores")):
-        path = tmp_path / f"{opt[2:6]}.h5"
+        path = tmp_path / f"{opt[2:].replace('=', '-').replace(':', '-')}.h5"
         res = run(["srun", "-N", "1", "-n", "1", "--mpi=pmix", opt, sys.executable, "-m",
                    "mckmpi", "run", "--mode", "lwk", "--mem", "32M", "--offload", "none",
                    "--out", path, "--", ROOT / "apps" / "fwq.py", "--samples", "50"],
