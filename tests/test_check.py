@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import mckmpi
+from fixtures import mckmpi
 from mckmpi.analysis import check, repeats, scaling, study
 from test_analysis import write_synthetic
 

@@ -66,7 +66,7 @@ def test_collect_stores_predicted_next_to_measured(tmp_path):
 def test_simulate_models_allreduce_trees_beside_the_barrier(tmp_path):
     import json
 
-    from conftest import mckmpi
+    from fixtures import mckmpi
 
     rng = np.random.default_rng(5)
     fwq = 100_000 + (rng.random(16_000) < 0.01) * rng.integers(10_000, 50_000, 16_000)
