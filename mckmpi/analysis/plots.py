@@ -210,7 +210,8 @@ def _pooled(hists: Sequence[np.ndarray | None]) -> np.ndarray:
 
 def report_plots(s: RunSummary, out_dir: Path) -> list[Path]:
     """The plots of `mckmpi report` for whatever the run recorded."""
-    stem, name = s.path.stem, s.path.name
+    stem = s.path.stem
+    name = f"{s.path.name}\n{run_stamp(s.attrs, s.provenance)}"
     written = []
     shown = _worst(s.fwq, MAX_PANELS)
     if shown:
@@ -265,7 +266,9 @@ def compare_plots(
 ) -> list[Path]:
     """Overlays of two runs (A in blue, B in orange), for what both recorded."""
     prefix = f"compare-{a.path.stem}-vs-{b.path.stem}"
-    title = f"{labels[0]} ({a.path.name}) vs {labels[1]} ({b.path.name})"
+    title = (f"{labels[0]} ({a.path.name}) vs {labels[1]} ({b.path.name})\n"
+             f"{labels[0]}: {run_stamp(a.attrs, a.provenance)}; "
+             f"{labels[1]}: {run_stamp(b.attrs, b.provenance)}")
     written = []
     worst = [(label, _worst(s.fwq, 1)) for label, s in zip(labels, (a, b))]
     if all(w for _, w in worst):
@@ -318,7 +321,7 @@ def compare_plots(
     return written
 
 
-def simulation(sim: Simulation, path: Path) -> Path:
+def simulation(sim: Simulation, path: Path, where: str = "") -> Path:
     """Slowdown and expected noise of the slowest rank against the rank count."""
     p = np.array([x.ranks for x in sim.predictions], dtype=float)
     fig = Figure(figsize=(10, 4.2), layout="constrained")
@@ -356,7 +359,7 @@ def simulation(sim: Simulation, path: Path) -> Path:
     right.grid(alpha=0.3, which="both")
     fig.suptitle(
         f"{sim.work_ns / 1e3:.4g} us of work per iteration, noise from the {sim.source} "
-        f"trace of {Path(sim.path).name}"
+        f"trace of {Path(sim.path).name}" + (f"\n{where}" if where else "")
     )
     return _save(fig, path)
 
@@ -370,6 +373,13 @@ def stamp(hosts: Sequence[str], dates: Sequence[str], commits: Sequence[str]) ->
     days = sorted({d[:10] for d in dates if d})
     when = days[0] if len(days) == 1 else f"{days[0]}..{days[-1]}" if days else "unknown"
     return f"host {short(hosts)}; {when}; commit {short(commits, 10)}"
+
+
+def run_stamp(attrs: dict, provenance: dict) -> str:
+    """`stamp` of one run file: its nodes' real hosts, its date, its source commit."""
+    hosts = list(provenance.get("node_hostname") or provenance.get("hosts") or [])
+    return stamp([str(h) for h in hosts], [str(attrs.get("created", ""))],
+                 [str(provenance.get("source_commit", ""))])
 
 
 def _rank_axis(ax: Axes, ranks: np.ndarray) -> None:

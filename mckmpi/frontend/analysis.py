@@ -178,6 +178,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     ranks = simulate.parse_ranks(args.ranks)
     with open_run(args.run_file) as run:
         dist = simulate.load(run, args.work_us * 1e3, args.source)
+        attrs, provenance = run.attrs, run.provenance
     sim = simulate.simulate(dist, ranks, args.iterations, args.seed, path=args.run_file)
     tree = None
     if args.allreduce_round_us is not None:
@@ -188,9 +189,10 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         tree = simulate.tree_predictions(dist, sim, args.allreduce_round_us * 1e3, args.allreduces)
     plots: list[Path] = []
     if args.plots:
-        from mckmpi.analysis.plots import simulation
+        from mckmpi.analysis.plots import run_stamp, simulation
 
-        plots = [simulation(sim, Path(args.plots) / f"simulate-{Path(args.run_file).stem}.png")]
+        plots = [simulation(sim, Path(args.plots) / f"simulate-{Path(args.run_file).stem}.png",
+                            run_stamp(attrs, provenance))]
     if args.json:
         extra = {} if tree is None else {"tree": [{"ranks": p, "iteration_ns": t} for p, t in tree]}
         _print_json({**sim.to_json(), **extra, "plots": plots})
