@@ -55,6 +55,13 @@ def run_time(row: np.void) -> float:
     return t if math.isfinite(t) and t > 0 else float(row["wall_s"])
 
 
+def scales(row: np.void) -> bool:
+    """Whether a run belongs on a scaling curve: a scaling study, or an app that times its
+    iterations. A noise survey's wall time is how long it chose to measure, not a speed."""
+    return bool(_s(row["scaling"])) or (math.isfinite(float(row["iter_us"]))
+                                        and float(row["iter_us"]) > 0)
+
+
 def series_key(row: np.void) -> tuple[str, str, str, str, str]:
     scaling = _s(row["scaling"]) or STRONG
     size = int(row["global_size"])
@@ -87,7 +94,7 @@ def curves(rows: np.ndarray) -> list[Curve]:
     )
     for row in rows:
         t = run_time(row)
-        if math.isfinite(t) and t > 0:
+        if math.isfinite(t) and t > 0 and scales(row):
             groups[series_key(row)][int(row["ranks"])].append(t)
     out = []
     for (app, mode, scaling, problem, axes), points in sorted(groups.items()):

@@ -386,7 +386,7 @@ def survey_nodes(rows: np.ndarray, source: Path) -> tuple[str, list[tuple[str, i
 
     out: list[tuple[str, int, str, np.ndarray]] = []
     what = ""
-    for row in rows[np.argsort(rows["nodes"], kind="stable")]:
+    for row in rows[np.lexsort((rows["path"], rows["repeat"], rows["axes"], rows["nodes"]))]:
         path = Path(row["path"].decode())
         path = path if path.is_absolute() else source / path
         if not path.is_file():
