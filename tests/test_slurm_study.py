@@ -549,3 +549,37 @@ def test_a_heterogeneous_step_records_its_components(cluster, tmp_path):
         assert (p["slurm_het_size"], p["slurm_het_component"]) == ("2", "0")
         assert p["slurm_het_job_id"] == r.attrs["slurm_job_id"]
         assert p["slurm_het_nodelists"] == "0:n1 1:n2"
+
+
+def test_status_asks_the_controller_once_for_all_jobs(tmp_path):
+    """One `scontrol show job` per status, whatever the number of points and array tasks;
+    a pending array's single record covers its tasks."""
+    calls = tmp_path / "calls"
+    fake = tmp_path / "bin" / "scontrol"
+    fake.parent.mkdir()
+    fake.write_text(f"""#!/bin/sh
+echo "$*" >> {calls}
+echo "JobId=7 ArrayJobId=7 ArrayTaskId=1-2 JobName=a JobState=PENDING Reason=Resources"
+echo "JobId=8 ArrayJobId=7 ArrayTaskId=0 JobName=a JobState=COMPLETED ExitCode=0:0 StdOut=/x"
+echo "JobId=9 JobName=b JobState=RUNNING Reason=None"
+""")
+    fake.chmod(0o755)
+    env = {"PATH": f"{fake.parent}:{os.environ['PATH']}"}
+    states = slurm.job_states(["7_0", "7_1", "7_2", "9"], env)
+    assert {k: v["state"] for k, v in states.items()} == {
+        "7_0": "COMPLETED", "7_1": "PENDING", "7_2": "PENDING", "9": "RUNNING"}
+    assert calls.read_text().splitlines() == ["show job -o"]
+    manifest = {"schema": study.SCHEMA, "schema_version": study.VERSION, "target": "slurm",
+                "points": [{"name": "a", "repeats": 3, "tasks": ["7_0", "7_1", "7_2"],
+                            "job_id": "7", "log": "logs/a-%A_%a.out"},
+                           {"name": "b", "repeats": 1, "tasks": ["9"], "job_id": "9",
+                            "log": "logs/b-%j.out"}]}
+    (tmp_path / "study.json").write_text(json.dumps(manifest))
+    calls.unlink()
+    rows = study.status(tmp_path, env)
+    assert [(s.name, s.job_id, s.state) for s in rows] == [
+        ("a#0", "7_0", "COMPLETED"), ("a#1", "7_1", "PENDING"), ("a#2", "7_2", "PENDING"),
+        ("b", "9", "RUNNING")]
+    assert rows[1].log == str(tmp_path / "logs/a-7_1.out")
+    assert calls.read_text().splitlines() == ["show job -o"]
+    assert study.progress(rows) == "2 PENDING, 1 COMPLETED, 1 RUNNING"
