@@ -293,7 +293,8 @@ host), then turned into one table and its plots:
   mckmpi study run results/study-stencil-strong        (a --local plan, here via mpiexec)
   mckmpi study collect results/study-stencil-strong -o study.h5  (one row per run: app,
                                     mode, nodes, ranks, size, times, speedup, efficiency)
-  mckmpi study plot study.h5 --plots results/plots     (speedup, efficiency per mode)""",
+  mckmpi study plot study.h5 --plots results/plots     (time per iteration with 95% CI,
+                                    speedup, efficiency; noise surveys per node and mode)""",
 )
 def _build_study(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", metavar="ACTION")

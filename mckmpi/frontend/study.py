@@ -19,7 +19,8 @@ from mckmpi.utility.table import render
                       "the cluster first)")
 def _build_plan(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.description = """Write one job script per point (node count x mode) and a manifest into DIR.
+    p.description = """Write the job scripts of every point (node count x mode x axis values) and a
+manifest into DIR.
 The plan is checked against the Slurm partition first (its nodes and CPUs per node); what a
 point needs beyond the request (--oversubscribe, specialised cores as Linux cores) is added
 and shown. Then: mckmpi study submit DIR; mckmpi study status DIR; mckmpi study collect DIR.
@@ -29,6 +30,11 @@ and shown. Then: mckmpi study submit DIR; mckmpi study status DIR; mckmpi study 
   mckmpi study plan --app fwq --nodes 1,2 --ranks-per-node 4 --size 20000 --out results/noise
   mckmpi study plan --app cg --nodes 1,2 --ranks-per-node 2 --scaling weak --local \\
       --out results/cg-weak            (no Slurm: mckmpi study run DIR runs it here)
+
+  mckmpi study plan --app stencil --nodes 1,2 --ranks-per-node 4 --scaling weak --repeats 3 \\
+      --axis mem=256M,1G --axis app:--iterations=50,100 --combine zip --out results/sweep
+                                   (3 repeats of every point; points of one shape as one job
+                                    array; collect gives each point its median and 95% CI)
 
 --size is per app: stencil/cg grid points per axis (weak: per rank, --local of the app;
 strong: the global grid, --size), fwq samples per rank, detour seconds of spinning."""
