@@ -423,7 +423,7 @@ def scaling_plots(curves: Sequence[Curve], out_dir: Path, where: str = "",
                 if pred:
                     timing.plot([p for p, _ in pred], [v / 1e6 * scale for _, v in pred], "s",
                                 mfc="none", color=f"C{i}", markersize=9,
-                                label=f"{c.mode} predicted (simulate)")
+                                label=f"{c.mode} predicted from the smallest point")
             left.plot(c.ranks, c.speedup, "o-", color=f"C{i}", label=c.mode)
             right.plot(c.ranks, c.efficiency, "o-", color=f"C{i}", label=c.mode)
         for ax in (timing, left, right):
