@@ -19,20 +19,26 @@ import mckmpi
 from mckmpi.node.host import cgroup_version, hugepage_settings, read_host
 
 
-def versions() -> dict[str, str]:
-    """Versions of everything that shapes a measurement (imports MPI: call after init)."""
+def versions(mpi: bool = True) -> dict[str, str]:
+    """Versions of everything that shapes a measurement (with `mpi`, imports MPI: call after
+    init; without, the MPI library is not asked, for a process that must not initialise it)."""
     import h5py
     import mpi4py
-    from mpi4py import MPI
 
+    library = standard = ""
+    if mpi:
+        from mpi4py import MPI
+
+        library = MPI.Get_library_version().strip("\x00 \n").splitlines()[0]
+        standard = "{}.{}".format(*MPI.Get_version())
     return {
         "mckmpi": mckmpi.__version__,
         "python": platform.python_version(),
         "python_implementation": platform.python_implementation(),
         "numpy": np.__version__,
         "mpi4py": mpi4py.__version__,
-        "mpi_library": MPI.Get_library_version().strip("\x00 \n").splitlines()[0],
-        "mpi_standard": "{}.{}".format(*MPI.Get_version()),
+        "mpi_library": library,
+        "mpi_standard": standard,
         "h5py": h5py.version.version,
         "hdf5": h5py.version.hdf5_version,
         "h5py_mpi": str(bool(h5py.get_config().mpi)),

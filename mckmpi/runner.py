@@ -13,7 +13,8 @@ One `mckmpi run` per rank, started by mpiexec or srun. The stages, in order:
 6. the app: a Python file or module run in-process with its own ``sys.argv``, or an
    executable run as the rank's child (it inherits pinning and filter); an unhandled
    exception or a failed child on any rank aborts COMM_WORLD, like ``python -m mpi4py``.
-   An MPI executable is the rank itself: it is exec'd after pinning, without the rest;
+   An MPI executable is the rank itself: it runs as the child of a pinned rank that never
+   initialises MPI, recorded from outside (placement, time, exit; `mckmpi.external`);
 7. the run file, written collectively by all ranks.
 """
 
@@ -42,7 +43,7 @@ from mckmpi.endings import SignalCatcher, parse_signals
 from mckmpi.errors import PartitionError, StorageError, UsageError
 from mckmpi.offload.policy import Policy
 from mckmpi.node.partition import NodePlan, node_facts, plan_node
-from mckmpi.node.host import read_host
+from mckmpi.node.host import NodeFacts, read_host
 from mckmpi.node.placement import Placement, from_env, verify, with_vnodes
 from mckmpi.trace.schema import RANKS_DTYPE
 from mckmpi.trace.tracer import Tracer
@@ -75,9 +76,54 @@ def vnode_plan(settings: Settings, vnode: int, nranks: int) -> NodePlan:
         r = load(settings.cpuset)
         host = replace(host, cpus=tuple(sorted(set(r.linux_cpus) | set(r.lwk_cpus))))
         linux_cores, lwk_cores = r.linux_cpus, r.lwk_cpus
+    else:
+        linux_cores, lwk_cores = slurm_binding(settings, host, linux_cores, lwk_cores)
     return plan_node(node_facts(host, settings.vnodes, vnode), nranks, mode=settings.mode,
                      linux_cores=linux_cores, lwk_cores=lwk_cores, mem=settings.mem,
                      oversubscribe=settings.oversubscribe)
+
+
+def slurm_binding(settings: Settings, host: NodeFacts, linux_cores: Any, lwk_cores: Any
+                  ) -> tuple[Any, Any]:
+    """What Slurm says about the cores, where the user did not choose them: an lwk rank's
+    Linux cores are the node's specialised CPUs (`srun --core-spec`/CPUSpecList, Slurm's
+    cores for the system) and an explicit `srun --cpu-bind=map_cpu:LIST` names the ranks'
+    (LWK) cores; either is said in one line by the node's first rank."""
+    env = os.environ
+    chosen = settings.origins.get("linux_cores") != "default" or \
+        settings.origins.get("lwk_cores") != "default"
+    if settings.mode != "lwk" or chosen or not env.get("SLURMD_NODENAME"):
+        bind = env.get("SLURM_CPU_BIND_TYPE", "")
+        if bind.startswith(("map_cpu", "mask_cpu")) and announces_errors():
+            print(f"mckmpi: srun --cpu-bind={bind}{env.get('SLURM_CPU_BIND_LIST', '')} is "
+                  "replaced: mckmpi pins every rank to its partition plan (choose the cores "
+                  "with --lwk-cores/--linux-cores; --cpu-bind=none avoids this note)",
+                  file=sys.stderr, flush=True)
+        return linux_cores, lwk_cores
+    bind = env.get("SLURM_CPU_BIND_TYPE", "")
+    if bind.startswith("map_cpu"):
+        mapped = tuple(int(c) for c in env.get("SLURM_CPU_BIND_LIST", "").split(",")
+                       if c.strip().isdigit())
+        if mapped and set(mapped) < set(host.cpus):
+            if announces_errors():
+                print(f"mckmpi: srun --cpu-bind=map_cpu:{format_cpulist(mapped)}: those are the "
+                      "LWK cores, the rest of the node's CPUs the Linux cores",
+                      file=sys.stderr, flush=True)
+            return tuple(c for c in host.cpus if c not in mapped), tuple(sorted(set(mapped)))
+    from mckmpi.node.partition import core_spec_linux_cores
+    from mckmpi.jobs.slurm import SlurmError, specialised_cpus
+
+    try:
+        spec = specialised_cpus(env)
+    except SlurmError:
+        spec = ()
+    linux = core_spec_linux_cores(host, spec) if spec else None
+    if linux is None:
+        return linux_cores, lwk_cores
+    if announces_errors():
+        print(f"mckmpi: Slurm's specialised CPUs {format_cpulist(linux)} (CPUSpecList of "
+              f"{env['SLURMD_NODENAME']}) are the Linux cores", file=sys.stderr, flush=True)
+    return linux, lwk_cores
 
 
 def pin(plan: NodePlan, local_rank: int) -> None:
@@ -100,9 +146,11 @@ def run(settings: Settings, app: App, argv: list[str]) -> int:
     placement = with_vnodes(from_env(os.environ), settings.vnodes)
     plan = vnode_plan(settings, placement.vnode, placement.local_size)
     if app.kind == "mpi-binary":
-        # It is this rank's MPI process itself: nothing of the harness survives the exec.
+        # It is this rank's MPI process itself, run as our child: the harness must not init MPI.
         pin(plan, placement.local_rank)
-        os.execv(app.target, [app.target, *app.args])
+        from mckmpi.external import run_external
+
+        return run_external(settings, app, argv, placement, plan)
 
     from mckmpi.offload.session import policy_of
 
@@ -323,7 +371,13 @@ def _start_run_file(world: Any, tracer: Tracer, settings: Settings, app: App, ar
     from mckmpi.info import versions
     from mckmpi.trace.writer import RunFile
 
+    from mckmpi import provenance as prov
+
     path = _reserve_run_file(settings, app, placement, world)
+    node_name = placement.host if settings.vnodes == 1 else f"{placement.host}-v{placement.vnode}"
+    nodes = prov.gather(world, node_comm.Get_rank() == 0, node_name)
+    if world.Get_rank() == 0:
+        prov.record(tracer, prov.job_facts(os.environ, app.kind, app.target, argv), nodes)
     hosts = sorted(set(world.allgather(placement.host)))
     node_plans = world.allgather(plan.describe() if node_comm.Get_rank() == 0 else None)
     root = {

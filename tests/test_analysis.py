@@ -50,6 +50,7 @@ def write_synthetic(
     app_attrs=None,
     wall_ns: int = 2_000_000_000,
     method: str = "gather",
+    provenance=None,
 ) -> Path:
     """A one-process run file through the real writer (`world_size` is what the job claims,
     which lets scaling studies be built from single-process files)."""
@@ -89,7 +90,8 @@ def write_synthetic(
         "launcher": "singleton",
         "slurm_job_id": "",
     }
-    return writer.write_run(MPI.COMM_SELF, path, t, root, {"python": "3"}, method=method)
+    return writer.write_run(MPI.COMM_SELF, path, t, root, {"python": "3", **(provenance or {})},
+                            method=method)
 
 
 # --- exact order statistics ----------------------------------------------------------------

@@ -157,6 +157,27 @@ def test_an_mpi_binary_is_the_rank_itself(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert sorted(l for l in proc.stdout.splitlines() if l.startswith("HELLO")) == [
         "HELLO 0 of 2", "HELLO 1 of 2"]
+    # Recorded from outside: placement, wall time, exit; what is not measured is said.
+    assert "not measured: noise, memory" in proc.stderr
+    (path,) = tmp_path.glob("hello-linux-*.h5")
+    assert not list(tmp_path.glob(".*.ranks"))  # the fragments are gone
+    with open_run(path) as r:
+        ranks = r.ranks
+        assert list(ranks["rank"]) == [0, 1] and list(ranks["node"]) == [0, 0]
+        assert r.read("app/exit_code").tolist() == [0, 0]
+        assert (r.read("app/wall_ns") > 0).all()
+        assert "not_measured" in r.file["app"].attrs
+        assert r.attrs["world_size"] == 2 and r.attrs["missing_ranks"] == ""
+        assert r.provenance["app_sha256"] and r.provenance["node_hostname"]
+    failing = tmp_path / "fail.c"
+    failing.write_text(MPI_HELLO.replace("return 0;", "return rank == 1 ? 3 : 0;"))
+    subprocess.run(["mpicc", "-O1", "-o", str(tmp_path / "fail"), str(failing)], check=True,
+                   timeout=60)
+    out = tmp_path / "fail.h5"
+    proc = mpirun(2, "run", "--out", str(out), "--", str(tmp_path / "fail"))
+    assert proc.returncode != 0
+    with open_run(out) as r:
+        assert r.read("app/exit_code").tolist() == [0, 3]
 
 
 def test_bare_app_runs_without_harness():

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -161,7 +162,7 @@ def test_status_tells_the_real_end_and_keeps_it(tmp_path):
     assert [s.ending for s in states] == ["completed", "cancelled, SIGTERM", "timeout", "node-fail",
                                           "out-of-memory, 125", "exit 3", "signal SIGTERM"]
     assert [s.ok for s in states] == [True] + [False] * 6  # 0:15 is a signal, not success
-    kept = {p["job_id"]: p["end"] for p in study.load(out)["points"]}
+    kept = {p["job_id"]: p["ends"][p["job_id"]] for p in study.load(out)["points"]}
     assert kept["12"] == {"job_id": "12", "state": "CANCELLED", "exit_code": 0, "signal": 15,
                           "ending": "cancelled, SIGTERM"}
     # Accounting forgets too: the end kept in study.json still answers.
@@ -199,6 +200,17 @@ def test_local_plan_with_offload_run_args(tmp_path):
     (["--app", "fwq", "--nodes", "1", "--sbatch-args", "-N 3"], "-N is set by the plan"),
     (["--app", "fwq", "--nodes", "1"], "no Slurm found: sbatch and scontrol not on PATH"),
     (["--app", "fwq", "--nodes", "4096", "--local"], "point fwq-linux-n4096 does not fit this"),
+    (["--app", "fwq", "--nodes", "1", "--app-args", "--quantum-usec 5"],
+     "refused by fwq.py: unrecognized arguments: --quantum-usec 5"),
+    (["--app", "fwq", "--nodes", "1", "--axis", "app:--samples=10,x"],
+     "app arguments '--samples=x' refused by fwq.py: argument --samples"),
+    (["--app", "fwq", "--nodes", "1", "--axis", "colour=1,2"], "--axis colour: not an option"),
+    (["--app", "fwq", "--nodes", "1", "--axis", "mode=linux,lwk"], "--axis mode: set by the plan"),
+    (["--app", "fwq", "--nodes", "1", "--axis", "oversubscribe=yes"], "a switch takes the values"),
+    (["--app", "fwq", "--nodes", "1", "--axis", "mem"], "--axis wants NAME=V1,V2"),
+    (["--app", "fwq", "--nodes", "1", "--axis", "mem=1G,2G", "--axis", "app:--samples=1,2,3",
+      "--combine", "zip"], "--combine zip needs axes with the same number of values"),
+    (["--app", "fwq", "--nodes", "1", "--repeats", "0"], "--repeats must be at least 1"),
 ])
 def test_bad_plans_are_one_line_and_create_nothing(tmp_path, argv, message):
     env = job_env(PATH=str(tmp_path))  # no Slurm on PATH
@@ -223,7 +235,7 @@ def test_local_study_run_then_collect(tmp_path):
     assert lines[0].startswith("[1/4] cg-strong-linux-n1: 1 ranks on 1 virtual node, linux")
     assert sum("completed in" in ln for ln in lines) == 4
     manifest = json.loads((out / "study.json").read_text())
-    assert [p["local"]["exit_code"] for p in manifest["points"]] == [0, 0, 0, 0]
+    assert [p["local"][0]["exit_code"] for p in manifest["points"]] == [0, 0, 0, 0]
     with open_run(out / "runs" / "cg-strong-lwk-n2-local.h5") as r:
         assert (r.attrs["mode"], r.attrs["nnodes"], r.attrs["vnodes"]) == ("lwk", 2, 2)
     res = mck("study", "collect", str(out), "-o", str(tmp_path / "cg.h5"), env=env)
@@ -405,3 +417,238 @@ def test_submit_checks_the_cluster_again(cluster, tmp_path):
     res = mck("study", "submit", str(out), env=gone)
     assert res.returncode == 2 and "no Slurm found: SLURM_CONF names a missing" in res.stderr
     assert json.loads((out / "study.json").read_text())["points"][0]["job_id"] is None
+
+
+@pytest.mark.slurm
+def test_two_node_study_with_repeats_axes_arrays_gates_and_plots(cluster, tmp_path):
+    """A 2-node study, 3 repeats, two axes zipped, as job arrays over pmix; provenance in
+    every run file; collected, gated by a passing and a failing reference, plotted."""
+    cluster_dir, env = cluster
+    out = tmp_path / "st"
+    manifest = plan(env, out, "--app", "stencil", "--nodes", "1,2", "--ranks-per-node", "1",
+                    "--scaling", "weak", "--size", "16", "--modes", "linux", "--repeats", "3",
+                    "--axis", "app:--iterations=4,6", "--axis", "mem=32M,64M",
+                    "--combine", "zip", "--app-args", "--warmup 1",
+                    "--sbatch-args", "--comment=mckmpi-test")
+    names = [p["name"] for p in manifest["points"]]
+    assert names == ["stencil-weak-linux-n1-iterations4-mem32M",
+                     "stencil-weak-linux-n2-iterations4-mem32M",
+                     "stencil-weak-linux-n1-iterations6-mem64M",
+                     "stencil-weak-linux-n2-iterations6-mem64M"]
+    assert [len(j["tasks"]) for j in manifest["jobs"]] == [6, 6]  # one array per shape
+    two = manifest["points"][1]
+    assert any("share host(s) vm" in n or "share host(s)" in n for n in two["notes"])
+    script = (out / two["script"]).read_text()
+    assert "#SBATCH --array=0-5" in script and "--mpi=pmix" in script
+    assert "#SBATCH --comment=mckmpi-test" in script
+    # n1 and n2 are one host: their ranks share CPUs, so they must not busy-poll.
+    assert "export OMPI_MCA_mpi_yield_when_idle=1" in script
+    assert "yield_when_idle" not in (out / manifest["points"][0]["script"]).read_text()
+    status = mck("study", "submit", str(out), env=env)
+    assert status.returncode == 0, status.stderr
+    status = mck("study", "status", str(out), "--wait", "240", env=env, timeout=300)
+    assert status.returncode == 0, status.stdout + status.stderr
+    progress = [ln for ln in status.stdout.splitlines() if ln.startswith("[")]
+    assert progress and progress[-1].endswith("] 12 COMPLETED")  # said while waiting
+    rows = status_rows(status.stdout)
+    assert rows[f"{names[3]}#2"][1] == "COMPLETED" and "_" in rows[f"{names[3]}#2"][0]
+    files = sorted((out / "runs").glob("*.h5"))
+    assert len(files) == 12
+    with open_run(next(f for f in files if "stencil" in f.name)) as r:
+        p = r.provenance
+        assert p["slurm_array_job_id"] and p["slurm_array_task_id"].isdigit()
+        assert p["slurm_step_id"] == "0" and p["slurm_cluster"] == "mckmpi"
+        assert p["slurm_partition"] == "mckmpi" and p["slurm_version"].startswith("slurm")
+        assert p["study_point"] in names and p["study_repeat"] in ("0", "1", "2")
+        assert p["source_commit"] and len(p["app_sha256"]) == 64
+        assert any(e.startswith("SLURM_JOB_ID=") for e in p["environment"])
+    two_node = [f for f in files if open_run(f).attrs["nnodes"] == 2]
+    with open_run(two_node[0]) as r:
+        p = r.provenance
+        assert p["node_name"] == ["n1", "n2"] and len(set(p["node_hostname"])) == 1
+        assert p["shared_hosts"] and p["slurm_step_nodelist"] == "n[1-2]"
+    res = mck("study", "collect", str(out), "-o", str(out / "study.h5"), env=env)
+    assert res.returncode == 0, res.stderr
+    pts = study_points(out / "study.h5")
+    assert set(pts["n"]) == {3}
+
+    def median(point: str) -> float:
+        sel = pts[(pts["point"] == point.encode()) & (pts["metric"] == b"iter_us")]
+        return float(sel["median"][0])
+
+    # Passing: the 2-node point within a wide band. Failing on purpose: the 1-rank point
+    # (no messages, so its repeats agree) against a reference 10x faster, +-50%.
+    ok, bad = tmp_path / "ok.toml", tmp_path / "bad.toml"
+    for path, point, value, band in ((ok, names[3], median(names[3]), (-0.9, 9.0)),
+                                     (bad, names[0], median(names[0]) / 10, (-0.5, 0.5))):
+        path.write_text(f'system = "mckmpi"\napp = "stencil"\n[all]\n'
+                        f'verified = {{ value = 1, tolerance = 0 }}\n'
+                        f'[points."{point}"]\n'
+                        f'iter_us = {{ value = {value}, lower = {band[0]}, upper = {band[1]} }}\n')
+    passed = mck("check", str(out / "study.h5"), "--reference", str(ok), env=env)
+    assert passed.returncode == 0, passed.stdout + passed.stderr
+    failed = mck("check", str(out), "--reference", str(bad), env=env)
+    assert failed.returncode == 1 and f"1 fail: {names[0]} iter_us" in failed.stdout
+    plot = mck("study", "plot", str(out / "study.h5"), "--plots", str(out / "plots"), env=env)
+    assert plot.returncode == 0, plot.stderr
+    assert len(list((out / "plots").glob("scaling-stencil-weak-*.png"))) == 2
+
+
+def study_points(path: Path):
+    from mckmpi.analysis import study as analysis_study
+
+    return analysis_study.read_points(path)
+
+
+@pytest.mark.slurm
+def test_core_spec_and_map_cpu_by_hand(cluster, tmp_path):
+    """srun --core-spec/--thread-spec by hand: the specialised CPU is the Linux core, never
+    the rank's; an explicit map_cpu names the LWK cores and says so."""
+    _, env = cluster
+    spec = "Slurm's specialised CPUs 1 (CPUSpecList of n"
+    for opt, note in (("--core-spec=0", spec), ("--core-spec=1", spec), ("--thread-spec=1", spec),
+                      ("--cpu-bind=map_cpu:0", "srun --cpu-bind=map_cpu:0: those are the LWK "
+                                               "cores")):
+        path = tmp_path / f"{opt[2:].replace('=', '-').replace(':', '-')}.h5"
+        res = run(["srun", "-N", "1", "-n", "1", "--mpi=pmix", opt, sys.executable, "-m",
+                   "mckmpi", "run", "--mode", "lwk", "--mem", "32M", "--offload", "none",
+                   "--out", path, "--", ROOT / "apps" / "fwq.py", "--samples", "50"],
+                  env=env, cwd=tmp_path, timeout=120)
+        assert res.returncode == 0, res.stderr
+        assert note in res.stderr
+        with open_run(path) as r:
+            assert r.provenance["node_plans"] == ["lwk: linux cpus 1, lwk cpus 0, 1 ranks, "
+                                                  "mem/rank 32M"]
+            assert r.ranks["cpus"][0] == b"0"
+
+
+def test_axes_cross_and_zip_and_derived_names():
+    mem, size = study.parse_axis("mem=256M,1G"), study.parse_axis("app:--size=1024,2048")
+    assert (mem.target, mem.option, mem.values) == ("run", "--mem", ("256M", "1G"))
+    assert (size.target, size.option, size.label) == ("app", "--size", "size")
+    assert study.axis_points([mem, size], "cross") == [
+        ("256M", "1024"), ("256M", "2048"), ("1G", "1024"), ("1G", "2048")]
+    assert study.axis_points([mem, size], "zip") == [("256M", "1024"), ("1G", "2048")]
+    assert study.axis_suffix([mem, size], ("256M", "1024")) == "mem256M-size1024"
+    assert study.axis_text([mem, size], ("256M", "1024")) == "mem=256M app:--size=1024"
+    over = study.parse_axis("oversubscribe=on,off")
+    assert over.switch and over.args("on") == ["--oversubscribe"] and over.args("off") == []
+    assert study.axis_points([], "cross") == [()]
+
+
+def test_sbatch_args_take_a_lone_dashed_option(tmp_path):
+    from mckmpi.frontend.cli import glue_command_lines
+
+    assert glue_command_lines(["study", "plan", "--sbatch-args", "--account=proj42", "--run-args",
+                               "--mem 1G", "--", "--sbatch-args", "x"]) == [
+        "study", "plan", "--sbatch-args=--account=proj42", "--run-args=--mem 1G", "--",
+        "--sbatch-args", "x"]
+    out = tmp_path / "s"
+    res = mck("study", "plan", "--local", "--app", "fwq", "--nodes", "1", "--ranks-per-node", "1",
+              "--sbatch-args", "--account=proj42", "--out", str(out), env=job_env())
+    assert res.returncode == 0, res.stderr
+    assert json.loads((out / "study.json").read_text())["request"]["sbatch_args"] == [
+        "--account=proj42"]
+
+
+def test_local_study_with_repeats_and_an_axis(tmp_path):
+    out = tmp_path / "fwq"
+    env = job_env()
+    res = mck("study", "plan", "--local", "--app", "fwq", "--nodes", "1", "--ranks-per-node", "1",
+              "--modes", "linux", "--repeats", "2", "--axis", "app:--samples=40,60",
+              "--app-args", "--quantum-us 200", "--out", str(out), env=env)
+    assert res.returncode == 0, res.stderr
+    res = mck("study", "run", str(out), env=env, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.splitlines()[0].startswith("[1/4] fwq-linux-n1-samples40#0: 1 ranks")
+    names = sorted(p.name for p in (out / "runs").glob("*.h5"))
+    assert names == ["fwq-linux-n1-samples40-r0-local.h5", "fwq-linux-n1-samples40-r1-local.h5",
+                     "fwq-linux-n1-samples60-r0-local.h5", "fwq-linux-n1-samples60-r1-local.h5"]
+    with open_run(out / "runs" / names[3]) as r:
+        p = r.provenance
+        assert (p["study_point"], p["study_repeat"]) == ("fwq-linux-n1-samples60", "1")
+        assert p["study_axes"] == "app:--samples=60" and r["noise/fwq_ns"].shape == (1, 60)
+    status = mck("study", "status", str(out), env=env)
+    assert status.stdout.count(" local ") == 4 and status.stdout.count("COMPLETED") == 4
+    res = mck("study", "collect", str(out), "-o", str(out / "study.h5"), env=env)
+    assert res.returncode == 0, res.stderr
+    from mckmpi.analysis import study as analysis_study
+
+    pts = analysis_study.read_points(out / "study.h5")
+    p99 = pts[pts["metric"] == b"fwq_p999_us"]
+    assert sorted(p99["point"].tolist()) == [b"fwq-linux-n1-samples40", b"fwq-linux-n1-samples60"]
+    assert set(p99["n"]) == {2}
+    plot = mck("study", "plot", str(out / "study.h5"), "--plots", str(out / "plots"), env=env)
+    assert plot.returncode == 0 and (out / "plots" / "survey-fwq.png").is_file(), plot.stdout
+
+
+@pytest.mark.slurm
+def test_an_mpi_executable_under_srun_leaves_a_run_file(cluster, tmp_path):
+    _, env = cluster
+    src = tmp_path / "hello.c"
+    src.write_text("#include <mpi.h>\n#include <stdio.h>\nint main(int c, char **v) { int r;"
+                   " MPI_Init(&c, &v); MPI_Comm_rank(MPI_COMM_WORLD, &r); printf(\"HELLO %d\\n\","
+                   " r); MPI_Finalize(); return 0; }\n")
+    subprocess.run(["mpicc", "-o", str(tmp_path / "hello"), str(src)], check=True, timeout=60)
+    res = run(["srun", "-N", "2", "-n", "2", "--mpi=pmix", sys.executable, "-m", "mckmpi", "run",
+               "--out", tmp_path / "runs", "--", "./hello"], env=env, cwd=tmp_path, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert sorted(ln for ln in res.stdout.splitlines() if ln.startswith("HELLO")) == [
+        "HELLO 0", "HELLO 1"]
+    assert "share one machine" in res.stderr and "not measured" in res.stderr
+    (path,) = (tmp_path / "runs").glob("hello-linux-job*.0.h5")
+    with open_run(path) as r:
+        assert r.attrs["launcher"] == "slurm" and r.attrs["nnodes"] == 2
+        assert list(r.ranks["node"]) == [0, 1] and list(r.ranks["host"]) == [b"n1", b"n2"]
+        assert r.read("app/exit_code").tolist() == [0, 0]
+        assert r.provenance["slurm_step_nodelist"] == "n[1-2]" and r.provenance["shared_hosts"]
+
+
+@pytest.mark.slurm
+def test_a_heterogeneous_step_records_its_components(cluster, tmp_path):
+    _, env = cluster
+    path = tmp_path / "het.h5"
+    rank = [sys.executable, "-m", "mckmpi", "run", "--out", path, "--", ROOT / "apps" / "fwq.py",
+            "--samples", "30"]
+    res = run(["srun", "--mpi=pmix", "-N1", "-n1", *rank, ":", "-N1", "-n1", *rank], env=env,
+              cwd=tmp_path, timeout=120)
+    assert res.returncode == 0, res.stderr
+    with open_run(path) as r:
+        p = r.provenance
+        assert (p["slurm_het_size"], p["slurm_het_component"]) == ("2", "0")
+        assert p["slurm_het_job_id"] == r.attrs["slurm_job_id"]
+        assert p["slurm_het_nodelists"] == "0:n1 1:n2"
+
+
+def test_status_asks_the_controller_once_for_all_jobs(tmp_path):
+    """One `scontrol show job` per status, whatever the number of points and array tasks;
+    a pending array's single record covers its tasks."""
+    calls = tmp_path / "calls"
+    fake = tmp_path / "bin" / "scontrol"
+    fake.parent.mkdir()
+    fake.write_text(f"""#!/bin/sh
+echo "$*" >> {calls}
+echo "JobId=7 ArrayJobId=7 ArrayTaskId=1-2 JobName=a JobState=PENDING Reason=Resources"
+echo "JobId=8 ArrayJobId=7 ArrayTaskId=0 JobName=a JobState=COMPLETED ExitCode=0:0 StdOut=/x"
+echo "JobId=9 JobName=b JobState=RUNNING Reason=None"
+""")
+    fake.chmod(0o755)
+    env = {"PATH": f"{fake.parent}:{os.environ['PATH']}"}
+    states = slurm.job_states(["7_0", "7_1", "7_2", "9"], env)
+    assert {k: v["state"] for k, v in states.items()} == {
+        "7_0": "COMPLETED", "7_1": "PENDING", "7_2": "PENDING", "9": "RUNNING"}
+    assert calls.read_text().splitlines() == ["show job -o"]
+    manifest = {"schema": study.SCHEMA, "schema_version": study.VERSION, "target": "slurm",
+                "points": [{"name": "a", "repeats": 3, "tasks": ["7_0", "7_1", "7_2"],
+                            "job_id": "7", "log": "logs/a-%A_%a.out"},
+                           {"name": "b", "repeats": 1, "tasks": ["9"], "job_id": "9",
+                            "log": "logs/b-%j.out"}]}
+    (tmp_path / "study.json").write_text(json.dumps(manifest))
+    calls.unlink()
+    rows = study.status(tmp_path, env)
+    assert [(s.name, s.job_id, s.state) for s in rows] == [
+        ("a#0", "7_0", "COMPLETED"), ("a#1", "7_1", "PENDING"), ("a#2", "7_2", "PENDING"),
+        ("b", "9", "RUNNING")]
+    assert rows[1].log == str(tmp_path / "logs/a-7_1.out")
+    assert calls.read_text().splitlines() == ["show job -o"]
+    assert study.progress(rows) == "2 PENDING, 1 COMPLETED, 1 RUNNING"

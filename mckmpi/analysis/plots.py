@@ -210,7 +210,8 @@ def _pooled(hists: Sequence[np.ndarray | None]) -> np.ndarray:
 
 def report_plots(s: RunSummary, out_dir: Path) -> list[Path]:
     """The plots of `mckmpi report` for whatever the run recorded."""
-    stem, name = s.path.stem, s.path.name
+    stem = s.path.stem
+    name = f"{s.path.name}\n{run_stamp(s.attrs, s.provenance)}"
     written = []
     shown = _worst(s.fwq, MAX_PANELS)
     if shown:
@@ -265,7 +266,9 @@ def compare_plots(
 ) -> list[Path]:
     """Overlays of two runs (A in blue, B in orange), for what both recorded."""
     prefix = f"compare-{a.path.stem}-vs-{b.path.stem}"
-    title = f"{labels[0]} ({a.path.name}) vs {labels[1]} ({b.path.name})"
+    title = (f"{labels[0]} ({a.path.name}) vs {labels[1]} ({b.path.name})\n"
+             f"{labels[0]}: {run_stamp(a.attrs, a.provenance)}; "
+             f"{labels[1]}: {run_stamp(b.attrs, b.provenance)}")
     written = []
     worst = [(label, _worst(s.fwq, 1)) for label, s in zip(labels, (a, b))]
     if all(w for _, w in worst):
@@ -318,7 +321,7 @@ def compare_plots(
     return written
 
 
-def simulation(sim: Simulation, path: Path) -> Path:
+def simulation(sim: Simulation, path: Path, where: str = "") -> Path:
     """Slowdown and expected noise of the slowest rank against the rank count."""
     p = np.array([x.ranks for x in sim.predictions], dtype=float)
     fig = Figure(figsize=(10, 4.2), layout="constrained")
@@ -356,43 +359,162 @@ def simulation(sim: Simulation, path: Path) -> Path:
     right.grid(alpha=0.3, which="both")
     fig.suptitle(
         f"{sim.work_ns / 1e3:.4g} us of work per iteration, noise from the {sim.source} "
-        f"trace of {Path(sim.path).name}"
+        f"trace of {Path(sim.path).name}" + (f"\n{where}" if where else "")
     )
     return _save(fig, path)
 
 
-def scaling_plots(curves: Sequence[Curve], out_dir: Path) -> list[Path]:
-    """One figure per app, scaling kind and problem: speedup and efficiency against ranks,
-    one line per mode, with the ideal as a dashed line."""
-    groups: dict[tuple[str, str, str], list[Curve]] = {}
+def stamp(hosts: Sequence[str], dates: Sequence[str], commits: Sequence[str]) -> str:
+    """Where, when and from which source the data of a plot came: one line for its title."""
+    def short(values: Sequence[str], width: int = 0) -> str:
+        kept = sorted({v[:width] if width else v for v in values if v})
+        return ", ".join(kept[:3]) + (f" (+{len(kept) - 3})" if len(kept) > 3 else "") or "unknown"
+
+    days = sorted({d[:10] for d in dates if d})
+    when = days[0] if len(days) == 1 else f"{days[0]}..{days[-1]}" if days else "unknown"
+    return f"host {short(hosts)}; {when}; commit {short(commits, 10)}"
+
+
+def run_stamp(attrs: dict, provenance: dict) -> str:
+    """`stamp` of one run file: its nodes' real hosts, its date, its source commit."""
+    hosts = list(provenance.get("node_hostname") or provenance.get("hosts") or [])
+    return stamp([str(h) for h in hosts], [str(attrs.get("created", ""))],
+                 [str(provenance.get("source_commit", ""))])
+
+
+def _rank_axis(ax: Axes, ranks: np.ndarray) -> None:
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ranks)
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlabel("ranks")
+    ax.grid(alpha=0.3, which="both")
+
+
+def scaling_plots(curves: Sequence[Curve], out_dir: Path, where: str = "",
+                  predictions: dict[tuple[str, str, int], float] | None = None) -> list[Path]:
+    """One figure per app, scaling kind, problem and axis values, one line per mode: time per
+    iteration (median of the repeats, 95% interval as bars; predictions as open markers),
+    speedup and efficiency against the common baseline (linux mode's fewest ranks)."""
+    groups: dict[tuple[str, str, str, str], list[Curve]] = {}
     for c in curves:
-        groups.setdefault((c.app, c.scaling, c.problem), []).append(c)
+        groups.setdefault((c.app, c.scaling, c.problem, c.axes), []).append(c)
     written = []
-    for (app, kind, problem), series in sorted(groups.items()):
-        fig = Figure(figsize=(10, 4.2), layout="constrained")
-        left, right = fig.subplots(1, 2)
+    for (app, kind, problem, axes), series in sorted(groups.items()):
+        fig = Figure(figsize=(14, 4.6), layout="constrained")
+        timing, left, right = fig.subplots(1, 3)
         ranks = np.unique(np.concatenate([c.ranks for c in series])).astype(float)
-        left.plot(ranks, ranks / ranks[0], "--", color="0.5", label="ideal")
+        base = series[0]
+        unit, scale = ("ms", 1e3) if max(float(np.nanmax(c.time_s)) for c in series) >= 1e-3 \
+            else ("us", 1e6)
+        ideal = ranks / base.baseline_ranks
+        left.plot(ranks, ideal, "--", color="0.5", label="ideal")
         right.axhline(1.0, linestyle="--", color="0.5", label="ideal")
         for i, c in enumerate(sorted(series, key=lambda c: c.mode)):
+            low = c.time_s - (c.ci_low_s if c.ci_low_s is not None else c.time_s)
+            high = (c.ci_high_s if c.ci_high_s is not None else c.time_s) - c.time_s
+            err = np.nan_to_num(np.vstack([low, high]) * scale, nan=0.0)
+            label = f"{c.mode} (repeats {', '.join(str(n) for n in sorted(set(c.runs)))})"
+            timing.errorbar(c.ranks, c.time_s * scale, yerr=err, fmt="o-", color=f"C{i}",
+                            capsize=4, label=label)
+            if predictions:
+                pred = [(p, predictions[(c.app, c.mode, int(p))]) for p in c.ranks
+                        if (c.app, c.mode, int(p)) in predictions]
+                if pred:
+                    timing.plot([p for p, _ in pred], [v / 1e6 * scale for _, v in pred], "s",
+                                mfc="none", color=f"C{i}", markersize=9,
+                                label=f"{c.mode} predicted from the smallest point")
             left.plot(c.ranks, c.speedup, "o-", color=f"C{i}", label=c.mode)
             right.plot(c.ranks, c.efficiency, "o-", color=f"C{i}", label=c.mode)
-        for ax in (left, right):
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(ranks)
-            ax.xaxis.set_major_formatter(ScalarFormatter())
-            ax.xaxis.set_minor_locator(NullLocator())
-            ax.set_xlabel("ranks")
-            ax.grid(alpha=0.3, which="both")
+        for ax in (timing, left, right):
+            _rank_axis(ax, ranks)
             ax.legend(frameon=False, fontsize="small")
+        spans = [float(np.nanmax(c.time_s) / np.nanmin(c.time_s)) for c in series]
+        if max(spans + [1.0]) > 5:
+            timing.set_yscale("log")
+        timing.set_ylabel(f"time per iteration [{unit}] (median, 95% CI)")
+        timing.set_title("time per iteration (lower is better)", fontsize="medium")
         left.set_yscale("log", base=2)
         left.yaxis.set_major_formatter(ScalarFormatter())
-        left.set_ylabel("speedup over the fewest ranks" + (" (scaled)" if kind == "weak" else ""))
-        right.set_ylabel("parallel efficiency")
+        baseline = f"{base.baseline_mode} at {base.baseline_ranks} ranks"
+        left.set_ylabel(f"speedup over {baseline}" + (" (scaled)" if kind == "weak" else ""))
+        right.set_ylabel(f"parallel efficiency vs {baseline}")
         right.set_ylim(0, max(1.1, max(float(np.nanmax(c.efficiency)) for c in series) * 1.05))
         left.set_title("speedup", fontsize="medium")
         right.set_title("efficiency", fontsize="medium")
-        fig.suptitle(f"{app}: {kind} scaling, {problem}")
-        slug = f"{app}-{kind}-{problem}".replace(" ", "_").replace("/", "_")
+        fig.suptitle(f"{app}: {kind} scaling, {problem}" + (f", {axes}" if axes else "")
+                     + (f"\n{where}" if where else ""))
+        slug = f"{app}-{kind}-{problem}-{axes}".rstrip("-")
+        slug = "".join(ch if ch.isalnum() or ch in "-_.=" else "_" for ch in slug)
         written.append(_save(fig, out_dir / f"scaling-{slug}.png"))
     return written
+
+
+#: Noise below this (us) is drawn at it on log axes: under the timer's resolution, and zero
+#: (a sample equal to the rank's minimum) has no place on a log scale.
+NOISE_FLOOR_US = 0.01
+
+
+def _hist_quantiles(counts: np.ndarray, qs: Sequence[float]) -> list[float]:
+    """Quantiles (us) of samples binned on `LOG_EDGES_NS` (each bin's geometric middle),
+    at least `NOISE_FLOOR_US`."""
+    total = counts.sum()
+    cum = np.cumsum(counts)
+    mids = np.sqrt(np.maximum(LOG_EDGES_NS[:-1], 0.5) * LOG_EDGES_NS[1:]) / 1e3
+    return [max(NOISE_FLOOR_US, float(mids[min(len(mids) - 1, int(np.searchsorted(cum, q * total)))]))
+            for q in qs]
+
+
+def survey_plots(nodes: Sequence[tuple[str, int, str, np.ndarray]], what: str, title: str,
+                 where: str, path: Path) -> Path:
+    """A noise survey: per node the distribution of the noise (box: quartiles, whiskers:
+    p1..p99.9, dot: max), one panel row per mode, and the CDF of all samples, one curve per
+    mode and node count. `nodes`: (mode, node count of the run, node label, histogram on
+    `LOG_EDGES_NS`)."""
+    modes = sorted({m for m, *_ in nodes})
+    fig = Figure(figsize=(13, 2.8 * len(modes) + 1.6), layout="constrained")
+    grid = fig.add_gridspec(len(modes), 2, width_ratios=(3, 2))
+    cdf = fig.add_subplot(grid[:, 1])
+    top = None
+    for row, mode in enumerate(modes):
+        ax = fig.add_subplot(grid[row, 0], sharey=top)
+        top = top or ax
+        mine = [(n, label, h) for m, n, label, h in nodes if m == mode and h.sum()]
+        stats = []
+        for n, label, h in mine:
+            p1, q1, med, q3, p999 = _hist_quantiles(h, (0.01, 0.25, 0.5, 0.75, 0.999))
+            stats.append({"label": label, "whislo": p1, "q1": q1, "med": med,
+                          "q3": q3, "whishi": p999, "fliers": [_hist_quantiles(h, (1.0,))[0]]})
+        if stats:
+            ax.bxp(stats, showfliers=True, patch_artist=True,
+                   boxprops={"facecolor": f"C{row}", "alpha": 0.4},
+                   flierprops={"marker": "o", "markersize": 4})
+        ax.set_yscale("log")
+        ax.set_ylim(bottom=NOISE_FLOOR_US / 2)
+        ax.set_ylabel(f"{what.split(' over ')[0]} [us]")
+        ax.set_title(f"{mode} mode: per node (box: quartiles, whiskers p1..p99.9, dot: max)",
+                     fontsize="medium", loc="left")
+        ax.tick_params(axis="x", labelsize="small")
+        ax.grid(alpha=0.3, axis="y", which="both")
+        pooled: dict[int, np.ndarray] = {}
+        for n, _, h in mine:
+            pooled[n] = pooled.get(n, np.zeros_like(h)) + h
+        for k, (n, h) in enumerate(sorted(pooled.items())):
+            x = LOG_EDGES_NS[1:] / 1e3
+            keep = h > 0
+            frac = np.cumsum(h) / h.sum()
+            cdf.step(x[keep], frac[keep], where="post", color=f"C{row}",
+                     linestyle=("-", "--", ":", "-.")[k % 4],
+                     label=f"{mode}, {n} node{'s' if n > 1 else ''} ({int(h.sum())} samples)")
+    cdf.set_xscale("log")
+    cdf.set_xlim(left=NOISE_FLOOR_US / 2)
+    cdf.set_ylim(0, 1.02)
+    cdf.set_xlabel(f"{what} [us]")
+    cdf.set_ylabel("fraction of samples at or below")
+    cdf.set_title("CDF of all samples", fontsize="medium")
+    cdf.grid(alpha=0.3, which="both")
+    cdf.legend(frameon=False, fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.12),
+               ncols=2)
+    fig.suptitle(f"{title}\n{where}; noise below {NOISE_FLOOR_US} us (timer resolution) drawn at "
+                 f"{NOISE_FLOOR_US} us")
+    return _save(fig, path)

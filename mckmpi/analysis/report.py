@@ -15,6 +15,7 @@ import numpy as np
 
 from mckmpi.analysis.app import TimeArray
 from mckmpi.analysis.summary import RunSummary, summarize
+from mckmpi.provenance import nodes_of, shared_hosts
 from mckmpi.trace.reader import Run
 from mckmpi.utility.table import render
 from mckmpi.utility.units import format_size
@@ -72,7 +73,56 @@ def header(s: RunSummary) -> str:
         lines.append(f"kernel     {prov.get('kernel')}")
         for plan in prov.get("node_plans", []):
             lines.append(f"partition  {plan}")
+        lines += provenance_lines(prov)
     return "\n".join(lines)
+
+
+def provenance_lines(prov: dict[str, Any]) -> list[str]:
+    """Where and how the job ran (`mckmpi.provenance`): Slurm step, source, app, launch,
+    every node's host, CPU and isolation; nothing for files that predate these facts."""
+    lines = []
+    if prov.get("slurm_job_id"):
+        ids = [f"job {prov['slurm_job_id']} step {prov.get('slurm_step_id') or '-'}"]
+        if prov.get("slurm_array_job_id"):
+            ids.append(f"array {prov['slurm_array_job_id']}_{prov.get('slurm_array_task_id')}")
+        if prov.get("slurm_het_size"):
+            ids.append(f"het job {prov.get('slurm_het_job_id')} of {prov['slurm_het_size']} "
+                       f"components ({prov.get('slurm_het_nodelists') or '-'}), rank 0 in "
+                       f"component {prov.get('slurm_het_component') or '-'}")
+        lines.append(
+            f"step       {', '.join(ids)}; cluster {prov.get('slurm_cluster') or '-'}, "
+            f"partition {prov.get('slurm_partition') or '-'}, "
+            f"{prov.get('slurm_version') or 'Slurm version unknown'}, "
+            f"step nodes {prov.get('slurm_step_nodelist') or '-'}"
+        )
+    if "source_commit" in prov:
+        lines.append(f"source     mckmpi {prov.get('mckmpi')} commit "
+                     f"{prov.get('source_commit') or 'unknown (not a git checkout)'}")
+    if prov.get("app_file"):
+        lines.append(f"app file   {prov['app_file']} sha256 {prov.get('app_sha256') or '-'}")
+    if prov.get("launch_command"):
+        lines.append(f"launch     {prov['launch_command']}")
+    if prov.get("parent_command"):
+        lines.append(f"started by {prov['parent_command']}")
+    env = list(prov.get("environment") or [])
+    if "environment" in prov:
+        own = [e for e in env if e.startswith("MCKMPI_")]
+        lines.append(f"env        {len(env)} MCKMPI_/OMPI_/PMIX_/SLURM_ variables (--json has "
+                     f"them){': ' + ' '.join(own) if own else ''}")
+    nodes = nodes_of(prov)
+    if nodes:
+        rows = [[i, n.name, n.hostname, n.cpu_model, n.isolation] for i, n in enumerate(nodes)]
+        lines.append(render(("node", "name", "host", "cpu", "isolation"), rows,
+                            title="nodes (host: the machine's own name)"))
+        for cmdline in sorted({n.kernel_cmdline for n in nodes}):
+            names = ", ".join(n.name for n in nodes if n.kernel_cmdline == cmdline)
+            lines.append(f"kernel command line ({names}): {cmdline or '-'}")
+        if shared_hosts(nodes):
+            hosts = sorted({n.hostname for n in nodes})
+            lines.append(f"NOTE: {len(nodes)} nodes on {len(hosts)} host(s) "
+                         f"({', '.join(hosts)}): nodes of one host share its CPUs, so their "
+                         "noise and timings are not independent")
+    return lines
 
 
 def _text(v: Any) -> str:

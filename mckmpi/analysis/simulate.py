@@ -297,6 +297,34 @@ class Simulation:
         return d
 
 
+def tree_predictions(dist: NoiseDistribution, sim: Simulation, round_ns: float,
+                     allreduces: int = 1, samples: int = 200_000) -> list[tuple[int, float]]:
+    """Per rank count: the iteration time when the synchronisation is `allreduces`
+    recursive-doubling allreduces with LogGP-style rounds of `round_ns`, the noise of each
+    rank's work and of each message's CPU overhead drawn from `dist` (`analysis.predict`),
+    beside the barrier model's W + E[max]."""
+    from mckmpi.analysis.predict import collective_table
+
+    draws = dist.draw_max(1, samples, np.random.default_rng(sim.seed)).astype(np.float64)
+    return collective_table(draws, sim.work_ns, [p.ranks for p in sim.predictions], round_ns,
+                            allreduces, sim.seed)
+
+
+def tree_text(sim: Simulation, tree: list[tuple[int, float]], round_ns: float,
+              allreduces: int) -> str:
+    rows = [[p.ranks, num((sim.work_ns + p.expected_max_ns) / 1e3), num(t / 1e3),
+             num(t / sim.work_ns), num(t / (sim.work_ns + p.expected_max_ns))]
+            for p, (_, t) in zip(sim.predictions, tree, strict=True)]
+    return "\n".join([
+        render(("ranks", "barrier us", "tree us", "tree slowdown", "tree / barrier"), rows,
+               title=f"{allreduces} allreduce(s) per iteration as recursive-doubling trees, "
+                     f"{fmt(round_ns / 1e3)} us per round (LogGP: L + 2o + sG)"),
+        "barrier: W + E[max] (above); tree: per-rank simulation, ceil(log2 P) rounds per "
+        "allreduce, each waiting for its partner, noise also hitting the message overheads "
+        "(median iteration of the slowest rank)",
+    ])
+
+
 def parse_ranks(text: str) -> list[int]:
     """'1e3,1e4,1e5' -> [1000, 10000, 100000]; whole positive numbers only."""
     out = []

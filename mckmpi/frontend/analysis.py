@@ -166,6 +166,12 @@ def _build_simulate(p: argparse.ArgumentParser) -> None:
         help="which trace the noise comes from [auto: FWQ if recorded, else detours]",
     )
     p.add_argument("--seed", type=int, default=0, help="random seed [0]")
+    p.add_argument("--allreduce-round-us", type=float, metavar="C",
+                   help="also model the synchronisation as recursive-doubling allreduce trees "
+                        "with C us per round (LogGP: L + 2o + sG), noise hitting the message "
+                        "overheads too (an allreduce-bound app such as CG)")
+    p.add_argument("--allreduces", type=int, default=1, metavar="N",
+                   help="allreduces per iteration for --allreduce-round-us [1]")
     _plots_option(p)
     p.add_argument("--json", action="store_true", help="print the prediction as JSON")
 
@@ -178,18 +184,77 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     ranks = simulate.parse_ranks(args.ranks)
     with open_run(args.run_file) as run:
         dist = simulate.load(run, args.work_us * 1e3, args.source)
+        attrs, provenance = run.attrs, run.provenance
     sim = simulate.simulate(dist, ranks, args.iterations, args.seed, path=args.run_file)
+    tree = None
+    if args.allreduce_round_us is not None:
+        if args.allreduce_round_us <= 0 or args.allreduces < 1:
+            from mckmpi.errors import UsageError
+
+            raise UsageError("--allreduce-round-us must be positive and --allreduces at least 1")
+        tree = simulate.tree_predictions(dist, sim, args.allreduce_round_us * 1e3, args.allreduces)
     plots: list[Path] = []
     if args.plots:
-        from mckmpi.analysis.plots import simulation
+        from mckmpi.analysis.plots import run_stamp, simulation
 
-        plots = [simulation(sim, Path(args.plots) / f"simulate-{Path(args.run_file).stem}.png")]
+        plots = [simulation(sim, Path(args.plots) / f"simulate-{Path(args.run_file).stem}.png",
+                            run_stamp(attrs, provenance))]
     if args.json:
-        _print_json({**sim.to_json(), "plots": plots})
+        extra = {} if tree is None else {"tree": [{"ranks": p, "iteration_ns": t} for p, t in tree]}
+        _print_json({**sim.to_json(), **extra, "plots": plots})
     else:
         print(simulate.text(sim))
+        if tree is not None:
+            print()
+            print(simulate.tree_text(sim, tree, args.allreduce_round_us * 1e3, args.allreduces))
         _print_plots(plots)
     return 0
+
+
+# --- check ---------------------------------------------------------------------------------
+
+
+@command(
+    "check",
+    "pass or fail runs against a reference file (exit 1 on a regression beyond tolerance and noise)",
+    """Check a run file, a study file or a directory of run files against a reference file
+(TOML, one per system and app): every metric it names must lie within its band, value *
+(1 + lower) .. value * (1 + upper). A point's value is the median of its repeats; it fails
+only when the whole 95% interval of the repeats lies outside the band (beyond the noise).
+A point or metric the reference names but no run has fails too. Exit status: 0 pass,
+1 a failure, 2 an unusable reference or input.
+
+  mckmpi check results/stencil/study.h5 --reference references/mckmpi-stencil.toml
+  mckmpi check RUN.h5 --reference ref.toml --json
+
+Reference file:
+  system = "mckmpi"                       # Slurm cluster or host name of the runs
+  app = "stencil"
+  [all]                                   # every point
+  verified = { value = 1, tolerance = 0 }
+  [points."stencil-strong-linux-n2"]
+  iter_us = { value = 850.0, lower = -0.5, upper = 0.1, unit = "us" }""",
+)
+def _build_check(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", metavar="RUN.h5|STUDY.h5|DIR", help="what to check")
+    p.add_argument("--reference", required=True, metavar="FILE", help="reference file (TOML)")
+    p.add_argument("--json", action="store_true", help="print the verdicts as JSON")
+
+
+@_build_check.run
+def _cmd_check(args: argparse.Namespace) -> int:
+    from mckmpi.analysis import check, study
+
+    ref = check.load_reference(args.reference)
+    verdicts = check.check(study.rows_of(args.runs), ref)
+    if args.json:
+        _print_json({"reference": str(ref.path), "verdicts": [
+            {"point": v.point, "metric": v.metric, "value": v.bound.value,
+             "low": v.bound.low, "high": v.bound.high, **v.measured.to_json(),
+             "status": v.status} for v in verdicts]})
+    else:
+        print(check.text(verdicts, ref))
+    return 1 if check.failed(verdicts) else 0
 
 
 # --- study ---------------------------------------------------------------------------------
@@ -234,7 +299,8 @@ host), then turned into one table and its plots:
   mckmpi study run results/study-stencil-strong        (a --local plan, here via mpiexec)
   mckmpi study collect results/study-stencil-strong -o study.h5  (one row per run: app,
                                     mode, nodes, ranks, size, times, speedup, efficiency)
-  mckmpi study plot study.h5 --plots results/plots     (speedup, efficiency per mode)""",
+  mckmpi study plot study.h5 --plots results/plots     (time per iteration with 95% CI,
+                                    speedup, efficiency; noise surveys per node and mode)""",
 )
 def _build_study(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", metavar="ACTION")
@@ -267,6 +333,8 @@ def _cmd_collect(args: argparse.Namespace) -> int:
     collected = study.collect(args.directory)
     path = study.write(collected.rows, args.output, source=str(Path(args.directory).resolve()))
     print(study.text(collected.rows))
+    print()
+    print(study.points_text(study.points(collected.rows)))
     for skipped, why in collected.skipped:
         print(f"mckmpi: skipped {skipped}: {why}", file=sys.stderr)
     print(
@@ -275,7 +343,8 @@ def _cmd_collect(args: argparse.Namespace) -> int:
     return 0
 
 
-@study_action("plot", "scaling plots (speedup, parallel efficiency per mode) of a study file")
+@study_action("plot", "scaling plots (time per iteration, speedup, efficiency per mode) and "
+                      "noise survey plots (per node, CDF per mode) of a study file")
 def _build_study_plot(p: argparse.ArgumentParser) -> None:
     p.add_argument("study_file", metavar="STUDY.h5", help="written by `mckmpi study collect`")
     p.add_argument("--plots", required=True, metavar="DIR", help="directory for the PNG plots")
@@ -283,13 +352,12 @@ def _build_study_plot(p: argparse.ArgumentParser) -> None:
 
 @_build_study_plot.run
 def _cmd_study_plot(args: argparse.Namespace) -> int:
-    from mckmpi.analysis import scaling, study
-    from mckmpi.analysis.plots import scaling_plots
+    from mckmpi.analysis import study
 
     rows = study.read(args.study_file)
     print(study.text(rows))
-    curves = scaling.curves(rows)
-    _print_plots(scaling_plots(curves, Path(args.plots)))
-    if not curves:
-        print("no run with a time to plot")
+    written, notes = study.plot(args.study_file, rows, Path(args.plots))
+    for note in notes:
+        print(note)
+    _print_plots(written)
     return 0

@@ -48,8 +48,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Options whose value is itself a command line and may begin with a dash
+#: (`--sbatch-args '--account=proj42'`), which argparse would take for an option.
+COMMAND_LINE_OPTIONS = ("--app-args", "--run-args", "--sbatch-args")
+
+
+def glue_command_lines(argv: Sequence[str]) -> list[str]:
+    """`--sbatch-args X` as `--sbatch-args=X`, so X may start with a dash (up to `--`)."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--":
+            return out + list(argv[i:])
+        if argv[i] in COMMAND_LINE_OPTIONS and i + 1 < len(argv):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = glue_command_lines(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -27,8 +27,8 @@ rank with your launcher:
 
 Python files and -m modules run in-process (an unhandled exception aborts the whole job);
 other executables run as the rank's child (pinned, offloaded, traced; a failure aborts the
-job), and an MPI executable is the rank itself, exec'd after pinning. One HDF5 run file per
-job goes to --out.""")
+job); an MPI executable runs as the rank's child after pinning, and its run file holds its
+placement, time and exit only. One HDF5 run file per job goes to --out.""")
 def _build_run(p: argparse.ArgumentParser) -> None:
     config.add_arguments(p, *config.RUN_SECTIONS)
     p.add_argument("-m", dest="module", metavar="MODULE", help="run a Python module as the app")

@@ -19,7 +19,8 @@ from mckmpi.utility.table import render
                       "the cluster first)")
 def _build_plan(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.description = """Write one job script per point (node count x mode) and a manifest into DIR.
+    p.description = """Write the job scripts of every point (node count x mode x axis values) and a
+manifest into DIR.
 The plan is checked against the Slurm partition first (its nodes and CPUs per node); what a
 point needs beyond the request (--oversubscribe, specialised cores as Linux cores) is added
 and shown. Then: mckmpi study submit DIR; mckmpi study status DIR; mckmpi study collect DIR.
@@ -29,6 +30,11 @@ and shown. Then: mckmpi study submit DIR; mckmpi study status DIR; mckmpi study 
   mckmpi study plan --app fwq --nodes 1,2 --ranks-per-node 4 --size 20000 --out results/noise
   mckmpi study plan --app cg --nodes 1,2 --ranks-per-node 2 --scaling weak --local \\
       --out results/cg-weak            (no Slurm: mckmpi study run DIR runs it here)
+
+  mckmpi study plan --app stencil --nodes 1,2 --ranks-per-node 4 --scaling weak --repeats 3 \\
+      --axis mem=256M,1G --axis app:--iterations=50,100 --combine zip --out results/sweep
+                                   (3 repeats of every point; points of one shape as one job
+                                    array; collect gives each point its median and 95% CI)
 
 --size is per app: stencil/cg grid points per axis (weak: per rank, --local of the app;
 strong: the global grid, --size), fwq samples per rank, detour seconds of spinning."""
@@ -52,7 +58,18 @@ strong: the global grid, --size), fwq samples per rank, detour seconds of spinni
                    help="more mckmpi run options, e.g. '--mem 512M --linux-cores 2' "
                         "(one option alone: --run-args=--oversubscribe)")
     p.add_argument("--sbatch-args", default="", metavar="ARGS",
-                   help="more sbatch options for every job, e.g. '--account=proj --qos=debug'")
+                   help="more sbatch options for every job, e.g. '--account=proj --qos=debug' "
+                        "(one option alone works too: --sbatch-args '--account=proj')")
+    p.add_argument("--repeats", type=int, default=1, metavar="K",
+                   help="run every point K times; collect gives the median and a 95%% "
+                        "interval per metric [1]")
+    p.add_argument("--axis", action="append", default=[], metavar="NAME=V1,V2",
+                   help="one more axis of the study: a mckmpi run option (mem=256M,1G; a "
+                        "switch takes on,off) or an app option (app:--size=1024,2048); "
+                        "repeatable")
+    p.add_argument("--combine", choices=("cross", "zip"), default="cross",
+                   help="axes: every combination of their values, or their values in step "
+                        "[cross]")
     p.add_argument("--local", action="store_true",
                    help="plan for this host (mckmpi study run), without Slurm")
     p.add_argument("--out", metavar="DIR",
@@ -69,7 +86,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         partition=args.partition, time=args.time, mpi=args.mpi,
         app_args=tuple(_split(args.app_args, "--app-args")),
         run_args=tuple(_split(args.run_args, "--run-args")),
-        sbatch_args=tuple(_split(args.sbatch_args, "--sbatch-args")), local=args.local)
+        sbatch_args=tuple(_split(args.sbatch_args, "--sbatch-args")), local=args.local,
+        repeats=args.repeats, axes=tuple(study.parse_axis(a) for a in args.axis),
+        combine=args.combine)
     out = args.out or f"results/study-{args.app}" + (f"-{args.scaling}" if args.scaling else "")
     manifest = study.plan(req, out, argv=["mckmpi", *sys.argv[1:]])
     cluster = manifest["cluster"]
@@ -78,11 +97,14 @@ def _cmd_plan(args: argparse.Namespace) -> int:
              + (f", specialised CPUs {cluster['spec_cpus']}" if cluster["spec_cpus"] else "")
              + f", srun --mpi={cluster['mpi'] or 'default'})"
              if cluster else "this host (mckmpi study run; Slurm nodes become virtual nodes)")
-    rows = [[p["name"], p["mode"], p["nodes"], p["ranks"], p["script"],
-             shlex.join(p["added"]) or "-"]
+    rows = [[p["name"], p["mode"], p["nodes"], p["ranks"], p["axes"] or "-", p["repeats"],
+             p["script"], shlex.join(p["added"]) or "-"]
             for p in manifest["points"]]
-    print(render(("point", "mode", "nodes", "ranks", "job script", "added"), rows,
-                 title=f"study of {req.app}: {len(rows)} points for {where}"))
+    arrays = sum(1 for j in manifest["jobs"] if len(j["tasks"]) > 1)
+    print(render(("point", "mode", "nodes", "ranks", "axes", "repeats", "job script", "added"),
+                 rows, title=f"study of {req.app}: {len(rows)} points for {where}"))
+    print(f"{len(manifest['jobs'])} job scripts" + (f" ({arrays} job arrays: one task per "
+                                                    "point and repeat of one shape)" if arrays else ""))
     notes: dict[str, list[str]] = {}
     for p in manifest["points"]:
         for note in p["notes"]:
@@ -141,7 +163,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from mckmpi.jobs import study
 
     if args.wait is not None:
-        states = study.wait(args.directory, args.wait)
+        states = study.wait(args.directory, args.wait, echo=lambda line: print(line, flush=True))
     else:
         states = study.status(args.directory)
     rows = [[s.name, s.job_id or ("local" if s.backend == "local" else "-"), s.state,

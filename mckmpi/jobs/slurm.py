@@ -200,6 +200,33 @@ def parse_node(rec: Mapping[str, str]) -> NodeInfo:
         state=rec.get("State", "UNKNOWN"))
 
 
+def specialised_cpus(env: Mapping[str, str] | None = None) -> tuple[int, ...]:
+    """This Slurm node's specialised CPUs (CPUSpecList), () outside Slurm or without any.
+
+    Slurm exports nothing about core specialisation to a job, so the node's record is asked
+    for; the answer is kept per job and node in a file under the runtime directory, under
+    a lock, so the ranks of a node cost slurmctld one `scontrol show node` together."""
+    import fcntl
+
+    environ = os.environ if env is None else env
+    node, job = environ.get("SLURMD_NODENAME"), environ.get("SLURM_JOB_ID")
+    if not node or not job:
+        return ()
+    base = Path(environ.get("XDG_RUNTIME_DIR") or "/tmp") / f"mckmpi-{os.getuid()}"
+    base.mkdir(mode=0o700, parents=True, exist_ok=True)
+    cache = base / f"slurm-spec-{job}-{node}"
+    with open(base / f"slurm-spec-{job}-{node}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not cache.is_file():
+            found = nodes(node, env)
+            text = ",".join(str(c) for c in found[0].spec_cpus) if found else ""
+            tmp = cache.with_name(cache.name + f".{os.getpid()}")
+            tmp.write_text(text)
+            tmp.replace(cache)
+        text = cache.read_text().strip()
+    return tuple(int(c) for c in text.split(",") if c)
+
+
 def submit(script_path: str | os.PathLike[str], *, extra_args: Iterable[str] = (),
            env: Mapping[str, str] | None = None) -> str:
     """Submit a batch script with sbatch and return its job id."""
@@ -227,6 +254,48 @@ def job_state(job_id: str | int, env: Mapping[str, str] | None = None) -> JobSta
             return state
     raise JobNotFound(f"Slurm job {job_id} is unknown to scontrol, sacct and the job "
                       "completion log")
+
+
+def job_states(job_ids: Iterable[str], env: Mapping[str, str] | None = None) -> dict[str, JobState]:
+    """The states of many jobs (array tasks as 'A_T') from one `scontrol show job` of every
+    job the controller remembers; the jobs it forgot are looked up one by one in accounting
+    and the job completion log (`job_state`), unknown ones are left out."""
+    wanted = [str(j) for j in job_ids]
+    for job in wanted:
+        if not _JOB_ID.fullmatch(job):
+            raise SlurmError(f"{job!r} is not a Slurm job id")
+    found: dict[str, JobState] = {}
+    res = _run(["scontrol", "show", "job", "-o"], env)
+    if res.returncode == 0:
+        for line in res.stdout.splitlines():
+            if not line.strip() or "JobId=" not in line:
+                continue
+            rec = parse_fields(line)
+            names = [rec.get("JobId", "")]
+            array, tasks = rec.get("ArrayJobId"), rec.get("ArrayTaskId", "")
+            if array and tasks:
+                # A pending array is one record for all its tasks: "0-5", "0,3-5%2".
+                names += [f"{array}_{t}" for t in _task_ids(tasks)]
+            for name in names:
+                if name in wanted:
+                    found[name] = _state(name, rec, "scontrol")
+    for job in wanted:
+        if job not in found:
+            try:
+                found[job] = job_state(job, env)
+            except JobNotFound:
+                pass
+    return found
+
+
+def _task_ids(spec: str) -> list[int]:
+    """Array task ids of scontrol's ArrayTaskId ('3', '0-5', '0,2-4%2')."""
+    out: list[int] = []
+    for part in spec.split("%", 1)[0].split(","):
+        lo, _, hi = part.partition("-")
+        if lo.isdigit() and (not hi or hi.isdigit()):
+            out += range(int(lo), int(hi or lo) + 1)
+    return out
 
 
 def wait(job_id: str | int, timeout: float, poll: float = 0.5,

@@ -25,6 +25,7 @@ when `--rank-policy fifo` is asked for on Slurm nodes that share one host.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -43,13 +44,13 @@ from typing import Any
 from mckmpi import config
 from mckmpi.errors import PartitionError, UsageError
 from mckmpi.jobs import slurm
-from mckmpi.jobs.launchers import Job, Launch
+from mckmpi.jobs.launchers import Job, Launch, job_env
 from mckmpi.node.host import NodeFacts, read_host
 from mckmpi.node.partition import core_spec_linux_cores, node_facts, plan_node
 from mckmpi.utility.units import format_cpulist, parse_cpulist
 
 SCHEMA = "mckmpi.study-plan"
-VERSION = 1
+VERSION = 2
 MANIFEST = "study.json"
 TEMPLATES = Path(__file__).resolve().parents[2] / "slurm"
 APPS_DIR = Path(__file__).resolve().parents[2] / "apps"
@@ -61,12 +62,33 @@ SIZE_OPTION = {"fwq": "--samples", "detour": "--duration-s"}
 OWN_RUN_OPTIONS = ("mode", "out", "vnodes")
 #: sbatch options the plan sets itself in every job script.
 OWN_SBATCH_OPTIONS = ("-o", "--output", "-e", "--error", "-D", "--chdir", "-J", "--job-name",
-                      "-N", "--nodes", "--ntasks-per-node", "-p", "--partition", "-t", "--time")
+                      "-N", "--nodes", "--ntasks-per-node", "-p", "--partition", "-t", "--time",
+                      "-a", "--array")
 _SAFE_PATH = re.compile(r"[^\w@%+=:,./-]")  # characters a job script directive cannot carry
 
 
 class StudyError(UsageError):
     """A study request or directory that cannot be used as it is."""
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One study axis: a `mckmpi run` option (target 'run') or an app option ('app') and
+    the values it takes, e.g. --axis mem=256M,1G or --axis app:--size=1024,2048."""
+
+    target: str
+    option: str  # as given on the command line: --mem, --size
+    values: tuple[str, ...]
+    switch: bool = False  # a mckmpi run switch (--oversubscribe): values on/off
+
+    @property
+    def label(self) -> str:
+        return self.option.lstrip("-").replace("_", "-")
+
+    def args(self, value: str) -> list[str]:
+        if self.switch:
+            return [self.option] if value == "on" else []
+        return [f"{self.option}={value}"]
 
 
 @dataclass(frozen=True)
@@ -86,6 +108,9 @@ class Request:
     run_args: tuple[str, ...] = ()
     sbatch_args: tuple[str, ...] = ()
     local: bool = False
+    repeats: int = 1
+    axes: tuple[Axis, ...] = ()
+    combine: str = "cross"  # "cross": every combination of the axes' values; "zip": in step
 
 
 @dataclass(frozen=True)
@@ -149,6 +174,81 @@ def parse_modes(text: str) -> tuple[str, ...]:
     return modes
 
 
+def parse_axis(text: str) -> Axis:
+    """'mem=256M,1G' (a `mckmpi run` option) or 'app:--size=1024,2048' (an app option)."""
+    target, rest = ("app", text[4:]) if text.startswith("app:") else ("run", text)
+    name, sep, values = rest.partition("=")
+    parts = tuple(v.strip() for v in values.split(",") if v.strip())
+    if not sep or not name.strip("-") or not parts:
+        raise StudyError(f"--axis wants NAME=V1,V2 (a mckmpi run option, e.g. mem=256M,1G) or "
+                         f"app:--OPTION=V1,V2 (an app option), got {text!r}")
+    if len(set(parts)) != len(parts):
+        raise StudyError(f"--axis {text!r}: a value is given twice")
+    name = name.strip()
+    if target == "run":
+        option = "--" + name.lstrip("-").replace("_", "-")
+        known = {f: o for o in config.options("partition", "lwk", "run") for f in o.cli_flags}
+        if option not in known:
+            raise StudyError(f"--axis {name}: not an option of mckmpi run (known: "
+                             f"{', '.join(sorted(k.lstrip('-') for k in known))})")
+        if known[option].name in OWN_RUN_OPTIONS:
+            raise StudyError(f"--axis {name}: set by the plan for every point")
+        if known[option].flag:
+            if set(parts) - {"on", "off"}:
+                raise StudyError(f"--axis {name}: a switch takes the values on and off")
+            return Axis(target, option, parts, switch=True)
+    else:
+        if not name.startswith("-"):
+            raise StudyError(f"--axis {text!r}: an app axis names the app's option, e.g. "
+                             "app:--size=1024,2048")
+        option = name
+    return Axis(target, option, parts)
+
+
+def axis_points(axes: Sequence[Axis], combine: str) -> list[tuple[str, ...]]:
+    """The value combinations of the axes: their cross product, or zipped (same lengths)."""
+    if not axes:
+        return [()]
+    if combine == "zip":
+        lengths = {len(a.values) for a in axes}
+        if len(lengths) != 1:
+            raise StudyError("--combine zip needs axes with the same number of values (got "
+                             + ", ".join(f"{a.label}: {len(a.values)}" for a in axes) + ")")
+        return list(zip(*(a.values for a in axes), strict=True))
+    return list(itertools.product(*(a.values for a in axes)))
+
+
+def axis_suffix(axes: Sequence[Axis], values: Sequence[str]) -> str:
+    """The part of a point name its axis values make: 'mem256M-size1024'."""
+    return "-".join(re.sub(r"[^\w.+]", "", f"{a.label}{v}") for a, v in zip(axes, values))
+
+
+def axis_text(axes: Sequence[Axis], values: Sequence[str]) -> str:
+    """Axis values as recorded in run files and study tables: 'mem=256M app:--size=1024'."""
+    return " ".join(f"{'app:' if a.target == 'app' else ''}{a.option.lstrip('-') if a.target == 'run' else a.option}={v}"
+                    for a, v in zip(axes, values))
+
+
+def check_app_args(app_path: str | os.PathLike[str], args: Sequence[str],
+                   timeout: float = 60.0) -> None:
+    """The app's own parser on `args`, in a child process that never initialises MPI, so a
+    typo is found at plan time, not by every queued job."""
+    code = ("import sys, runpy, mpi4py\n"
+            "mpi4py.rc.initialize = mpi4py.rc.finalize = False\n"
+            "runpy.run_path(sys.argv[1], run_name='mckmpi_check')['parse'](sys.argv[2:])\n")
+    try:
+        res = subprocess.run([sys.executable, "-c", code, str(app_path), *args],
+                             capture_output=True, text=True, timeout=timeout, check=False,
+                             env=job_env())
+    except subprocess.TimeoutExpired:
+        raise StudyError(f"checking the app's arguments took over {timeout:g} s") from None
+    if res.returncode != 0:
+        lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+        why = next((ln for ln in reversed(lines) if "error:" in ln), lines[-1] if lines else "")
+        raise StudyError(f"app arguments {shlex.join(args)!r} refused by "
+                         f"{Path(app_path).name}: {why.split('error:', 1)[-1].strip()}")
+
+
 def parse_run_args(args: Sequence[str]) -> dict[str, Any]:
     """The `mckmpi run` options in --run-args, checked and converted (name -> value)."""
     parser = argparse.ArgumentParser(prog="--run-args", add_help=False, exit_on_error=False)
@@ -183,6 +283,13 @@ def check_request(req: Request) -> None:
         raise StudyError(f"--ranks-per-node must be at least 1, got {req.ranks_per_node}")
     if not (APPS_DIR / f"{req.app}.py").is_file():
         raise StudyError(f"app {req.app} not found at {APPS_DIR}: run from a source checkout")
+    if req.repeats < 1:
+        raise StudyError(f"--repeats must be at least 1, got {req.repeats}")
+    if req.combine not in ("cross", "zip"):
+        raise StudyError(f"--combine cross or zip, got {req.combine!r}")
+    labels = [a.label for a in req.axes]
+    if len(set(labels)) != len(labels):
+        raise StudyError("--axis: an option is given as two axes")
     owned = [a for a in req.sbatch_args if a.split("=", 1)[0] in OWN_SBATCH_OPTIONS]
     if owned:
         raise StudyError(f"--sbatch-args: {owned[0].split('=', 1)[0]} is set by the plan "
@@ -335,15 +442,29 @@ def cpu_list_arg(cpus: Sequence[int]) -> str:
 
 def plan(req: Request, out: str | os.PathLike[str], env: Mapping[str, str] | None = None,
          argv: Sequence[str] = ()) -> dict[str, Any]:
-    """Check the request, then write the job scripts and the manifest into `out`."""
+    """Check the request, then write the job scripts and the manifest into `out`.
+
+    Points are modes x node counts x the axes' value combinations, each run `repeats` times.
+    On Slurm the runs of one shape (mode, node count, what the plan adds) are one job
+    array, one task per (point, repeat), so a study of many points is a few submissions."""
     check_request(req)
-    given = parse_run_args(req.run_args)
     study_dir = Path(out).absolute()
     if _SAFE_PATH.search(str(study_dir)):
         raise StudyError(f"study directory {study_dir}: use a path without spaces, quotes or "
                          "shell characters (job script directives cannot quote it)")
     if (study_dir / MANIFEST).exists():
         raise StudyError(f"{study_dir} already holds a study ({MANIFEST}): choose another --out")
+    combos = axis_points(req.axes, req.combine)
+    variants = []  # (axis values, run args, app args, given) per combination
+    for values in combos:
+        run_args = list(req.run_args) + [a for ax, v in zip(req.axes, values) if ax.target == "run"
+                                         for a in ax.args(v)]
+        args = app_args(req) + [a for ax, v in zip(req.axes, values) if ax.target == "app"
+                                for a in ax.args(v)]
+        variants.append((values, run_args, args, parse_run_args(run_args)))
+    app_path = APPS_DIR / f"{req.app}.py"
+    for args in dict.fromkeys(tuple(v[2]) for v in variants):
+        check_app_args(app_path, args)
     cluster = None
     if not req.local:
         cluster = probe_cluster(req.partition, env)
@@ -353,22 +474,29 @@ def plan(req: Request, out: str | os.PathLike[str], env: Mapping[str, str] | Non
 
     points: list[dict[str, Any]] = []
     for mode in req.modes:
-        adj = slurm_adjust(mode, req.ranks_per_node, cluster, given) if cluster else Adjusted()
-        for n in req.nodes:
-            name = point_name(req.app, req.scaling, mode, n)
-            shown = adj if host is None else \
-                local_adjust(name, mode, n, req.ranks_per_node, given, host)
-            points.append({
-                "name": name, "app": req.app, "mode": mode, "scaling": req.scaling,
-                "nodes": n, "ranks_per_node": req.ranks_per_node,
-                "ranks": n * req.ranks_per_node, "app_args": app_args(req),
-                "run_args": list(req.run_args),
-                # What the job script adds, and what the plan's target adds (shown by plan).
-                "slurm": {"run_args": adj.run_args, "sbatch": adj.sbatch},
-                "added": shown.sbatch + shown.run_args, "notes": shown.notes,
-                "script": f"jobs/{name}.sbatch", "log": f"logs/{name}-%j.out",
-                "job_id": None, "submitted": None, "local": None,
-            })
+        for values, run_args, args, given in variants:
+            adj = slurm_adjust(mode, req.ranks_per_node, cluster, given) if cluster else Adjusted()
+            for n in req.nodes:
+                base = point_name(req.app, req.scaling, mode, n)
+                name = "-".join(p for p in (base, axis_suffix(req.axes, values)) if p)
+                shown = adj if host is None else \
+                    local_adjust(name, mode, n, req.ranks_per_node, given, host)
+                notes = list(shown.notes) + shared_host_notes(
+                    n, req.ranks_per_node, cluster, host is not None)
+                points.append({
+                    "name": name, "app": req.app, "mode": mode, "scaling": req.scaling,
+                    "nodes": n, "ranks_per_node": req.ranks_per_node,
+                    "ranks": n * req.ranks_per_node, "app_args": args, "run_args": run_args,
+                    "axes": axis_text(req.axes, values), "repeats": req.repeats,
+                    # What the job script adds, and what the plan's target adds (shown by plan).
+                    "slurm": {"run_args": adj.run_args, "sbatch": adj.sbatch,
+                              "env": yield_env(n, req.ranks_per_node, cluster)},
+                    "added": shown.sbatch + shown.run_args, "notes": notes,
+                    "script": f"jobs/{base}.sbatch", "log": f"logs/{name}-%j.out",
+                    "job_id": None, "tasks": [None] * req.repeats, "submitted": None,
+                    "local": None,
+                })
+    jobs = group_jobs(points)
     manifest = {
         "schema": SCHEMA, "schema_version": VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": shlex.join(argv),
@@ -378,7 +506,10 @@ def plan(req: Request, out: str | os.PathLike[str], env: Mapping[str, str] | Non
                     "scaling": req.scaling, "size": req.size, "time": req.time,
                     "partition": cluster.partition if cluster else req.partition,
                     "app_args": list(req.app_args), "run_args": list(req.run_args),
-                    "sbatch_args": list(req.sbatch_args)},
+                    "sbatch_args": list(req.sbatch_args), "repeats": req.repeats,
+                    "axes": [{"target": a.target, "option": a.option, "values": list(a.values),
+                              "switch": a.switch} for a in req.axes],
+                    "combine": req.combine},
         "cluster": None if cluster is None else {
             "partition": cluster.partition, "nodes": cluster.nodelist,
             "cpus_per_node": min(n.cpus for n in cluster.nodes),
@@ -388,27 +519,84 @@ def plan(req: Request, out: str | os.PathLike[str], env: Mapping[str, str] | Non
             "mpi": mpi, "mpi_plugins": list(cluster.mpi_plugins),
             "task_plugin": cluster.task_plugin},
         "python": sys.executable,
-        "app_path": str(APPS_DIR / f"{req.app}.py"),
+        "app_path": str(app_path),
         "points": points,
+        "jobs": [{"script": script, "tasks": [[p["name"], k] for p in members
+                                              for k in range(req.repeats)],
+                  "job_id": None} for script, members in jobs.items()],
     }
     for sub in ("jobs", "logs", "runs"):
         (study_dir / sub).mkdir(parents=True, exist_ok=True)
-    for point in points:
-        path = study_dir / point["script"]
-        path.write_text(render_script(manifest, point, mpi))
+    for job in manifest["jobs"]:
+        path = study_dir / job["script"]
+        path.write_text(render_script(manifest, jobs[job["script"]], mpi))
         path.chmod(0o755)
     save(study_dir, manifest)
     return manifest
 
 
-def render_script(manifest: Mapping[str, Any], point: Mapping[str, Any], mpi: str | None) -> str:
-    """One point's job script from its template (noise survey or scaling study)."""
+def group_jobs(points: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Points of one shape (mode, node count, sbatch options) share a job script, a job
+    array of all their repeats; sets each point's script and log pattern."""
+    shapes: dict[tuple[str, tuple[str, ...]], list[dict[str, Any]]] = {}
+    for point in points:
+        base = point["script"][5:-7]
+        shapes.setdefault((base, tuple(point["slurm"]["sbatch"])), []).append(point)
+    jobs: dict[str, list[dict[str, Any]]] = {}
+    count: dict[str, int] = {}
+    for (base, _), members in shapes.items():
+        count[base] = count.get(base, 0) + 1
+        name = base if count[base] == 1 else f"{base}-{count[base]}"
+        array = sum(p["repeats"] for p in members) > 1
+        for p in members:
+            p["script"] = f"jobs/{name}.sbatch"
+            p["log"] = f"logs/{name}-" + ("%A_%a.out" if array else "%j.out")
+        jobs[f"jobs/{name}.sbatch"] = members
+    return jobs
+
+
+def shared_host_notes(nodes: int, rpn: int, cluster: Cluster | None, local: bool) -> list[str]:
+    """Why a multi-node point on shared hosts is not what a cluster would measure."""
+    if nodes < 2:
+        return []
+    if local:
+        return [f"{nodes} virtual nodes share this host's CPUs: their noise and timings are not "
+                "independent (recorded as provenance shared_hosts)"]
+    if cluster is not None and cluster.shared_hosts:
+        hosts = sorted({n.hostname for n in cluster.nodes})
+        return [f"Slurm nodes of partition {cluster.partition} share host(s) "
+                f"{', '.join(hosts)}: {nodes} nodes are not {nodes} machines, their noise and "
+                "timings are not independent (recorded as provenance shared_hosts)"]
+    return []
+
+
+def yield_env(nodes: int, rpn: int, cluster: Cluster | None) -> dict[str, str]:
+    """Environment a point's job needs: Open MPI's yield-when-idle when nodes of the job
+    share a host. Every node plans its ranks on the same CPU numbers, so ranks of two such
+    nodes share CPUs, and busy-polling ranks on one CPU turn a microsecond message into
+    milliseconds; Open MPI cannot see that from one node."""
+    if cluster is None or not cluster.shared_hosts or nodes < 2:
+        return {}
+    hosts = [n.hostname for n in cluster.nodes[:nodes]]
+    if len(set(hosts)) < len(hosts):
+        return {"OMPI_MCA_mpi_yield_when_idle": "1"}
+    return {}
+
+
+def render_script(manifest: Mapping[str, Any], points: Sequence[Mapping[str, Any]],
+                  mpi: str | None) -> str:
+    """The job script of points of one shape (noise survey or scaling template): one run,
+    or a job array with one task per (point, repeat) that picks its point by task id."""
     req = manifest["request"]
     study_dir = manifest["directory"]
-    kind = "scaling" if point["app"] in SCALING_APPS else "noise-survey"
-    sbatch = list(point["slurm"]["sbatch"])
+    first = points[0]
+    kind = "scaling" if first["app"] in SCALING_APPS else "noise-survey"
+    sbatch = list(first["slurm"]["sbatch"])
     if req["partition"]:
         sbatch.insert(0, f"--partition={req['partition']}")
+    tasks = [(p, k) for p in points for k in range(int(p.get("repeats", 1)))]
+    if len(tasks) > 1:
+        sbatch.append(f"--array=0-{len(tasks) - 1}")
     lines = [f"#SBATCH {a}" for a in sbatch]
     if req["sbatch_args"]:
         lines.append(f"#SBATCH {shlex.join(req['sbatch_args'])}")
@@ -417,17 +605,36 @@ def render_script(manifest: Mapping[str, Any], point: Mapping[str, Any], mpi: st
     if cluster is None or "task/none" not in cluster["task_plugin"]:
         # mckmpi pins the ranks; without a binding task plugin srun would only warn.
         srun.append("--cpu-bind=none")
-    title = (f"{point['app']} {point['scaling'] + ' scaling, ' if point['scaling'] else ''}"
-             f"{point['mode']} mode, {point['nodes']} node(s) x {point['ranks_per_node']} ranks")
+    base = first["script"][5:-7]
+    title = (f"{first['app']} {first['scaling'] + ' scaling, ' if first['scaling'] else ''}"
+             f"{first['mode']} mode, {first['nodes']} node(s) x {first['ranks_per_node']} ranks"
+             + (f", {len(points)} points x {len(tasks) // len(points)} repeats as a job array"
+                if len(tasks) > 1 else ""))
+    mckmpi = shlex.join([manifest["python"], "-m", "mckmpi"])
+    app = shlex.quote(manifest["app_path"])
+
+    def launch(p: Mapping[str, Any], k: int, indent: str) -> list[str]:
+        env = {"MCKMPI_STUDY_POINT": p["name"], "MCKMPI_STUDY_REPEAT": str(k),
+               "MCKMPI_STUDY_AXES": p.get("axes", ""), **p["slurm"].get("env", {})}
+        run_args = shlex.join([*p["run_args"], *p["slurm"]["run_args"]])
+        return ([f"{indent}export {key}={shlex.quote(value)}" for key, value in env.items()]
+                + [f"{indent}srun {shlex.join(srun)} {mckmpi} run --mode {p['mode']} {run_args} "
+                   f"--out runs -- {app} {shlex.join(p['app_args'])}"])
+
+    if len(tasks) == 1:
+        body = launch(first, 0, "")
+    else:
+        body = ['case "${SLURM_ARRAY_TASK_ID}" in']
+        for i, (p, k) in enumerate(tasks):
+            body += [f"  {i})  # {p['name']} repeat {k}", *launch(p, k, "    "), "    ;;"]
+        body += ['  *) echo "mckmpi: no study task ${SLURM_ARRAY_TASK_ID}" >&2; exit 2 ;;', "esac"]
+    log = f"{study_dir}/{first['log']}"
     return Template((TEMPLATES / f"{kind}.sbatch.in").read_text()).substitute(
         title=title, study_dir=study_dir, study_dir_q=shlex.quote(study_dir),
-        job_name=point["name"], nodes=point["nodes"], ranks_per_node=point["ranks_per_node"],
-        ranks=point["ranks"], time=req["time"], log=f"{study_dir}/{point['log']}",
-        sbatch_lines="\n".join(lines), point=point["name"], scaling=point["scaling"],
-        app_name=point["app"], mode=point["mode"], srun_options=shlex.join(srun),
-        mckmpi=shlex.join([manifest["python"], "-m", "mckmpi"]),
-        run_args=shlex.join([*point["run_args"], *point["slurm"]["run_args"]]),
-        app=shlex.quote(manifest["app_path"]), app_args=shlex.join(point["app_args"]))
+        job_name=base, nodes=first["nodes"], ranks_per_node=first["ranks_per_node"],
+        ranks=first["ranks"], time=req["time"], log=log,
+        sbatch_lines="\n".join(lines), point=base, scaling=first["scaling"],
+        app_name=first["app"], mode=first["mode"], launch="\n".join(body))
 
 
 # --- the manifest -------------------------------------------------------------------------
@@ -463,7 +670,10 @@ def request_of(manifest: Mapping[str, Any]) -> Request:
     return Request(app=r["app"], nodes=tuple(r["nodes"]), ranks_per_node=r["ranks_per_node"],
                    modes=tuple(r["modes"]), scaling=r["scaling"], size=r["size"],
                    partition=r["partition"], time=r["time"], app_args=tuple(r["app_args"]),
-                   run_args=tuple(r["run_args"]), sbatch_args=tuple(r["sbatch_args"]))
+                   run_args=tuple(r["run_args"]), sbatch_args=tuple(r["sbatch_args"]),
+                   repeats=int(r.get("repeats", 1)), combine=r.get("combine", "cross"),
+                   axes=tuple(Axis(a["target"], a["option"], tuple(a["values"]),
+                                   bool(a.get("switch"))) for a in r.get("axes", [])))
 
 
 # --- submit and status --------------------------------------------------------------------
@@ -472,9 +682,10 @@ def request_of(manifest: Mapping[str, Any]) -> Request:
 def submit(study_dir: str | os.PathLike[str], env: Mapping[str, str] | None = None,
            echo: Callable[[str], None] = lambda line: None,
            retry_failed: bool = False) -> list[dict[str, Any]]:
-    """Submit every point that has no job yet; the job ids go into the manifest at once.
-    `retry_failed`: first give up the jobs of points that ended without completing (their
-    job and end move to the point's `attempts`), so exactly those are submitted again."""
+    """Submit every job script that has no job yet (an array for points of one shape); the
+    job ids go into the manifest at once. `retry_failed`: first give up the runs that ended
+    without completing (their job and end move to the point's `attempts`) and submit
+    exactly those again (the failed tasks of an array as an array of just them)."""
     study_dir = Path(study_dir)
     manifest = load(study_dir)
     if manifest["target"] == "local":
@@ -482,25 +693,69 @@ def submit(study_dir: str | os.PathLike[str], env: Mapping[str, str] | None = No
                          "it again without --local to submit it to Slurm")
     req = request_of(manifest)
     check_fit(req, probe_cluster(req.partition, env))
+    points = {p["name"]: p for p in manifest["points"]}
+    jobs = jobs_of(manifest)
+    again: list[tuple[dict[str, Any], list[int]]] = []  # array jobs: tasks to run again
     if retry_failed:
-        for point, state in zip(manifest["points"], _states(study_dir, manifest, env),
-                                strict=True):
-            if state.backend == "slurm" and state.failed:
-                point.setdefault("attempts", []).append(
-                    {"job_id": point["job_id"], "end": point.pop("end", None) or _end(state)})
-                point["job_id"] = None
+        runs = _run_states(study_dir, manifest, env)
+        for job in jobs:
+            if not job["job_id"]:
+                continue
+            failed = [t for t, (name, repeat) in enumerate(job["tasks"])
+                      if (state := runs[(name, repeat)]).backend == "slurm" and state.failed]
+            for t in failed:
+                name, repeat = job["tasks"][t]
+                state = runs[(name, repeat)]
+                points[name].setdefault("attempts", []).append(
+                    {"repeat": repeat, "job_id": state.job_id,
+                     "end": points[name].get("ends", {}).get(state.job_id) or _end(state)})
+            if failed and len(job["tasks"]) == 1:
+                job["job_id"] = None  # the whole script again
+            elif failed:
+                again.append((job, failed))
         save(study_dir, manifest)
-    todo = [p for p in manifest["points"] if not p["job_id"]]
-    for done, point in enumerate(todo):
+    todo = [j for j in jobs if not j["job_id"]]
+    for job, tasks in again:
         try:
-            job = slurm.submit(study_dir / point["script"], env=env)
+            job_id = slurm.submit(study_dir / job["script"], env=env,
+                                  extra_args=[f"--array={','.join(map(str, tasks))}"])
         except slurm.SlurmError as exc:
-            raise StudyError(f"{exc} ({done} of {len(todo)} points submitted and recorded; "
-                             f"`mckmpi study submit {study_dir}` again submits the rest)") from None
-        point["job_id"], point["submitted"] = job, time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            raise StudyError(f"{exc} (`mckmpi study submit --retry failed {study_dir}` again "
+                             "retries what is left)") from None
+        for t in tasks:
+            name, repeat = job["tasks"][t]
+            ids = point_tasks(points[name])
+            ids[repeat] = f"{job_id}_{t}"
+            points[name]["tasks"] = ids
         save(study_dir, manifest)
-        echo(f"{point['name']}: job {job}")
-    return todo
+        echo(f"{job['script']}: job {job_id} (again: array tasks {', '.join(map(str, tasks))})")
+    for done, job in enumerate(todo):
+        try:
+            job_id = slurm.submit(study_dir / job["script"], env=env)
+        except slurm.SlurmError as exc:
+            raise StudyError(f"{exc} ({done} of {len(todo)} job scripts submitted and recorded; "
+                             f"`mckmpi study submit {study_dir}` again submits the rest)") from None
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        job["job_id"] = job_id
+        array = len(job["tasks"]) > 1
+        for task, (name, repeat) in enumerate(job["tasks"]):
+            point = points[name]
+            point["job_id"], point["submitted"] = job_id, stamp
+            point.setdefault("tasks", [None] * int(point.get("repeats", 1)))[repeat] = \
+                f"{job_id}_{task}" if array else job_id
+        save(study_dir, manifest)
+        echo(f"{job['script']}: job {job_id}"
+             + (f" (array of {len(job['tasks'])}: {', '.join(sorted({n for n, _ in job['tasks']}))})"
+                if array else ""))
+    return todo + [job for job, _ in again]
+
+
+def jobs_of(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """The manifest's job scripts (a version 1 manifest: one per point)."""
+    if "jobs" not in manifest:
+        manifest["jobs"] = [{"script": p["script"], "tasks": [[p["name"], 0]],
+                             "job_id": p["job_id"]} for p in manifest["points"]]
+    return manifest["jobs"]
 
 
 #: A point no backend has started yet; one whose Slurm job left no record anywhere.
@@ -509,12 +764,13 @@ NOT_SUBMITTED, UNKNOWN = "NOT SUBMITTED", "UNKNOWN"
 
 @dataclass(frozen=True)
 class PointState:
-    """A point's job as its backend last reported it, in Slurm's vocabulary of job states
-    (COMPLETED, FAILED, PENDING, ...) whether Slurm or this host (`study run`) ran it."""
+    """A run of a point (one repeat) as its backend last reported it, in Slurm's vocabulary
+    of job states (COMPLETED, FAILED, PENDING, ...) whether Slurm or this host (`study run`)
+    ran it."""
 
-    name: str
+    name: str  # the point, with '#k' for repeat k when it has repeats
     backend: str  # "slurm" or "local": where the point runs
-    job_id: str | None  # the Slurm job; None for local points and unsubmitted ones
+    job_id: str | None  # the Slurm job ('A_T' for an array task); None for local runs
     state: str
     exit_code: int | None
     log: str | None
@@ -561,28 +817,58 @@ class PointState:
         return word
 
 
+def run_label(point: Mapping[str, Any], repeat: int) -> str:
+    """A run's name in status tables: the point, with '#k' when it has repeats."""
+    return point["name"] if int(point.get("repeats", 1)) == 1 else f"{point['name']}#{repeat}"
+
+
+def point_tasks(point: Mapping[str, Any]) -> list[str | None]:
+    """The Slurm job id of each repeat (array tasks 'A_T'); None where not submitted."""
+    tasks = point.get("tasks")
+    if tasks is None:  # a version 1 manifest: one job per point
+        return [point["job_id"]]
+    return list(tasks)
+
+
+def local_runs(point: Mapping[str, Any]) -> list[dict[str, Any] | None]:
+    """The record of each repeat's run on this host (None: not run here)."""
+    local = point.get("local")
+    if isinstance(local, dict):  # a version 1 manifest
+        return [local]
+    runs = list(local or [])
+    return runs + [None] * (int(point.get("repeats", 1)) - len(runs))
+
+
 def status(study_dir: str | os.PathLike[str],
            env: Mapping[str, str] | None = None) -> list[PointState]:
-    """The state, exit code and log of every point's job. The end of every finished Slurm
-    job is kept in the manifest (`end` of its point), so it stays known after the
-    controller forgot the job."""
+    """The state, exit code and log of every run (point x repeat) of a study, from one
+    query of the controller for all of them (accounting only for jobs it forgot). The end
+    of every finished Slurm job is kept in the manifest (the point's `ends`, by job id), so
+    it stays known after the controller forgot the job."""
     study_dir = Path(study_dir)
     manifest = load(study_dir)
-    states = _states(study_dir, manifest, env)
+    runs = _run_states(study_dir, manifest, env)
     changed = False
-    for point, state in zip(manifest["points"], states, strict=True):
-        if state.backend == "slurm" and state.state in slurm.FINAL_STATES:
+    by_name = {p["name"]: p for p in manifest["points"]}
+    for (name, _), state in runs.items():
+        if state.backend == "slurm" and state.state in slurm.FINAL_STATES and state.job_id:
+            ends = by_name[name].setdefault("ends", {})
             end = _end(state)
-            if point.get("end") != end:
-                point["end"], changed = end, True
+            if ends.get(state.job_id) != end:
+                ends[state.job_id], changed = end, True
     if changed:
         save(study_dir, manifest)
-    return states
+    return list(runs.values())
 
 
-def _states(study_dir: Path, manifest: Mapping[str, Any],
-            env: Mapping[str, str] | None) -> list[PointState]:
-    return [point_state(study_dir, p, manifest["target"], env) for p in manifest["points"]]
+def _run_states(study_dir: Path, manifest: Mapping[str, Any],
+                env: Mapping[str, str] | None) -> dict[tuple[str, int], PointState]:
+    """Every run's state by (point, repeat), from one query of the controller."""
+    points = manifest["points"]
+    ids = [j for p in points for j in point_tasks(p) if j]
+    known = slurm.job_states(ids, env) if ids else {}
+    return {(p["name"], k): point_state(study_dir, p, manifest["target"], env, k, known)
+            for p in points for k in range(len(point_tasks(p)))}
 
 
 def _end(state: PointState) -> dict[str, Any]:
@@ -592,28 +878,33 @@ def _end(state: PointState) -> dict[str, Any]:
 
 
 def point_state(study_dir: Path, point: Mapping[str, Any], target: str,
-                env: Mapping[str, str] | None) -> PointState:
-    """The state of one point: from Slurm when it has a job, else from its run on this host
-    (`study run`, also of a plan made for Slurm), else not started on `target` yet."""
-    name = point["name"]
-    if point["job_id"]:
-        job = str(point["job_id"])
-        log = str(study_dir / point["log"].replace("%j", job))
-        try:
-            st = slurm.job_state(job, env)
-        except slurm.JobNotFound:
-            end = point.get("end")
-            if end and end.get("job_id") == job:  # kept by an earlier `status`
-                kept = PointState(name, "slurm", job, end["state"], end["exit_code"], log, "",
-                                  end["signal"])
-                return replace(kept, detail=first_error(log) if kept.failed else "")
-            return PointState(name, "slurm", job, UNKNOWN, None, None,
-                              "no record in scontrol, sacct or the job completion log")
-        state = PointState(name, "slurm", job, st["state"], st["exit_code"], st["stdout"] or log,
-                           "", st["signal"])
-        return replace(state, detail=first_error(state.log) if state.failed
-                       else (st["reason"] or ""))
-    local = point.get("local")
+                env: Mapping[str, str] | None = None, repeat: int = 0,
+                known: Mapping[str, slurm.JobState] | None = None) -> PointState:
+    """The state of one run of a point: from Slurm when it has a job, else from its run on
+    this host (`study run`, also of a plan made for Slurm), else not started on `target`."""
+    name = run_label(point, repeat)
+    job = point_tasks(point)[repeat]
+    if job:
+        job = str(job)
+        array, _, task = job.partition("_")
+        pattern = point["log"].replace("%j", job).replace("%A", array).replace("%a", task)
+        st = (known or {}).get(job)
+        if st is None:
+            try:
+                st = slurm.job_state(job, env)
+            except slurm.JobNotFound:
+                end = point.get("ends", {}).get(job)
+                if end:  # kept by an earlier `status`
+                    kept = PointState(name, "slurm", job, end["state"], end["exit_code"],
+                                      str(study_dir / pattern), "", end["signal"])
+                    return replace(kept, detail=first_error(kept.log) if kept.failed else "")
+                return PointState(name, "slurm", job, UNKNOWN, None, None,
+                                  "no record in scontrol, sacct or the job completion log")
+        log = st["stdout"] or str(study_dir / pattern)
+        state = PointState(name, "slurm", job, st["state"], st["exit_code"], log, "",
+                           st["signal"])
+        return replace(state, detail=first_error(log) if state.failed else (st["reason"] or ""))
+    local = local_runs(point)[repeat]
     if not local:
         return PointState(name, target, None, NOT_SUBMITTED, None, None, "")
     log = str(study_dir / local["log"])
@@ -622,12 +913,26 @@ def point_state(study_dir: Path, point: Mapping[str, Any], target: str,
                       local["exit_code"], log, first_error(log) if failed else "")
 
 
-def wait(study_dir: str | os.PathLike[str], timeout: float, poll: float = 1.0,
-         env: Mapping[str, str] | None = None) -> list[PointState]:
-    """Poll `status` until every submitted job has finished or `timeout` seconds passed."""
-    deadline = time.monotonic() + timeout
+def progress(states: Sequence[PointState]) -> str:
+    """'3 COMPLETED, 1 RUNNING, 2 PENDING': how many runs are in each state."""
+    counts: dict[str, int] = {}
+    for st in states:
+        counts[st.state] = counts.get(st.state, 0) + 1
+    return ", ".join(f"{n} {state}" for state, n in sorted(counts.items(), key=lambda x: -x[1]))
+
+
+def wait(study_dir: str | os.PathLike[str], timeout: float, poll: float = 2.0,
+         env: Mapping[str, str] | None = None,
+         echo: Callable[[str], None] = lambda line: None) -> list[PointState]:
+    """Poll `status` until every submitted job has finished or `timeout` seconds passed;
+    `echo` gets a progress line whenever the counts of states change."""
+    deadline, started, last = time.monotonic() + timeout, time.monotonic(), ""
     while True:
         states = status(study_dir, env)
+        line = progress(states)
+        if line != last:
+            echo(f"[{time.monotonic() - started:5.0f} s] {line}")
+            last = line
         if all(s.final for s in states) or time.monotonic() >= deadline:
             return states
         time.sleep(min(poll, max(deadline - time.monotonic(), 0.0)))
@@ -679,38 +984,50 @@ def local_adjust(name: str, mode: str, nodes: int, rpn: int, given: Mapping[str,
 
 def run_local(study_dir: str | os.PathLike[str], echo: Callable[[str], None] = print,
               timeout: float = 3600.0) -> list[PointState]:
-    """Run every point on this host with mpiexec, one after the other, and record results."""
+    """Run every point (each repeat) on this host as a `Job` through mpiexec, one after the
+    other, and record results."""
     study_dir = Path(study_dir).absolute()
     manifest = load(study_dir)
-    given = parse_run_args(manifest["request"]["run_args"])
-    options = {k: v for k, v in given.items() if k != "oversubscribe"}
-    oversubscribe = bool(given.get("oversubscribe"))
     host = read_host(os.environ)
     points = manifest["points"]
-    adjusted = [local_adjust(p["name"], p["mode"], p["nodes"], p["ranks_per_node"], given, host)
-                for p in points]  # every point is checked before the first one runs
+    given = [parse_run_args(p["run_args"]) for p in points]
+    adjusted = [local_adjust(p["name"], p["mode"], p["nodes"], p["ranks_per_node"], g, host)
+                for p, g in zip(points, given, strict=True)]  # all checked before the first
     for sub in ("logs", "runs"):
         (study_dir / sub).mkdir(exist_ok=True)
+    runs = [(p, g, adj, k) for p, g, adj in zip(points, given, adjusted, strict=True)
+            for k in range(int(p.get("repeats", 1)))]
     states = []
-    for i, (point, adj) in enumerate(zip(points, adjusted, strict=True), 1):
-        tag = f"[{i}/{len(points)}] {point['name']}"
-        run_file = _free_name(study_dir, f"runs/{point['name']}-local", ".h5")
-        log = f"logs/{point['name']}-local.out"
+    for i, (point, opts, adj, k) in enumerate(runs, 1):
+        tag = f"[{i}/{len(runs)}] {run_label(point, k)}"
+        stem = point["name"] if int(point.get("repeats", 1)) == 1 else f"{point['name']}-r{k}"
+        run_file = _free_name(study_dir, f"runs/{stem}-local", ".h5")
+        log = f"logs/{stem}-local.out"
+        oversubscribe = bool(opts.get("oversubscribe")) or adj.oversubscribe
+        env = {"MCKMPI_STUDY_POINT": point["name"], "MCKMPI_STUDY_REPEAT": str(k),
+               "MCKMPI_STUDY_AXES": point.get("axes", "")}
+        if oversubscribe or point["ranks"] > len(host.cpus):
+            # Ranks that share a CPU must not busy-poll while they wait for each other.
+            env["OMPI_MCA_mpi_yield_when_idle"] = "1"
+        options = {k2: v for k2, v in opts.items() if k2 != "oversubscribe"}
         job = Job((manifest["app_path"], *point["app_args"]), point["ranks"],
                   {**options, "mode": point["mode"], "out": str(study_dir / run_file)},
-                  vnodes=point["nodes"], oversubscribe=oversubscribe or adj.oversubscribe)
+                  vnodes=point["nodes"], oversubscribe=oversubscribe, env=env)
+        notes = list(dict.fromkeys(adj.notes + list(point.get("notes", []))))
         echo(f"{tag}: {point['ranks']} ranks on {point['nodes']} "
              f"{'virtual node' if point['nodes'] == 1 else 'virtual nodes'}, {point['mode']} mode"
-             + "".join(f"; {n}" for n in adj.notes))
+             + "".join(f"; {n}" for n in notes))
         started = time.monotonic()
         code = _run_logged(job.render("mpiexec"), study_dir / log, study_dir, timeout)
         seconds = time.monotonic() - started
-        point["local"] = {"exit_code": code, "seconds": round(seconds, 3), "log": log,
-                          "run_file": run_file if code == 0 else None,
-                          "run_args": adj.run_args, "notes": adj.notes,
-                          "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        local = local_runs(point)
+        local[k] = {"exit_code": code, "seconds": round(seconds, 3), "log": log,
+                    "run_file": run_file if code == 0 else None,
+                    "run_args": adj.run_args, "notes": adj.notes,
+                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        point["local"] = local
         save(study_dir, manifest)
-        state = point_state(study_dir, point, "local", None)
+        state = point_state(study_dir, point, "local", None, k)
         states.append(state)
         if code == 0:
             echo(f"{tag}: completed in {seconds:.1f} s, run file {run_file}")
