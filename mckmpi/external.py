@@ -80,37 +80,6 @@ def load_fragment(path: Path) -> Tracer:
     return tracer
 
 
-class Fragments:
-    """The ranks' fragments in the shape of a communicator for the single run-file writer
-    (`write_run(..., method="gather")`): rank 0 receives each rank's records in turn."""
-
-    def __init__(self, tracers: list[Tracer]) -> None:
-        self.tracers = tracers
-
-    def Get_rank(self) -> int:  # noqa: N802 - the mpi4py names the writer calls
-        return 0
-
-    def Get_size(self) -> int:  # noqa: N802
-        return len(self.tracers)
-
-    def allgather(self, mine: Any) -> list[Any]:
-        from mckmpi.trace.writer import _manifest
-
-        return [mine] + [_manifest(t) for t in self.tracers[1:]]
-
-    def bcast(self, value: Any, root: int = 0) -> Any:
-        return value
-
-    def send(self, value: Any, dest: int, tag: int = 0) -> None:
-        return None
-
-    def recv(self, source: int, tag: int = 0) -> Any:
-        return self.tracers[source].records
-
-    def Barrier(self) -> None:  # noqa: N802
-        return None
-
-
 def run_binary(target: str, args: tuple[str, ...]) -> tuple[int, int, int, int]:
     """Run the program; returns (exit status as a shell reports it, wall ns, real-time
     start and end ns)."""
@@ -173,14 +142,25 @@ def collect(path: Path, size: int, timeout: float = FRAGMENT_WAIT_S) -> tuple[li
 def finish(path: Path, tracers: list[Tracer], root: dict[str, Any],
            provenance: dict[str, Any], missing: list[int]) -> Path:
     """Rank 0: the run file from the fragments, then the fragments are removed."""
-    from mckmpi.trace.writer import write_run
+    from mckmpi.trace.writer import write_assembled
 
     reported = [t for i, t in enumerate(tracers) if i not in missing]
     root = dict(root, nnodes=number_nodes(reported), missing_ranks=",".join(map(str, missing)))
-    written = write_run(Fragments(tracers), path, tracers[0], root, provenance,  # type: ignore[arg-type]
-                        method="gather")
+    endings = [None if r in missing else _ending(r, int(t.records["app/exit_code"].data))
+               for r, t in enumerate(tracers)]
+    written = write_assembled(path, tracers, root, provenance, endings)
     shutil.rmtree(fragment_dir(path), ignore_errors=True)
     return written
+
+
+def _ending(rank: int, status: int) -> dict[str, Any]:
+    """A rank's ending from its program's exit status as a shell reports it."""
+    from mckmpi import endings
+
+    if status == 0:
+        return endings.ending("normal", rank, 0)
+    return endings.ending("exit", rank, 0, status,
+                          error=f"rank {rank}: the program exited with status {status}")
 
 
 def run_external(settings: Any, app: Any, argv: list[str], placement: Any, plan: Any) -> int:

@@ -478,6 +478,29 @@ def write_run(
     return run.finish(tracer, normal_ending(comm.Get_rank()))
 
 
+def write_assembled(path: Path, tracers: list[Tracer], root_attrs: dict[str, Any],
+                    provenance: dict[str, Any], endings: list[dict[str, Any] | None]) -> Path:
+    """One process writes a job's run file from every rank's records (`tracers[r]` is rank
+    r's; group attributes are rank 0's), as the gathered writer would lay it out: the ranks
+    of an MPI executable never initialise MPI, so rank 0 assembles what they left. The name
+    is reserved exclusively and the file renamed complete, never replacing one."""
+    partial = reserve_name(path)
+    layouts = merge([manifest(t.records) for t in tracers])
+    root = {**root_attrs, **job_ending(endings)}
+    try:
+        with h5py.File(partial, "w") as f:
+            datasets = write_header(f, layouts, root, provenance, tracers[0].group_attrs,
+                                    compress=True)
+            for rank, tracer in enumerate(tracers):
+                write_records(layouts, datasets, rank, current(tracer.records))
+            f.attrs["complete"] = True
+            del datasets
+        rename_noreplace(partial, path)
+    except OSError as exc:
+        raise StorageError(describe(exc, path)[1], exc.errno or 0) from None
+    return path
+
+
 def normal_ending(rank: int) -> dict[str, Any]:
     return {"ending": "normal", "exit_status": 0, "signal": "", "rank": rank, "error": "",
             "time_ns": time.monotonic_ns()}
