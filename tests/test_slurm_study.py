@@ -295,7 +295,8 @@ def test_noise_survey_job_of_two_ranks_uses_the_specialised_core(cluster, tmp_pa
     assert status.returncode == 0, status.stdout + status.stderr
     job = json.loads((out / "study.json").read_text())["points"][0]["job_id"]
     assert status_rows(status.stdout)["fwq-lwk-n2"][:3] == [job, "COMPLETED", "0"]
-    with open_run(out / "runs" / f"fwq-lwk-job{job}.0.h5") as r:
+    (path,) = (out / "runs").glob(f"fwq-lwk-mckmpi-job{job}.0-*.h5")
+    with open_run(path) as r:
         assert (r.attrs["launcher"], r.attrs["nnodes"], r.attrs["world_size"]) == ("slurm", 2, 2)
         assert r.attrs["slurm_job_id"] == job
         assert sorted(r.provenance["hosts"]) == ["n1", "n2"]
