@@ -239,6 +239,7 @@ def _run_in_mpi(settings: Settings, app: App, argv: list[str], placement: Placem
             before_abort=lambda message: run_file.abandon(endings.ending(
                 "proxy", placement.rank, offset_ns, offload.EXIT_PROXY_DIED, error=message)))
         pin(plan, placement.local_rank)  # the offload's watcher thread joins MPI's helpers
+        run_file.add_source(lambda: offloaded.snapshot(tracer))  # calls stream as they happen
     set_context(ctx)
     started = time.monotonic_ns()
     if runtime is None:

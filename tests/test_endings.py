@@ -91,8 +91,9 @@ def _pids(tmp_path: Path) -> list[int]:
     return [int((tmp_path / f"pid-{r}").read_text()) for r in range(2)]
 
 
+@pytest.mark.offload
 def test_kill_9_of_the_whole_job_loses_at_most_the_last_flush(tmp_path):
-    proc = _start(tmp_path, _stamps_app(tmp_path, 100_000))
+    proc = _start(tmp_path, _stamps_app(tmp_path, 100_000), offload="io")
     _wait(lambda: all((tmp_path / f"pid-{r}").exists() for r in range(2)), proc, 60)
     time.sleep(1.5)  # sampling for a while, several flushes
     ranks = _pids(tmp_path)
@@ -116,6 +117,8 @@ def test_kill_9_of_the_whole_job_loses_at_most_the_last_flush(tmp_path):
             assert n > 100
             # Only the tail since the last flush is lost (plus one sleep of the app).
             assert killed_at - last < (FLUSH_S + 0.5) * 1e9, (rank, (killed_at - last) / 1e9)
+            # The offloaded open and write of the pid file streamed too.
+            assert b"openat" in set(run.table("offload/calls", rank)["call"].tolist())
     report = mckmpi("report", str(partial), timeout=60)
     assert report.returncode == 0, report.stderr
     said = [line for line in report.stderr.splitlines() if line]

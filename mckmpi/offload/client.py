@@ -234,8 +234,19 @@ class OffloadSession:
             return np.zeros(0, dtype=accounting.RECORD_DTYPE)
         if self.detached:
             raise OffloadError("offload session already detached")
-        reply, fds = self.request({"op": "detach"})
+        records = self._fetch("detach")
         self.detached = True
+        return records
+
+    def records(self) -> np.ndarray:
+        """Records of every call offloaded so far, the session staying attached (the run
+        file streams them while the app runs)."""
+        if self._sock is None or self.detached:
+            return np.zeros(0, dtype=accounting.RECORD_DTYPE)
+        return self._fetch("records")
+
+    def _fetch(self, op: str) -> np.ndarray:
+        reply, fds = self.request({"op": op})
         (memfd,) = fds
         try:
             size = reply["count"] * accounting.RECORD_DTYPE.itemsize

@@ -10,6 +10,7 @@ with its descriptors (SCM_RIGHTS) attached to the same datagram. The conversatio
     proxy -> rank  {ok} | {ok: false, error}
     rank -> proxy  channel {slots} [ring memfd, doorbell eventfd, completion eventfd]
     rank -> proxy  detach   -> {ok, count} [memfd holding the packed records]
+    rank -> proxy  records  -> {ok, count} [memfd]: the same, the session staying attached
 
 Bulk data never travels over the socket (records go in a memfd), so a message stays small.
 """

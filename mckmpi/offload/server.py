@@ -216,10 +216,11 @@ class Server:
             ch = ChannelServer(served.emulator, *fds, log=self.log)
             served.channels.append(ch)
             return {"ok": True}, []
-        if op == "detach":
-            served.emulator.passthrough = True
-            served.detached = True
-            data = served.records()
+        if op in ("detach", "records"):
+            if op == "detach":
+                served.emulator.passthrough = True
+                served.detached = True
+            data = served.records()  # whole rows, also while the serving thread appends
             memfd = os.memfd_create("mckmpi-offload-records", os.MFD_CLOEXEC)
             view = memoryview(data)
             while view:

@@ -62,6 +62,7 @@ class OffloadRun:
     socket: Path
     handle: Any = None  # the proxy handle on the node's local rank 0, else None
     session: OffloadSession | None = None
+    _traced: int = -1  # calls in the last table traced
 
     def attach(self, placement: Placement, node_comm: Any, world: Any, arena: Any,
                before_abort: Callable[[str], None] | None = None) -> OffloadSession:
@@ -85,7 +86,19 @@ class OffloadRun:
     def finish(self, tracer: Tracer) -> None:
         """Detach (the proxy passes calls through from now on) and trace every call."""
         assert self.session is not None
-        records = self.session.detach()
+        self._trace(tracer, self.session.detach())
+
+    def snapshot(self, tracer: Tracer) -> None:
+        """Trace the calls so far, staying attached (called by the run file's streamer
+        before each flush, when the count changed)."""
+        if self.session is not None and not self.session.detached:
+            records = self.session.records()
+            if len(records) != self._traced:
+                self._trace(tracer, records)
+
+    def _trace(self, tracer: Tracer, records: np.ndarray) -> None:
+        assert self.session is not None
+        self._traced = len(records)
         rows = np.zeros(len(records), dtype=CALLS_DTYPE)
         rows["call"] = [syscalls.name_of(int(n)).encode()[:16] for n in records["call"]]
         for name in ("fd", "bytes", "result", "errno", "trap_ns", "done_ns", "how"):

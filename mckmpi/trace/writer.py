@@ -151,6 +151,9 @@ class Streamer:
     on_signal: Any = None  # called with the signal number after its flush
     on_error: Any = None  # called (in the thread) with the OSError of a failed flush
     error: OSError | None = None
+    #: Called before each flush to record running state (e.g. the offload calls so far);
+    #: one that fails is dropped, its error recorded as attribute `source_error` of /trace.
+    sources: list[Any] = field(default_factory=list)
     sent: dict[str, tuple[Record, int]] = field(default_factory=dict)
     attrs_sent: str = ""
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -193,6 +196,12 @@ class Streamer:
 
     def flush(self) -> int:
         """Append what changed since the last flush; bytes written (0 after a failure)."""
+        for source in list(self.sources):
+            try:
+                source()
+            except Exception as exc:  # a source's own failure must not stop the streaming
+                self.sources.remove(source)
+                self.tracer.attrs("trace", source_error=f"{type(exc).__name__}: {exc}")
         with self._lock:
             if self.error is not None or self.spool.fd < 0:
                 return 0
@@ -431,6 +440,12 @@ class RunFile:
             raise
         self.partial.unlink()
         shutil.rmtree(self.spool, ignore_errors=True)
+
+    def add_source(self, source: Any) -> None:
+        """Have `source()` record running state before every flush (in the streamer's
+        thread; it must be safe to call while the app runs)."""
+        if self.streamer is not None:
+            self.streamer.sources.append(source)
 
     def abandon(self, ending: dict[str, Any]) -> None:
         """This rank cannot take part in `finish` (the job is aborting): record its ending
