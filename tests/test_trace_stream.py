@@ -181,11 +181,13 @@ def test_collect_marks_partial_runs_and_never_counts_them(tmp_path):
 
     done = _tracer()
     done.scalar("app", "wall_ns", 2_000_000_000, units="ns")
+    done.attrs("app", scaling="strong")  # a point of a scaling series (a survey is none)
     from mpi4py import MPI
 
     writer.write_run(MPI.COMM_SELF, tmp_path / "done.h5", done, dict(ROOT), {})
     t = _tracer()
     t.scalar("app", "wall_ns", 1_000_000_000, units="ns")
+    t.attrs("app", scaling="strong")
     run = _start(tmp_path, t)
     _wait_spooled(run, "app/wall_ns", 1)
     (spool_dir(run.partial) / writer.FINAL_NAME).write_bytes(b"half a file")  # the writer's
