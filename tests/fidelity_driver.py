@@ -115,7 +115,9 @@ def in_child(fn: Callable[[], list[Any]]) -> list[Any]:
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
-        os.close(r)
+        os.dup2(w, r)  # no hole where r was: a new file's number is a fresh one
+        os.close(w)
+        w = r
         try:
             out = fn()
         except BaseException as e:  # noqa: BLE001 -- report, then leave
