@@ -29,6 +29,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from multiprocessing.connection import Connection
@@ -44,6 +45,8 @@ from mckmpi.offload.policy import Policy
 
 MiB = 1 << 20
 FLOOR_GOAL = 2.0
+CPU_GOAL = 1.5
+CONTENTION_GOAL = 0.8
 BULK_GOAL = 0.9
 CHANNEL_LOSS_GOAL = 0.10
 SMALL = 64
@@ -75,16 +78,44 @@ def _build_floor(src: Path, tmp: Path) -> tuple[Path | None, str]:
 
 
 def _run_floor(exe: Path, n: int, path: str, cpu: int | None) -> dict[str, float]:
+    """One run of notif-floor; adds `supervisor_cpu_per_call_us`: the on-CPU time of its
+    supervisor (the parent process, read while it is a zombie, so its own time without
+    its child's) over the n calls it answered."""
     pin = ["taskset", "-c", str(cpu)] if cpu is not None else []
-    r = subprocess.run([*pin, str(exe), str(n), path], capture_output=True, text=True,
-                       timeout=300, check=False)
-    if r.returncode != 0:
-        raise RuntimeError(f"notif-floor failed ({r.returncode}): {r.stderr.strip()}")
+    with tempfile.TemporaryFile("w+") as err, subprocess.Popen(
+            [*pin, str(exe), str(n), path], stdout=subprocess.PIPE, stderr=err, text=True) as p:
+        watchdog = threading.Timer(300, p.kill)
+        watchdog.start()
+        try:
+            stdout = p.stdout.read() if p.stdout else ""  # EOF: both processes exited
+            os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOWAIT)  # a zombie: not reaped yet
+            supervisor_ns = cpu_ns(p.pid)
+            p.wait()
+        finally:
+            watchdog.cancel()
+        err.seek(0)
+        stderr = err.read()
+    if p.returncode != 0:
+        raise RuntimeError(f"notif-floor failed ({p.returncode}): {stderr.strip()}")
     out = {}
-    for line in r.stdout.splitlines():
+    for line in stdout.splitlines():
         key, value = line.split()
         out[key] = float(value)
+    out["supervisor_cpu_per_call_us"] = supervisor_ns / n / 1e3
     return out
+
+
+def cpu_ns(pid: int) -> int:
+    """On-CPU nanoseconds (user + system) of every live thread of process `pid`, from
+    /proc/PID/task/*/schedstat: utime+stime at nanosecond rather than tick resolution."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat", "rb") as f:
+                total += int(f.read().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            pass  # a thread that exited meanwhile
+    return total
 
 
 def _pct(ns: np.ndarray) -> dict[str, float]:
@@ -129,6 +160,10 @@ def _rank(conn: Any, sock: str, workdir: str, cpu: int | None, arena_bytes: int)
                     os.pwrite(fd, buf, 0)
                     lat[row, i] = clock() - t
             conn.send(lat.tobytes())
+        elif what == "plain":  # only the offloaded call the floor makes, for CPU per call
+            for i in range(n):
+                os.pwrite(offl_small, small, 0)
+            conn.send(n)
         elif what == "bulk":
             out = {}
             span, reverse = msg[2], msg[3]
@@ -193,17 +228,47 @@ def _compute(mode: str, seconds: float, chunks: int, chunk_mib: int, arena: Aren
     return {"rate": iters / elapsed, "MBps": submitted * chunk_mib * MiB / elapsed / 1e6}
 
 
-# --- phases ----------------------------------------------------------------------------------
+def _load_rank(conn: Any, sock: str, workdir: str, cpu: int | None, index: int,
+               max_calls: int) -> None:
+    """A rank of the capacity phase: 64-byte pwrite64 back to back for a window of time."""
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
+    session = client.attach(sock, rank=index, arena_memfd=None, policy=Policy(include=(workdir,)))
+    fd = os.open(f"{workdir}/load-{index}", os.O_CREAT | os.O_RDWR, 0o600)
+    small = b"y" * SMALL
+    lat = np.zeros(max_calls, np.int64)
+    gc.disable()
+    conn.send("ready")
+    seconds = conn.recv()
+    clock = time.perf_counter_ns
+    pwrite = os.pwrite
+    start = clock()
+    end = start + int(seconds * 1e9)
+    i = 0
+    while i < max_calls:
+        t = clock()
+        pwrite(fd, small, 0)
+        t2 = clock()
+        lat[i] = t2 - t
+        i += 1
+        if t2 >= end:
+            break
+    elapsed = clock() - start
+    os.close(fd)
+    conn.send((i, elapsed, lat[:i].tobytes()))
+    conn.recv()
+    conn.send(session.detach().tobytes())
 
 
-def _fork_rank(sock: Path, workdir: Path, cpu: int | None, arena_bytes: int) -> tuple[int, Any]:
+def _fork(target: Any, *args: Any) -> tuple[int, Any]:
+    """Fork a child running target(conn, *args); the parent keeps the other end."""
     a, b = socket.socketpair()
     pid = os.fork()
     if pid == 0:
         code = 1
         try:
             a.close()
-            _rank(Connection(b.detach()), str(sock), str(workdir), cpu, arena_bytes)
+            target(Connection(b.detach()), *args)
             code = 0
         except BaseException:  # noqa: BLE001 -- a forked child reports and always _exits
             traceback.print_exc()
@@ -211,6 +276,13 @@ def _fork_rank(sock: Path, workdir: Path, cpu: int | None, arena_bytes: int) -> 
             os._exit(code)
     b.close()
     return pid, Connection(a.detach())
+
+
+# --- phases ----------------------------------------------------------------------------------
+
+
+def _fork_rank(sock: Path, workdir: Path, cpu: int | None, arena_bytes: int) -> tuple[int, Any]:
+    return _fork(_rank, str(sock), str(workdir), cpu, arena_bytes)
 
 
 def _finish(pid: int, conn: Any, handle: spawn.ProxyHandle) -> int:
@@ -230,7 +302,7 @@ def _small_phase(workdir: Path, floor_exe: Path | None, rounds: int, n: int,
                                     expected=1, spin_us=0)
     pid, conn = _fork_rank(handle.socket_path, workdir, cpu, ARENA)
     floors: list[dict[str, float]] = []
-    native, offl, arena, ratios = [], [], [], []
+    native, offl, arena, ratios, proxy_cpu = [], [], [], [], []
     for _ in range(rounds):
         if floor_exe is not None:
             floors.append(_run_floor(floor_exe, n, str(workdir / "floor.dat"), cpu))
@@ -242,6 +314,10 @@ def _small_phase(workdir: Path, floor_exe: Path | None, rounds: int, n: int,
         if floors:
             ratios.append(float(np.percentile(lat[1], 50)) / 1e3
                           / floors[-1]["offloaded_pwrite64_p50_us"])
+        before = cpu_ns(handle.pid)
+        conn.send(("plain", n))
+        conn.recv()
+        proxy_cpu.append((cpu_ns(handle.pid) - before) / n / 1e3)
     records = _finish(pid, conn, handle)
     out: dict[str, Any] = {
         "placement": (f"floor, rank and proxy all on CPU {cpu}" if cpu is not None else
@@ -251,8 +327,17 @@ def _small_phase(workdir: Path, floor_exe: Path | None, rounds: int, n: int,
         "offloaded_pwrite64": _pct(np.concatenate(offl)),
         "offloaded_pwrite64_from_arena": _pct(np.concatenate(arena)),
         "records": records,
+        "proxy_cpu_per_call_us": round(float(np.median(proxy_cpu)), 3),
     }
     if floors:
+        floor_cpu = [f["supervisor_cpu_per_call_us"] for f in floors]
+        out["floor_supervisor_cpu_per_call_us"] = round(float(np.median(floor_cpu)), 3)
+        out["ratio_proxy_cpu_over_floor_per_round"] = [
+            round(p / f, 3) for p, f in zip(proxy_cpu, floor_cpu)]
+        out["ratio_proxy_cpu_over_floor"] = round(
+            float(np.median(np.array(proxy_cpu) / np.array(floor_cpu))), 3)
+        out["goal_proxy_cpu_over_floor"] = CPU_GOAL
+        out["goal_proxy_cpu_met"] = out["ratio_proxy_cpu_over_floor"] <= CPU_GOAL
         out["floor_offloaded_pwrite64"] = {
             "p50_us": round(float(np.median([f["offloaded_pwrite64_p50_us"] for f in floors])), 3),
             "p99_us": round(float(np.median([f["offloaded_pwrite64_p99_us"] for f in floors])), 3)}
@@ -263,6 +348,82 @@ def _small_phase(workdir: Path, floor_exe: Path | None, rounds: int, n: int,
         out["goal_p50_over_floor"] = FLOOR_GOAL
         out["goal_met"] = out["ratio_p50_over_floor"] <= FLOOR_GOAL
     return out
+
+
+RANKS_PER_PROXY = (1, 2, 4, 8, 16, 32)
+
+
+def _capacity_phase(workdir: Path, quick: bool) -> dict[str, Any]:
+    """Aggregate small-call throughput with 1..32 ranks on one proxy limited to one CPU.
+
+    The proxy gets the first CPU and no spinning (its on-CPU time is then its work); the
+    ranks share the last CPU (oversubscribed here, as ranks would share none on an LWK
+    node). Each rank calls back to back for the same window; the proxy's on-CPU time over
+    the window divided by the calls is its cost per call under that load.
+    """
+    cpus = sorted(os.sched_getaffinity(0))
+    proxy_cpu, rank_cpu = cpus[0], cpus[-1]
+    seconds = 0.5 if quick else 2.0
+    max_calls = 400_000
+    sweep = []
+    for k in RANKS_PER_PROXY:
+        handle = spawn.start_node_proxy(workdir / f"run-load-{k}", [proxy_cpu], expected=k,
+                                        spin_us=0)
+        ranks = [_fork(_load_rank, str(handle.socket_path), str(workdir), rank_cpu, i,
+                       max_calls) for i in range(k)]
+        for _, conn in ranks:
+            if conn.recv() != "ready":
+                raise RuntimeError("a load rank did not start")
+        before = cpu_ns(handle.pid)
+        for _, conn in ranks:
+            conn.send(seconds)
+        results = [conn.recv() for _, conn in ranks]
+        used = cpu_ns(handle.pid) - before
+        records = 0
+        for pid, conn in ranks:
+            conn.send(None)
+            records += len(conn.recv()) // accounting.RECORD_DTYPE.itemsize
+            _, status = os.waitpid(pid, 0)
+            if os.waitstatus_to_exitcode(status) != 0:
+                raise RuntimeError("a load rank failed")
+        handle.wait(30)
+        calls = sum(r[0] for r in results)
+        window = max(r[1] for r in results) / 1e9
+        lat = np.concatenate([np.frombuffer(r[2], np.int64) for r in results])
+        sweep.append({
+            "ranks": k, "calls": calls, "window_s": round(window, 3),
+            "calls_per_s": round(calls / window),
+            "p50_us": round(float(np.percentile(lat, 50)) / 1e3, 2),
+            "p99_us": round(float(np.percentile(lat, 99)) / 1e3, 2),
+            "proxy_cpu_per_call_us": round(used / calls / 1e3, 3),
+            "proxy_cpu_utilization": round(used / 1e9 / window, 3),
+            "records": records,
+        })
+    single = sweep[0]["calls_per_s"]
+    peak = max(row["calls_per_s"] for row in sweep)
+    by_k = {row["ranks"]: row for row in sweep}
+    ratios = {f"ratio_{k}_ranks_over_1": round(by_k[k]["calls_per_s"] / single, 3)
+              for k in RANKS_PER_PROXY[1:]}
+    ratios.update({f"ratio_{k}_ranks_over_peak": round(by_k[k]["calls_per_s"] / peak, 3)
+                   for k in (8, 32)})
+    return {
+        "placement": (f"proxy on CPU {proxy_cpu}, every rank on CPU {rank_cpu}"
+                      if proxy_cpu != rank_cpu else f"proxy and ranks on CPU {proxy_cpu}"),
+        "call": f"{SMALL} B pwrite64 from ordinary memory, back to back",
+        "sweep": sweep,
+        **ratios,
+        "peak_calls_per_s": peak,
+        "goal_ratio_over_1": CONTENTION_GOAL,
+        "goal_met": min(ratios["ratio_8_ranks_over_1"], ratios["ratio_32_ranks_over_1"])
+        >= CONTENTION_GOAL,
+        # one synchronous rank cannot load the proxy (it waits for each answer), so the
+        # stricter reading of "no collapse" is against the best rate of the sweep
+        "goal_met_over_peak": min(ratios["ratio_8_ranks_over_peak"],
+                                  ratios["ratio_32_ranks_over_peak"]) >= CONTENTION_GOAL,
+        # the cost that sizes a node: a call's under the heaviest load (a lightly loaded
+        # proxy pays a wake-up per call, but then it has cycles to spare)
+        "proxy_cpu_per_call_us": sweep[-1]["proxy_cpu_per_call_us"],
+    }
 
 
 def _partition() -> tuple[list[int], int | None, str]:
@@ -358,6 +519,7 @@ def run(out_dir: Path, quick: bool = False) -> dict:
         result["small_call"] = _small_phase(workdir, exe, rounds, n, max(os.sched_getaffinity(0)))
         result["small_call_unpinned"] = _small_phase(workdir, exe, rounds, n, None)
         result["partitioned"] = _partitioned_phase(workdir, quick)
+        result["capacity"] = _capacity_phase(workdir, quick)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(workdir, ignore_errors=True)
@@ -371,6 +533,16 @@ def run(out_dir: Path, quick: bool = False) -> dict:
             "ratio_p50_over_floor", "no floor"),
         "bulk_arena_over_native": part["bulk_1mib"]["ratio_arena_over_native"],
         "channel_compute_loss": part["channel"]["loss_channel"],
+        "proxy_cpu_per_call_us": small["proxy_cpu_per_call_us"],
+        "proxy_cpu_over_floor": small.get("ratio_proxy_cpu_over_floor", "no floor"),
+        "capacity_8_ranks_over_1": result["capacity"]["ratio_8_ranks_over_1"],
+        "capacity_32_ranks_over_1": result["capacity"]["ratio_32_ranks_over_1"],
+        "capacity_32_ranks_over_peak": result["capacity"]["ratio_32_ranks_over_peak"],
+        "capacity_proxy_cpu_per_call_us": result["capacity"]["proxy_cpu_per_call_us"],
     })
+    if "floor_offloaded_pwrite64" in small:
+        result["partitioned_p50_over_floor"] = round(
+            part["small_call_cross_cpu"]["offloaded_pwrite64"]["p50_us"]
+            / small["floor_offloaded_pwrite64"]["p50_us"], 3)
     write_result(out_dir, "offload", result)
     return result
