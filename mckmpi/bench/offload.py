@@ -16,6 +16,12 @@
 * The asynchronous channel: a compute kernel's rate while a checkpoint is written through
   the channel versus without a checkpoint (goal: loss <= 10%), and versus writing the same
   checkpoint synchronously from the rank.
+* Capacity: the proxy's on-CPU time per small call (utime+stime of all its threads, from
+  /proc/PID/task/*/schedstat) next to the C floor's supervisor's (read from the exited
+  supervisor before it is reaped), same placement, same rounds (goal <= 1.5x); and next to
+  the same proxy serving every call in Python (`--interpreted`). Aggregate throughput and
+  p99 latency with 1, 2, 4, 8, 16 and 32 ranks on one proxy limited to one CPU (goal: 8
+  and 32 ranks >= 0.8x one rank); `mckmpi info --offload-load RATE` sizes a node from it.
 """
 
 from __future__ import annotations
@@ -301,6 +307,12 @@ def _small_phase(workdir: Path, floor_exe: Path | None, rounds: int, n: int,
     handle = spawn.start_node_proxy(workdir / f"run-small-{cpu}", [cpu] if cpu is not None else [],
                                     expected=1, spin_us=0)
     pid, conn = _fork_rank(handle.socket_path, workdir, cpu, ARENA)
+    # the same rank on a proxy that serves every call in Python, for the same-run comparison
+    py_handle = spawn.start_node_proxy(workdir / f"run-small-py-{cpu}",
+                                       [cpu] if cpu is not None else [], expected=1, spin_us=0,
+                                       compiled=False)
+    py_pid, py_conn = _fork_rank(py_handle.socket_path, workdir, cpu, ARENA)
+    py_cpu = []
     floors: list[dict[str, float]] = []
     native, offl, arena, ratios, proxy_cpu = [], [], [], [], []
     for _ in range(rounds):
@@ -318,6 +330,11 @@ def _small_phase(workdir: Path, floor_exe: Path | None, rounds: int, n: int,
         conn.send(("plain", n))
         conn.recv()
         proxy_cpu.append((cpu_ns(handle.pid) - before) / n / 1e3)
+        before = cpu_ns(py_handle.pid)
+        py_conn.send(("plain", n))
+        py_conn.recv()
+        py_cpu.append((cpu_ns(py_handle.pid) - before) / n / 1e3)
+    _finish(py_pid, py_conn, py_handle)
     records = _finish(pid, conn, handle)
     out: dict[str, Any] = {
         "placement": (f"floor, rank and proxy all on CPU {cpu}" if cpu is not None else
@@ -328,6 +345,9 @@ def _small_phase(workdir: Path, floor_exe: Path | None, rounds: int, n: int,
         "offloaded_pwrite64_from_arena": _pct(np.concatenate(arena)),
         "records": records,
         "proxy_cpu_per_call_us": round(float(np.median(proxy_cpu)), 3),
+        "interpreted_proxy_cpu_per_call_us": round(float(np.median(py_cpu)), 3),
+        "ratio_compiled_over_interpreted_cpu": round(
+            float(np.median(np.array(proxy_cpu) / np.array(py_cpu))), 3),
     }
     if floors:
         floor_cpu = [f["supervisor_cpu_per_call_us"] for f in floors]
@@ -353,7 +373,8 @@ def _small_phase(workdir: Path, floor_exe: Path | None, rounds: int, n: int,
 RANKS_PER_PROXY = (1, 2, 4, 8, 16, 32)
 
 
-def _capacity_phase(workdir: Path, quick: bool) -> dict[str, Any]:
+def _capacity_phase(workdir: Path, quick: bool, compiled: bool = True,
+                    sizes: tuple[int, ...] = RANKS_PER_PROXY) -> dict[str, Any]:
     """Aggregate small-call throughput with 1..32 ranks on one proxy limited to one CPU.
 
     The proxy gets the first CPU and no spinning (its on-CPU time is then its work); the
@@ -366,9 +387,9 @@ def _capacity_phase(workdir: Path, quick: bool) -> dict[str, Any]:
     seconds = 0.5 if quick else 2.0
     max_calls = 400_000
     sweep = []
-    for k in RANKS_PER_PROXY:
-        handle = spawn.start_node_proxy(workdir / f"run-load-{k}", [proxy_cpu], expected=k,
-                                        spin_us=0)
+    for k in sizes:
+        handle = spawn.start_node_proxy(workdir / f"run-load-{k}-{compiled}", [proxy_cpu],
+                                        expected=k, spin_us=0, compiled=compiled)
         ranks = [_fork(_load_rank, str(handle.socket_path), str(workdir), rank_cpu, i,
                        max_calls) for i in range(k)]
         for _, conn in ranks:
@@ -403,10 +424,11 @@ def _capacity_phase(workdir: Path, quick: bool) -> dict[str, Any]:
     peak = max(row["calls_per_s"] for row in sweep)
     by_k = {row["ranks"]: row for row in sweep}
     ratios = {f"ratio_{k}_ranks_over_1": round(by_k[k]["calls_per_s"] / single, 3)
-              for k in RANKS_PER_PROXY[1:]}
+              for k in sizes[1:]}
     ratios.update({f"ratio_{k}_ranks_over_peak": round(by_k[k]["calls_per_s"] / peak, 3)
                    for k in (8, 32)})
     return {
+        "proxy": "compiled hot path" if compiled else "interpreted (mckmpi proxy --interpreted)",
         "placement": (f"proxy on CPU {proxy_cpu}, every rank on CPU {rank_cpu}"
                       if proxy_cpu != rank_cpu else f"proxy and ranks on CPU {proxy_cpu}"),
         "call": f"{SMALL} B pwrite64 from ordinary memory, back to back",
@@ -520,6 +542,8 @@ def run(out_dir: Path, quick: bool = False) -> dict:
         result["small_call_unpinned"] = _small_phase(workdir, exe, rounds, n, None)
         result["partitioned"] = _partitioned_phase(workdir, quick)
         result["capacity"] = _capacity_phase(workdir, quick)
+        result["capacity_interpreted"] = _capacity_phase(workdir, quick, compiled=False,
+                                                         sizes=(1, 8, 32))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(workdir, ignore_errors=True)
