@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import mckmpi
+from fixtures import mckmpi
 from mckmpi.analysis.capacity import CapacityError, measured_cost, project, reference_dir
 
 

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from test_offload_support import (
     NAMES,
     NOBODY,
+    attach,
     fork,
     nobody_proxy,
     ops_server,
@@ -19,7 +20,7 @@ from test_offload_support import (
     tree,
 )
 
-from mckmpi.offload import spawn, syscalls
+from mckmpi.offload import accounting, spawn, syscalls
 
 pytestmark = pytest.mark.offload
 
@@ -239,3 +240,70 @@ def _finish_offloaded(rank):
     rec = records_of(rank.recv())
     assert rank.wait() == 0
     return rec
+
+
+def _arena_rank(conn, root: str, sock: str) -> None:
+    """Data calls with arena buffers (zero copy), ordinary ones and both in one iovec array."""
+    import numpy as np
+
+    from mckmpi.lwk.arena import Arena
+
+    arena = Arena(8 << 20, hugepages="never", lock="auto")
+    session = attach(sock, arena_memfd=arena.memfd, arena_address=arena.address)
+    src = arena.empty(3 << 20, dtype=np.uint8)
+    src[:] = np.arange(src.size, dtype=np.uint64).astype(np.uint8)
+    dst = arena.zeros(3 << 20, dtype=np.uint8)
+    plain = bytearray(b"q" * 5000)
+    out = []
+    fd = os.open(f"{root}/f", os.O_CREAT | os.O_RDWR, 0o644)
+    ro = os.open(f"{root}/f", os.O_RDONLY)
+    steps = [
+        lambda: os.pwrite(fd, src[:1 << 20], 0),
+        lambda: os.write(fd, src[5:70_000]),
+        lambda: os.pread(fd, 10, 3),
+        lambda: os.preadv(fd, [dst[:100_000]], 7),
+        lambda: os.readv(fd, [dst[:10], dst[100:5000]]),
+        lambda: os.writev(fd, [src[:3000], src[9000:9100]]),
+        lambda: os.pwritev(fd, [src[:1 << 20], plain, src[4:400]], 11),
+        lambda: os.writev(fd, [plain, bytes(300)]),
+        lambda: os.preadv(fd, [dst[:2 << 20], dst[(2 << 20):]], 0),
+        lambda: os.preadv(fd, [dst[:64], plain], 1),
+        lambda: os.preadv(fd, [dst[:64]], 0, os.RWF_HIPRI),
+        lambda: os.pwritev(fd, [src[:10]], 5),
+        lambda: os.writev(ro, [src[:10]]),
+        lambda: os.pwrite(ro, src[:10], 0),
+        lambda: os.readv(fd, []),
+        lambda: os.lseek(fd, 0, os.SEEK_CUR),
+        lambda: int(dst[:3 << 20].astype(np.uint64).sum()),
+    ]
+    for step in steps:
+        try:
+            out.append(("ok", step()))
+        except OSError as e:
+            out.append(("err", e.errno))
+    os.close(ro)
+    os.close(fd)
+    conn.send(out)
+    conn.send(session.detach().tobytes())
+
+
+def test_the_compiled_path_moves_arena_and_vectored_data_as_the_handlers_do():
+    with scratch() as root:
+        croot, iroot = _halves(root)
+        compiled = spawn.start_node_proxy(root / "run-c", [], expected=1)
+        interpreted = spawn.start_node_proxy(root / "run-i", [], expected=1, compiled=False)
+        a = fork(_arena_rank, str(croot), str(compiled.socket_path))
+        b = fork(_arena_rank, str(iroot), str(interpreted.socket_path))
+        out_a, out_b = a.recv(), b.recv()
+        rec_a, rec_b = records_of(a.recv()), records_of(b.recv())
+        assert a.wait() == 0 and b.wait() == 0
+        assert compiled.wait(10) == 0 and interpreted.wait(10) == 0
+        assert out_a == out_b
+        assert ("err", 9) in out_a  # EBADF on the read-only descriptor
+        assert (croot / "f").read_bytes() == (iroot / "f").read_bytes()
+        for f in ["call", "bytes", "result", "errno", "fd", "how"]:
+            assert (rec_a[f] == rec_b[f]).all(), (f, rec_a[f], rec_b[f])
+        zero_copy = rec_a["how"] & accounting.ZERO_COPY != 0
+        moved = {syscalls.name_of(c) for c in rec_a["call"][zero_copy]}
+        assert {"pwrite64", "write", "readv", "writev"} <= moved, moved
+        assert moved & {"preadv", "preadv2"} and moved & {"pwritev", "pwritev2"}, moved

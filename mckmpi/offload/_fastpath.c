@@ -5,7 +5,8 @@
  * and answers the plain hot calls itself: read, write, pread64 and pwrite64 on a
  * descriptor the rank's process already has in the proxy's cache as emulated, with a
  * non-negative offset and a count that is not zero, the buffer in the arena (zero copy)
- * or in ordinary memory that reads whole (one bounce copy). Every system call (receive,
+ * or in ordinary memory that reads whole (one bounce copy); and the vectored calls
+ * (see vector_call) with every segment in the arena, or writes gathered in one copy. Every system call (receive,
  * the memory copy, the validation, the I/O, the answer) runs without the GIL, so serving
  * threads on several Linux cores run in parallel; the GIL is held only to look the
  * descriptor up in the Python-side cache and to append the record.
@@ -180,6 +181,113 @@ static int unpack_consts(PyObject *t, struct rank_consts *c, Py_buffer *arena, P
     return 0;
 }
 
+/* readv/writev/preadv/pwritev/preadv2/pwritev2 (no flags): every segment in the arena goes
+ * to the kernel as one iovec array over the proxy's mapping (zero copy); a write from
+ * ordinary memory is gathered with one process_vm_readv into the bounce buffer and written
+ * with one call. Returns 0 to defer (nothing done), 1 when answered. GIL held on entry. */
+static int vector_call(struct rank_consts *c, struct seccomp_notif *req, int nr, int64_t t0) {
+    struct iovec remote[UIO_MAXIOV], local[UIO_MAXIOV];
+    __u64 *a = req->data.args;
+    int is_write = nr == SYS_writev || nr == SYS_pwritev || nr == SYS_pwritev2;
+    int positioned = 1;
+    int64_t off = (int64_t)a[3];
+    if (nr == SYS_readv || nr == SYS_writev) {
+        positioned = 0;
+    } else if (nr == SYS_preadv2 || nr == SYS_pwritev2) {
+        if ((uint32_t)a[5])
+            return 0;  /* RWF_* flags: the handlers let the kernel honour them */
+        positioned = off != -1;
+    }
+    if (positioned && off < 0)
+        return 0;
+    uint64_t vlen = a[2], iov_addr = a[1];
+    if (vlen == 0 || vlen > UIO_MAXIOV)
+        return 0;
+    uint32_t fd = (uint32_t)a[0];
+    int pfd, mem;
+    if (!lookup(c, req->pid, fd, &pfd, &mem))
+        return 0;
+    size_t bytes = 16 * vlen;
+    int iov_in_arena = c->arena_local != NULL && c->arena_addr <= iov_addr
+                       && iov_addr + bytes <= c->arena_end;
+    int defer = 0, gone = 0;
+    Py_BEGIN_ALLOW_THREADS
+    if (iov_in_arena) {
+        memcpy(remote, c->arena_local + (iov_addr - c->arena_addr), bytes);
+    } else {
+        struct iovec into = {remote, bytes};
+        if (iov_addr + bytes > TASK_SIZE || preadv(mem, &into, 1, (off_t)iov_addr) != (ssize_t)bytes)
+            defer = 1;
+        else if (ioctl(c->listener, SECCOMP_IOCTL_NOTIF_ID_VALID, &req->id))
+            gone = 1;
+    }
+    Py_END_ALLOW_THREADS
+    if (defer)
+        return 0;
+    if (gone) {
+        answer(c->listener, req->id, 0, 0, SECCOMP_USER_NOTIF_FLAG_CONTINUE);
+        return 1;
+    }
+    uint64_t total = 0;
+    int all_arena = c->arena_local != NULL, any_arena = 0;
+    for (uint64_t i = 0; i < vlen; i++) {
+        uint64_t base = (uint64_t)(uintptr_t)remote[i].iov_base, len = remote[i].iov_len;
+        if (len >> 63)
+            return 0;
+        if (len > (uint64_t)MAX_RW - total)
+            len = (uint64_t)MAX_RW - total;
+        if (base + len > TASK_SIZE)
+            return 0;
+        remote[i].iov_len = len;
+        total += len;
+        int in = c->arena_local != NULL && c->arena_addr <= base && base + len <= c->arena_end;
+        all_arena &= in;
+        any_arena |= in;
+        if (in)
+            local[i] = (struct iovec){c->arena_local + (base - c->arena_addr), len};
+    }
+    if (total == 0 || (!all_arena && (!is_write || total > c->bounce_size)))
+        return 0;  /* reads into ordinary memory, oversized gathers: the handlers */
+    int64_t res = 0;
+    Py_BEGIN_ALLOW_THREADS
+    struct iovec *iov = local;
+    int n = (int)vlen;
+    if (!all_arena) {
+        struct iovec one = {c->bounce, total};
+        if (process_vm_readv((pid_t)req->pid, &one, 1, remote, vlen, 0) != (ssize_t)total)
+            defer = 1;
+        else if (ioctl(c->listener, SECCOMP_IOCTL_NOTIF_ID_VALID, &req->id))
+            gone = 1;
+        local[0] = one;
+        n = 1;
+    }
+    if (!defer && !gone) {
+        ssize_t r;
+        if (is_write)
+            r = positioned ? pwritev(pfd, iov, n, off) : writev(pfd, iov, n);
+        else
+            r = positioned ? preadv(pfd, iov, n, off) : readv(pfd, iov, n);
+        res = r < 0 ? -errno : r;
+    }
+    Py_END_ALLOW_THREADS
+    if (defer)
+        return 0;
+    if (gone) {
+        answer(c->listener, req->id, 0, 0, SECCOMP_USER_NOTIF_FLAG_CONTINUE);
+        return 1;
+    }
+    struct record row = {
+        .trap_ns = t0, .done_ns = now_ns(), .bytes = res >= 0 ? res : 0,
+        .result = res >= 0 ? res : -1, .rank = c->rank, .pid = (int32_t)req->pid,
+        .fd = (int32_t)fd, .err = res >= 0 ? 0 : (int32_t)-res, .call = (int16_t)nr,
+        .how = EMULATED | (iov_in_arena || any_arena ? ZERO_COPY : 0), .pad = 0};
+    int failed = add_record(c, &row);
+    Py_BEGIN_ALLOW_THREADS
+    answer(c->listener, req->id, res >= 0 ? res : 0, res >= 0 ? 0 : (int32_t)res, 0);
+    Py_END_ALLOW_THREADS
+    return failed ? -1 : 1;
+}
+
 static PyObject *serve(PyObject *self, PyObject *args) {
     PyObject *emulator, *consts;
     Py_buffer view, arena, bounce;
@@ -229,7 +337,18 @@ static PyObject *serve(PyObject *self, PyObject *args) {
         __u64 *a = req->data.args;
         int is_write = nr == SYS_write || nr == SYS_pwrite64;
         int positioned = nr == SYS_pread64 || nr == SYS_pwrite64;
-        if (passthrough || !(is_write || nr == SYS_read || nr == SYS_pread64))
+        if (passthrough)
+            break;
+        if (nr == SYS_readv || nr == SYS_writev || nr == SYS_preadv || nr == SYS_pwritev
+            || nr == SYS_preadv2 || nr == SYS_pwritev2) {
+            int done = vector_call(&c, req, nr, t0);
+            if (done < 0)
+                goto done;
+            if (done == 0)
+                break;
+            continue;
+        }
+        if (!(is_write || nr == SYS_read || nr == SYS_pread64))
             break;
         uint32_t fd = (uint32_t)a[0];
         uint64_t addr = a[1], count = a[2];
