@@ -11,7 +11,8 @@
   both). Rounds of floor, native and offloaded alternate so a change in the machine's load
   hits all three. The cross-CPU round trip of a partitioned node is reported too.
 * 1 MiB writes from the rank's arena (the proxy writes straight from its mapping) versus the
-  same writes native (goal >= 0.9x), and from ordinary memory (copied once into the proxy).
+  same writes native (goal >= 0.9x), and from ordinary memory (copied once into the proxy);
+  1 MiB reads into the arena versus native (goal >= 0.9x).
   Rank on one CPU, proxy on another, as in an LWK partition.
 * The asynchronous channel: a compute kernel's rate while a checkpoint is written through
   the channel versus without a checkpoint (goal: loss <= 10%), and versus writing the same
@@ -182,6 +183,13 @@ def _rank(conn: Any, sock: str, workdir: str, cpu: int | None, arena_bytes: int)
                 t = time.perf_counter_ns()
                 for i in range(n):
                     os.pwrite(fd, buf[i % rows], (i % span) * MiB)
+                out[name] = n * MiB / ((time.perf_counter_ns() - t) / 1e9)
+            reads = [("native_read", native_bulk), ("arena_read", offl_bulk)]
+            for name, fd in reversed(reads) if reverse else reads:  # into the arena
+                rows = len(bulk_arena)
+                t = time.perf_counter_ns()
+                for i in range(n):
+                    os.preadv(fd, [bulk_arena[i % rows]], (i % span) * MiB)
                 out[name] = n * MiB / ((time.perf_counter_ns() - t) / 1e9)
             conn.send(out)
         elif what == "compute":
@@ -464,7 +472,8 @@ def _partitioned_phase(workdir: Path, quick: bool) -> dict[str, Any]:
     n_small = 5_000 if quick else 20_000
     conn.send(("small", n_small))
     cross = np.frombuffer(conn.recv(), np.int64).reshape(3, n_small)
-    bulk: dict[str, list[float]] = {"native": [], "arena": [], "plain": []}
+    bulk: dict[str, list[float]] = {"native": [], "arena": [], "plain": [], "native_read": [],
+                                    "arena_read": []}
     for r in range(rounds):
         conn.send(("bulk", 64 if quick else 256, 48, r % 2 == 1))
         for k, v in conn.recv().items():
@@ -479,6 +488,7 @@ def _partitioned_phase(workdir: Path, quick: bool) -> dict[str, Any]:
     med = {k: float(np.median(v)) for k, v in bulk.items()}
     arena_ratio = float(np.median(np.array(bulk["arena"]) / np.array(bulk["native"])))
     plain_ratio = float(np.median(np.array(bulk["plain"]) / np.array(bulk["native"])))
+    read_ratio = float(np.median(np.array(bulk["arena_read"]) / np.array(bulk["native_read"])))
     rate = {k: float(np.median([r["rate"] for r in v])) for k, v in comp.items()}
     losses = [1 - c["rate"] / n["rate"] for c, n in zip(comp["channel"], comp["none"])]
     loss = float(np.median(losses))
@@ -496,8 +506,14 @@ def _partitioned_phase(workdir: Path, quick: bool) -> dict[str, Any]:
                                                   zip(bulk["arena"], bulk["native"])],
             "ratio_arena_over_native": round(arena_ratio, 3),
             "ratio_plain_over_native": round(plain_ratio, 3),
+            "native_read_MBps": round(med["native_read"] / 1e6, 1),
+            "offloaded_arena_read_MBps": round(med["arena_read"] / 1e6, 1),
+            "ratio_arena_read_over_native_per_round": [
+                round(a / n, 3) for a, n in zip(bulk["arena_read"], bulk["native_read"])],
+            "ratio_arena_read_over_native": round(read_ratio, 3),
             "goal_arena_over_native": BULK_GOAL,
             "goal_met": arena_ratio >= BULK_GOAL,
+            "goal_read_met": read_ratio >= BULK_GOAL,
         },
         "channel": {
             "window_s": seconds, "file_MiB": chunks * chunk_mib, "request_MiB": chunk_mib,
@@ -556,6 +572,7 @@ def run(out_dir: Path, quick: bool = False) -> dict:
         "small_ratio_over_floor_unpinned": result["small_call_unpinned"].get(
             "ratio_p50_over_floor", "no floor"),
         "bulk_arena_over_native": part["bulk_1mib"]["ratio_arena_over_native"],
+        "bulk_arena_read_over_native": part["bulk_1mib"]["ratio_arena_read_over_native"],
         "channel_compute_loss": part["channel"]["loss_channel"],
         "proxy_cpu_per_call_us": small["proxy_cpu_per_call_us"],
         "proxy_cpu_over_floor": small.get("ratio_proxy_cpu_over_floor", "no floor"),
