@@ -124,6 +124,7 @@ static int add_record(struct rank_consts *c, const struct record *r) {
     if (buf == NULL || !PyByteArray_Check(buf) || n < 0) {
         Py_XDECREF(buf);
         PyErr_Clear();
+        PyErr_SetString(PyExc_RuntimeError, "records is not an accounting.Records buffer");
         return -1;
     }
     if ((n + 1) * (long long)sizeof *r <= PyByteArray_GET_SIZE(buf)) {
