@@ -65,7 +65,8 @@ try:
 except ImportError:  # a source tree that was never installed: `serve` refuses to start
     _fastpath = None  # type: ignore[assignment]
 COMPILED_MISSING = ("the proxy's compiled hot path (mckmpi/offload/_fastpath.c) is not built: "
-                    "install mckmpi with `make setup` (or pip install -e .), which needs a C "
+                    "install mckmpi with `make setup` (or pip install -e .; a source tree used "
+                    "through PYTHONPATH: python setup.py build_ext --inplace), which needs a C "
                     "compiler, or start the proxy with --interpreted")
 
 _PWRITE64, _WRITE = SYS["pwrite64"], SYS["write"]
