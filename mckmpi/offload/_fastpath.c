@@ -65,7 +65,7 @@ struct rank_consts {
     uint64_t bounce_size;
 };
 
-static PyObject *s_fds, *s_mem, *s_passthrough, *s_spin_ns, *s_buf, *s_n;
+static PyObject *s_fds, *s_mem, *s_passthrough, *s_closing, *s_spin_ns, *s_buf, *s_n;
 
 /* int attribute of obj, or -1 (with no exception left set) */
 static long long int_attr(PyObject *obj, PyObject *name) {
@@ -315,7 +315,14 @@ static PyObject *serve(PyObject *self, PyObject *args) {
             passthrough = PyObject_IsTrue(pt);
             Py_DECREF(pt);
         }
+        PyObject *closing = PyObject_GetAttr(emulator, s_closing);
+        int stop = closing == NULL || PyObject_IsTrue(closing) != 0;
+        Py_XDECREF(closing);
         PyErr_Clear();
+        if (stop) {  /* a stop request between calls: the loop sees `closing` and ends */
+            result_errno = EINTR;
+            break;
+        }
         int rc, err = 0;
         memset(req, 0, sizeof *req);
         Py_BEGIN_ALLOW_THREADS
@@ -438,6 +445,7 @@ PyMODINIT_FUNC PyInit__fastpath(void) {
     s_fds = PyUnicode_InternFromString("fds");
     s_mem = PyUnicode_InternFromString("mem");
     s_passthrough = PyUnicode_InternFromString("passthrough");
+    s_closing = PyUnicode_InternFromString("closing");
     s_spin_ns = PyUnicode_InternFromString("spin_ns");
     s_buf = PyUnicode_InternFromString("_buf");
     s_n = PyUnicode_InternFromString("_n");
