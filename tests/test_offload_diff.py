@@ -20,7 +20,7 @@ from test_offload_support import (
     tree,
 )
 
-from mckmpi.offload import accounting, spawn, syscalls
+from mckmpi.offload import accounting, server, spawn, syscalls
 
 pytestmark = pytest.mark.offload
 
@@ -209,9 +209,10 @@ def test_the_compiled_and_the_interpreted_proxy_answer_alike():
     and every field of the records but the times and the caller's pid."""
     with scratch() as root:
         croot, iroot = _halves(root)
-        compiled = spawn.start_node_proxy(root / "run-c", [], expected=1)
+        log = root / "compiled.log"
+        compiled, sock = _logged_proxy(root / "run-c", log)
         interpreted = spawn.start_node_proxy(root / "run-i", [], expected=1, compiled=False)
-        a = fork(ops_server, str(croot), str(compiled.socket_path))
+        a = fork(ops_server, str(croot), str(sock))
         b = fork(ops_server, str(iroot), str(interpreted.socket_path))
 
         @settings(max_examples=200, deadline=None, derandomize=True,
@@ -228,11 +229,26 @@ def test_the_compiled_and_the_interpreted_proxy_answer_alike():
             rec_a = _finish_offloaded(a)
             rec_b = _finish_offloaded(b)
         assert compiled.wait(10) == 0 and interpreted.wait(10) == 0
+        assert "compiled path failed" not in log.read_text()  # it served to the end
         fields = ["call", "bytes", "result", "errno", "fd", "how"]
         assert len(rec_a) == len(rec_b) > 1000
         for f in fields:
             assert (rec_a[f] == rec_b[f]).all(), f
         assert {"pwrite64", "pread64", "read", "write"} <= {syscalls.name_of(c) for c in rec_a["call"]}
+
+
+def _serve_logged(conn, sock: str) -> None:
+    conn.close()
+    os._exit(server.serve(sock, expected=1, parent_pid=os.getppid(), idle_timeout=30))
+
+
+def _logged_proxy(run_dir, log):
+    """A compiled proxy whose stderr goes to `log` (it says there if it left the C path)."""
+    run_dir.mkdir(mode=0o700)
+    path = spawn.socket_path(run_dir)
+    child = fork(_serve_logged, str(path), stderr_path=str(log))
+    spawn.wait_for_socket(path, 10)
+    return child, path
 
 
 def _finish_offloaded(rank):

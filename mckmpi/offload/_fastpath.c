@@ -12,7 +12,8 @@
  * descriptor up in the Python-side cache and to append the record.
  *
  * Anything else -- a call it does not know, a descriptor not (yet) in the cache, a
- * buffer that does not read whole, a task the proxy has not seen -- is left in `buf`
+ * buffer that does not read whole, a task the proxy has not seen or runs natively (a
+ * true `native` attribute of its process) -- is left in `buf`
  * and serve() returns 0: the Python loop dispatches it to the handlers, which decide
  * everything about it (so their semantics stay the only semantics). A failed receive
  * returns its errno (EINTR: a stop request; ENOENT: the caller died).
@@ -65,7 +66,7 @@ struct rank_consts {
     uint64_t bounce_size;
 };
 
-static PyObject *s_fds, *s_mem, *s_passthrough, *s_closing, *s_spin_ns, *s_buf, *s_n;
+static PyObject *s_fds, *s_mem, *s_native, *s_passthrough, *s_closing, *s_spin_ns, *s_buf, *s_n;
 
 /* int attribute of obj, or -1 (with no exception left set) */
 static long long int_attr(PyObject *obj, PyObject *name) {
@@ -90,6 +91,12 @@ static int lookup(struct rank_consts *c, uint32_t tid, uint32_t fd, int *pfd, in
     PyObject *proc = PyDict_GetItemWithError(c->tids, key); /* borrowed */
     Py_DECREF(key);
     if (proc == NULL)
+        goto fail;
+    PyObject *native = PyObject_GetAttr(proc, s_native);  /* a process the kernel serves */
+    int own = native == NULL || PyObject_IsTrue(native) == 0;
+    Py_XDECREF(native);
+    PyErr_Clear();  /* no such attribute: every process is served */
+    if (!own)
         goto fail;
     PyObject *fds = PyObject_GetAttr(proc, s_fds);
     if (fds == NULL || !PyDict_Check(fds)) {
@@ -444,6 +451,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastpath", NULL, -1
 PyMODINIT_FUNC PyInit__fastpath(void) {
     s_fds = PyUnicode_InternFromString("fds");
     s_mem = PyUnicode_InternFromString("mem");
+    s_native = PyUnicode_InternFromString("native");
     s_passthrough = PyUnicode_InternFromString("passthrough");
     s_closing = PyUnicode_InternFromString("closing");
     s_spin_ns = PyUnicode_InternFromString("spin_ns");

@@ -268,6 +268,9 @@ class Emulator(PathCalls, DataCalls):
             self.log(f"rank {self.rank}: the compiled path failed, serving in Python from "
                      f"now on:\n{traceback.format_exc()}")
             self.compiled = False
+            nid = NOTIF.unpack_from(buf)[0]
+            if nid:  # a call it may have received but not answered: the kernel runs it
+                self._continue(nid)
             raise OSError(errno.EINTR, "compiled path stopped") from None
         if err:
             raise OSError(err, os.strerror(err))
