@@ -22,7 +22,9 @@
   supervisor before it is reaped), same placement, same rounds (goal <= 1.5x); and next to
   the same proxy serving every call in Python (`--interpreted`). Aggregate throughput and
   p99 latency with 1, 2, 4, 8, 16 and 32 ranks on one proxy limited to one CPU (goal: 8
-  and 32 ranks >= 0.8x one rank); `mckmpi info --offload-load RATE` sizes a node from it.
+  and 32 ranks >= 0.8x one rank), each next to notif-floor-ranks.c (shipped beside this
+  module: a C supervisor with a thread per rank, same CPUs, same window); `mckmpi info
+  --offload-load RATE` sizes a node from it.
 """
 
 from __future__ import annotations
@@ -71,17 +73,32 @@ def floor_source() -> Path | None:
     return candidate if candidate.is_file() else None
 
 
-def _build_floor(src: Path, tmp: Path) -> tuple[Path | None, str]:
-    exe = tmp / "notif-floor"
+def _build_floor(src: Path, tmp: Path, *flags: str) -> tuple[Path | None, str]:
+    exe = tmp / src.stem
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         return None, "no C compiler (cc) found"
-    r = subprocess.run([cc, "-O2", "-o", str(exe), str(src)], capture_output=True, text=True,
-                       timeout=120, check=False)
+    r = subprocess.run([cc, "-O2", *flags, "-o", str(exe), str(src)], capture_output=True,
+                       text=True, timeout=120, check=False)
     if r.returncode != 0:
         return None, f"cc -O2 failed: {r.stderr.strip()[-300:]}"
     digest = hashlib.sha256(src.read_bytes()).hexdigest()[:16]
-    return exe, f"{Path(cc).name} -O2 -o notif-floor {src.name} (sha256 {digest}...)"
+    return exe, (f"{Path(cc).name} -O2 {' '.join(flags) + ' ' if flags else ''}-o {src.stem} "
+                 f"{src.name} (sha256 {digest}...)")
+
+
+#: the floor of one supervisor serving many ranks (a thread per rank), shipped with mckmpi
+FLOOR_RANKS_SRC = Path(__file__).with_name("notif-floor-ranks.c")
+
+
+def _run_floor_ranks(exe: Path, ranks: int, seconds: float, path: str, supervisor_cpu: int,
+                     rank_cpu: int) -> dict[str, float]:
+    r = subprocess.run([str(exe), str(ranks), str(seconds), path, str(supervisor_cpu),
+                        str(rank_cpu)], capture_output=True, text=True,
+                       timeout=60 + 4 * seconds, check=False)
+    if r.returncode != 0:
+        raise RuntimeError(f"notif-floor-ranks failed ({r.returncode}): {r.stderr.strip()}")
+    return {key: float(value) for key, value in (line.split() for line in r.stdout.splitlines())}
 
 
 def _run_floor(exe: Path, n: int, path: str, cpu: int | None) -> dict[str, float]:
@@ -382,13 +399,15 @@ RANKS_PER_PROXY = (1, 2, 4, 8, 16, 32)
 
 
 def _capacity_phase(workdir: Path, quick: bool, compiled: bool = True,
-                    sizes: tuple[int, ...] = RANKS_PER_PROXY) -> dict[str, Any]:
+                    sizes: tuple[int, ...] = RANKS_PER_PROXY,
+                    floor_exe: Path | None = None) -> dict[str, Any]:
     """Aggregate small-call throughput with 1..32 ranks on one proxy limited to one CPU.
 
     The proxy gets the first CPU and no spinning (its on-CPU time is then its work); the
     ranks share the last CPU (oversubscribed here, as ranks would share none on an LWK
     node). Each rank calls back to back for the same window; the proxy's on-CPU time over
-    the window divided by the calls is its cost per call under that load.
+    the window divided by the calls is its cost per call under that load. With `floor_exe`
+    (notif-floor-ranks) each size is also run on the C floor, same CPUs, same window.
     """
     cpus = sorted(os.sched_getaffinity(0))
     proxy_cpu, rank_cpu = cpus[0], cpus[-1]
@@ -419,6 +438,13 @@ def _capacity_phase(workdir: Path, quick: bool, compiled: bool = True,
         calls = sum(r[0] for r in results)
         window = max(r[1] for r in results) / 1e9
         lat = np.concatenate([np.frombuffer(r[2], np.int64) for r in results])
+        floor = {}
+        if floor_exe is not None:
+            f = _run_floor_ranks(floor_exe, k, seconds, str(workdir / "floor-ranks.dat"),
+                                 proxy_cpu, rank_cpu)
+            floor = {"floor_calls_per_s": round(f["calls_per_s"]),
+                     "floor_supervisor_cpu_per_call_us": round(f["supervisor_cpu_per_call_us"], 3),
+                     "ratio_calls_per_s_over_floor": round(calls / window / f["calls_per_s"], 3)}
         sweep.append({
             "ranks": k, "calls": calls, "window_s": round(window, 3),
             "calls_per_s": round(calls / window),
@@ -427,6 +453,7 @@ def _capacity_phase(workdir: Path, quick: bool, compiled: bool = True,
             "proxy_cpu_per_call_us": round(used / calls / 1e3, 3),
             "proxy_cpu_utilization": round(used / 1e9 / window, 3),
             "records": records,
+            **floor,
         })
     single = sweep[0]["calls_per_s"]
     peak = max(row["calls_per_s"] for row in sweep)
@@ -557,7 +584,9 @@ def run(out_dir: Path, quick: bool = False) -> dict:
         result["small_call"] = _small_phase(workdir, exe, rounds, n, max(os.sched_getaffinity(0)))
         result["small_call_unpinned"] = _small_phase(workdir, exe, rounds, n, None)
         result["partitioned"] = _partitioned_phase(workdir, quick)
-        result["capacity"] = _capacity_phase(workdir, quick)
+        ranks_exe, how = _build_floor(FLOOR_RANKS_SRC, tmp, "-pthread")
+        result["floor_ranks"] = how if ranks_exe else f"skipped: {how}"
+        result["capacity"] = _capacity_phase(workdir, quick, floor_exe=ranks_exe)
         result["capacity_interpreted"] = _capacity_phase(workdir, quick, compiled=False,
                                                          sizes=(1, 8, 32))
     finally:
@@ -580,6 +609,8 @@ def run(out_dir: Path, quick: bool = False) -> dict:
         "capacity_32_ranks_over_1": result["capacity"]["ratio_32_ranks_over_1"],
         "capacity_32_ranks_over_peak": result["capacity"]["ratio_32_ranks_over_peak"],
         "capacity_proxy_cpu_per_call_us": result["capacity"]["proxy_cpu_per_call_us"],
+        "capacity_32_ranks_over_floor": result["capacity"]["sweep"][-1].get(
+            "ratio_calls_per_s_over_floor", "no floor"),
     })
     if "floor_offloaded_pwrite64" in small:
         result["partitioned_p50_over_floor"] = round(
