@@ -6,9 +6,14 @@ import json
 from pathlib import Path
 
 import pytest
-
 from fixtures import mckmpi
-from mckmpi.analysis.capacity import CapacityError, measured_cost, project, reference_dir
+
+from mckmpi.analysis.capacity import (
+    CapacityError,
+    measured_cost,
+    project,
+    reference_dir,
+)
 
 
 def test_a_core_serves_its_share_and_a_node_gets_the_fewest_linux_cores():
@@ -42,7 +47,7 @@ def test_the_last_measurement_wins_over_the_reference(tmp_path: Path):
     assert measured_cost(tmp_path / "none", tmp_path / "ref")[1:] == (
         tmp_path / "ref" / "bench-offload.json", "reference")
     _bench(tmp_path / "last", 8.0)
-    cost, path, origin = measured_cost(tmp_path / "last", tmp_path / "ref")
+    cost, _, origin = measured_cost(tmp_path / "last", tmp_path / "ref")
     assert (cost, origin) == (8.0, "last measured")
     with pytest.raises(CapacityError, match="mckmpi bench offload"):
         measured_cost(tmp_path / "none", tmp_path / "none")

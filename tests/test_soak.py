@@ -19,7 +19,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-
 from fixtures import job_env, mpirun
 
 pytestmark = [pytest.mark.offload, pytest.mark.soak]

@@ -89,10 +89,10 @@ def project(rate: float, cores: int, cost_us: float, *, source: str = "", origin
 def describe(p: Projection) -> list[str]:
     """The projection as lines a person reads."""
     lines = [
-        f"proxy cost per small call: {p.cpu_per_call_us:.2f} us of one core "
-        f"({p.origin} numbers: {p.source})",
-        f"one Linux core serves {p.calls_per_core:,.0f} calls/s at {p.utilization:.0%} busy: "
-        f"{p.ranks_per_core} ranks of {p.rate:g} calls/s",
+        (f"proxy cost per small call: {p.cpu_per_call_us:.2f} us of one core "
+         f"({p.origin} numbers: {p.source})"),
+        (f"one Linux core serves {p.calls_per_core:,.0f} calls/s at {p.utilization:.0%} busy: "
+         f"{p.ranks_per_core} ranks of {p.rate:g} calls/s"),
     ]
     if p.linux_cores:
         lines.append(f"a node of {p.cores} cores needs --linux-cores {p.linux_cores} "

@@ -44,9 +44,8 @@ from typing import Any
 
 import numpy as np
 
-from mckmpi.offload import accounting, protocol
+from mckmpi.offload import accounting, loop, protocol
 from mckmpi.offload.errors import OffloadError
-from mckmpi.offload import loop
 from mckmpi.offload.loop import Emulator
 from mckmpi.offload.policy import Policy
 from mckmpi.offload.remote import ArenaMapping
