@@ -5,7 +5,7 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 MPIEXEC := OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 timeout 900 mpiexec --bind-to none
 
-.PHONY: setup demo test test-serial test-mpi clean
+.PHONY: setup demo test test-serial test-mpi soak clean
 
 setup:
 	launch/setup
@@ -22,6 +22,11 @@ test-serial:
 test-mpi:
 	$(MPIEXEC) -n 2 $(PY) -m pytest --with-mpi -m mpi -p no:cacheprovider -q tests
 	$(MPIEXEC) -n 4 --oversubscribe $(PY) -m pytest --with-mpi -m mpi -p no:cacheprovider -q tests
+
+# 64 ranks on two proxies, 10^4 offloaded operations each (minutes; not part of `make test`)
+soak: setup
+	mkdir -p results
+	MCKMPI_SOAK_RECORD=results/soak.json $(PY) -m pytest -m soak -s -p no:cacheprovider tests/test_soak.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -20,7 +20,13 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked `offload` are skipped, with the reason, on a kernel that cannot offload."""
+    """Tests marked `soak` run only when asked for by marker (`make soak`: -m soak); tests
+    marked `offload` are skipped, with the reason, on a kernel that cannot offload."""
+    if "soak" not in (config.getoption("markexpr", default="") or ""):
+        skip = pytest.mark.skip(reason="a soak test: run it with `make soak` (pytest -m soak)")
+        for item in items:
+            if item.get_closest_marker("soak"):
+                item.add_marker(skip)
     marked = [item for item in items if item.get_closest_marker("offload")]
     if not marked:
         return

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from test_offload_support import (
     NAMES,
     NOBODY,
+    attach,
     fork,
     nobody_proxy,
     ops_server,
@@ -19,7 +20,7 @@ from test_offload_support import (
     tree,
 )
 
-from mckmpi.offload import spawn, syscalls
+from mckmpi.offload import accounting, server, spawn, syscalls
 
 pytestmark = pytest.mark.offload
 
@@ -190,3 +191,135 @@ def test_random_file_operations_match_native_as_unprivileged_user():
         finally:
             _finish(native, offl)
         assert px.wait(10) == 0, log.read_text()
+
+
+#: hot calls of every size class the compiled path answers (bounce buffer up to 4 MiB)
+HOT_CASES = [
+    [("open", "a", RW, 0o644), ("write", 0, b"h" * 70_000), ("pwrite", 0, b"p" * 300_000, 5),
+     ("lseek", 0, 0, 0), ("read", 0, 200_000), ("read", 0, 200_000), ("pread", 0, 5_000_000, 0),
+     ("pread", 0, 100, 1 << 40), ("open", "a", O.O_RDONLY, 0), ("pwrite", 1, b"x", 0),
+     ("write", 1, b"y"), ("open", "a", O.O_WRONLY, 0), ("read", 2, 10), ("pread", 2, 10, 0),
+     ("efault", 0, True), ("efault", 0, False), ("lseek", 0, 0, 1), ("close", 0),
+     ("write", 0, b"closed"), ("pread", 0, 4, 0)],
+]
+
+
+def test_the_compiled_and_the_interpreted_proxy_answer_alike():
+    """The compiled hot path gives what the Python handlers give: results, errno, files
+    and every field of the records but the times and the caller's pid."""
+    with scratch() as root:
+        croot, iroot = _halves(root)
+        log = root / "compiled.log"
+        compiled, sock = _logged_proxy(root / "run-c", log)
+        interpreted = spawn.start_node_proxy(root / "run-i", [], expected=1, compiled=False)
+        a = fork(ops_server, str(croot), str(sock))
+        b = fork(ops_server, str(iroot), str(interpreted.socket_path))
+
+        @settings(max_examples=200, deadline=None, derandomize=True,
+                  suppress_health_check=[HealthCheck.too_slow])
+        @given(programs)
+        def run(program):
+            _check(a, b, croot, iroot, program)
+
+        try:
+            for case in HOT_CASES + EDGE_CASES:
+                _check(a, b, croot, iroot, case)
+            run()
+        finally:
+            rec_a = _finish_offloaded(a)
+            rec_b = _finish_offloaded(b)
+        assert compiled.wait(10) == 0 and interpreted.wait(10) == 0
+        assert "compiled path failed" not in log.read_text()  # it served to the end
+        fields = ["call", "bytes", "result", "errno", "fd", "how"]
+        assert len(rec_a) == len(rec_b) > 1000
+        for f in fields:
+            assert (rec_a[f] == rec_b[f]).all(), f
+        assert {"pwrite64", "pread64", "read", "write"} <= {syscalls.name_of(c) for c in rec_a["call"]}
+
+
+def _serve_logged(conn, sock: str) -> None:
+    conn.close()
+    os._exit(server.serve(sock, expected=1, parent_pid=os.getppid(), idle_timeout=30))
+
+
+def _logged_proxy(run_dir, log):
+    """A compiled proxy whose stderr goes to `log` (it says there if it left the C path)."""
+    run_dir.mkdir(mode=0o700)
+    path = spawn.socket_path(run_dir)
+    child = fork(_serve_logged, str(path), stderr_path=str(log))
+    spawn.wait_for_socket(path, 10)
+    return child, path
+
+
+def _finish_offloaded(rank):
+    rank.send(None)
+    rec = records_of(rank.recv())
+    assert rank.wait() == 0
+    return rec
+
+
+def _arena_rank(conn, root: str, sock: str) -> None:
+    """Data calls with arena buffers (zero copy), ordinary ones and both in one iovec array."""
+    import numpy as np
+
+    from mckmpi.lwk.arena import Arena
+
+    arena = Arena(8 << 20, hugepages="never", lock="auto")
+    session = attach(sock, arena_memfd=arena.memfd, arena_address=arena.address)
+    src = arena.empty(3 << 20, dtype=np.uint8)
+    src[:] = np.arange(src.size, dtype=np.uint64).astype(np.uint8)
+    dst = arena.zeros(3 << 20, dtype=np.uint8)
+    plain = bytearray(b"q" * 5000)
+    out = []
+    fd = os.open(f"{root}/f", os.O_CREAT | os.O_RDWR, 0o644)
+    ro = os.open(f"{root}/f", os.O_RDONLY)
+    steps = [
+        lambda: os.pwrite(fd, src[:1 << 20], 0),
+        lambda: os.write(fd, src[5:70_000]),
+        lambda: os.pread(fd, 10, 3),
+        lambda: os.preadv(fd, [dst[:100_000]], 7),
+        lambda: os.readv(fd, [dst[:10], dst[100:5000]]),
+        lambda: os.writev(fd, [src[:3000], src[9000:9100]]),
+        lambda: os.pwritev(fd, [src[:1 << 20], plain, src[4:400]], 11),
+        lambda: os.writev(fd, [plain, bytes(300)]),
+        lambda: os.preadv(fd, [dst[:2 << 20], dst[(2 << 20):]], 0),
+        lambda: os.preadv(fd, [dst[:64], plain], 1),
+        lambda: os.preadv(fd, [dst[:64]], 0, os.RWF_HIPRI),
+        lambda: os.pwritev(fd, [src[:10]], 5),
+        lambda: os.writev(ro, [src[:10]]),
+        lambda: os.pwrite(ro, src[:10], 0),
+        lambda: os.readv(fd, []),
+        lambda: os.lseek(fd, 0, os.SEEK_CUR),
+        lambda: int(dst[:3 << 20].astype(np.uint64).sum()),
+    ]
+    for step in steps:
+        try:
+            out.append(("ok", step()))
+        except OSError as e:
+            out.append(("err", e.errno))
+    os.close(ro)
+    os.close(fd)
+    conn.send(out)
+    conn.send(session.detach().tobytes())
+
+
+def test_the_compiled_path_moves_arena_and_vectored_data_as_the_handlers_do():
+    with scratch() as root:
+        croot, iroot = _halves(root)
+        compiled = spawn.start_node_proxy(root / "run-c", [], expected=1)
+        interpreted = spawn.start_node_proxy(root / "run-i", [], expected=1, compiled=False)
+        a = fork(_arena_rank, str(croot), str(compiled.socket_path))
+        b = fork(_arena_rank, str(iroot), str(interpreted.socket_path))
+        out_a, out_b = a.recv(), b.recv()
+        rec_a, rec_b = records_of(a.recv()), records_of(b.recv())
+        assert a.wait() == 0 and b.wait() == 0
+        assert compiled.wait(10) == 0 and interpreted.wait(10) == 0
+        assert out_a == out_b
+        assert ("err", 9) in out_a  # EBADF on the read-only descriptor
+        assert (croot / "f").read_bytes() == (iroot / "f").read_bytes()
+        for f in ["call", "bytes", "result", "errno", "fd", "how"]:
+            assert (rec_a[f] == rec_b[f]).all(), (f, rec_a[f], rec_b[f])
+        zero_copy = rec_a["how"] & accounting.ZERO_COPY != 0
+        moved = {syscalls.name_of(c) for c in rec_a["call"][zero_copy]}
+        assert {"pwrite64", "write", "readv", "writev"} <= moved, moved
+        assert moved & {"preadv", "preadv2"} and moved & {"pwritev", "pwritev2"}, moved

@@ -289,3 +289,25 @@ def test_a_closed_standard_stream_is_the_number_a_new_descriptor_gets():
     finally:
         proc.close()
         _end(pid, w)
+
+
+def test_the_compiled_record_is_the_record_layout():
+    from mckmpi.offload import _fastpath
+
+    assert _fastpath.RECORD_SIZE == accounting.RECORD_DTYPE.itemsize
+
+
+def test_a_proxy_without_its_compiled_part_is_one_clear_line(tmp_path: Path):
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    code = ("import sys; sys.modules['mckmpi.offload._fastpath'] = None\n"
+            "from mckmpi.frontend.cli import main\n"
+            f"sys.exit(main(['proxy', '--socket', {str(run / 'p.sock')!r}]))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("mckmpi: error: ")
+    assert "make setup" in proc.stderr and "--interpreted" in proc.stderr

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from mckmpi import config
 from mckmpi.errors import UsageError
@@ -168,10 +169,20 @@ def _plan_json(vnode: int, plan: object) -> dict:
 @command("info", "what this node offers: versions, MPI, parallel HDF5, seccomp, limits")
 def _build_info(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print as JSON")
+    p.add_argument("--offload-load", type=float, metavar="RATE",
+                   help="instead: how many ranks of RATE offloaded calls/s one Linux core's "
+                        "proxy serves, and the --linux-cores a node needs, from the last "
+                        "`mckmpi bench offload` in --results (else the reference numbers)")
+    p.add_argument("--cores", type=int, default=None,
+                   help="with --offload-load: CPUs of the node [this node's]")
+    p.add_argument("--results", default="results",
+                   help="with --offload-load: where the last benchmark wrote [results]")
 
 
 @_build_info.run
 def _cmd_info(args: argparse.Namespace) -> int:
+    if args.offload_load is not None:
+        return _offload_load(args)
     from mckmpi.info import gather
 
     facts = gather()
@@ -183,6 +194,24 @@ def _cmd_info(args: argparse.Namespace) -> int:
         width = max(len(k) for k in values)
         for k, v in values.items():
             print(f"  {k.ljust(width)}  {v}")
+    return 0
+
+
+def _offload_load(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from mckmpi.analysis.capacity import CapacityError, describe, measured_cost, project
+
+    try:
+        cost, path, origin = measured_cost(Path(args.results))
+        cores = args.cores if args.cores is not None else len(os.sched_getaffinity(0))
+        projection = project(args.offload_load, cores, cost, source=str(path), origin=origin)
+    except CapacityError as e:
+        raise UsageError(str(e)) from None
+    if args.json:
+        print(json.dumps(asdict(projection), indent=2))
+    else:
+        print("\n".join(describe(projection)))
     return 0
 
 

@@ -34,6 +34,9 @@ def _build_proxy(p: argparse.ArgumentParser) -> None:
     p.add_argument("--remove-dir", action="store_true", help="remove the socket's directory at exit")
     p.add_argument("--spin-us", type=float, default=0.0,
                    help="poll this long for a rank's next call before sleeping [0]")
+    p.add_argument("--interpreted", action="store_true",
+                   help="serve every call in Python, without the compiled hot path "
+                        "(to compare the two; slower)")
 
 
 @_build_proxy.run
@@ -45,4 +48,4 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
     return serve(args.socket, cpus=[int(c) for c in args.cpus.split(",") if c] or None,
                  expected=args.expect, parent_pid=args.parent_pid, records_dir=args.records_dir,
                  idle_timeout=args.idle_timeout, remove_dir=args.remove_dir or created,
-                 spin_us=args.spin_us)
+                 spin_us=args.spin_us, compiled=not args.interpreted)

@@ -25,6 +25,9 @@ Proxy side (each module imports only those below it):
 * `server`     -- the proxy process: accept, registration, lifetimes, `serve`;
 * `ring_server`-- the proxy's end of the ring (a thread per ring);
 * `loop`       -- `Emulator`: the notification loop of one rank and the dispatch;
+* `_fastpath`  -- (C, built at install) the loop's hot path: receives and answers plain
+                  read/write/pread64/pwrite64 on cached descriptors without the GIL and
+                  hands every other call back to the loop;
 * `paths`      -- handlers of path calls, opening and duplicating (ADDFD);
 * `data`       -- handlers of data calls and descriptor-table bookkeeping;
 * `kernel_abi` -- Linux x86-64 ABI facts those handlers share;

@@ -60,6 +60,15 @@ from mckmpi.offload.seccomp import (
 )
 from mckmpi.offload.tracee import CONTINUE, ID, Gone, task_facts
 
+try:
+    from mckmpi.offload import _fastpath
+except ImportError:  # a source tree that was never installed: `serve` refuses to start
+    _fastpath = None  # type: ignore[assignment]
+COMPILED_MISSING = ("the proxy's compiled hot path (mckmpi/offload/_fastpath.c) is not built: "
+                    "install mckmpi with `make setup` (or pip install -e .; a source tree used "
+                    "through PYTHONPATH: python setup.py build_ext --inplace), which needs a C "
+                    "compiler, or start the proxy with --interpreted")
+
 _PWRITE64, _WRITE = SYS["pwrite64"], SYS["write"]
 _U64 = struct.Struct("<Q")
 _UNLIMITED = 0xFFFFFFFFFFFFFFFF  # RLIM_INFINITY as the kernel stores it
@@ -83,6 +92,7 @@ class Emulator(PathCalls, DataCalls):
                          policy=policy, arena=arena, log=log)
         self.passthrough = False   # after detach: everything runs natively
         self.spin_ns = 0           # set by the server (see `serve`)
+        self.compiled = _fastpath is not None  # hot calls in C (see `serve`)
         self.closing = False
         self._resp = bytearray(NOTIF_RESP.size)
         self._handlers: list[Callable[..., int] | None] = [None] * 512
@@ -103,6 +113,10 @@ class Emulator(PathCalls, DataCalls):
         `spin_ns` the thread polls the listener that long after each call before it
         sleeps in RECV: a rank issuing calls back to back then finds the proxy awake, which
         saves a cross-CPU wake-up per call at the price of a Linux core's cycles.
+
+        With `compiled` (the default), `_fastpath.serve` receives instead and answers the
+        plain hot calls (read/write/pread64/pwrite64 on a cached descriptor) in C, without
+        the GIL; it returns each call it does not answer, which then takes the path below.
         """
         _unshare_fs()
         lfd = self.listener
@@ -126,13 +140,16 @@ class Emulator(PathCalls, DataCalls):
         add = records.add
         resp, pack_resp = self._resp, NOTIF_RESP.pack_into
         while not self.closing:
-            buf[:] = NOTIF_ZERO
-            if self.spin_ns:
-                until = now() + self.spin_ns
-                while not ready(0) and now() < until:
-                    pass
             try:
-                ioctl(lfd, IOCTL_NOTIF_RECV, buf)
+                if self.compiled:
+                    self._receive_compiled(buf)
+                else:
+                    buf[:] = NOTIF_ZERO
+                    if self.spin_ns:
+                        until = now() + self.spin_ns
+                        while not ready(0) and now() < until:
+                            pass
+                    ioctl(lfd, IOCTL_NOTIF_RECV, buf)
             except OSError as e:  # EINTR: a stop request; ENOENT: the caller died meanwhile
                 if e.errno == errno.ENOENT and any(ev & hup for _, ev in ready(0)):
                     return  # no task uses the filter any more: RECV would fail at once forever
@@ -238,6 +255,25 @@ class Emulator(PathCalls, DataCalls):
                 self._go_native(other, f"task {tid} called prlimit64 on it")
         self._go_native(proc, f"it called {name}")
         return CONTINUE
+
+    def _receive_compiled(self, buf: bytearray) -> None:
+        """Receive through `_fastpath` until a call needs the handlers (left in `buf`)."""
+        arena = self.arena
+        consts = (self.listener, self.tids, self.records, self.rank,
+                  arena.address if arena else 0, arena.end if arena else 0,
+                  arena.view if arena else None, self._bounce)
+        try:
+            err = _fastpath.serve(self, buf, consts)
+        except Exception:  # noqa: BLE001 -- a bug must not stop the serving: log, go on in Python
+            self.log(f"rank {self.rank}: the compiled path failed, serving in Python from "
+                     f"now on:\n{traceback.format_exc()}")
+            self.compiled = False
+            nid = NOTIF.unpack_from(buf)[0]
+            if nid:  # a call it may have received but not answered: the kernel runs it
+                self._continue(nid)
+            raise OSError(errno.EINTR, "compiled path stopped") from None
+        if err:
+            raise OSError(err, os.strerror(err))
 
     def _send(self, nid: int, res: int, nr: int, flags: int = 0) -> None:
         """Answer with a result (>= 0), an error (-errno) or, with flags, CONTINUE."""

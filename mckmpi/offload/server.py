@@ -9,8 +9,11 @@ lifetimes; every registered rank gets one serving thread that blocks in
 SECCOMP_IOCTL_NOTIF_RECV on the rank's listener. A thread per rank rather than one epoll
 loop because (1) RECV has no non-blocking mode, so an epoll loop pays an extra epoll_wait
 per call, and (2) a call can block in the kernel for long (fsync, a slow disk): a single
-loop would stall every rank of the node behind one rank's fsync. Python releases the GIL
-in every blocking call, so ranks are served in parallel where the kernel is the bottleneck.
+loop would stall every rank of the node behind one rank's fsync. The hot calls (small and
+bulk reads and writes on open descriptors) are received and answered by compiled code
+(`_fastpath`) that holds the GIL only to look the descriptor up and append the record, so
+serving threads on several Linux cores run in parallel; every other call goes through the
+Python handlers, which release the GIL in each system call.
 
 Lifetime: a rank is gone when its listener reports POLLHUP -- the rank and everything it
 forked have exited (its control connection may close earlier, e.g. at execve). The proxy
@@ -41,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from mckmpi.offload import accounting, protocol
+from mckmpi.offload import accounting, loop, protocol
 from mckmpi.offload.errors import OffloadError
 from mckmpi.offload.loop import Emulator
 from mckmpi.offload.policy import Policy
@@ -79,8 +82,9 @@ class Server:
 
     def __init__(self, path: str, *, expected: int | None, parent_pid: int | None,
                  records_dir: str | None, idle_timeout: float, remove_dir: bool,
-                 spin_us: float = 0.0) -> None:
+                 spin_us: float = 0.0, compiled: bool = True) -> None:
         self.path = path
+        self.compiled = compiled
         self.spin_ns = int(spin_us * 1000)
         self.expected = expected
         self.records_dir = records_dir
@@ -258,6 +262,7 @@ class Server:
             why = e.strerror if isinstance(e, OSError) else str(e)
             raise OffloadError(f"cannot reach the memory of pid {conn.pid} ({why}): "
                                f"did it exit, or is it non-dumpable?") from None
+        emu.compiled = self.compiled
         thread = threading.Thread(target=self._serve, args=(emu,), daemon=True,
                                   name=f"rank{emu.rank}")
         self.served[listener] = _Served(emu, thread)
@@ -389,12 +394,16 @@ def _map_arena(memfd: int, address: int, size: int) -> ArenaMapping:
 
 def serve(socket_path: str | Path, *, cpus: list[int] | None = None, expected: int | None = None,
           parent_pid: int | None = None, records_dir: str | Path | None = None,
-          idle_timeout: float = 60.0, remove_dir: bool = False, spin_us: float = 0.0) -> int:
+          idle_timeout: float = 60.0, remove_dir: bool = False, spin_us: float = 0.0,
+          compiled: bool = True) -> int:
     """Run a proxy in this process until its ranks are gone; returns the exit status.
 
     `spin_us`: after each call a serving thread polls that long for the next one before it
-    sleeps (only while the proxy has a CPU per rank); see `Emulator.serve`.
+    sleeps (only while the proxy has a CPU per rank); see `Emulator.serve`. `compiled`:
+    answer the hot calls in C (`_fastpath`); False serves every call in Python.
     """
+    if compiled and loop._fastpath is None:
+        raise OffloadError(loop.COMPILED_MISSING)
     directory = Path(socket_path).parent
     if not directory.is_dir():
         raise OffloadError(f"the proxy socket's directory {directory} does not exist")
@@ -417,5 +426,6 @@ def serve(socket_path: str | Path, *, cpus: list[int] | None = None, expected: i
     signal.signal(signal.SIGUSR1, lambda *_: None)
     server = Server(str(socket_path), expected=expected, parent_pid=parent_pid,
                     records_dir=str(records_dir) if records_dir else None,
-                    idle_timeout=idle_timeout, remove_dir=remove_dir, spin_us=spin_us)
+                    idle_timeout=idle_timeout, remove_dir=remove_dir, spin_us=spin_us,
+                    compiled=compiled)
     return server.run()

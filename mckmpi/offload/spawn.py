@@ -87,13 +87,15 @@ def prepare_run_dir(run_dir: Path) -> bool:
 
 def start_node_proxy(run_dir: Path, cpus: list[int], *, expected: int | None = None,
                      records_dir: Path | None = None, idle_timeout: float = 60.0,
-                     spin_us: float | None = None, timeout: float = 10.0) -> ProxyHandle:
+                     spin_us: float | None = None, timeout: float = 10.0,
+                     compiled: bool = True) -> ProxyHandle:
     """Spawn this node's proxy on `cpus`, listening in `run_dir`; return once it listens.
 
     Call it from the node-local rank 0 *before* that rank attaches: a child inherits its
     parent's seccomp filter, and a proxy under its own ranks' filter would deadlock.
     `expected`: the node's number of ranks (the proxy stays until that many registered and
     left). `spin_us` defaults to SPIN_US when the proxy gets CPUs of its own, else 0.
+    `compiled=False` serves every call in Python (`mckmpi proxy --interpreted`).
     """
     if seccomp.installed():
         raise OffloadError("start_node_proxy called after attach: the proxy would inherit "
@@ -116,6 +118,8 @@ def start_node_proxy(run_dir: Path, cpus: list[int], *, expected: int | None = N
         cmd += ["--spin-us", str(spin)]
     if created:
         cmd.append("--remove-dir")
+    if not compiled:
+        cmd.append("--interpreted")
     # stdin from /dev/null; every other inheritable descriptor of the rank (MPI's) closed
     actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)]
     for name in os.listdir("/proc/self/fd"):
