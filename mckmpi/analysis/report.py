@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from mckmpi.analysis import kernel
 from mckmpi.analysis.app import TimeArray
 from mckmpi.analysis.summary import RunSummary, summarize
 from mckmpi.trace.reader import Run
@@ -380,6 +381,38 @@ def _attr(v: Any) -> str:
     return fmt(v) if isinstance(v, float) else str(v)
 
 
+def kernel_tables(s: RunSummary) -> str:
+    """Per node: what interrupted each core (events per second of the window), where each
+    core's time went, and the other tasks that ran on the rank cores."""
+    parts = []
+    for cores in kernel.by_node(s.kernel):
+        first = cores[0]
+        where = f"{first.host} node {first.node}" if first.host else f"node {first.node}"
+        heads = ("kind", "source", "description", *(c.label for c in cores))
+        rows: list[list[Any]] = [[k, src, d, *(num(r) for r in rates)]
+                                 for k, src, d, rates in kernel.source_rows(cores)]
+        rows.append(["sched", "switches", "context switches",
+                     *("-" if c.switches < 0 else num(c.switches / c.seconds) for c in cores)])
+        parts.append(render(heads, rows, title=(
+            f"what interrupted each core ({where}): events per second over the "
+            f"{fmt(first.seconds)} s of the app")))
+        time_rows = [[f, *(pct(kernel.share(c, c.times_ns[f])) for c in cores)]
+                     for f in kernel.TIME_FIELDS]
+        time_rows.append(["other tasks", *(pct(kernel.share(c, c.other_run_ns())) for c in cores)])
+        parts.append(render(("time", *(c.label for c in cores)), time_rows,
+                            title=f"where each core's time went ({where}, % of the window)"))
+        tasks = kernel.task_rows(cores)
+        if tasks:
+            parts.append(render(
+                ("cpu", "task", "pid", "tid", "run ms", "% of window", "slices"),
+                [[c.cpu, t["comm"], t["pid"], t["tid"], num(t["run_ns"] / 1e6),
+                  pct(kernel.share(c, t["run_ns"])), t["slices"]] for c, t in tasks],
+                title=f"other tasks on the rank cores ({where}; sampled at both ends)"))
+    if parts and s.kernel_attrs:
+        parts.append("\n".join(f"kernel {k}: {v}" for k, v in sorted(s.kernel_attrs.items())))
+    return "\n\n".join(parts)
+
+
 def datasets_table(s: RunSummary) -> str:
     return render(("dataset", "kind", "shape", "dtype", "units"), s.datasets, title="recorded data")
 
@@ -395,6 +428,7 @@ def render_summary(s: RunSummary) -> str:
         offload_table(s),
         counters_table(s),
         app_table(s),
+        kernel_tables(s),
         datasets_table(s),
     ]
     return "\n\n".join(p for p in parts if p)
