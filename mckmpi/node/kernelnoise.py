@@ -30,10 +30,12 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from mckmpi import linux
+from mckmpi.node.partition import NodePlan
 from mckmpi.trace.tracer import Tracer
 
 GROUP = "kernel"
@@ -333,6 +335,24 @@ class KernelNoise:
         tracer.attrs(GROUP, switches=self._switches.reason or "perf software counter per CPU",
                      tasks="run time sampled at both ends of the window, on the CPU a thread "
                            "last ran on", osnoise=osnoise_status())
+
+
+def plan_sides(plan: NodePlan) -> dict[int, tuple[str, int]]:
+    """Every CPU of a node plan -> (its side, how many of the node's ranks run there)."""
+    linux_side = set(plan.linux_cpus) if plan.mode == "lwk" else set(plan.cpus)
+    return {cpu: ("linux" if cpu in linux_side else "lwk",
+                  sum(cpu in r.cpus for r in plan.ranks)) for cpu in plan.cpus}
+
+
+def start_on_node(plan: NodePlan, node_comm: Any) -> KernelNoise | None:
+    """Collective over the node's ranks: the node's local rank 0 starts counting its CPUs
+    (and returns the recorder); the others only tell it their process ids."""
+    pids = node_comm.allgather(os.getpid())
+    if node_comm.Get_rank() != 0:
+        return None
+    recorder = KernelNoise(plan_sides(plan), set(pids))
+    recorder.start()
+    return recorder
 
 
 def osnoise_status(tracefs: Iterable[Path] = (Path("/sys/kernel/tracing"),
