@@ -43,6 +43,7 @@ from mckmpi.errors import PartitionError, StorageError, UsageError
 from mckmpi.offload.policy import Policy
 from mckmpi.node.partition import NodePlan, node_facts, plan_node
 from mckmpi.node.host import read_host
+from mckmpi.node.isolation import isolate_job
 from mckmpi.node.kernelnoise import start_on_node
 from mckmpi.node.placement import Placement, from_env, verify, with_vnodes
 from mckmpi.trace.schema import RANKS_DTYPE
@@ -193,6 +194,7 @@ def _run_in_mpi(settings: Settings, app: App, argv: list[str], placement: Placem
                 "proxy", placement.rank, offset_ns, offload.EXIT_PROXY_DIED, error=message)))
         pin(plan, placement.local_rank)  # the offload's watcher thread joins MPI's helpers
     set_context(ctx)
+    isolated = isolate_job(settings.isolate, plan, node_comm, settings.cpuset)
     kernel = start_on_node(plan, node_comm)  # what the kernel does on the node's CPUs from here
     started = time.monotonic_ns()
     if runtime is None:
@@ -205,6 +207,8 @@ def _run_in_mpi(settings: Settings, app: App, argv: list[str], placement: Placem
     tracer.scalar("app", "wall_ns", time.monotonic_ns() - started, units="ns")
     if kernel is not None:
         kernel.stop(tracer)
+    if isolated is not None:
+        isolated.finish(tracer)
     if offloaded is not None:
         offloaded.finish(tracer)
     if runtime is not None:

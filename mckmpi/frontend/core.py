@@ -80,6 +80,9 @@ def _build_partition(p: argparse.ArgumentParser) -> None:
                    help="reserve, release, status: the reservation's name [mckmpi]")
     p.add_argument("--system-wide", action="store_true",
                    help="reserve: also move every other task of the parent cgroup to the Linux side")
+    p.add_argument("--no-isolate", action="store_true",
+                   help="reserve: cpusets only; leave IRQs, workqueues, kernel threads, load "
+                        "balancing and idle states as they are")
     p.add_argument("--cgroup", type=int, choices=(1, 2),
                    help="reserve: cgroup version to use (default: the one with a cpuset controller)")
     config.add_arguments(p, "partition")
@@ -89,30 +92,34 @@ def _build_partition(p: argparse.ArgumentParser) -> None:
 def _cmd_partition(args: argparse.Namespace) -> int:
     if args.action == "show":
         return _partition_show(args)
-    from mckmpi.node import cpuset
+    from mckmpi.node import isolation, reservation
 
     if args.action == "reserve":
         s = config.resolve(args, "partition")
         host = read_host()
         linux = plan_node(host, 1, mode="lwk", linux_cores=s.linux_cores, lwk_cores=s.lwk_cores,
                           mem=s.mem, oversubscribe=True)
-        r = cpuset.reserve(linux.linux_cpus, linux.lwk_cpus, name=args.name,
-                           system_wide=args.system_wide,
-                           hierarchy=cpuset.detect(args.cgroup) if args.cgroup else None)
+        r, quiet = reservation.reserve(linux.linux_cpus, linux.lwk_cpus, name=args.name,
+                                       system_wide=args.system_wide, isolate=not args.no_isolate,
+                                       cgroup=args.cgroup)
         print(f"reserved {r.describe()}")
+        if quiet is not None:
+            print(quiet.describe())
+        print(isolation.describe_boot(isolation.boot_advice(r.linux_cpus, r.lwk_cpus)))
         return 0
     if args.action == "release":
-        summary = cpuset.release(args.name)
-        print(summary.describe())
-        return 0 if summary.ok else 1
-    states = cpuset.status(args.name if args.name != "mckmpi" else None)
+        summaries = reservation.release(args.name)
+        for summary in summaries:
+            print(summary.describe())
+        return 0 if all(summary.ok for summary in summaries) else 1
+    found = reservation.status(args.name if args.name != "mckmpi" else None)
     if args.json:
-        print(json.dumps([st.as_dict() for st in states], indent=2, default=str))
+        print(json.dumps([f.as_dict() for f in found], indent=2, default=str))
         return 0
-    if not states:
-        print("no cpuset reservations")
-    for st in states:
-        print(st.describe())
+    if not found:
+        print("no cpuset reservations and no isolation applied")
+    for f in found:
+        print(f.describe())
     return 0
 
 
