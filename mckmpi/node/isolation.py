@@ -366,7 +366,8 @@ def sweep(state_dir: Path, paths: Paths = Paths(), fs: KernelFiles = KERNEL) -> 
 
 def _alive(proc: Path, found: Isolation) -> bool:
     data = _load(found.state_file) or {}
-    return found.owner is not None and _start_time(proc, found.owner) == data.get("owner_start")
+    start = None if found.owner is None else _start_time(proc, found.owner)
+    return start is not None and start == data.get("owner_start")
 
 
 def status(state_dir: Path) -> list[Isolation]:
