@@ -69,7 +69,11 @@ cpuset cgroups (IHK's reserve) and release it again:
 
 Only processes mckmpi starts are moved into the cpusets, unless reserve is given
 --system-wide (then every movable task of the parent cgroup goes to the Linux side).
-release works from the state file reserve wrote, also after a crash.""")
+reserve also isolates the LWK cores (unless --no-isolate): device IRQs, unbound workqueues
+and movable kernel threads go to the Linux cores, load balancing stops on the LWK cpuset,
+and no core of the reservation enters an idle state with an exit latency; IRQs that refuse
+are listed with the reason, and the kernel parameters only a reboot can set are printed.
+release works from the state files reserve wrote, also after a crash.""")
 def _build_partition(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=("show", "reserve", "release", "status"),
                    help="show the plan; reserve/release/status of cpuset cgroups (root)")
