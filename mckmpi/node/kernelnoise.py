@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from mckmpi import linux
+from mckmpi.node.ipitrace import IpiTrace
 from mckmpi.node.partition import NodePlan
 from mckmpi.trace.tracer import Tracer
 
@@ -313,18 +314,22 @@ class KernelNoise:
     job_pids: set[int] = field(default_factory=set)
     proc: Path = Path("/proc")
     _switches: SwitchCounters | None = None
+    _ipis: IpiTrace | None = None
     _before: Snapshot | None = None
 
     def start(self) -> None:
+        self._ipis = IpiTrace(tuple(sorted(self.sides)))
+        self._ipis.start()
         self._switches = SwitchCounters(self.sides)
         self._before = snapshot(self.proc)
 
     def stop(self, tracer: Tracer) -> None:
         """Take the closing snapshot and record the three tables."""
-        if self._before is None or self._switches is None:
+        if self._before is None or self._switches is None or self._ipis is None:
             raise RuntimeError("KernelNoise.stop before start")
         after = snapshot(self.proc)
         switches = self._switches.read()
+        self._ipis.stop()
         cpus = sorted(self.sides)
         interrupts = interrupt_deltas(self._before, after, cpus)
         tracer.table(GROUP, "interrupts", interrupts)
@@ -332,7 +337,15 @@ class KernelNoise:
                      units=_UNITS_CPU)
         tracer.table(GROUP, "tasks", task_deltas(self._before, after, cpus, self.job_pids),
                      units=_UNITS_TASK)
-        tracer.attrs(GROUP, switches=self._switches.reason or "perf software counter per CPU",
+        if not self._ipis.reason:
+            job_tids = {t.tid for t in after.tasks.values()
+                        if t.pid in self.job_pids or t.ppid in self.job_pids}
+            tracer.table(GROUP, "ipis", self._ipis.rows(job_tids))
+        ipis = self._ipis.reason or (
+            "traced (ipi:ipi_send_cpu, ipi:ipi_send_cpumask, csd:csd_queue_cpu), "
+            f"{self._ipis.dropped} events lost to a full buffer")
+        tracer.attrs(GROUP, ipis=ipis,
+                     switches=self._switches.reason or "perf software counter per CPU",
                      tasks="run time sampled at both ends of the window, on the CPU a thread "
                            "last ran on", osnoise=osnoise_status())
 
