@@ -195,7 +195,7 @@ def _run_in_mpi(settings: Settings, app: App, argv: list[str], placement: Placem
         pin(plan, placement.local_rank)  # the offload's watcher thread joins MPI's helpers
     set_context(ctx)
     isolated = isolate_job(settings.isolate, plan, node_comm, settings.cpuset)
-    kernel = start_on_node(plan, node_comm)  # what the kernel does on the node's CPUs from here
+    ctx.phase_marks = kernel = start_on_node(plan, node_comm)  # the kernel's doings from here
     started = time.monotonic_ns()
     if runtime is None:
         end = _run_app(app, placement.rank, offset_ns)

@@ -77,6 +77,7 @@ def test_deltas_count_new_lines_from_zero_and_keep_only_the_given_cpus():
     rows = kn.interrupt_deltas(before, _snap(10, after_text), [0])
     got = {(r["kind"].decode(), r["source"].decode()): int(r["count"]) for r in rows}
     assert got == {("arch", "LOC"): 34, ("device", "50"): 3}
+    assert set(rows["window"]) == {b"app"}
     assert set(rows["cpu"]) == {0}
 
 
@@ -100,15 +101,66 @@ def test_osnoise_status_names_what_is_missing(tmp_path: Path):
     assert "no osnoise tracer" in kn.osnoise_status([tmp_path])
 
 
-#: Inside the recorded window: the app copies /proc/interrupts at its start and its end.
+def test_proc_files_read_the_current_text_each_time():
+    files = kn.ProcFiles()
+    try:
+        first = kn.snapshot(files=files, tasks=False)
+        second = kn.snapshot(files=files, tasks=False)
+    finally:
+        files.close()
+    loc = {ln.source: ln for ln in second.lines}["LOC"]
+    assert second.t_ns > first.t_ns and sum(loc.counts.values()) >= sum(
+        {ln.source: ln for ln in first.lines}["LOC"].counts.values())
+    assert set(second.stat) == set(kn.parse_stat(Path("/proc/stat").read_text()))
+
+
+TRACE = """\
+# tracer: nop
+#
+          python-10487   [000] dNs6.  1176.639146: ipi_send_cpu: cpu=1 callsite=wakeup_preempt+0x92/0xa0 callback=0x0
+ kworker/0:1 a-11   [000] ...2.  1176.645273: ipi_send_cpumask: cpumask=0-3 callsite=on_each_cpu_cond_mask+0x20/0x60 callback=generic_smp_call_function_single_interrupt+0x0/0x10
+         mpiexec-10470   [000] ...3.  1177.000000: csd_queue_cpu: cpu=1 callsite=on_each_cpu_cond_mask+0x20/0x60 func=flush_tlb_func csd=00000000a
+          python-10487   [000] dNs6.  1178.5: ipi_send_cpu: cpu=1 callsite=wakeup_preempt+0x92/0xa0 callback=0x0
+"""
+
+
+def test_ipi_trace_is_counted_per_target_sender_and_window():
+    from mckmpi.node import ipitrace
+
+    events = ipitrace.parse_trace(TRACE, [1, 2])
+    assert [t for t, _ in events] == [1176639146000, 1176645273000, 1176645273000,
+                                      1177000000000, 1178500000000]
+    rows = ipitrace.rows(events, {10470}, {"app": (0, 2 * 10**12),
+                                           "measured": (1176_700_000_000, 1178_000_000_000)})
+    got = {(r["window"].decode(), int(r["cpu"]), r["sender"].decode(), r["owner"].decode(),
+            r["callsite"].decode(), r["function"].decode()): int(r["count"]) for r in rows}
+    assert got == {
+        ("app", 1, "python", "other", "wakeup_preempt", ""): 2,
+        ("app", 1, "kworker/0:1 a", "other", "on_each_cpu_cond_mask",
+         "generic_smp_call_function_single_interrupt"): 1,
+        ("app", 2, "kworker/0:1 a", "other", "on_each_cpu_cond_mask",
+         "generic_smp_call_function_single_interrupt"): 1,
+        ("app", 1, "mpiexec", "job", "on_each_cpu_cond_mask", "flush_tlb_func"): 1,
+        ("measured", 1, "mpiexec", "job", "on_each_cpu_cond_mask", "flush_tlb_func"): 1,
+    }
+
+
+#: Inside the recorded window: the app copies /proc/interrupts at its start and its end, and
+#: marks a measured phase in between (what the noise benchmarks do through appkit).
 INNER_APP = """\
 import sys, time
 from pathlib import Path
+import mckmpi
+from mckmpi import appkit
 out = Path(sys.argv[1])
 (out / "inner-start.txt").write_text(Path("/proc/interrupts").read_text())
-end = time.monotonic() + 0.5
-while time.monotonic() < end:
-    pass
+
+def spin():
+    end = time.monotonic() + 0.5
+    while time.monotonic() < end:
+        pass
+
+appkit.run_phases(mckmpi.context(), spin)
 (out / "inner-end.txt").write_text(Path("/proc/interrupts").read_text())
 """
 
@@ -138,18 +190,23 @@ def test_run_file_interrupts_lie_between_the_apps_and_the_tests_deltas(tmp_path:
         cpus = run.table("kernel/cpus")
         rows = run.table("kernel/interrupts")
         assert len(run.table("kernel/tasks")) > 0  # at least the rank itself ran
-    assert sorted(cpus["cpu"].tolist()) == sorted(read_host().cpus)
+    assert sorted(cpus["cpu"].tolist()) == sorted(read_host().cpus * 2)  # both windows
+    app_rows = rows[rows["window"] == b"app"]
     recorded = {(r["kind"].decode(), r["source"].decode(), int(r["cpu"])): int(r["count"])
-                for r in rows if r["kind"] != b"softirq"}
+                for r in app_rows if r["kind"] != b"softirq"}
+    measured = {(r["kind"].decode(), r["source"].decode(), int(r["cpu"])): int(r["count"])
+                for r in rows[rows["window"] == b"measured"] if r["kind"] != b"softirq"}
+    assert measured and all(n <= recorded.get(k, 0) for k, n in measured.items())
     for key in set(inner) | set(recorded):
         if key[2] in cpus["cpu"]:
             assert inner.get(key, 0) <= recorded.get(key, 0) <= outer.get(key, 0), key
     assert sum(inner.get(("arch", "LOC", int(c)), 0) for c in cpus["cpu"]) > 0
     for c in cpus:
-        mine = rows[(rows["cpu"] == c["cpu"]) & (rows["kind"] != b"softirq")]
+        mine = rows[(rows["cpu"] == c["cpu"]) & (rows["kind"] != b"softirq")
+                    & (rows["window"] == c["window"])]
         assert c["interrupts"] == mine["count"].sum()
         assert 0 < c["window_ns"]
-        assert c["switches"] >= 0  # root: the perf counters are available
+        assert (c["switches"] >= 0) == (c["window"] == b"app")  # root: perf counters, app window
 
 
 def test_report_and_compare_show_the_kernel_tables(tmp_path: Path):
@@ -165,8 +222,10 @@ def test_report_and_compare_show_the_kernel_tables(tmp_path: Path):
     assert "what interrupted each core" in report.stdout and "Local timer interrupts" in report.stdout
     data = json.loads(mckmpi("report", "--json", str(runs[1])).stdout)
     assert data["kernel"]["cores"] and data["kernel"]["attrs"]["osnoise"]
+    assert data["kernel"]["window"] == "app"  # busy.py marks no measured phase
     with open_run(runs[1]) as run:
         cores = kernel.cores(run)
+        assert kernel.windows(run) == ["app"] and kernel.cores(run, "measured") == []
     assert any(c.ranks for c in cores) and all(c.window_ns > 0 for c in cores)
     compared = mckmpi("compare", str(runs[0]), str(runs[1]))
     assert compared.returncode == 0, compared.stderr

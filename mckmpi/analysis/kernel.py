@@ -17,6 +17,8 @@ import numpy as np
 from mckmpi.trace.reader import Run
 
 GROUP = "kernel"
+#: The windows a file may hold: the whole app, and its measured phases (the steady state).
+WINDOWS = ("app", "measured")
 #: The per-CPU lines of /proc/interrupts that are inter-processor interrupts another CPU sent.
 IPI_SOURCES = ("RES", "CAL", "TLB")
 #: CPU time fields of kernel/cpus, in the order reports show them.
@@ -38,6 +40,7 @@ class Core:
     sources: dict[tuple[str, str], int] = field(default_factory=dict)  # (kind, source) -> count
     descriptions: dict[tuple[str, str], str] = field(default_factory=dict)
     tasks: list[dict[str, Any]] = field(default_factory=list)  # other tasks, most run time first
+    senders: list[dict[str, Any]] = field(default_factory=list)  # traced IPIs, most first
 
     @property
     def seconds(self) -> float:
@@ -59,6 +62,12 @@ class Core:
     def ipis(self) -> int:
         return sum(self.sources.get(("arch", s), 0) for s in IPI_SOURCES)
 
+    def job_ipis(self) -> int:
+        """Traced IPIs the job's own threads sent to this core (reschedules and function
+        calls; csd_queue_cpu events only name the function of an IPI already counted)."""
+        return sum(t["count"] for t in self.senders
+                   if t["owner"] == "job" and t["event"] != "csd_queue_cpu")
+
     def other_run_ns(self) -> int:
         """CPU time of tasks that are not the job's, on this core."""
         return sum(t["run_ns"] for t in self.tasks if t["owner"] != "job")
@@ -70,7 +79,7 @@ class Core:
             "switches": None if self.switches < 0 else self.switches,
             "sources": [{"kind": k, "source": s, "description": self.descriptions.get((k, s), ""),
                          "count": c} for (k, s), c in sorted(self.sources.items())],
-            "tasks": self.tasks,
+            "tasks": self.tasks, "ipi_senders": self.senders,
         }
 
 
@@ -78,13 +87,30 @@ def _s(v: Any) -> str:
     return v.decode(errors="replace") if isinstance(v, bytes) else str(v)
 
 
-def cores(run: Run) -> list[Core]:
-    """Every recorded core, ordered by node and CPU ([] for a file without kernel counters)."""
+def windows(run: Run) -> list[str]:
+    """The windows recorded in `run`, in `WINDOWS` order ([] without kernel counters)."""
+    if f"{GROUP}/cpus" not in run:
+        return []
+    present = {_s(w) for w in run.read(f"{GROUP}/cpus", "window")} if len(run[f"{GROUP}/cpus"]) else set()
+    return [w for w in WINDOWS if w in present]
+
+
+def steady_window(run: Run) -> str:
+    """The measured phases when the app marked them, else the whole app."""
+    return "measured" if "measured" in windows(run) else "app"
+
+
+def cores(run: Run, window: str = "app") -> list[Core]:
+    """Every recorded core in one window, ordered by node and CPU ([] for a file without
+    kernel counters or without that window)."""
     if f"{GROUP}/cpus" not in run:
         return []
     ranks = run.ranks if "ranks" in run else None
+    tag = window.encode()
     out: dict[tuple[int, int], Core] = {}
     for row in run.table(f"{GROUP}/cpus"):
+        if row["window"] != tag:
+            continue
         rank = int(row["rank"])
         host = _s(ranks[rank]["host"]) if ranks is not None and rank < len(ranks) else ""
         node = int(ranks[rank]["node"]) if ranks is not None and rank < len(ranks) else rank
@@ -93,19 +119,29 @@ def cores(run: Run) -> list[Core]:
             {f: int(row[f"{f}_ns"]) for f in TIME_FIELDS}, int(row["switches"]))
     for row in run.table(f"{GROUP}/interrupts"):
         core = out.get((int(row["rank"]), int(row["cpu"])))
-        if core is not None:
+        if core is not None and row["window"] == tag:
             key = (_s(row["kind"]), _s(row["source"]))
             core.sources[key] = core.sources.get(key, 0) + int(row["count"])
             core.descriptions[key] = _s(row["description"])
-    for row in run.table(f"{GROUP}/tasks"):
-        core = out.get((int(row["rank"]), int(row["cpu"])))
-        if core is not None:
-            core.tasks.append({"comm": _s(row["comm"]), "pid": int(row["pid"]),
-                               "tid": int(row["tid"]), "owner": _s(row["owner"]),
-                               "run_ns": int(row["run_ns"]), "wait_ns": int(row["wait_ns"]),
-                               "slices": int(row["slices"])})
+    if window == "app":  # tasks are sampled over the whole app only
+        for row in run.table(f"{GROUP}/tasks"):
+            core = out.get((int(row["rank"]), int(row["cpu"])))
+            if core is not None:
+                core.tasks.append({"comm": _s(row["comm"]), "pid": int(row["pid"]),
+                                   "tid": int(row["tid"]), "owner": _s(row["owner"]),
+                                   "run_ns": int(row["run_ns"]), "wait_ns": int(row["wait_ns"]),
+                                   "slices": int(row["slices"])})
+    if f"{GROUP}/ipis" in run:
+        for row in run.table(f"{GROUP}/ipis"):
+            core = out.get((int(row["rank"]), int(row["cpu"])))
+            if core is not None and row["window"] == tag:
+                core.senders.append({"event": _s(row["event"]), "sender": _s(row["sender"]),
+                                     "tid": int(row["tid"]), "owner": _s(row["owner"]),
+                                     "callsite": _s(row["callsite"]),
+                                     "function": _s(row["function"]), "count": int(row["count"])})
     for core in out.values():
         core.tasks.sort(key=lambda t: -t["run_ns"])
+        core.senders.sort(key=lambda t: -t["count"])
     return [out[k] for k in sorted(out, key=lambda k: (out[k].node, k[1]))]
 
 
@@ -129,6 +165,8 @@ def per_rank_core(all_cores: list[Core]) -> dict[str, tuple[str, float]]:
     }
     for f in ("irq", "softirq", "steal"):
         out[f"{f} time"] = ("ms/s", sum(c.times_ns[f] for c in rc) / 1e6 / seconds)
+    if any(c.senders for c in rc):
+        out["IPIs sent by the job's own threads"] = ("1/s", sum(c.job_ipis() for c in rc) / seconds)
     if all(c.switches >= 0 for c in rc):
         out["context switches"] = ("1/s", sum(c.switches for c in rc) / seconds)
     for name in sorted({s for c in rc for (k, s) in c.sources if k == "arch"}):
@@ -158,6 +196,13 @@ def by_node(all_cores: list[Core]) -> list[list[Core]]:
 def attrs(run: Run) -> dict[str, Any]:
     """How the counters were taken (switch counter, task sampling, osnoise), as recorded."""
     return run.group_attrs(GROUP)
+
+
+def sender_rows(node_cores: list[Core], limit: int = 12) -> list[tuple[Core, dict[str, Any]]]:
+    """Traced IPI senders to the node's rank cores, most IPIs first."""
+    rows = [(c, t) for c in node_cores if c.ranks for t in c.senders]
+    rows.sort(key=lambda ct: -ct[1]["count"])
+    return rows[:limit]
 
 
 def task_rows(node_cores: list[Core], limit: int = 12) -> list[tuple[Core, dict[str, Any]]]:

@@ -31,17 +31,18 @@ PREFIX = "mckmpi-"
 BUFFER_KB = 4096
 
 IPI_DTYPE = np.dtype([
+    ("window", "S8"),          # app | measured (see kernelnoise.WINDOWS)
     ("cpu", "i4"),             # the target
     ("event", "S16"),          # ipi_send_cpu | ipi_send_cpumask | csd_queue_cpu
     ("sender", "S16"),         # comm of the sending thread
     ("tid", "i4"),             # sending thread (0: an interrupt on an idle CPU)
     ("owner", "S8"),           # job | other
     ("callsite", "S40"),       # the kernel function that sent it
-    ("function", "S40"),       # what the target runs (callback / csd func); "" for a reschedule
+    ("function", "S48"),       # what the target runs (callback / csd func); "" for a reschedule
     ("count", "i8"),
 ])
 
-_LINE = re.compile(r"^\s*(?P<comm>.*?)-(?P<tid>\d+)\s+\[\d+\]\s+\S+\s+[\d.]+: "
+_LINE = re.compile(r"^\s*(?P<comm>.*?)-(?P<tid>\d+)\s+\[\d+\]\s+\S+\s+(?P<t>[\d.]+): "
                    r"(?P<event>ipi_send_cpu|ipi_send_cpumask|csd_queue_cpu): (?P<rest>.*)$")
 _FIELD = re.compile(r"(\w+)=(\S+)")
 
@@ -52,10 +53,11 @@ def _symbol(text: str) -> str:
     return "" if name in ("0x0", "(null)", "0") else name
 
 
-def parse_trace(text: str, cpus: Iterable[int]) -> Counter:
-    """(target cpu, event, sender, tid, callsite, function) -> count, from a trace file."""
+def parse_trace(text: str, cpus: Iterable[int]) -> list[tuple[int, tuple]]:
+    """(time in ns of the trace clock, (target cpu, event, sender, tid, callsite, function))
+    for every event of a trace file aimed at one of `cpus`."""
     wanted = set(cpus)
-    counts: Counter = Counter()
+    events = []
     for line in text.splitlines():
         m = _LINE.match(line)
         if m is None:
@@ -66,18 +68,25 @@ def parse_trace(text: str, cpus: Iterable[int]) -> Counter:
         else:
             targets = {int(fields["cpu"])} & wanted if "cpu" in fields else set()
         function = _symbol(fields.get("func") or fields.get("callback", ""))
-        for cpu in targets:
-            counts[(cpu, m["event"], m["comm"].strip(), int(m["tid"]),
-                    _symbol(fields.get("callsite", "")), function)] += 1
-    return counts
+        sec, _, frac = m["t"].partition(".")
+        t = int(sec) * 1_000_000_000 + int((frac + "000000000")[:9])
+        for cpu in sorted(targets):
+            events.append((t, (cpu, m["event"], m["comm"].strip(), int(m["tid"]),
+                               _symbol(fields.get("callsite", "")), function)))
+    return events
 
 
-def rows(counts: Counter, job_tids: set[int]) -> np.ndarray:
-    """`IPI_DTYPE` rows, most frequent first per CPU."""
-    out = [(cpu, ev.encode(), comm.encode(errors="replace")[:16], tid,
-            b"job" if tid in job_tids else b"other", site.encode()[:40], fn.encode()[:40], n)
-           for (cpu, ev, comm, tid, site, fn), n in counts.items()]
-    out.sort(key=lambda r: (r[0], -r[7]))
+def rows(events: list[tuple[int, tuple]], job_tids: set[int],
+         windows: dict[str, tuple[int, int]]) -> np.ndarray:
+    """`IPI_DTYPE` rows per window (name -> [start, end) in ns of CLOCK_MONOTONIC), most
+    frequent first per CPU."""
+    out = []
+    for name, (t0, t1) in windows.items():
+        counts = Counter(key for t, key in events if t0 <= t < t1)
+        out += [(name.encode(), cpu, ev.encode(), comm.encode(errors="replace")[:16], tid,
+                 b"job" if tid in job_tids else b"other", site.encode()[:40], fn.encode()[:48], n)
+                for (cpu, ev, comm, tid, site, fn), n in counts.items()]
+    out.sort(key=lambda r: (r[0], r[1], -r[8]))
     return np.array(out, dtype=IPI_DTYPE)
 
 
@@ -91,7 +100,7 @@ class IpiTrace:
     mounted: bool = False
     instance: Path | None = None
     dropped: int = 0
-    _counts: Counter = field(default_factory=Counter)
+    _events: list = field(default_factory=list)
 
     def start(self) -> None:
         """Create the instance and enable the events; on any refusal keep the reason."""
@@ -109,6 +118,7 @@ class IpiTrace:
             self.instance = self.root / "instances" / f"{PREFIX}{os.getpid()}"
             self.instance.mkdir()
             (self.instance / "buffer_size_kb").write_text(str(BUFFER_KB))
+            (self.instance / "trace_clock").write_text("mono")  # CLOCK_MONOTONIC, as the snapshots
             single = " || ".join(f"cpu == {c}" for c in self.cpus)
             mask = f"cpumask & CPUS{{{format_cpulist(self.cpus)}}}"
             for event, flt in (("ipi/ipi_send_cpu", single), ("ipi/ipi_send_cpumask", mask),
@@ -130,7 +140,7 @@ class IpiTrace:
                 f = self.instance / "events" / event / "enable"
                 if f.exists():
                     f.write_text("0")
-            self._counts = parse_trace((self.instance / "trace").read_text(), self.cpus)
+            self._events = parse_trace((self.instance / "trace").read_text(), self.cpus)
             for stats in (self.instance / "per_cpu").glob("cpu*/stats"):
                 for line in stats.read_text().splitlines():
                     if line.startswith("overrun:"):
@@ -138,8 +148,8 @@ class IpiTrace:
         finally:
             self.close()
 
-    def rows(self, job_tids: set[int]) -> np.ndarray:
-        return rows(self._counts, job_tids)
+    def rows(self, job_tids: set[int], windows: dict[str, tuple[int, int]]) -> np.ndarray:
+        return rows(self._events, job_tids, windows)
 
     def close(self) -> None:
         if self.instance is not None and self.instance.exists():

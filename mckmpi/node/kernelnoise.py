@@ -41,7 +41,12 @@ from mckmpi.trace.tracer import Tracer
 
 GROUP = "kernel"
 
+#: The two windows: the whole app, and its measured phases (first begin to last end of
+#: `appkit.run_phases`), the steady state a noise benchmark samples.
+WINDOWS = ("app", "measured")
+
 INTERRUPT_DTYPE = np.dtype([
+    ("window", "S8"),
     ("cpu", "i4"),
     ("kind", "S8"),            # device | arch | softirq
     ("source", "S16"),         # IRQ number, LOC/RES/CAL/..., or the softirq's name
@@ -50,13 +55,14 @@ INTERRUPT_DTYPE = np.dtype([
 ])
 
 CPU_DTYPE = np.dtype([
+    ("window", "S8"),
     ("cpu", "i4"),
     ("side", "S8"),            # linux | lwk: the node plan's side of the CPU
     ("ranks", "i4"),           # ranks of this node that run there
     ("window_ns", "i8"),
     ("user_ns", "i8"), ("system_ns", "i8"), ("idle_ns", "i8"), ("iowait_ns", "i8"),
     ("irq_ns", "i8"), ("softirq_ns", "i8"), ("steal_ns", "i8"),
-    ("switches", "i8"),        # context switches on the CPU; -1 when not countable
+    ("switches", "i8"),        # context switches on the CPU; -1 when not counted (measured window)
     ("interrupts", "i8"),      # sum of the CPU's rows in kernel/interrupts except softirqs
 ])
 
@@ -212,15 +218,44 @@ def read_tasks(proc: Path = Path("/proc")) -> dict[int, TaskSample]:
     return tasks
 
 
-def snapshot(proc: Path = Path("/proc"), tasks: bool = True) -> Snapshot:
-    """Read every counter once; `tasks=False` skips the thread walk (the costly part)."""
-    lines = parse_interrupts((proc / "interrupts").read_text())
-    lines += parse_softirqs((proc / "softirqs").read_text())
-    return Snapshot(time.monotonic_ns(), lines, parse_stat((proc / "stat").read_text()),
-                    read_tasks(proc) if tasks else {})
+class ProcFiles:
+    """/proc/interrupts, /proc/softirqs and /proc/stat, opened once: a snapshot then reads
+    them from offset 0 without an open(2). Under the offload's seccomp filter every path call
+    makes a round trip to the proxy (which wakes this thread with an IPI); reads of a
+    descriptor opened beforehand stay native and quiet."""
+
+    NAMES = ("interrupts", "softirqs", "stat")
+
+    def __init__(self, proc: Path = Path("/proc")) -> None:
+        self.fds = {name: os.open(proc / name, os.O_RDONLY | os.O_CLOEXEC) for name in self.NAMES}
+
+    def read(self, name: str) -> str:
+        fd = self.fds[name]
+        os.lseek(fd, 0, os.SEEK_SET)
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+        return b"".join(chunks).decode()
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds = {}
 
 
-def interrupt_deltas(before: Snapshot, after: Snapshot, cpus: Iterable[int]) -> np.ndarray:
+def snapshot(proc: Path = Path("/proc"), tasks: bool = True, files: ProcFiles | None = None) -> Snapshot:
+    """Read every counter once; `tasks=False` skips the thread walk (the costly part);
+    `files` reads through descriptors opened beforehand."""
+    def read(name: str) -> str:
+        return files.read(name) if files is not None else (proc / name).read_text()
+
+    lines = parse_interrupts(read("interrupts")) + parse_softirqs(read("softirqs"))
+    stat = parse_stat(read("stat"))
+    return Snapshot(time.monotonic_ns(), lines, stat, read_tasks(proc) if tasks else {})
+
+
+def interrupt_deltas(before: Snapshot, after: Snapshot, cpus: Iterable[int],
+                     window: str = "app") -> np.ndarray:
     """Rows of `INTERRUPT_DTYPE`: every line that counted on one of `cpus` in between."""
     old = {(ln.kind, ln.source): ln for ln in before.lines}
     rows = []
@@ -230,7 +265,7 @@ def interrupt_deltas(before: Snapshot, after: Snapshot, cpus: Iterable[int]) -> 
             # a line that appeared in between (a device's IRQ was set up) started at 0
             d = ln.counts.get(cpu, 0) - (prev.counts.get(cpu, 0) if prev else 0)
             if d > 0:
-                rows.append((cpu, ln.kind.encode(), ln.source.encode()[:16],
+                rows.append((window.encode(), cpu, ln.kind.encode(), ln.source.encode()[:16],
                              ln.description.encode(errors="replace")[:48], d))
     return np.array(rows, dtype=INTERRUPT_DTYPE)
 
@@ -255,13 +290,13 @@ def task_deltas(before: Snapshot, after: Snapshot, cpus: Iterable[int],
 
 
 def cpu_rows(before: Snapshot, after: Snapshot, sides: Mapping[int, tuple[str, int]],
-             switches: Mapping[int, int], interrupts: np.ndarray) -> np.ndarray:
+             switches: Mapping[int, int], interrupts: np.ndarray, window: str = "app") -> np.ndarray:
     """Rows of `CPU_DTYPE`, one per CPU of `sides` (cpu -> (side, ranks there))."""
     rows = np.zeros(len(sides), dtype=CPU_DTYPE)
     for i, (cpu, (side, ranks)) in enumerate(sorted(sides.items())):
         a, b = before.stat.get(cpu, {}), after.stat.get(cpu, {})
         r = rows[i]
-        r["cpu"], r["side"], r["ranks"] = cpu, side.encode(), ranks
+        r["window"], r["cpu"], r["side"], r["ranks"] = window.encode(), cpu, side.encode(), ranks
         r["window_ns"] = after.t_ns - before.t_ns
         for f in ("user", "system", "idle", "iowait", "irq", "softirq", "steal"):
             r[f"{f}_ns"] = b.get(f, 0) - a.get(f, 0)
@@ -316,38 +351,64 @@ class KernelNoise:
     _switches: SwitchCounters | None = None
     _ipis: IpiTrace | None = None
     _before: Snapshot | None = None
+    _begin: Snapshot | None = None
+    _end: Snapshot | None = None
+    _osnoise: str = ""
+    _files: ProcFiles | None = None
 
     def start(self) -> None:
         self._ipis = IpiTrace(tuple(sorted(self.sides)))
         self._ipis.start()
+        self._osnoise = osnoise_status()  # while tracefs is mounted
         self._switches = SwitchCounters(self.sides)
-        self._before = snapshot(self.proc)
+        self._files = ProcFiles(self.proc)
+        self._before = snapshot(self.proc, files=self._files)
+
+    def begin(self) -> None:
+        """The app's measured phases begin (the first call counts): a cheap snapshot, no
+        thread walk and no counter read, so marking costs the cores nothing."""
+        if self._begin is None and self._files is not None:
+            self._begin = snapshot(self.proc, tasks=False, files=self._files)
+
+    def end(self) -> None:
+        """The app's measured phases end (the last call counts)."""
+        if self._begin is not None and self._files is not None:
+            self._end = snapshot(self.proc, tasks=False, files=self._files)
 
     def stop(self, tracer: Tracer) -> None:
-        """Take the closing snapshot and record the three tables."""
+        """Take the closing snapshot and record the tables of both windows."""
         if self._before is None or self._switches is None or self._ipis is None:
             raise RuntimeError("KernelNoise.stop before start")
-        after = snapshot(self.proc)
+        after = snapshot(self.proc, files=self._files)
+        if self._files is not None:
+            self._files.close()
         switches = self._switches.read()
         self._ipis.stop()
         cpus = sorted(self.sides)
-        interrupts = interrupt_deltas(self._before, after, cpus)
-        tracer.table(GROUP, "interrupts", interrupts)
-        tracer.table(GROUP, "cpus", cpu_rows(self._before, after, self.sides, switches, interrupts),
-                     units=_UNITS_CPU)
+        windows = [("app", self._before, after, switches)]
+        if self._begin is not None and self._end is not None:
+            windows.append(("measured", self._begin, self._end, {}))
+        interrupts, cpu_table = [], []
+        for name, a, b, sw in windows:
+            rows = interrupt_deltas(a, b, cpus, name)
+            interrupts.append(rows)
+            cpu_table.append(cpu_rows(a, b, self.sides, sw, rows, name))
+        tracer.table(GROUP, "interrupts", np.concatenate(interrupts))
+        tracer.table(GROUP, "cpus", np.concatenate(cpu_table), units=_UNITS_CPU)
         tracer.table(GROUP, "tasks", task_deltas(self._before, after, cpus, self.job_pids),
                      units=_UNITS_TASK)
         if not self._ipis.reason:
             job_tids = {t.tid for t in after.tasks.values()
                         if t.pid in self.job_pids or t.ppid in self.job_pids}
-            tracer.table(GROUP, "ipis", self._ipis.rows(job_tids))
+            spans = {name: (a.t_ns, b.t_ns) for name, a, b, _ in windows}
+            tracer.table(GROUP, "ipis", self._ipis.rows(job_tids, spans))
         ipis = self._ipis.reason or (
             "traced (ipi:ipi_send_cpu, ipi:ipi_send_cpumask, csd:csd_queue_cpu), "
             f"{self._ipis.dropped} events lost to a full buffer")
         tracer.attrs(GROUP, ipis=ipis,
-                     switches=self._switches.reason or "perf software counter per CPU",
-                     tasks="run time sampled at both ends of the window, on the CPU a thread "
-                           "last ran on", osnoise=osnoise_status())
+                     switches=self._switches.reason or "perf software counter per CPU (app window)",
+                     tasks="run time sampled at both ends of the app window, on the CPU a thread "
+                           "last ran on", osnoise=self._osnoise)
 
 
 def plan_sides(plan: NodePlan) -> dict[int, tuple[str, int]]:
