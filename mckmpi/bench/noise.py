@@ -34,8 +34,8 @@ import shutil
 import statistics
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 from mckmpi.bench import write_result
@@ -43,8 +43,7 @@ from mckmpi.analysis import kernel
 from mckmpi.analysis import noise as noise_stats
 from mckmpi.demo import NOISE, app_path, demo_noise
 from mckmpi.jobs.launchers import Job
-from mckmpi.node import isolation
-from mckmpi.node.cpuset import default_state_dir
+from mckmpi.node.isolation import isolated
 from mckmpi.node.host import read_host
 from mckmpi.node.partition import plan_node
 from mckmpi.trace.reader import open_run
@@ -146,7 +145,7 @@ def run(out_dir: pathlib.Path, quick: bool = False) -> dict:
                 print(f"bench noise: round {i + 1}/{rounds}, {case}", flush=True)
                 where = work / f"{case}-{i}"
                 where.mkdir()
-                with _isolated(case.endswith("-isolated"), linux, lwk):
+                with isolated(linux, lwk) if case.endswith("-isolated") else nullcontext():
                     source = placements[case]()
                     try:
                         results[case].append(_measure(
@@ -187,20 +186,3 @@ def run(out_dir: pathlib.Path, quick: bool = False) -> dict:
     }
     write_result(out_dir, "noise", result)
     return result
-
-
-@contextmanager
-def _isolated(wanted: bool, linux: list[int], lwk: list[int]) -> Iterator[None]:
-    """The LWK core isolated for the duration of one case, restored after it in any case."""
-    if not wanted:
-        yield
-        return
-    state_dir = default_state_dir()
-    name = f"bench-noise-{os.getpid()}"
-    isolation.apply(name, linux, lwk, state_dir=state_dir, owner=os.getpid())
-    try:
-        yield
-    finally:
-        summary = isolation.restore(name, state_dir=state_dir)
-        if not summary.ok:
-            raise RuntimeError(summary.describe())

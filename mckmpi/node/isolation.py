@@ -406,6 +406,24 @@ def _guard(name: str, state_dir: Path, owner: int) -> None:
     restore(name, state_dir=state_dir)
 
 
+@contextmanager
+def isolated(linux_cpus: Iterable[int], lwk_cpus: Iterable[int], name: str | None = None,
+             state_dir: Path | None = None) -> Iterator[Isolation]:
+    """`lwk_cpus` isolated for the duration of a `with` block (a benchmark's case), owned by
+    this process and restored in any case; a failed restore is an error."""
+    from mckmpi.node.cpuset import default_state_dir
+
+    state_dir = state_dir or default_state_dir()
+    name = name or f"pid-{os.getpid()}"
+    applied = apply(name, linux_cpus, lwk_cpus, state_dir=state_dir, owner=os.getpid())
+    try:
+        yield applied
+    finally:
+        summary = restore(name, state_dir=state_dir)
+        if not summary.ok:
+            raise RuntimeError(summary.describe())
+
+
 # --- one job ---------------------------------------------------------------------------------
 
 
