@@ -105,6 +105,8 @@ def test_apply_moves_what_may_move_lists_refusals_and_restores_every_byte(tmp_pa
     assert "manages this interrupt's affinity" in done.refused[0][1]
     with pytest.raises(Exception, match="already applied"):
         isolation.apply("t", [0, 1], [2, 3], state_dir=state, paths=paths, fs=fs)
+    with pytest.raises(Exception, match="isolation 't' is already applied on this host"):
+        isolation.apply("u", [0, 1], [2, 3], state_dir=state, paths=paths, fs=fs)
     summary = isolation.restore("t", state_dir=state, paths=paths, fs=fs)
     assert summary.ok, summary.describe()
     after = _files(tmp_path)

@@ -145,6 +145,8 @@ class IpiTrace:
                 for line in stats.read_text().splitlines():
                     if line.startswith("overrun:"):
                         self.dropped += int(line.split()[1])
+        except OSError as exc:  # someone removed the instance or unmounted tracefs meanwhile
+            self.reason = f"IPI trace lost: {exc}"
         finally:
             self.close()
 
@@ -152,12 +154,17 @@ class IpiTrace:
         return rows(self._events, job_tids, windows)
 
     def close(self) -> None:
-        if self.instance is not None and self.instance.exists():
-            self.instance.rmdir()
+        """Remove the instance; unmount tracefs if this process mounted it and no other
+        mckmpi instance (another virtual node's) still uses it."""
+        try:
+            if self.instance is not None and self.instance.exists():
+                self.instance.rmdir()
+        except OSError:
+            pass  # gone already
         self.instance = None
-        if self.mounted:
+        if self.mounted and not any((self.root / "instances").glob(f"{PREFIX}*")):
             subprocess.run(["umount", str(self.root)], check=False, capture_output=True, timeout=10)
-            self.mounted = False
+        self.mounted = False
 
 
 def _remove_stale(root: Path) -> None:

@@ -164,6 +164,13 @@ def apply(name: str, linux_cpus: Iterable[int], lwk_cpus: Iterable[int], *, stat
     with locked(state_dir):
         if path.exists():
             raise UsageError(f"isolation '{name}' is already applied (state file {path})")
+        others = sorted(p.name[:-len(SUFFIX)] for p in state_dir.glob(f"*{SUFFIX}"))
+        if others:
+            # two isolations restored out of order would leave the second one's settings
+            raise UsageError(f"isolation '{others[0]}' is already applied on this host (state "
+                             f"{state_dir}): one at a time, so each restores exactly what it "
+                             f"changed; release it first (mckmpi partition release --name "
+                             f"{others[0]})")
         data: dict[str, Any] = {"format": _FORMAT, "name": name, "linux_cpus": format_cpulist(linux),
                                 "lwk_cpus": format_cpulist(lwk), "owner": owner,
                                 "owner_start": _start_time(paths.proc, owner) if owner else None,
@@ -432,13 +439,15 @@ class JobIsolation:
     """The isolation of one job's node, owned by its local rank 0."""
 
     applied: Isolation
-    guard: subprocess.Popen
+    guard: subprocess.Popen | None  # None: the reservation's isolation, not this job's
 
     def finish(self, tracer: Tracer) -> None:
         """Restore now (the guard finds nothing left when this rank exits) and record what
         was applied in the run file's kernel group."""
-        summary = restore(self.applied.name, state_dir=self.applied.state_file.parent)
         tracer.attrs("kernel", isolation=self.applied.describe())
+        if self.guard is None:
+            return
+        summary = restore(self.applied.name, state_dir=self.applied.state_file.parent)
         if not summary.ok:
             print(f"mckmpi: warning: {summary.describe()}", file=sys.stderr, flush=True)
 
@@ -471,6 +480,9 @@ def _isolate_node(plan: NodePlan, cpuset: str | None) -> JobIsolation:
     groups = None
     if cpuset:
         r = cpusets.load(cpuset)
+        held = {q.name: q for q in status(state_dir)}.get(r.name)
+        if held is not None:
+            return JobIsolation(held, None)  # reserved isolated: nothing more to do
         groups = (r.hierarchy.version, r.hierarchy.mount, r.parent / r.name, r.path("lwk"))
     name = f"run-{os.getpid()}"
     applied = apply(name, plan.linux_cpus, plan.lwk_cpus, state_dir=state_dir, cpusets=groups,
