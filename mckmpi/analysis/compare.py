@@ -145,6 +145,9 @@ def _side(s: RunSummary) -> dict[tuple[str, str, str, bool], float]:
             m[("app", f"allreduce {t.key} p99", "us", True)] = t.p99_ns / 1e3
     for name, (unit, value) in kernel.per_rank_core(s.kernel).items():
         m[("kernel", f"{name} per rank core", unit, True)] = value
+    others = kernel.per_rank_core(s.kernel_app).get("other tasks' CPU time")
+    if s.kernel_window == "measured" and others is not None:
+        m[("kernel", "other tasks' CPU time per rank core (whole app)", others[0], True)] = others[1]
     return m
 
 

@@ -41,6 +41,7 @@ class Core:
     descriptions: dict[tuple[str, str], str] = field(default_factory=dict)
     tasks: list[dict[str, Any]] = field(default_factory=list)  # other tasks, most run time first
     senders: list[dict[str, Any]] = field(default_factory=list)  # traced IPIs, most first
+    tasks_sampled: bool = False  # tasks are sampled over the whole app only
 
     @property
     def seconds(self) -> float:
@@ -124,6 +125,8 @@ def cores(run: Run, window: str = "app") -> list[Core]:
             core.sources[key] = core.sources.get(key, 0) + int(row["count"])
             core.descriptions[key] = _s(row["description"])
     if window == "app":  # tasks are sampled over the whole app only
+        for core in out.values():
+            core.tasks_sampled = True
         for row in run.table(f"{GROUP}/tasks"):
             core = out.get((int(row["rank"]), int(row["cpu"])))
             if core is not None:
@@ -161,8 +164,9 @@ def per_rank_core(all_cores: list[Core]) -> dict[str, tuple[str, float]]:
         "IPIs (RES+CAL+TLB)": ("1/s", sum(c.ipis for c in rc) / seconds),
         "device interrupts": ("1/s", sum(c.total("device") for c in rc) / seconds),
         "softirqs": ("1/s", sum(c.total("softirq") for c in rc) / seconds),
-        "other tasks' CPU time": ("ms/s", sum(c.other_run_ns() for c in rc) / 1e6 / seconds),
     }
+    if all(c.tasks_sampled for c in rc):
+        out["other tasks' CPU time"] = ("ms/s", sum(c.other_run_ns() for c in rc) / 1e6 / seconds)
     for f in ("irq", "softirq", "steal"):
         out[f"{f} time"] = ("ms/s", sum(c.times_ns[f] for c in rc) / 1e6 / seconds)
     if any(c.senders for c in rc):

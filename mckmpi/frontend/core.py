@@ -204,7 +204,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
          """Run the demo study: FWQ, selfish detour and the stencil, each in linux mode and
 in lwk mode under the same background noise (2 ms of CPU every 10 ms plus small writes;
 anywhere in linux mode, confined to the Linux core in lwk mode), then the comparison of
-each pair, plots and summary.json in --out. About half a minute on a 2-core host.""")
+each pair, plots and summary.json in --out. As root the lwk runs isolate their LWK cores
+and each also runs without isolation (a third column). About a minute on a 2-core host.""")
 def _build_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="results/demo", help="directory for run files and plots [results/demo]")
     p.add_argument("--samples", type=int, default=3000, help="FWQ samples per rank (1 ms each) [3000]")
