@@ -121,7 +121,7 @@ def _cmd_partition(args: argparse.Namespace) -> int:
         print(json.dumps([f.as_dict() for f in found], indent=2, default=str))
         return 0
     if not found:
-        print("no cpuset reservations and no isolation applied")
+        print("no cpuset reservations")
     for f in found:
         print(f.describe())
     return 0
