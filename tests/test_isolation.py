@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import APPS, ROOT, mpirun
+from fixtures import APPS, ROOT, mckmpi, mpirun
+from mckmpi.errors import UsageError
 from mckmpi.node import cpuset, isolation
 from mckmpi.node.isolation import KernelFiles, Paths
 from mckmpi.trace.reader import open_run
@@ -345,3 +346,18 @@ def test_run_isolate_is_restored_when_the_rank_is_killed(host, tmp_path: Path):
     finally:
         job.kill()
         job.wait(timeout=30)
+
+
+def test_isolation_needs_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(UsageError, match="needs root"):
+        isolation.apply("t", [0], [1], state_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_isolate_in_linux_mode_is_one_line(tmp_path: Path):
+    proc = mckmpi("run", "--mode", "linux", "--isolate", "--out", str(tmp_path), "--",
+                  str(APPS / "fwq.py"), "--samples", "5", timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("mckmpi: error:")]
+    assert len(lines) == 1 and "--isolate" in lines[0] and "Traceback" not in proc.stderr

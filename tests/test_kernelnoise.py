@@ -4,12 +4,13 @@ checked against /proc/interrupts deltas taken outside and inside the recorded wi
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import mckmpi, mpirun
+from fixtures import mckmpi, mpirun
 from mckmpi.analysis import kernel
 from mckmpi.node import kernelnoise as kn
 from mckmpi.node.host import read_host
@@ -177,6 +178,7 @@ def test_run_file_interrupts_lie_between_the_apps_and_the_tests_deltas(tmp_path:
     app = tmp_path / "inner.py"
     app.write_text(INNER_APP)
     run_file = tmp_path / "run.h5"
+    mounted_before = Path("/sys/kernel/tracing/instances").is_dir()
     outer_start = Path("/proc/interrupts").read_text()
     proc = mpirun(1, "run", "--mode", mode, "--offload", "none", "--out", str(run_file), "--",
                   str(app), str(tmp_path), timeout=120)
@@ -190,6 +192,15 @@ def test_run_file_interrupts_lie_between_the_apps_and_the_tests_deltas(tmp_path:
         cpus = run.table("kernel/cpus")
         rows = run.table("kernel/interrupts")
         assert len(run.table("kernel/tasks")) > 0  # at least the rank itself ran
+        traced = run.group_attrs("kernel")["ipis"]
+        if os.geteuid() == 0 and traced.startswith("traced"):
+            ipis = run.table("kernel/ipis")
+            assert set(ipis["window"]) <= {b"app", b"measured"} and (ipis["count"] > 0).all()
+    # the trace instance is gone, and tracefs mounted only if it was before
+    assert Path("/sys/kernel/tracing/instances").is_dir() == mounted_before
+    if mounted_before:  # no instance of a process that is gone
+        assert not [p for p in Path("/sys/kernel/tracing/instances").glob("mckmpi-*")
+                    if not Path(f"/proc/{p.name.removeprefix('mckmpi-')}").exists()]
     assert sorted(cpus["cpu"].tolist()) == sorted(read_host().cpus * 2)  # both windows
     app_rows = rows[rows["window"] == b"app"]
     recorded = {(r["kind"].decode(), r["source"].decode(), int(r["cpu"])): int(r["count"])
