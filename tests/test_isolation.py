@@ -116,6 +116,39 @@ def test_apply_moves_what_may_move_lists_refusals_and_restores_every_byte(tmp_pa
     assert not isolation.restore("t", state_dir=state, paths=paths, fs=fs).found
 
 
+def test_load_balancing_v1_stops_up_to_the_mount_and_names_other_balancing_cpusets(
+        tmp_path: Path, root_only):
+    paths, fs = _fake_tree(tmp_path), FakeKernel()
+    mount = tmp_path / "cpuset"
+    base = mount / "parent" / "res"
+    for cg, cpus in ((mount, "0-3"), (mount / "parent", "0-3"), (base, "0-3"),
+                     (base / "linux", "0-1"), (base / "lwk", "2-3"), (mount / "docker", "1-2")):
+        cg.mkdir(parents=True, exist_ok=True)
+        (cg / "cpuset.cpus").write_text(cpus + "\n")
+        (cg / "cpuset.sched_load_balance").write_text("1\n")
+    before = _files(tmp_path)
+    done = isolation.apply("t", [0, 1], [2, 3], state_dir=tmp_path / "s", paths=paths, fs=fs,
+                           cpusets=(1, mount, base, base / "lwk"))
+    for cg in (base / "lwk", base, mount / "parent", mount):
+        assert (cg / "cpuset.sched_load_balance").read_text() == "0", cg
+    assert (base / "linux" / "cpuset.sched_load_balance").read_text() == "1\n"
+    assert ("load balancing of LWK cpus in " + str(mount / "docker")) in [w for w, _ in done.refused]
+    assert isolation.restore("t", state_dir=tmp_path / "s", paths=paths, fs=fs).ok
+    assert {k: v for k, v in _files(tmp_path).items() if "/s/" not in k} == before
+
+
+def test_load_balancing_v2_makes_the_lwk_cpuset_an_isolated_partition(tmp_path: Path, root_only):
+    paths, fs = _fake_tree(tmp_path), FakeKernel()
+    lwk = tmp_path / "unified" / "res" / "lwk"
+    lwk.mkdir(parents=True)
+    (lwk / "cpuset.cpus.partition").write_text("root\n")
+    isolation.apply("t", [0, 1], [2, 3], state_dir=tmp_path / "s", paths=paths, fs=fs,
+                    cpusets=(2, tmp_path / "unified", lwk.parent, lwk))
+    assert (lwk / "cpuset.cpus.partition").read_text() == "isolated"
+    assert isolation.restore("t", state_dir=tmp_path / "s", paths=paths, fs=fs).ok
+    assert (lwk / "cpuset.cpus.partition").read_text() == "root\n"
+
+
 def test_sweep_restores_isolations_whose_owner_is_gone(tmp_path: Path, root_only):
     paths, fs = _fake_tree(tmp_path), FakeKernel()
     before = _files(paths.proc)
