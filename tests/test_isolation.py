@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from fixtures import APPS, ROOT, mckmpi, mpirun
-from mckmpi.errors import UsageError
+from mckmpi.errors import FeatureUnavailable, UsageError
 from mckmpi.node import cpuset, isolation
 from mckmpi.node.isolation import KernelFiles, Paths
 from mckmpi.trace.reader import open_run
@@ -182,8 +182,8 @@ def host_settings() -> dict[str, object]:
         h = cpuset.detect()
         files += glob.glob(f"{h.mount}/**/cpuset.sched_load_balance", recursive=True)
         files += glob.glob(f"{h.mount}/**/cpuset.cpus.partition", recursive=True)
-    except Exception:
-        pass
+    except FeatureUnavailable:
+        pass  # no cpuset hierarchy: isolation touches no cpuset file
     out: dict[str, object] = {}
     for f in files:
         try:

@@ -103,9 +103,10 @@ class Isolation:
     def describe(self) -> str:
         owner = f", for process {self.owner}" if self.owner else ""
         state = "" if self.complete else "; INCOMPLETE: stopped before finishing"
-        lines = [f"isolation '{self.name}': lwk cpus {format_cpulist(self.lwk_cpus)} quiet, "
-                 f"linux cpus {format_cpulist(self.linux_cpus)} take the rest{owner}: "
-                 f"{len(self.changed)} settings changed, {len(self.refused)} refused{state}"]
+        head = (f"isolation '{self.name}': lwk cpus {format_cpulist(self.lwk_cpus)} quiet, "
+                f"linux cpus {format_cpulist(self.linux_cpus)} take the rest{owner}: "
+                f"{len(self.changed)} settings changed, {len(self.refused)} refused{state}")
+        lines = [head]
         lines += [f"  refused {what}: {why}" for what, why in self.refused]
         return "\n".join(lines)
 
