@@ -394,3 +394,26 @@ def test_isolate_in_linux_mode_is_one_line(tmp_path: Path):
     assert proc.returncode == 2, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("mckmpi: error:")]
     assert len(lines) == 1 and "--isolate" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_a_job_inside_an_isolated_reservation_uses_the_reservations_isolation(host, tmp_path: Path):
+    name = f"isolation-test-{os.getpid()}"
+    reserved = mckmpi("partition", "reserve", "--name", name, "--linux-cores", "1")
+    assert reserved.returncode == 0, reserved.stderr
+    try:
+        assert "settings changed" in reserved.stdout and "needs a reboot" in reserved.stdout
+        status = mckmpi("partition", "status", "--name", name)
+        assert f"isolation '{name}'" in status.stdout
+        out = tmp_path / "run.h5"
+        proc = mpirun(1, "run", "--mode", "lwk", "--cpuset", name, "--isolate", "--offload", "none",
+                      "--mem", "16M", "--out", str(out), "--", str(APPS / "fwq.py"), "--samples", "50",
+                      timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        with open_run(out) as run:
+            assert f"isolation '{name}'" in run.group_attrs("kernel")["isolation"]
+        assert _state_files() == set()  # no isolation of its own
+    finally:
+        released = mckmpi("partition", "release", "--name", name)
+        assert released.returncode == 0, released.stdout + released.stderr
+    assert "undone" in released.stdout
+    assert _same(host, host_settings()) == []
