@@ -7,8 +7,10 @@ preempts; ``on_each_cpu_cond_mask``: a function call such as a TLB flush), and
 ``csd:csd_queue_cpu`` names the function a function-call IPI will run (``flush_tlb_func``,
 ``do_sync_core``, ...). A private tracefs instance (``instances/mckmpi-PID``) records only
 events aimed at the job's CPUs, from `start` to `stop`; nothing of the global tracer changes.
-If tracefs was not mounted, it is mounted at its usual place for the window and unmounted
-after; an instance left by a killed job (its PID is gone) is removed by the next start.
+If tracefs is not mounted at its usual place, this process mounts it privately
+(/run/mckmpi/tracefs-PID) for the window and unmounts it after, so the host's mounts stay as
+they were; a mount or instance left by a killed job (its PID is gone) is removed by the next
+start.
 """
 
 from __future__ import annotations
@@ -96,6 +98,7 @@ class IpiTrace:
 
     cpus: tuple[int, ...]
     root: Path = TRACEFS
+    private: Path = Path("/run/mckmpi")  # where a private mount goes when `root` has none
     reason: str = ""  # why nothing is traced ("" while tracing)
     mounted: bool = False
     instance: Path | None = None
@@ -108,7 +111,10 @@ class IpiTrace:
             self.reason = "tracing IPIs needs root (tracefs)"
             return
         try:
+            _remove_stale_mounts(self.private)
             if not (self.root / "instances").is_dir():
+                self.root = self.private / f"tracefs-{os.getpid()}"
+                self.root.mkdir(parents=True, exist_ok=True)
                 subprocess.run(["mount", "-t", "tracefs", "nodev", str(self.root)], check=True,
                                capture_output=True, timeout=10)
                 self.mounted = True
@@ -154,16 +160,15 @@ class IpiTrace:
         return rows(self._events, job_tids, windows)
 
     def close(self) -> None:
-        """Remove the instance; unmount tracefs if this process mounted it and no other
-        mckmpi instance (another virtual node's) still uses it."""
+        """Remove the instance, and the private mount if this process made one."""
         try:
             if self.instance is not None and self.instance.exists():
                 self.instance.rmdir()
         except OSError:
             pass  # gone already
         self.instance = None
-        if self.mounted and not any((self.root / "instances").glob(f"{PREFIX}*")):
-            subprocess.run(["umount", str(self.root)], check=False, capture_output=True, timeout=10)
+        if self.mounted:
+            _unmount(self.root)
         self.mounted = False
 
 
@@ -173,3 +178,19 @@ def _remove_stale(root: Path) -> None:
         pid = inst.name[len(PREFIX):]
         if pid.isdigit() and not Path(f"/proc/{pid}").exists():
             inst.rmdir()
+
+
+def _unmount(where: Path) -> None:
+    subprocess.run(["umount", str(where)], check=False, capture_output=True, timeout=10)
+    try:
+        where.rmdir()
+    except OSError:
+        pass  # still mounted (busy) or gone: the next start retries
+
+
+def _remove_stale_mounts(private: Path) -> None:
+    """Private tracefs mounts of mckmpi processes that no longer exist (killed jobs)."""
+    for where in private.glob("tracefs-*"):
+        pid = where.name.removeprefix("tracefs-")
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            _unmount(where)
