@@ -359,7 +359,8 @@ class KernelNoise:
     def start(self) -> None:
         self._ipis = IpiTrace(tuple(sorted(self.sides)))
         self._ipis.start()
-        self._osnoise = osnoise_status()  # while tracefs is mounted
+        # where the IPI trace found (or mounted) tracefs, while it is mounted
+        self._osnoise = osnoise_status([self._ipis.root]) if not self._ipis.reason else osnoise_status()
         self._switches = SwitchCounters(self.sides)
         self._files = ProcFiles(self.proc)
         self._before = snapshot(self.proc, files=self._files)
