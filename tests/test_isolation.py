@@ -417,3 +417,15 @@ def test_a_job_inside_an_isolated_reservation_uses_the_reservations_isolation(ho
         assert released.returncode == 0, released.stdout + released.stderr
     assert "undone" in released.stdout
     assert _same(host, host_settings()) == []
+
+
+def test_jobs_of_one_split_share_an_applied_isolation(tmp_path: Path, root_only):
+    paths, fs = _fake_tree(tmp_path), FakeKernel()
+    state = tmp_path / "s"
+    first = isolation.apply("run-1", [0, 1], [2, 3], state_dir=state, paths=paths, fs=fs)
+    assert isolation.covering(state, [0, 1], [3]) is not None  # same Linux cores, fewer LWK
+    assert isolation.covering(state, [0], [2, 3]) is None  # another split
+    with isolation.isolated([0, 1], [2, 3], state_dir=state) as held:
+        assert held.name == first.name  # shared, not stacked
+    assert [i.name for i in isolation.status(state)] == ["run-1"]  # not restored by the sharer
+    assert isolation.restore("run-1", state_dir=state, paths=paths, fs=fs).ok

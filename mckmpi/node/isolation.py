@@ -422,6 +422,10 @@ def isolated(linux_cpus: Iterable[int], lwk_cpus: Iterable[int], name: str | Non
     from mckmpi.node.cpuset import default_state_dir
 
     state_dir = state_dir or default_state_dir()
+    held = covering(state_dir, linux_cpus, lwk_cpus)
+    if held is not None:  # another owner's isolation of the same split: use it as it is
+        yield held
+        return
     name = name or f"pid-{os.getpid()}"
     applied = apply(name, linux_cpus, lwk_cpus, state_dir=state_dir, owner=os.getpid())
     try:
@@ -432,6 +436,17 @@ def isolated(linux_cpus: Iterable[int], lwk_cpus: Iterable[int], name: str | Non
             raise RuntimeError(summary.describe())
 
 
+def covering(state_dir: Path, linux_cpus: Iterable[int], lwk_cpus: Iterable[int]) -> Isolation | None:
+    """An applied, complete isolation that already quiets `lwk_cpus` with the same Linux
+    cores (concurrent jobs of one split share it instead of stacking a second one)."""
+    sweep(state_dir)
+    linux, lwk = set(linux_cpus), set(lwk_cpus)
+    for found in status(state_dir):
+        if found.complete and set(found.linux_cpus) == linux and lwk <= set(found.lwk_cpus):
+            return found
+    return None
+
+
 # --- one job ---------------------------------------------------------------------------------
 
 
@@ -440,7 +455,7 @@ class JobIsolation:
     """The isolation of one job's node, owned by its local rank 0."""
 
     applied: Isolation
-    guard: subprocess.Popen | None  # None: the reservation's isolation, not this job's
+    guard: subprocess.Popen | None  # None: an isolation this job found applied, not its own
 
     def finish(self, tracer: Tracer) -> None:
         """Restore now (the guard finds nothing left when this rank exits) and record what
@@ -477,14 +492,13 @@ def _isolate_node(plan: NodePlan, cpuset: str | None) -> JobIsolation:
     from mckmpi.node import cpuset as cpusets
 
     state_dir = cpusets.default_state_dir()
-    sweep(state_dir)
     groups = None
     if cpuset:
         r = cpusets.load(cpuset)
-        held = {q.name: q for q in status(state_dir)}.get(r.name)
-        if held is not None:
-            return JobIsolation(held, None)  # reserved isolated: nothing more to do
         groups = (r.hierarchy.version, r.hierarchy.mount, r.parent / r.name, r.path("lwk"))
+    held = covering(state_dir, plan.linux_cpus, plan.lwk_cpus)
+    if held is not None:
+        return JobIsolation(held, None)  # a reservation's or another job's: nothing to add
     name = f"run-{os.getpid()}"
     applied = apply(name, plan.linux_cpus, plan.lwk_cpus, state_dir=state_dir, cpusets=groups,
                     owner=os.getpid())
