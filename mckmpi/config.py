@@ -306,6 +306,11 @@ RANK_POLICY = option(
          "every second (kernel.sched_rt_runtime_us): measure before choosing it",
 )
 SWITCH_INTERVAL = option(
+    name="isolate", section="lwk", default=False, flag=True,
+    help="lwk mode, root: quiet the LWK cores for this job (IRQs, workqueues and kernel threads "
+         "to the Linux cores, no deep idle), restored at its end",
+)
+option(
     name="switch_interval", section="lwk", default=0.1, type=float, metavar="SECONDS",
     help="Python's thread switch interval during the app (default Python: 0.005)",
 )

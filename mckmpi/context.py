@@ -54,6 +54,7 @@ class Context:
     node_plan: NodePlan | None = None
     comm: Any = None  # MPI.COMM_WORLD once initialised
     offload: Any = None  # the rank's OffloadSession when I/O is offloaded (its .channel())
+    phase_marks: Any = None  # told where the app's measured phases begin and end (begin/end)
 
 
 _current: Context | None = None

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 import mckmpi
-from mckmpi.node.host import cgroup_version, hugepage_settings, read_host
+from mckmpi.node.host import NodeFacts, cgroup_version, hugepage_settings, read_host
+from mckmpi.utility.units import format_cpulist
 
 
 def versions(mpi: bool = True) -> dict[str, str]:
@@ -75,7 +76,7 @@ def seccomp() -> dict[str, Any]:
 
 def gather() -> dict[str, dict[str, Any]]:
     """Everything `mckmpi info` shows, by section."""
-    from mckmpi.utility.units import format_cpulist, format_size
+    from mckmpi.utility.units import format_size
 
     host = read_host()
     return {
@@ -92,4 +93,18 @@ def gather() -> dict[str, dict[str, Any]]:
         "hugepages": hugepage_settings(),
         "limits": limits(),
         "seccomp": seccomp(),
+        "isolation": isolation_facts(host),
     }
+
+
+def isolation_facts(host: NodeFacts) -> dict[str, str]:
+    """How far this host can take the LWK cores of its default plan away from Linux."""
+    from mckmpi.node import isolation
+    from mckmpi.node.cpuset import default_state_dir
+    from mckmpi.node.partition import plan_node
+
+    if len(host.cpus) < 2:
+        return {"isolation": "one CPU: no LWK core to isolate"}
+    plan = plan_node(host, 1, mode="lwk", oversubscribe=True)
+    return {"lwk cpus (default plan)": format_cpulist(plan.lwk_cpus),
+            **isolation.facts(plan.linux_cpus, plan.lwk_cpus, state_dir=default_state_dir())}

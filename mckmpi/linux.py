@@ -58,3 +58,20 @@ def rename_noreplace(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     a finished file never overwrites another."""
     check(libc.renameat2(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst),
                          RENAME_NOREPLACE), f"rename {os.fspath(src)} -> {os.fspath(dst)}")
+
+
+#: perf_event_open(2) numbers by machine.
+_NR_PERF_EVENT_OPEN = {"x86_64": 298, "aarch64": 241, "ppc64le": 319, "s390x": 331, "riscv64": 241}
+
+
+def perf_event_open(attr: bytes, pid: int, cpu: int, group_fd: int = -1, flags: int = 0) -> int:
+    """perf_event_open(2): a counter's descriptor, raising OSError (unknown machine: ENOSYS)."""
+    import platform
+
+    nr = _NR_PERF_EVENT_OPEN.get(platform.machine())
+    if nr is None:
+        raise OSError(38, f"perf_event_open: no system call number for {platform.machine()}")
+    result = syscall(nr, attr, pid, cpu, group_fd, flags)
+    if result < 0:
+        raise os_error("perf_event_open", -result)
+    return result

@@ -44,6 +44,8 @@ from mckmpi.errors import PartitionError, StorageError, UsageError
 from mckmpi.offload.policy import Policy
 from mckmpi.node.partition import NodePlan, node_facts, plan_node
 from mckmpi.node.host import NodeFacts, read_host
+from mckmpi.node.isolation import isolate_job
+from mckmpi.node.kernelnoise import start_on_node
 from mckmpi.node.placement import Placement, from_env, verify, with_vnodes
 from mckmpi.trace.schema import RANKS_DTYPE
 from mckmpi.trace.tracer import Tracer
@@ -241,6 +243,8 @@ def _run_in_mpi(settings: Settings, app: App, argv: list[str], placement: Placem
         pin(plan, placement.local_rank)  # the offload's watcher thread joins MPI's helpers
         run_file.add_source(lambda: offloaded.snapshot(tracer))  # calls stream as they happen
     set_context(ctx)
+    isolated = isolate_job(settings.isolate, plan, node_comm, settings.cpuset)
+    ctx.phase_marks = kernel = start_on_node(plan, node_comm)  # the kernel's doings from here
     started = time.monotonic_ns()
     if runtime is None:
         end = _run_app(app, placement.rank, offset_ns)
@@ -250,6 +254,10 @@ def _run_in_mpi(settings: Settings, app: App, argv: list[str], placement: Placem
         end = runtime.scheduler.run(lambda: _run_app(app, placement.rank, offset_ns))
     catcher.quiet()
     tracer.scalar("app", "wall_ns", time.monotonic_ns() - started, units="ns")
+    if kernel is not None:
+        kernel.stop(tracer)
+    if isolated is not None:
+        isolated.finish(tracer)
     if offloaded is not None:
         offloaded.finish(tracer)
     if runtime is not None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import pytest
 
@@ -24,3 +26,12 @@ def test_benchmark_writes_its_numbers_with_ratios(name, tmp_path):
 def test_an_unknown_benchmark_is_one_clear_line(tmp_path):
     proc = mckmpi("bench", "nonsense", "--out", str(tmp_path))
     assert proc.returncode == 2 and "unknown benchmark 'nonsense'" in proc.stderr
+
+
+@pytest.mark.skipif(shutil.which("cyclictest") is None, reason="rt-tests is not installed")
+def test_cyclictest_reports_its_latency_on_one_cpu():
+    from mckmpi.bench.noise import cyclictest
+
+    got = cyclictest(max(os.sched_getaffinity(0)), 1.0)
+    assert set(got) == {"max_us", "p99_us", "avg_us"}
+    assert 0 < got["avg_us"] <= got["max_us"] and got["p99_us"] <= got["max_us"]

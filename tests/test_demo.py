@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +22,18 @@ def test_layout_keeps_a_linux_core_and_oversubscribes_only_the_stencil():
     assert big[("fwq", "lwk")].ranks == 7 and big[("stencil", "lwk")].ranks == 8
     with pytest.raises(UsageError, match="at least 2 CPUs"):
         layout(1, 100, 1.0)
+
+
+def test_isolated_layout_adds_an_lwk_run_without_isolation_per_app(tmp_path):
+    runs = layout(2, 100, 1.0, isolate=True)
+    by = {(r.app, r.column): r for r in runs}
+    assert len(runs) == 9 and len(by) == 9
+    for app in ("fwq", "detour", "stencil"):
+        assert by[(app, "lwk")].isolate and not by[(app, "lwk-no-isolation")].isolate
+        assert by[(app, "lwk")].ranks == by[(app, "lwk-no-isolation")].ranks
+        assert not by[(app, "linux")].isolate
+    assert dict(by[("fwq", "lwk")].job(tmp_path / "f.h5").options)["isolate"] is True
+    assert "isolate" not in dict(by[("fwq", "lwk-no-isolation")].job(tmp_path / "g.h5").options)
 
 
 def test_each_demo_run_is_one_job_of_the_source_trees_app(tmp_path):
@@ -42,6 +55,11 @@ def test_demo_runs_compares_and_leaves_nothing_behind(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert [h["app"] for h in summary["headlines"]] == ["fwq", "detour", "stencil"]
     assert all(h["linux"] > 0 and h["lwk"] > 0 for h in summary["headlines"])
+    if os.geteuid() == 0:  # the third column: lwk without isolation
+        assert all(h["lwk-no-isolation"] > 0 for h in summary["headlines"])
+        assert "what the isolation adds" in proc.stdout
+        assert (out / "fwq-lwk-no-isolation.h5").is_file()
+        assert list(Path("/run/mckmpi").glob("run-*.isolation")) == []  # restored
     fwq = {c["metric"] for c in summary["comparisons"]["fwq"]}
     assert {"FWQ excess p50, median rank", "FWQ excess p99.9, worst rank",
             "FWQ noise fraction, mean of ranks"} <= fwq

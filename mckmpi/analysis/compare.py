@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from mckmpi.analysis import kernel
 from mckmpi.analysis.report import num
 from mckmpi.analysis.stats import order_index
 from mckmpi.analysis.summary import RunSummary
@@ -142,6 +143,11 @@ def _side(s: RunSummary) -> dict[tuple[str, str, str, bool], float]:
         for t in s.app.allreduce:
             m[("app", f"allreduce {t.key} p50", "us", True)] = t.p50_ns / 1e3
             m[("app", f"allreduce {t.key} p99", "us", True)] = t.p99_ns / 1e3
+    for name, (unit, value) in kernel.per_rank_core(s.kernel).items():
+        m[("kernel", f"{name} per rank core", unit, True)] = value
+    others = kernel.per_rank_core(s.kernel_app).get("other tasks' CPU time")
+    if s.kernel_window == "measured" and others is not None:
+        m[("kernel", "other tasks' CPU time per rank core (whole app)", others[0], True)] = others[1]
     return m
 
 
@@ -161,6 +167,7 @@ HEADLINES = (
     ("FWQ", "noise fraction, mean of ranks"),
     ("detours", "noise fraction, mean of ranks"),
     ("FTQ", "noise fraction, mean of ranks"),
+    ("kernel", "IPIs (RES+CAL+TLB) per rank core"),
     ("offload", "latency p50, all calls"),
     ("app", "iteration p50 (slowest rank)"),
     ("app", "wall time, slowest rank"),

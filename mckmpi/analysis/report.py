@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from mckmpi.analysis import kernel
 from mckmpi.analysis.app import TimeArray
 from mckmpi.analysis.summary import RunSummary, summarize
 from mckmpi.provenance import nodes_of, shared_hosts
@@ -430,6 +431,52 @@ def _attr(v: Any) -> str:
     return fmt(v) if isinstance(v, float) else str(v)
 
 
+def kernel_tables(s: RunSummary) -> str:
+    """Per node: what interrupted each core (events per second of the measured phases, else of
+    the whole app), where each core's time went, who sent IPIs to the rank cores, and the other
+    tasks that ran there (over the whole app)."""
+    parts = []
+    span = "the app's measured phases" if s.kernel_window == "measured" else "the app"
+    apps = {(c.host, c.node, c.cpu): c for c in s.kernel_app}
+    for cores in kernel.by_node(s.kernel):
+        first = cores[0]
+        where = f"{first.host} node {first.node}" if first.host else f"node {first.node}"
+        heads = ("kind", "source", "description", *(c.label for c in cores))
+        rows: list[list[Any]] = [[k, src, d, *(num(r) for r in rates)]
+                                 for k, src, d, rates in kernel.source_rows(cores)]
+        app_cores = [apps.get((c.host, c.node, c.cpu)) for c in cores]
+        rows.append(["sched", "switches", "context switches (whole app)",
+                     *("-" if a is None or a.switches < 0 else num(a.switches / a.seconds)
+                       for a in app_cores)])
+        parts.append(render(heads, rows, title=(
+            f"what interrupted each core ({where}): events per second over the "
+            f"{fmt(first.seconds)} s of {span}")))
+        time_rows = [[f, *(pct(kernel.share(c, c.times_ns[f])) for c in cores)]
+                     for f in kernel.TIME_FIELDS]
+        time_rows.append(["other tasks (whole app)",
+                          *("-" if a is None else pct(kernel.share(a, a.other_run_ns()))
+                            for a in app_cores)])
+        parts.append(render(("time", *(c.label for c in cores)), time_rows,
+                            title=f"where each core's time went ({where}, % of {span})"))
+        senders = kernel.sender_rows(cores)
+        if senders:
+            parts.append(render(
+                ("cpu", "event", "sender", "tid", "owner", "callsite", "function", "count", "/s"),
+                [[c.cpu, t["event"], t["sender"], t["tid"], t["owner"], t["callsite"],
+                  t["function"] or "-", t["count"], num(t["count"] / c.seconds)] for c, t in senders],
+                title=f"who sent IPIs to the rank cores ({where}, {span})"))
+        tasks = kernel.task_rows([a for a in app_cores if a is not None])
+        if tasks:
+            parts.append(render(
+                ("cpu", "task", "pid", "tid", "run ms", "% of app", "slices"),
+                [[c.cpu, t["comm"], t["pid"], t["tid"], num(t["run_ns"] / 1e6),
+                  pct(kernel.share(c, t["run_ns"])), t["slices"]] for c, t in tasks],
+                title=f"other tasks on the rank cores ({where}; sampled at both ends of the app)"))
+    if parts and s.kernel_attrs:
+        parts.append("\n".join(f"kernel {k}: {v}" for k, v in sorted(s.kernel_attrs.items())))
+    return "\n\n".join(parts)
+
+
 def datasets_table(s: RunSummary) -> str:
     return render(("dataset", "kind", "shape", "dtype", "units"), s.datasets, title="recorded data")
 
@@ -445,6 +492,7 @@ def render_summary(s: RunSummary) -> str:
         offload_table(s),
         counters_table(s),
         app_table(s),
+        kernel_tables(s),
         datasets_table(s),
     ]
     return "\n\n".join(p for p in parts if p)

@@ -16,6 +16,7 @@ import numpy as np
 
 from mckmpi.analysis import app as app_module
 from mckmpi.analysis import counters as counters_module
+from mckmpi.analysis import kernel as kernel_module
 from mckmpi.analysis import noise, offload
 from mckmpi.trace.reader import BLOCK_ELEMENTS, Run
 
@@ -34,6 +35,10 @@ class RunSummary:
     counters: list[counters_module.CounterStats]
     app: app_module.AppStats | None
     datasets: list[tuple[str, str, str, str, str]]  # name, kind, shape, dtype, units
+    kernel: list[kernel_module.Core] = field(default_factory=list)  # the steady window
+    kernel_window: str = ""  # "measured" (the app's measured phases) or "app"
+    kernel_app: list[kernel_module.Core] = field(default_factory=list)  # the whole app
+    kernel_attrs: dict[str, Any] = field(default_factory=dict)
     detour_histogram: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
 
     @property
@@ -56,6 +61,9 @@ class RunSummary:
             "offload": [c.to_json() for c in self.calls],
             "counters": [c.to_json() for c in self.counters],
             "app": None if self.app is None else self.app.to_json(),
+            "kernel": {"attrs": self.kernel_attrs, "window": self.kernel_window,
+                       "cores": [c.to_json() for c in self.kernel],
+                       "app_cores": [c.to_json() for c in self.kernel_app]},
             "datasets": [
                 dict(zip(("name", "kind", "shape", "dtype", "units"), d)) for d in self.datasets
             ],
@@ -116,4 +124,8 @@ def summarize(run: Run, block: int = BLOCK_ELEMENTS) -> RunSummary:
         app=app_module.app(run, block),
         datasets=[_describe(run, name) for name in run.datasets()],
         detour_histogram=noise.detour_histogram(run),
+        kernel=kernel_module.cores(run, kernel_module.steady_window(run)),
+        kernel_window=kernel_module.steady_window(run),
+        kernel_app=kernel_module.cores(run, "app"),
+        kernel_attrs=kernel_module.attrs(run),
     )

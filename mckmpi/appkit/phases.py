@@ -33,8 +33,21 @@ def run_phases(ctx: Any, fn: Callable[[], Any]) -> Any:
     """Run the app's measured phases as a task of the rank's scheduler when it has one.
 
     In lwk mode this is where the cooperative scheduler takes over the rank's thread; in
-    linux mode and bare the phases simply run.
+    linux mode and bare the phases simply run. The harness's kernel counters are told where
+    the phases begin and end (`Context.phase_marks`), so the run file separates the steady
+    state from start-up and teardown.
     """
+    marks = ctx.phase_marks
+    if marks is not None:
+        marks.begin()
+    try:
+        return _run(ctx, fn)
+    finally:
+        if marks is not None:
+            marks.end()
+
+
+def _run(ctx: Any, fn: Callable[[], Any]) -> Any:
     sched = ctx.scheduler
     if sched is None:
         return fn()

@@ -9,7 +9,10 @@
   (the same placement for both, and the fastest hand-off on any machine), and with
   everything unpinned as notif-floor ships (on a VM an idle CPU's wake-up then dominates
   both). Rounds of floor, native and offloaded alternate so a change in the machine's load
-  hits all three. The cross-CPU round trip of a partitioned node is reported too.
+  hits all three. The cross-CPU round trip of a partitioned node is reported too, and (root)
+  the same with the LWK core isolated (mckmpi/node/isolation.py: IRQs and kernel threads
+  on the Linux core, no deep idle) and the proxy not spinning, against the same-CPU floor
+  measured in the same rounds (goal: p50 <= 1.25x).
 * 1 MiB writes from the rank's arena (the proxy writes straight from its mapping) versus the
   same writes native (goal >= 0.9x), and from ordinary memory (copied once into the proxy);
   1 MiB reads into the arena versus native (goal >= 0.9x).
@@ -49,6 +52,7 @@ import numpy as np
 
 from mckmpi.bench import write_result
 from mckmpi.lwk.arena import Arena
+from mckmpi.node.isolation import isolated
 from mckmpi.offload import accounting, client, seccomp, spawn
 from mckmpi.offload.policy import Policy
 
@@ -56,6 +60,8 @@ MiB = 1 << 20
 FLOOR_GOAL = 2.0
 CPU_GOAL = 1.5
 CONTENTION_GOAL = 0.8
+#: An isolated LWK core's offloaded small call vs the same-CPU floor (p50).
+ISOLATED_GOAL = 1.25
 BULK_GOAL = 0.9
 CHANNEL_LOSS_GOAL = 0.10
 SMALL = 64
@@ -483,6 +489,43 @@ def _capacity_phase(workdir: Path, quick: bool, compiled: bool = True,
     }
 
 
+def _isolated_phase(workdir: Path, floor_exe: Path | None, rounds: int, n: int) -> dict[str, Any]:
+    """Rank on the LWK core, proxy on the Linux core (woken per call, no spinning), the LWK
+    core isolated; rounds alternate with the floor on one CPU (the rank's)."""
+    proxy_cpus, rank_cpu, placement = _partition()
+    if rank_cpu is None:
+        return {"skipped": placement}
+    if os.geteuid() != 0:
+        return {"skipped": "isolating the LWK core needs root"}
+    offl, floors, ratios = [], [], []
+    with isolated(proxy_cpus, [rank_cpu]) as applied:
+        handle = spawn.start_node_proxy(workdir / "run-isolated", proxy_cpus, expected=1, spin_us=0)
+        pid, conn = _fork_rank(handle.socket_path, workdir, rank_cpu, ARENA)
+        for _ in range(rounds):
+            if floor_exe is not None:
+                floors.append(_run_floor(floor_exe, n, str(workdir / "floor.dat"), rank_cpu))
+            conn.send(("small", n))
+            lat = np.frombuffer(conn.recv(), np.int64).reshape(3, n)
+            offl.append(lat[1])
+            if floors:
+                ratios.append(float(np.percentile(lat[1], 50)) / 1e3
+                              / floors[-1]["offloaded_pwrite64_p50_us"])
+        records = _finish(pid, conn, handle)
+    out: dict[str, Any] = {
+        "placement": f"{placement}; proxy not spinning; floor on CPU {rank_cpu}",
+        "isolation": applied.describe(), "iterations_per_round": n, "rounds": rounds,
+        "offloaded_pwrite64": _pct(np.concatenate(offl)), "records": records,
+    }
+    if floors:
+        out["floor_same_cpu_p50_us"] = round(float(np.median(
+            [f["offloaded_pwrite64_p50_us"] for f in floors])), 3)
+        out["ratio_p50_over_floor_per_round"] = [round(r, 3) for r in ratios]
+        out["ratio_p50_over_floor"] = round(float(np.median(ratios)), 3)
+        out["goal_p50_over_floor"] = ISOLATED_GOAL
+        out["goal_met"] = out["ratio_p50_over_floor"] <= ISOLATED_GOAL
+    return out
+
+
 def _partition() -> tuple[list[int], int | None, str]:
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
@@ -589,6 +632,7 @@ def run(out_dir: Path, quick: bool = False) -> dict:
         result["capacity"] = _capacity_phase(workdir, quick, floor_exe=ranks_exe)
         result["capacity_interpreted"] = _capacity_phase(workdir, quick, compiled=False,
                                                          sizes=(1, 8, 32))
+        result["small_call_isolated"] = _isolated_phase(workdir, exe, rounds, n)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(workdir, ignore_errors=True)
@@ -600,6 +644,8 @@ def run(out_dir: Path, quick: bool = False) -> dict:
         "small_ratio_over_floor": small.get("ratio_p50_over_floor", "no floor"),
         "small_ratio_over_floor_unpinned": result["small_call_unpinned"].get(
             "ratio_p50_over_floor", "no floor"),
+        "small_isolated_ratio_over_same_cpu_floor": result["small_call_isolated"].get(
+            "ratio_p50_over_floor", result["small_call_isolated"].get("skipped", "no floor")),
         "bulk_arena_over_native": part["bulk_1mib"]["ratio_arena_over_native"],
         "bulk_arena_read_over_native": part["bulk_1mib"]["ratio_arena_read_over_native"],
         "channel_compute_loss": part["channel"]["loss_channel"],

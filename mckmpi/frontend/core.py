@@ -70,7 +70,11 @@ cpuset cgroups (IHK's reserve) and release it again:
 
 Only processes mckmpi starts are moved into the cpusets, unless reserve is given
 --system-wide (then every movable task of the parent cgroup goes to the Linux side).
-release works from the state file reserve wrote, also after a crash.""")
+reserve also isolates the LWK cores (unless --no-isolate): device IRQs, unbound workqueues
+and movable kernel threads go to the Linux cores, load balancing stops on the LWK cpuset,
+and no core of the reservation enters an idle state with an exit latency; IRQs that refuse
+are listed with the reason, and the kernel parameters only a reboot can set are printed.
+release works from the state files reserve wrote, also after a crash.""")
 def _build_partition(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=("show", "reserve", "release", "status"),
                    help="show the plan; reserve/release/status of cpuset cgroups (root)")
@@ -81,6 +85,9 @@ def _build_partition(p: argparse.ArgumentParser) -> None:
                    help="reserve, release, status: the reservation's name [mckmpi]")
     p.add_argument("--system-wide", action="store_true",
                    help="reserve: also move every other task of the parent cgroup to the Linux side")
+    p.add_argument("--no-isolate", action="store_true",
+                   help="reserve: cpusets only; leave IRQs, workqueues, kernel threads, load "
+                        "balancing and idle states as they are")
     p.add_argument("--cgroup", type=int, choices=(1, 2),
                    help="reserve: cgroup version to use (default: the one with a cpuset controller)")
     config.add_arguments(p, "partition")
@@ -90,30 +97,34 @@ def _build_partition(p: argparse.ArgumentParser) -> None:
 def _cmd_partition(args: argparse.Namespace) -> int:
     if args.action == "show":
         return _partition_show(args)
-    from mckmpi.node import cpuset
+    from mckmpi.node import isolation, reservation
 
     if args.action == "reserve":
         s = config.resolve(args, "partition")
         host = read_host()
         linux = plan_node(host, 1, mode="lwk", linux_cores=s.linux_cores, lwk_cores=s.lwk_cores,
                           mem=s.mem, oversubscribe=True)
-        r = cpuset.reserve(linux.linux_cpus, linux.lwk_cpus, name=args.name,
-                           system_wide=args.system_wide,
-                           hierarchy=cpuset.detect(args.cgroup) if args.cgroup else None)
+        r, quiet = reservation.reserve(linux.linux_cpus, linux.lwk_cpus, name=args.name,
+                                       system_wide=args.system_wide, isolate=not args.no_isolate,
+                                       cgroup=args.cgroup)
         print(f"reserved {r.describe()}")
+        if quiet is not None:
+            print(quiet.describe())
+        print(isolation.describe_boot(isolation.boot_advice(r.linux_cpus, r.lwk_cpus)))
         return 0
     if args.action == "release":
-        summary = cpuset.release(args.name)
-        print(summary.describe())
-        return 0 if summary.ok else 1
-    states = cpuset.status(args.name if args.name != "mckmpi" else None)
+        summaries = reservation.release(args.name)
+        for summary in summaries:
+            print(summary.describe())
+        return 0 if all(summary.ok for summary in summaries) else 1
+    found = reservation.status(args.name if args.name != "mckmpi" else None)
     if args.json:
-        print(json.dumps([st.as_dict() for st in states], indent=2, default=str))
+        print(json.dumps([f.as_dict() for f in found], indent=2, default=str))
         return 0
-    if not states:
+    if not found:
         print("no cpuset reservations")
-    for st in states:
-        print(st.describe())
+    for f in found:
+        print(f.describe())
     return 0
 
 
@@ -222,7 +233,8 @@ def _offload_load(args: argparse.Namespace) -> int:
          """Run the demo study: FWQ, selfish detour and the stencil, each in linux mode and
 in lwk mode under the same background noise (2 ms of CPU every 10 ms plus small writes;
 anywhere in linux mode, confined to the Linux core in lwk mode), then the comparison of
-each pair, plots and summary.json in --out. About half a minute on a 2-core host.""")
+each pair, plots and summary.json in --out. As root the lwk runs isolate their LWK cores
+and each also runs without isolation (a third column). About a minute on a 2-core host.""")
 def _build_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="results/demo", help="directory for run files and plots [results/demo]")
     p.add_argument("--samples", type=int, default=3000, help="FWQ samples per rank (1 ms each) [3000]")

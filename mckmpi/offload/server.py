@@ -412,7 +412,13 @@ def serve(socket_path: str | Path, *, cpus: list[int] | None = None, expected: i
         raise OffloadError(f"the proxy socket's directory {directory} must be private "
                            f"(owned by uid {os.geteuid()}, mode 0700)")
     if cpus:
-        os.sched_setaffinity(0, cpus)
+        # every thread, also those libraries started at import (OpenBLAS): one left free to
+        # run on an LWK core is woken there, and preempts the rank with a reschedule IPI
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                os.sched_setaffinity(int(tid), cpus)
+            except OSError:
+                pass  # a thread that ended meanwhile
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
