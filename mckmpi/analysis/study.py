@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import h5py
@@ -232,3 +233,58 @@ def text(rows: np.ndarray) -> str:
         title=f"study: {len(rows)} runs (speedup and efficiency against the fewest ranks "
         f"of each series; partial runs of jobs that did not finish are not counted)",
     )
+
+
+#: Units of the study table's columns (their names carry them too).
+STUDY_UNITS = {"wall_s": "s", "iter_us": "us", "fwq_p999_us": "us", "noise_pct": "%",
+               "global_size": "1", "iterations": "1", "speedup": "1", "efficiency": "1"}
+
+
+@dataclass
+class Study:
+    """A study for notebooks: one row per run ("points"), from a directory of run files
+    (summarised now, as `collect` does) or from a study file."""
+
+    source: Path
+    root: Path  # what the rows' `path` column is relative to
+    rows: np.ndarray
+    skipped: list[tuple[Path, str]]
+
+    def to_pandas(self, name: str = "points") -> Any:
+        """The points table as a `pandas.DataFrame` (text decoded; units in ``attrs``)."""
+        from mckmpi.trace.frames import columns, need
+
+        if name not in ("points", "runs"):
+            raise UsageError(f"a study has one table, 'points' (not {name!r})")
+        frame = need("pandas").DataFrame(columns(self.rows))
+        frame.attrs["units"] = dict(STUDY_UNITS)
+        frame.attrs["source"] = str(self.source)
+        return frame
+
+    def to_xarray(self) -> Any:
+        """The points as an `xarray.Dataset` along dimension ``point``."""
+        from mckmpi.trace.frames import columns, need
+
+        xr = need("xarray")
+        data = {k: xr.Variable(("point",), v, {"units": STUDY_UNITS[k]} if k in STUDY_UNITS else {})
+                for k, v in columns(self.rows).items()}
+        return xr.Dataset(data, coords={"point": np.arange(len(self.rows))},
+                          attrs={"source": str(self.source)})
+
+    def run_paths(self) -> list[Path]:
+        """The run file of every point, in row order."""
+        return [self.root / p.decode(errors="replace") for p in self.rows["path"].tolist()]
+
+
+def open_study(path: str | Path) -> Study:
+    """A directory of run files (complete ones become points; others are listed in
+    `skipped`) or a study file written by `mckmpi study collect`."""
+    path = Path(path)
+    if path.is_dir():
+        found = collect(path)
+        return Study(path, path, found.rows, found.skipped)
+    rows = read(path)
+    with h5py.File(path, "r") as f:
+        source = f.attrs.get("source", "")
+    source = source.decode() if isinstance(source, bytes) else str(source)
+    return Study(path, Path(source) if source else path.parent, rows, [])
