@@ -222,6 +222,13 @@ def _end(world: Any, run_file: Any, tracer: Tracer, end: dict[str, Any],
         if placement.rank == 0:
             print(f"mckmpi: run file {path}" + ("" if end["ending"] == "normal" else
                   f" (ended by {end['signal']})"), file=sys.stderr, flush=True)
+        if placement.rank == 0 and end["ending"] == "normal":
+            # a signalled job keeps its grace period for the file; `mckmpi runs index` adds it
+            from mckmpi.analysis.catalogue import add_finished_run
+
+            warning = add_finished_run(path)
+            if warning:
+                print(warning, file=sys.stderr, flush=True)
         return end["exit_status"]
     run_file.abandon(end)
     if end["ending"] == "io-error":
