@@ -113,7 +113,7 @@ def _entry(i: int, value: float, *, app: str = "fwq", mode: str = "lwk", host: s
 def _store(directory: Path, entries: list[Entry]) -> None:
     with catalogue.connect(directory) as db:
         for e in entries:
-            catalogue._store(db, e)
+            catalogue.store(db, e)
 
 
 def test_filters_select_by_app_mode_host_date_commit_and_option(tmp_path):

@@ -324,7 +324,9 @@ def _relative(path: Path, root: Path) -> str:
 # --- writing ---------------------------------------------------------------------------------
 
 
-def _store(db: sqlite3.Connection, e: Entry) -> None:
+def store(db: sqlite3.Connection, e: Entry) -> None:
+    """Add (or replace) one entry, in one short transaction."""
+
     def write() -> None:
         with _transaction(db):
             db.execute("DELETE FROM runs WHERE path = ?", (e.path,))
@@ -392,7 +394,7 @@ def index(directory: str | Path, files: Iterable[str | Path] | None = None) -> I
                 _skip(db, rel, *now, reason)
                 result.skipped.append((rel, reason))
                 continue
-            _store(db, entry)
+            store(db, entry)
             (result.updated if rel in known else result.added).append(rel)
         if files is None:
             gone = [p for p in list(known) + list(bad) if p not in seen]
