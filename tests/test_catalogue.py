@@ -183,3 +183,10 @@ def test_a_broken_catalogue_never_fails_the_job(tmp_path):
     assert len(list(tmp_path.glob("fwq-linux-*.h5"))) == 1
     with pytest.raises(sqlite3.DatabaseError):
         sqlite3.connect(tmp_path / catalogue.CATALOGUE).execute("SELECT * FROM runs").fetchall()
+
+
+def test_catalogue_off_leaves_no_catalogue(tmp_path):
+    proc = mpirun(1, "run", "--catalogue", "off", "--out", str(tmp_path), "--", str(APPS / "fwq.py"),
+                  "--samples", "50", "--quantum-us", "100", timeout=90)
+    assert proc.returncode == 0, proc.stderr
+    assert [p.suffix for p in tmp_path.iterdir()] == [".h5"]

@@ -56,7 +56,7 @@ TREND_SIGMAS = 3.0
 CLUSTER_KEYS = ("cluster", "slurm_cluster", "slurm_cluster_name")
 COMMIT_KEYS = ("git_commit", "commit", "mckmpi_commit")
 #: Options that differ between repeats of one configuration (not part of its identity).
-NOT_CONFIG = {"out"}
+NOT_CONFIG = {"out", "catalogue"}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
