@@ -26,7 +26,8 @@ if TYPE_CHECKING:
     import pandas
     import xarray
 
-    from mckmpi.trace.reader import Run
+#: An open `mckmpi.trace.reader.Run` (not imported: the reader imports this module).
+Run = Any
 
 
 def need(module: str) -> ModuleType:
