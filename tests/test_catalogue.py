@@ -95,6 +95,8 @@ def test_eight_jobs_finishing_at_once_lose_no_row(runs_dir, tmp_path):
     assert all(err == "" for _, err in results), [err for _, err in results if err]
     rows = catalogue.query(out)
     assert sorted(r["path"] for r in rows) == sorted(names)
+    with sqlite3.connect(out / catalogue.CATALOGUE) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     assert all(r["metrics"]["fwq_p999_us"] > 0 for r in rows)
 
 

@@ -25,7 +25,7 @@ def _filters(p: argparse.ArgumentParser) -> None:
     _directory(p)
     g = p.add_argument_group("filters (all must match)")
     g.add_argument("--app", default="", help="app name (fwq, stencil, ...)")
-    g.add_argument("--mode", default="", choices=("", "linux", "lwk"), help="linux or lwk")
+    g.add_argument("--mode", choices=("linux", "lwk"), help="linux or lwk")
     g.add_argument("--host", default="", help="one of the hosts the run used")
     g.add_argument("--cluster", default="", help="Slurm cluster name")
     g.add_argument("--system", default="", help="the cluster, or the hosts where none is known")
@@ -48,7 +48,7 @@ def _make_filters(args: argparse.Namespace) -> Filters:
         if not eq or not name:
             raise CatalogueError(f"--option wants NAME=VALUE, got {item!r}")
         options[name] = value
-    return Filters(app=args.app, mode=args.mode, host=args.host, cluster=args.cluster,
+    return Filters(app=args.app, mode=args.mode or "", host=args.host, cluster=args.cluster,
                    system=args.system, commit=args.commit, since=args.since, until=args.until,
                    options=options, complete_only=args.complete, limit=args.limit)
 
