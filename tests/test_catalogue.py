@@ -16,8 +16,8 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import APPS, mckmpi, mpirun
+
 from mckmpi.analysis import catalogue
 from mckmpi.analysis.catalogue import Entry, Filters
 
@@ -36,7 +36,7 @@ def test_mckmpi_run_added_its_runs_to_the_catalogue(result_runs):
     directory = next(iter(result_runs.values())).parent
     runs = catalogue.query(directory)
     assert sorted(Path(r["path"]).stem for r in runs) == sorted(result_runs)
-    lwk = [r for r in runs if r["path"] == "fwq-lwk.h5"][0]
+    lwk = next(r for r in runs if r["path"] == "fwq-lwk.h5")
     assert (lwk["app"], lwk["mode"], lwk["ranks"], lwk["complete"]) == ("fwq", "lwk", 1, 1)
     assert lwk["options"]["app:--samples"] == "200" and lwk["options"]["mode"] == "lwk"
     assert lwk["metrics"]["fwq_p999_us"] > 0 and lwk["metrics"]["offload_calls"] >= 0
@@ -70,7 +70,8 @@ def test_index_is_incremental_and_counts_corrupt_foreign_and_partial_files(runs_
     (runs_dir / "fwq-linux.h5").touch()
     done = catalogue.index(runs_dir)
     assert (done.updated, done.unchanged, done.removed, done.skipped_before) == (["fwq-linux.h5"], 3, 2, 1)
-    assert [p for p, _ in catalogue.skipped(runs_dir)] == ["foreign.h5"]
+    with sqlite3.connect(runs_dir / catalogue.CATALOGUE) as db:
+        assert db.execute("SELECT path FROM skipped").fetchall() == [("foreign.h5",)]
 
 
 def test_eight_jobs_finishing_at_once_lose_no_row(runs_dir, tmp_path):

@@ -484,21 +484,16 @@ def query(directory: str | Path, filters: Filters | None = None) -> list[dict[st
         rows = _retry("cannot query the catalogue", lambda: db.execute(sql, params).fetchall())
         runs = {r[0]: dict(zip(RUN_COLUMNS, r), metrics={}, options={}) for r in rows}
         if runs:
-            chosen = f"SELECT r.id FROM runs r{where}" if not filters.limit else \
-                ", ".join(str(i) for i in runs)
-            for table, key in (("metrics", "metrics"), ("options", "options")):
-                for run, name, value in _retry("cannot query the catalogue", lambda: db.execute(
-                        f"SELECT run, name, value FROM {table} WHERE run IN ({chosen})",
-                        params if not filters.limit else []).fetchall()):
-                    runs[run][key][name] = value
+            # the selected ids again as a subquery (or the list when LIMIT cut the selection)
+            chosen, chosen_params = (f"SELECT r.id FROM runs r{where}", params) \
+                if not filters.limit else (", ".join(str(i) for i in runs), [])
+            for table in ("metrics", "options"):
+                sql = f"SELECT run, name, value FROM {table} WHERE run IN ({chosen})"
+                found = _retry("cannot query the catalogue",
+                               lambda sql=sql: db.execute(sql, chosen_params).fetchall())
+                for run, name, value in found:
+                    runs[run][table][name] = value
     return list(runs.values())
-
-
-def skipped(directory: str | Path) -> list[tuple[str, str]]:
-    """Files of the directory that are not readable run files, with why."""
-    with connect(directory, create=False) as db:
-        return _retry("cannot query the catalogue", lambda: db.execute(
-            "SELECT path, reason FROM skipped ORDER BY path").fetchall())
 
 
 # --- trends -------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 
 from mckmpi.errors import UsageError
-from mckmpi.trace.labels import dimension_names, is_scale
+from mckmpi.trace.labels import dimension_names, is_scale, kind_of
 from mckmpi.trace.schema import TABLE
 
 if TYPE_CHECKING:
@@ -53,18 +53,13 @@ def columns(rows: np.ndarray) -> dict[str, np.ndarray]:
     return {name: text(rows[name]) for name in rows.dtype.names or ()}
 
 
-def _kind(ds: h5py.Dataset) -> str:
-    kind = ds.attrs.get("kind", "")
-    return kind.decode() if isinstance(kind, bytes) else str(kind)
-
-
 def _dims(key: str, ds: h5py.Dataset) -> tuple[str, ...]:
     """The file's dimension names of `ds` (its scales), else the schema's."""
     names = []
     for axis in ds.dims:
         scales = list(axis.values())
         if not scales:
-            return dimension_names(key, _kind(ds), ds.shape)
+            return dimension_names(key, kind_of(ds), ds.shape)
         names.append(scales[0].name.rsplit("/", 1)[-1])
     return tuple(names)
 
@@ -105,7 +100,7 @@ def _group_dataset(run: Run, group: str) -> xarray.Dataset:
         if data.dtype.names is None:
             variables[name] = xr.Variable(dims, text(data), {"units": _units(ds)} if _units(ds) else {})
             continue
-        prefix = f"{name}_" if _kind(ds) == TABLE else ""
+        prefix = f"{name}_" if kind_of(ds) == TABLE else ""
         for field, values in columns(data).items():
             if not prefix and field == "rank":
                 continue  # the rank coordinate itself

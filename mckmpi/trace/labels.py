@@ -22,7 +22,14 @@ from __future__ import annotations
 import h5py
 import numpy as np
 
-from mckmpi.trace.schema import ARRAY, DIMENSIONS, RANK_DIM, SCALAR, TABLE, default_units
+from mckmpi.trace.schema import (
+    ARRAY,
+    DIMENSIONS,
+    RANK_DIM,
+    SCALAR,
+    TABLE,
+    default_units,
+)
 
 #: The NAME attribute netCDF-4 gives a dimension that has no coordinate variable.
 DIMENSION_ONLY = "This is a netCDF dimension but not a netCDF variable."
@@ -56,7 +63,8 @@ def _recorded(f: h5py.File) -> list[tuple[str, h5py.Dataset]]:
     return sorted(found, key=lambda item: item[0])
 
 
-def _kind(ds: h5py.Dataset) -> str:
+def kind_of(ds: h5py.Dataset) -> str:
+    """The recorded kind of `ds` (scalar, array, table; "" for data written otherwise)."""
     kind = ds.attrs.get("kind", "")
     return kind.decode() if isinstance(kind, bytes) else str(kind)
 
@@ -109,7 +117,7 @@ def _ranks(f: h5py.File, recorded: list[tuple[str, h5py.Dataset]]) -> int:
     size = f.attrs.get("world_size")
     if size is not None:
         return int(size)
-    counts = [ds.shape[0] for _, ds in recorded if _kind(ds) in (SCALAR, ARRAY) and ds.shape]
+    counts = [ds.shape[0] for _, ds in recorded if kind_of(ds) in (SCALAR, ARRAY) and ds.shape]
     return max(counts, default=0)
 
 
@@ -125,5 +133,5 @@ def label(f: h5py.File) -> None:
         if parent not in groups:
             groups[parent] = _Group(ds.parent, ranks)
         name = key.rsplit("/", 1)[-1]
-        for axis, dim in enumerate(dimension_names(key, _kind(ds), ds.shape)):
+        for axis, dim in enumerate(dimension_names(key, kind_of(ds), ds.shape)):
             ds.dims[axis].attach_scale(groups[parent].scale(dim, ds.shape[axis], name))
