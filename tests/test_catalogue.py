@@ -20,6 +20,7 @@ from conftest import APPS, mckmpi, mpirun
 
 from mckmpi.analysis import catalogue
 from mckmpi.analysis.catalogue import Entry, Filters
+from mckmpi.trace.reader import open_run
 
 
 @pytest.fixture
@@ -40,6 +41,9 @@ def test_mckmpi_run_added_its_runs_to_the_catalogue(result_runs):
     assert (lwk["app"], lwk["mode"], lwk["ranks"], lwk["complete"]) == ("fwq", "lwk", 1, 1)
     assert lwk["options"]["app:--samples"] == "200" and lwk["options"]["mode"] == "lwk"
     assert lwk["metrics"]["fwq_p999_us"] > 0 and lwk["metrics"]["offload_calls"] >= 0
+    with open_run(directory / "fwq-lwk.h5") as run:
+        assert lwk["provenance"]["hosts"] == run.provenance["hosts"]
+        assert lwk["provenance"]["numpy"] == run.provenance["numpy"]
 
 
 def test_index_is_incremental_and_counts_corrupt_foreign_and_partial_files(runs_dir):
@@ -108,7 +112,7 @@ def _entry(i: int, value: float, *, app: str = "fwq", mode: str = "lwk", host: s
               "system": host, "commit_id": commit, "version": "0.1.0", "created": created,
               "created_s": catalogue._created_s(created), "ranks": 2, "nodes": 1,
               "slurm_job_id": "", "app_args": "--samples 100", "command": "",
-              "config": f"{app} {mode} mem={mem}"}
+              "config": f"{app} {mode} mem={mem}", "provenance": '{"kernel": "6.1"}'}
     return Entry(f"{app}-{mode}-{host}-{day}-{i}.h5", 1, i, True, fields,
                  {"fwq_p999_us": value}, {"mem": mem, "app:--samples": "100"})
 
@@ -164,6 +168,7 @@ def test_export_csv_and_parquet_and_cli_lines(tmp_path):
         frame = pd.read_csv(out) if fmt == "csv" else pd.read_parquet(out)
         assert frame["metric:fwq_p999_us"].tolist() == [0.0, 1.0, 2.0, 3.0]
         assert frame["option:mem"].tolist() == ["64M"] * 4
+        assert json.loads(frame["provenance"][0]) == {"kernel": "6.1"}
     proc = mckmpi("runs", "query", str(tmp_path), "--option", "mem=64M", "--limit", "2")
     assert [json.loads(line)["metrics"]["fwq_p999_us"] for line in proc.stdout.splitlines()] == [0, 1]
     listed = mckmpi("runs", "list", str(tmp_path))

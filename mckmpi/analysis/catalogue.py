@@ -22,6 +22,7 @@ imports MPI, the offload or the LWK runtime.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import re
@@ -36,6 +37,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+from mckmpi.analysis.summary import plain
 from mckmpi.errors import UsageError
 from mckmpi.trace.reader import RunFileError, open_run
 from mckmpi.trace.schema import PARTIAL_SUFFIX
@@ -69,7 +71,7 @@ CREATE TABLE IF NOT EXISTS runs (
     schema_version INTEGER,
     app TEXT, mode TEXT, host TEXT, cluster TEXT, system TEXT, commit_id TEXT, version TEXT,
     created TEXT, created_s REAL, ranks INTEGER, nodes INTEGER, slurm_job_id TEXT,
-    app_args TEXT, command TEXT, config TEXT, indexed_s REAL
+    app_args TEXT, command TEXT, config TEXT, provenance TEXT, indexed_s REAL
 );
 CREATE INDEX IF NOT EXISTS runs_created ON runs (created_s);
 CREATE INDEX IF NOT EXISTS runs_app ON runs (app, mode, created_s);
@@ -90,7 +92,7 @@ CREATE TABLE IF NOT EXISTS skipped (
 #: Columns of `runs` a query returns, in order.
 RUN_COLUMNS = ("id", "path", "complete", "app", "mode", "system", "host", "cluster",
                "commit_id", "version", "created", "ranks", "nodes", "slurm_job_id",
-               "app_args", "config")
+               "app_args", "command", "config", "provenance")
 
 T = TypeVar("T")
 
@@ -301,6 +303,9 @@ def read_entry(path: Path, root: Path) -> Entry:
             "slurm_job_id": str(a.get("slurm_job_id", "")),
             "app_args": app_args,
             "command": str(a.get("command", "")),
+            # versions, kernel, node plans, ... (the settings are the options)
+            "provenance": json.dumps(plain({k: v for k, v in p.items() if k != "settings"}),
+                                     sort_keys=True),
         }
         config = {k: v for k, v in options.items() if k not in NOT_CONFIG}
         fields["config"] = " ".join(
@@ -483,6 +488,8 @@ def query(directory: str | Path, filters: Filters | None = None) -> list[dict[st
     with connect(directory, create=False) as db:
         rows = _retry("cannot query the catalogue", lambda: db.execute(sql, params).fetchall())
         runs = {r[0]: dict(zip(RUN_COLUMNS, r), metrics={}, options={}) for r in rows}
+        for run in runs.values():
+            run["provenance"] = json.loads(run["provenance"] or "{}")
         if runs:
             # the selected ids again as a subquery (or the list when LIMIT cut the selection)
             chosen, chosen_params = (f"SELECT r.id FROM runs r{where}", params) \
@@ -565,13 +572,15 @@ def metric_names(directory: str | Path) -> list[str]:
 
 
 def flat(runs: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
-    """One flat record per run: run columns, ``metric:NAME`` and ``option:NAME`` columns."""
+    """One flat record per run: run columns (provenance as JSON text), ``metric:NAME`` and
+    ``option:NAME`` columns."""
     metrics = sorted({k for r in runs for k in r["metrics"]})
     options = sorted({k for r in runs for k in r["options"]})
     columns = list(RUN_COLUMNS) + [f"metric:{m}" for m in metrics] + [f"option:{o}" for o in options]
     records = []
     for r in runs:
         rec = {c: r[c] for c in RUN_COLUMNS}
+        rec["provenance"] = json.dumps(r["provenance"], sort_keys=True)
         rec.update({f"metric:{m}": r["metrics"].get(m) for m in metrics})
         rec.update({f"option:{o}": r["options"].get(o) for o in options})
         records.append(rec)

@@ -14,6 +14,7 @@ and 20 options each, one run every 10 minutes. Measured (best of `REPEATS`):
 
 from __future__ import annotations
 
+import json
 import pathlib
 import shutil
 import subprocess
@@ -42,7 +43,9 @@ def _entry(i: int) -> catalogue.Entry:
               "cluster": system, "system": system, "commit_id": f"{i // 100:07x}",
               "version": "0.1.0", "created": created, "created_s": created_s, "ranks": 64,
               "nodes": 2, "slurm_job_id": str(i), "app_args": "--samples 3000",
-              "command": f"mckmpi run -- apps/{app}.py", "config": f"{app} {mode} 64"}
+              "command": f"mckmpi run -- apps/{app}.py", "config": f"{app} {mode} 64",
+              "provenance": json.dumps({"hosts": [f"{system}-n1", f"{system}-n2"],
+                                        "kernel": "6.1.0", "python": "3.11.7"})}
     metrics = {name: float((i * 7 + k) % 100) for k, name in enumerate(
         ("wall_s", "iter_us", "fwq_p50_us", "fwq_p999_us", "fwq_max_us", "noise_pct",
          "verified", "offload_calls", "offload_p50_us"))}
