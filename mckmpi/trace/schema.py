@@ -113,7 +113,7 @@ DIMENSIONS: dict[str, tuple[str, ...]] = {
 
 #: Units of data recorded without them (UDUNITS spelling; "1" is a pure number). Table
 #: fields are ``KEY:FIELD``. Anything else numeric: "ns" for names ending in ``_ns``, "B" for
-#: ``bytes``, else "1"; strings carry no units.
+#: ``bytes``, else "1"; strings and booleans carry no units.
 UNITS: dict[str, str] = {
     "memory/size": "B",
     "memory/alignment": "B",
@@ -131,8 +131,8 @@ UNITS: dict[str, str] = {
 
 def default_units(key: str, field: str, dtype: np.dtype) -> str:
     """The units of `key` (or of its table `field`) when the recording gave none; "" for
-    values that have none (strings)."""
-    if dtype.kind in "SUOV":
+    values that have none (strings, booleans)."""
+    if dtype.kind in "bSUOV":
         return ""
     listed = UNITS.get(f"{key}:{field}" if field else key)
     if listed is not None:
