@@ -41,31 +41,10 @@ def shared_tmp(tmp_path: Path) -> Path:
     return Path(MPI.COMM_WORLD.bcast(str(tmp_path), root=0))
 
 
-#: Small runs of every app (2 ranks, linux mode), plus lwk runs with offloaded I/O: the files
-#: the results tests (xarray, netCDF, pandas, notebook) read.
-RESULT_RUNS = {
-    "fwq-linux": ((2,), ["--samples", "200", "--quantum-us", "100"]),
-    "fwq-lwk": ((1, "--mode", "lwk", "--mem", "64M"), ["--samples", "200", "--quantum-us", "100"]),
-    "ftq-linux": ((2,), ["--intervals", "100", "--interval-us", "1000"]),
-    "detour-linux": ((2,), ["--duration-s", "0.2"]),
-    "stencil-linux": ((2,), ["--local", "24", "--iterations", "20"]),
-    "cg-linux": ((2,), ["--local", "10"]),
-    "allreduce-linux": ((2,), ["--sizes", "8,4K", "--iterations", "20"]),
-    "checkpoint-lwk": ((1, "--mode", "lwk", "--mem", "64M"),
-                       ["--elements", "20000", "--iterations", "8", "--every", "4"]),
-}
-
-
 @pytest.fixture(scope="session")
 def result_runs(tmp_path_factory) -> dict[str, Path]:
-    """One directory of small run files (`RESULT_RUNS`), written once per session."""
-    d = tmp_path_factory.mktemp("result-runs")
-    files = {}
-    for name, ((n, *opts), args) in RESULT_RUNS.items():
-        app = name.split("-")[0]
-        out = d / f"{name}.h5"
-        proc = mpirun(n, "run", *opts, "--out", str(out), "--", str(APPS / f"{app}.py"), *args,
-                      timeout=120)
-        assert proc.returncode == 0, proc.stderr
-        files[name] = out
-    return files
+    """One directory of small run files of every app (`fixtures.RESULT_RUNS`), written once
+    per session."""
+    from fixtures import write_result_runs
+
+    return write_result_runs(tmp_path_factory.mktemp("result-runs"))

@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import APPS, mckmpi, mpirun
+from fixtures import APPS, mckmpi, mpirun
 
 from mckmpi.analysis import catalogue
 from mckmpi.analysis.catalogue import Entry, Filters

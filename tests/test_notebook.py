@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import nbformat
 import pytest
-from conftest import ROOT
+from fixtures import ROOT
 from nbclient import NotebookClient
 
 NOTEBOOK = ROOT / "results" / "notebooks" / "postprocessing.ipynb"
