@@ -106,10 +106,10 @@ def test_eight_jobs_finishing_at_once_lose_no_row(runs_dir, tmp_path):
 
 
 def _entry(i: int, value: float, *, app: str = "fwq", mode: str = "lwk", host: str = "n1",
-           commit: str = "abc123", mem: str = "64M", day: int = 1) -> Entry:
+           commit: str = "abc123", mem: str = "64M", day: int = 1, cluster: str = "") -> Entry:
     created = f"2026-11-{day:02d}T{i // 60:02d}:{i % 60:02d}:00+0000"
-    fields = {"schema_version": 2, "app": app, "mode": mode, "host": host, "cluster": "",
-              "system": host, "commit_id": commit, "version": "0.1.0", "created": created,
+    fields = {"schema_version": 2, "app": app, "mode": mode, "host": host, "cluster": cluster,
+              "system": cluster or host, "commit_id": commit, "version": "0.1.0", "created": created,
               "created_s": catalogue._created_s(created), "ranks": 2, "nodes": 1,
               "slurm_job_id": "", "app_args": "--samples 100", "command": "",
               "config": f"{app} {mode} mem={mem}", "provenance": '{"kernel": "6.1"}'}
@@ -126,17 +126,19 @@ def _store(directory: Path, entries: list[Entry]) -> None:
 def test_filters_select_by_app_mode_host_date_commit_and_option(tmp_path):
     _store(tmp_path, [_entry(0, 1.0), _entry(1, 1.0, mode="linux"), _entry(2, 1.0, app="cg"),
                       _entry(3, 1.0, host="n2", commit="def456"), _entry(4, 1.0, mem="1G"),
-                      _entry(5, 1.0, day=20)])
+                      _entry(5, 1.0, day=20), _entry(6, 1.0, host="n1,n7", cluster="c1")])
 
     def paths(**kw: object) -> list[str]:
         return [r["path"] for r in catalogue.query(tmp_path, Filters(**kw))]
-    assert len(paths()) == 6
+    assert len(paths()) == 7
+    assert paths(cluster="c1") == paths(system="c1") == paths(host="n7") == ["fwq-lwk-n1,n7-1-6.h5"]
+    assert len(paths(host="n1")) == 6 and paths(host="n") == []
     assert paths(app="cg") == ["cg-lwk-n1-1-2.h5"]
     assert paths(mode="linux") == ["fwq-linux-n1-1-1.h5"]
     assert paths(host="n2") == paths(commit="def") == ["fwq-lwk-n2-1-3.h5"]
     assert paths(options={"mem": "1G"}) == ["fwq-lwk-n1-1-4.h5"]
     assert paths(since="2026-11-10") == ["fwq-lwk-n1-20-5.h5"]
-    assert len(paths(until="2026-11-10", app="fwq", options={"app:--samples": "100"})) == 4
+    assert len(paths(until="2026-11-10", app="fwq", options={"app:--samples": "100"})) == 5
     assert len(paths(limit=2)) == 2
     with pytest.raises(catalogue.CatalogueError, match="not a date"):
         paths(since="last week")
