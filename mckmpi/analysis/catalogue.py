@@ -56,7 +56,7 @@ TREND_SIGMAS = 3.0
 #: Provenance keys that name the cluster or the source commit, in order of preference
 #: (root attributes are searched first, then /provenance).
 CLUSTER_KEYS = ("cluster", "slurm_cluster", "slurm_cluster_name")
-COMMIT_KEYS = ("git_commit", "commit", "mckmpi_commit")
+COMMIT_KEYS = ("source_commit", "git_commit", "commit")
 #: Options that differ between repeats of one configuration (not part of its identity).
 NOT_CONFIG = {"out", "catalogue"}
 
