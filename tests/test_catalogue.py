@@ -200,3 +200,15 @@ def test_catalogue_off_leaves_no_catalogue(tmp_path):
                   "--samples", "50", "--quantum-us", "100", timeout=90)
     assert proc.returncode == 0, proc.stderr
     assert [p.suffix for p in tmp_path.iterdir()] == [".h5"]
+
+
+def test_cluster_and_commit_come_from_the_provenance(runs_dir):
+    with h5py.File(runs_dir / "stencil-linux.h5", "r+") as f:
+        f["provenance"].attrs["slurm_cluster"] = "alps"
+        f["provenance"].attrs["source_commit"] = "3f2a9c1+dirty"
+    catalogue.index(runs_dir)
+    (run,) = catalogue.query(runs_dir, Filters(cluster="alps", commit="3f2a"))
+    assert (run["path"], run["system"], run["commit_id"]) == ("stencil-linux.h5", "alps", "3f2a9c1+dirty")
+    assert run["provenance"]["source_commit"] == "3f2a9c1+dirty"
+    others = catalogue.query(runs_dir, Filters(system=run["host"]))
+    assert sorted(r["path"] for r in others) == ["checkpoint-lwk.h5", "fwq-linux.h5", "fwq-lwk.h5"]
