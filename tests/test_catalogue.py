@@ -20,6 +20,7 @@ from fixtures import APPS, mckmpi, mpirun
 
 from mckmpi.analysis import catalogue
 from mckmpi.analysis.catalogue import Entry, Filters
+from mckmpi.node import host
 from mckmpi.trace.reader import open_run
 
 
@@ -212,3 +213,24 @@ def test_cluster_and_commit_come_from_the_provenance(runs_dir):
     assert run["provenance"]["source_commit"] == "3f2a9c1+dirty"
     others = catalogue.query(runs_dir, Filters(system=run["host"]))
     assert sorted(r["path"] for r in others) == ["checkpoint-lwk.h5", "fwq-linux.h5", "fwq-lwk.h5"]
+
+
+def test_network_file_systems_get_the_rollback_journal(tmp_path, monkeypatch):
+    mounts = tmp_path / "mounts"
+    shared = tmp_path / "scratch dir"
+    (shared / "results").mkdir(parents=True)
+    escaped = str(shared).replace(" ", "\\040")
+    mounts.write_text(f"/dev/sda1 / ext4 rw 0 0\nfs0@o2ib:/scratch {escaped} lustre rw 0 0\n"
+                      f"tmpfs {tmp_path} tmpfs rw 0 0\n")
+    assert host.filesystem_of(shared / "results", mounts) == "lustre"
+    assert host.filesystem_of(tmp_path / "other", mounts) == "tmpfs"
+    assert host.filesystem_of("/", mounts) == "ext4"
+    assert host.filesystem_of("/", tmp_path / "none") == ""
+    for kind, journal in (("lustre", "delete"), ("ext4", "wal")):
+        monkeypatch.setattr(catalogue, "filesystem_of", lambda path, kind=kind: kind)
+        d = tmp_path / kind
+        d.mkdir()
+        _store(d, [_entry(0, 1.0)])
+        with sqlite3.connect(d / catalogue.CATALOGUE) as db:
+            assert db.execute("PRAGMA journal_mode").fetchone() == (journal,)
+        assert len(catalogue.query(d)) == 1

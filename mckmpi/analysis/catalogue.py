@@ -13,8 +13,10 @@ Several jobs may finish at the same moment and each adds its run (`add_run`, cal
 one short ``BEGIN IMMEDIATE`` transaction, SQLite's busy timeout waits for the lock and a
 retry loop with jittered back-off covers what the busy handler does not (changing the
 journal mode, a lock held past the timeout). The slow part, reading the run file, happens
-before the transaction. On file systems without shared memory (NFS) WAL is refused and the
-rollback journal with the same timeouts is used.
+before the transaction. WAL keeps its index in shared memory, which processes on different
+nodes do not share: on a network file system (`NETWORK_FILESYSTEMS`: NFS, Lustre, GPFS,
+BeeGFS, ...), where jobs on several nodes write one catalogue, the rollback journal (POSIX
+locks) is used instead, with the same timeouts and retries.
 
 This module reads run files through `mckmpi.trace.reader` and `mckmpi.analysis`; it never
 imports MPI, the offload or the LWK runtime.
@@ -39,6 +41,7 @@ from typing import Any, TypeVar
 
 from mckmpi.analysis.summary import plain
 from mckmpi.errors import UsageError
+from mckmpi.node.host import filesystem_of
 from mckmpi.trace.reader import RunFileError, open_run
 from mckmpi.trace.schema import PARTIAL_SUFFIX
 
@@ -52,6 +55,11 @@ RETRY_S = 120.0
 TREND_MIN_REPEATS = 3
 #: Width of the noise band in robust standard deviations (1.4826 x MAD).
 TREND_SIGMAS = 3.0
+
+#: File systems shared between nodes: no WAL there (its shared-memory index is per node).
+NETWORK_FILESYSTEMS = frozenset({
+    "nfs", "nfs4", "lustre", "gpfs", "beegfs", "cifs", "smb3", "ceph", "glusterfs",
+    "fuse.glusterfs", "fuse.sshfs", "panfs", "orangefs", "pvfs2", "wekafs", "9p", "virtiofs"})
 
 #: Provenance keys that name the cluster or the source commit, in order of preference
 #: (root attributes are searched first, then /provenance).
@@ -164,7 +172,8 @@ def connect(directory: str | Path, create: bool = True) -> Iterator[sqlite3.Conn
         raise CatalogueError(f"{path}: cannot open the catalogue ({exc})") from None
     try:
         db.execute("PRAGMA foreign_keys = ON")
-        _retry(f"{path}", lambda: db.execute("PRAGMA journal_mode = WAL").fetchone())
+        mode = "DELETE" if filesystem_of(path.parent) in NETWORK_FILESYSTEMS else "WAL"
+        _retry(f"{path}", lambda: db.execute(f"PRAGMA journal_mode = {mode}").fetchone())
         db.execute("PRAGMA synchronous = NORMAL")
         _retry(f"{path}", lambda: _create(db))
         yield db
