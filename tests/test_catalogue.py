@@ -79,15 +79,21 @@ def test_index_is_incremental_and_counts_corrupt_foreign_and_partial_files(runs_
         assert db.execute("SELECT path FROM skipped").fetchall() == [("foreign.h5",)]
 
 
-def test_eight_jobs_finishing_at_once_lose_no_row(runs_dir, tmp_path):
-    """8 processes, started together, each add 3 runs: every row arrives, nothing is locked."""
+@pytest.mark.parametrize("filesystem, journal", [("ext4", "wal"), ("lustre", "delete")])
+def test_eight_jobs_finishing_at_once_lose_no_row(runs_dir, tmp_path, monkeypatch, filesystem,
+                                                  journal):
+    """8 processes, started together, each add 3 runs: every row arrives, nothing is locked,
+    with WAL and with the rollback journal of network file systems."""
+    monkeypatch.setattr(catalogue, "filesystem_of", lambda path: filesystem)
     out = tmp_path / "busy"
     out.mkdir()
     names = [f"job{j}-run{i}.h5" for j in range(8) for i in range(3)]
     for name in names:
         shutil.copy(runs_dir / "fwq-linux.h5", out / name)
     start = time.time() + 2.0
-    code = ("import sys, time; from mckmpi.analysis.catalogue import add_finished_run\n"
+    code = ("import sys, time; from mckmpi.analysis import catalogue\n"
+            "from mckmpi.analysis.catalogue import add_finished_run\n"
+            f"catalogue.filesystem_of = lambda path: {filesystem!r}\n"
             "time.sleep(max(0, float(sys.argv[1]) - time.time()))\n"
             "for p in sys.argv[2:]:\n"
             "    w = add_finished_run(p)\n"
@@ -102,7 +108,7 @@ def test_eight_jobs_finishing_at_once_lose_no_row(runs_dir, tmp_path):
     rows = catalogue.query(out)
     assert sorted(r["path"] for r in rows) == sorted(names)
     with sqlite3.connect(out / catalogue.CATALOGUE) as db:
-        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert db.execute("PRAGMA journal_mode").fetchone() == (journal,)
     assert all(r["metrics"]["fwq_p999_us"] > 0 for r in rows)
 
 

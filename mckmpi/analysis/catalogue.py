@@ -204,13 +204,16 @@ def _create(db: sqlite3.Connection) -> None:
 
 @contextmanager
 def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction; on any failure, the commit's included (a busy COMMIT under the
+    rollback journal), it is rolled back so that a retry starts afresh."""
     db.execute("BEGIN IMMEDIATE")
     try:
         yield
+        db.execute("COMMIT")
     except BaseException:
-        db.execute("ROLLBACK")
+        if db.in_transaction:
+            db.execute("ROLLBACK")
         raise
-    db.execute("COMMIT")
 
 
 # --- reading one run file ------------------------------------------------------------------------
