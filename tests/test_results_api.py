@@ -15,7 +15,7 @@ from test_analysis import DETOUR_DTYPE, offload_calls, write_synthetic
 import mckmpi
 from mckmpi.analysis import study
 from mckmpi.errors import UsageError
-from mckmpi.trace import writer
+from mckmpi.trace import layout
 from mckmpi.trace.reader import open_run
 
 
@@ -82,7 +82,7 @@ def test_to_xarray_is_a_dataset_per_group_with_provenance(result_runs):
 
 
 def test_unlabelled_version_1_files_still_read(tmp_path, monkeypatch):
-    monkeypatch.setattr(writer, "label", lambda f: None)
+    monkeypatch.setattr(layout, "label", lambda f: None)
     det = np.zeros(3, dtype=DETOUR_DTYPE)
     det["start_ns"], det["duration_ns"] = [1, 5, 9], [2, 2, 3]
     path = write_synthetic(tmp_path / "v1.h5", fwq=np.arange(50) + 1000, detours=det,

@@ -39,11 +39,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+from mckmpi.analysis.study import run_files
 from mckmpi.analysis.summary import plain
 from mckmpi.errors import UsageError
 from mckmpi.node.host import filesystem_of
 from mckmpi.trace.reader import RunFileError, open_run
-from mckmpi.trace.schema import PARTIAL_SUFFIX
 
 #: The catalogue's file name inside a results directory.
 CATALOGUE = "catalogue.sqlite"
@@ -76,6 +76,7 @@ CREATE TABLE IF NOT EXISTS runs (
     size INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL,
     complete INTEGER NOT NULL,
+    ending TEXT,
     schema_version INTEGER,
     app TEXT, mode TEXT, host TEXT, cluster TEXT, system TEXT, commit_id TEXT, version TEXT,
     created TEXT, created_s REAL, ranks INTEGER, nodes INTEGER, slurm_job_id TEXT,
@@ -98,7 +99,7 @@ CREATE TABLE IF NOT EXISTS skipped (
 """
 
 #: Columns of `runs` a query returns, in order.
-RUN_COLUMNS = ("id", "path", "complete", "app", "mode", "system", "host", "cluster",
+RUN_COLUMNS = ("id", "path", "complete", "ending", "app", "mode", "system", "host", "cluster",
                "commit_id", "version", "created", "ranks", "nodes", "slurm_job_id",
                "app_args", "command", "config", "provenance")
 
@@ -292,7 +293,7 @@ def read_entry(path: Path, root: Path) -> Entry:
     stat = path.stat()
     with open_run(path, allow_incomplete=True) as run:
         a, p = run.attrs, run.provenance
-        complete = bool(a.get("complete", False)) and not path.name.endswith(PARTIAL_SUFFIX)
+        complete = not run.partial
         hosts = p.get("hosts", [])
         host = ",".join(hosts) if isinstance(hosts, list) else str(hosts)
         cluster = _first(CLUSTER_KEYS, a, p)
@@ -300,6 +301,7 @@ def read_entry(path: Path, root: Path) -> Entry:
         options = _options(p, app_args)
         created = str(a.get("created", ""))
         fields = {
+            "ending": str(a.get("ending", "")),  # how the job ended ("" before endings existed)
             "schema_version": a.get("schema_version"),
             "app": Path(str(a.get("app", ""))).stem,
             "mode": str(a.get("mode", "")),
@@ -371,10 +373,6 @@ def _skip(db: sqlite3.Connection, rel: str, size: int, mtime_ns: int, reason: st
     _retry(f"cannot record {rel} as skipped", write)
 
 
-def _candidates(root: Path) -> list[Path]:
-    return sorted(set(root.rglob("*.h5")) | set(root.rglob(f"*.h5{PARTIAL_SUFFIX}")))
-
-
 def index(directory: str | Path, files: Iterable[str | Path] | None = None) -> Indexed:
     """Add new and changed run files under `directory` (or just `files`) to its catalogue;
     with no `files`, also drop entries whose file is gone."""
@@ -387,7 +385,7 @@ def index(directory: str | Path, files: Iterable[str | Path] | None = None) -> I
         bad = {p: (s, m) for p, s, m in _retry(
             "cannot read the catalogue", lambda: db.execute(
                 "SELECT path, size, mtime_ns FROM skipped").fetchall())}
-        paths = _candidates(root) if files is None else [Path(f) for f in files]
+        paths = run_files(root) if files is None else [Path(f) for f in files]
         seen = set()
         for path in paths:
             rel = _relative(path, root)

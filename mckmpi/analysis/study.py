@@ -111,7 +111,7 @@ def collect(directory: str | Path) -> Collected:
     if not root.is_dir():
         raise UsageError(f"not a directory: {root}")
     rows, skipped = [], []
-    for path in _run_files(root):
+    for path in run_files(root):
         try:
             with open_run(path, allow_incomplete=path.name.endswith(PARTIAL_SUFFIX)) as run:
                 rows.append(_row(summarize(run), root))
@@ -129,7 +129,7 @@ def collect(directory: str | Path) -> Collected:
     return Collected(table, skipped)
 
 
-def _run_files(root: Path) -> list[Path]:
+def run_files(root: Path) -> list[Path]:
     """Run files under `root`: complete ones, then partial ones whose job left no complete
     file (a job stopped between renaming and cleaning up leaves both). Files inside a
     partial file's spool directory are the writer's, not runs."""

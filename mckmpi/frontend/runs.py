@@ -137,9 +137,9 @@ def _print_list(runs: list[dict]) -> None:
 
     headline = ("wall_s", "iter_us", "fwq_p999_us", "noise_pct")
     rows = [[r["created"], r["app"], r["mode"], r["ranks"], r["nodes"], r["system"],
-             "yes" if r["complete"] else "partial",
+             (r["ending"] or "complete") if r["complete"] else "partial",
              *[r["metrics"].get(m, "-") for m in headline], r["path"]] for r in runs]
-    print(render(("created", "app", "mode", "ranks", "nodes", "system", "complete", *headline,
+    print(render(("created", "app", "mode", "ranks", "nodes", "system", "state", *headline,
                   "file"), rows, title=f"{len(runs)} runs"))
 
 
