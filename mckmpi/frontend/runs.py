@@ -57,8 +57,9 @@ def _make_filters(args: argparse.Namespace) -> Filters:
     "runs",
     "a catalogue of every run of a results directory: index, list, query, trend, export",
     """The runs of a results directory in one SQLite file (DIR/catalogue.sqlite), for questions
-across runs. `mckmpi run` adds every run it finishes to the catalogue of its output
-directory; `index` catches up with files copied in or written elsewhere.
+across runs. `mckmpi run` adds every run that ends normally to the catalogue of its output
+directory; `index` catches up with files copied in or written elsewhere and with runs that
+ended otherwise (partial files too).
 
   mckmpi runs index results                    (new and changed files; partial runs too)
   mckmpi runs list results --app fwq --mode lwk --since 2026-11-01
