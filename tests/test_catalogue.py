@@ -240,3 +240,26 @@ def test_network_file_systems_get_the_rollback_journal(tmp_path, monkeypatch):
         with sqlite3.connect(d / catalogue.CATALOGUE) as db:
             assert db.execute("PRAGMA journal_mode").fetchone() == (journal,)
         assert len(catalogue.query(d)) == 1
+
+
+EXITS_AFTER_SAMPLING = """
+import sys
+import numpy as np
+import mckmpi
+mckmpi.context().tracer.array("noise", "fwq_ns", np.arange(1000, 2000, dtype=np.int64), units="ns")
+sys.exit(3)
+"""
+
+
+def test_a_run_that_ended_badly_is_indexed_as_partial_with_its_ending(tmp_path):
+    app = tmp_path / "exits.py"
+    app.write_text(EXITS_AFTER_SAMPLING)
+    out = tmp_path / "results"
+    proc = mpirun(1, "run", "--out", str(out), "--", str(app), timeout=90)
+    assert proc.returncode == 3, proc.stderr
+    assert not (out / catalogue.CATALOGUE).exists()  # the job adds only normal endings
+    done = catalogue.index(out)
+    assert len(done.added) == 1 and done.added[0].endswith(".h5.partial") and not done.skipped
+    (run,) = catalogue.query(out)
+    assert (run["complete"], run["ending"], run["app"], run["metrics"]) == (0, "exit", "exits", {})
+    assert catalogue.query(out, Filters(complete_only=True)) == []

@@ -135,3 +135,17 @@ def label(f: h5py.File) -> None:
         name = key.rsplit("/", 1)[-1]
         for axis, dim in enumerate(dimension_names(key, kind_of(ds), ds.shape)):
             ds.dims[axis].attach_scale(groups[parent].scale(dim, ds.shape[axis], name))
+
+
+def unlabel(f: h5py.File) -> None:
+    """Drop the labels of objects copied into `f` from another file: their references still
+    point into that file, so HDF5 cannot follow or extend them. `label` labels them afresh."""
+    scales: list[str] = []
+    plain: list[h5py.Dataset] = []
+    f.visititems(lambda n, o: (scales.append(n) if is_scale(o) else plain.append(o))
+                 if isinstance(o, h5py.Dataset) else None)
+    for ds in plain:
+        if "DIMENSION_LIST" in ds.attrs:
+            del ds.attrs["DIMENSION_LIST"]
+    for name in scales:
+        del f[name]

@@ -24,7 +24,7 @@ import h5py
 import numpy as np
 
 from mckmpi.errors import UsageError
-from mckmpi.trace.labels import is_scale
+from mckmpi.trace.labels import is_scale, unlabel
 from mckmpi.trace.layout import merge, write_header, write_records
 from mckmpi.trace.schema import (
     OLDEST_SCHEMA_VERSION,
@@ -292,6 +292,7 @@ def _recover(path: Path, header: h5py.File) -> Run:
     f = h5py.File(f"{path}#recovered-{id(spools)}", "w", driver="core", backing_store=False)
     for name in header:
         header.copy(header[name], f, name=name)
+    unlabel(f)  # the copies' dimension scales still refer to the header file
     datasets = write_header(f, layouts, root, {}, group_attrs, compress=False)
     for rank, sp in enumerate(spools):
         if sp is not None:
