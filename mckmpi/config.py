@@ -285,6 +285,12 @@ SIGNAL = option(
     help="also end the run on these signals, recording the ending and writing the run file "
          "(e.g. for sbatch --signal=USR1@60); SIGTERM, SIGINT and SIGHUP always do",
 )
+CATALOGUE = option(
+    name="catalogue", section="run", default="on", choices=("on", "off"),
+    help="add the finished run to the catalogue of its output directory (catalogue.sqlite, "
+         "`mckmpi runs`): rank 0 reads the file's headline metrics after writing it; a "
+         "failure is a warning, never the job's",
+)
 HUGEPAGES = option(
     name="hugepages", section="lwk", default="auto", choices=("auto", "never", "require"),
     help="huge pages for the arena: auto uses hugetlbfs pages when reserved, else THP; "

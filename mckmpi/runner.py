@@ -264,21 +264,29 @@ def _run_in_mpi(settings: Settings, app: App, argv: list[str], placement: Placem
         runtime.record(tracer)
         runtime.finish()
     set_context(None)
-    return _end(world, run_file, tracer, end, placement, catcher)
+    return _end(world, run_file, tracer, end, placement, catcher, settings.catalogue == "on")
 
 
 def _end(world: Any, run_file: Any, tracer: Tracer, end: dict[str, Any],
-         placement: Placement, catcher: SignalCatcher) -> int:
+         placement: Placement, catcher: SignalCatcher, catalogue: bool) -> int:
     """The rank's ending, in one place. A normal end or a signal (which every rank of a
     cancelled job receives) finishes the run file with all ranks; an exit status or an
     exception on one rank may leave the others blocked in the app, so that rank records its
-    ending and data in its spool and aborts the job, like ``python -m mpi4py``."""
+    ending and data in its spool and aborts the job, like ``python -m mpi4py``. With
+    `catalogue`, rank 0 adds a normally ended run to its directory's catalogue."""
     if end["ending"] in ("normal", "signal"):
         path = run_file.finish(tracer, end)
         catcher.restore()
         if placement.rank == 0:
             print(f"mckmpi: run file {path}" + ("" if end["ending"] == "normal" else
                   f" (ended by {end['signal']})"), file=sys.stderr, flush=True)
+        if placement.rank == 0 and end["ending"] == "normal" and catalogue:
+            # a signalled job keeps its grace period for the file; `mckmpi runs index` adds it
+            from mckmpi.analysis.catalogue import add_finished_run
+
+            warning = add_finished_run(path)
+            if warning:
+                print(warning, file=sys.stderr, flush=True)
         return end["exit_status"]
     run_file.abandon(end)
     if end["ending"] == "io-error":

@@ -45,3 +45,12 @@ def shared_tmp(tmp_path: Path) -> Path:
     from mpi4py import MPI
 
     return Path(MPI.COMM_WORLD.bcast(str(tmp_path), root=0))
+
+
+@pytest.fixture(scope="session")
+def result_runs(tmp_path_factory) -> dict[str, Path]:
+    """One directory of small run files of every app (`fixtures.RESULT_RUNS`), written once
+    per session."""
+    from fixtures import write_result_runs
+
+    return write_result_runs(tmp_path_factory.mktemp("result-runs"))

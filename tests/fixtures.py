@@ -60,3 +60,30 @@ def tagged_processes(tag: dict[str, str]) -> list[str]:
         except OSError:
             continue  # ended meanwhile, or a kernel thread
     return found
+
+
+#: Small runs of every app (2 ranks, linux mode), plus lwk runs with offloaded I/O: the files
+#: the results tests (xarray, netCDF, pandas, catalogue, notebook) read.
+RESULT_RUNS = {
+    "fwq-linux": ((2,), ["--samples", "200", "--quantum-us", "100"]),
+    "fwq-lwk": ((1, "--mode", "lwk", "--mem", "64M"), ["--samples", "200", "--quantum-us", "100"]),
+    "ftq-linux": ((2,), ["--intervals", "100", "--interval-us", "1000"]),
+    "detour-linux": ((2,), ["--duration-s", "0.2"]),
+    "stencil-linux": ((2,), ["--local", "24", "--iterations", "20"]),
+    "cg-linux": ((2,), ["--local", "10"]),
+    "allreduce-linux": ((2,), ["--sizes", "8,4K", "--iterations", "20"]),
+    "checkpoint-lwk": ((1, "--mode", "lwk", "--mem", "64M"),
+                       ["--elements", "20000", "--iterations", "8", "--every", "4"]),
+}
+
+
+def write_result_runs(directory: Path) -> dict[str, Path]:
+    """`RESULT_RUNS` as real jobs writing NAME.h5 into `directory`."""
+    files = {}
+    for name, ((n, *opts), args) in RESULT_RUNS.items():
+        out = directory / f"{name}.h5"
+        proc = mpirun(n, "run", *opts, "--out", str(out), "--",
+                      str(APPS / f"{name.split('-')[0]}.py"), *args, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        files[name] = out
+    return files

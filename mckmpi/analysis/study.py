@@ -16,6 +16,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -195,7 +196,7 @@ def collect(directory: str | Path) -> Collected:
     if not root.is_dir():
         raise UsageError(f"not a directory: {root}")
     rows, skipped = [], []
-    for path in _run_files(root):
+    for path in run_files(root):
         try:
             with open_run(path, allow_incomplete=path.name.endswith(PARTIAL_SUFFIX)) as run:
                 rows.append(row_of(summarize(run), root))
@@ -214,7 +215,7 @@ def collect(directory: str | Path) -> Collected:
     return Collected(table, skipped)
 
 
-def _run_files(root: Path) -> list[Path]:
+def run_files(root: Path) -> list[Path]:
     """Run files under `root`: complete ones, then partial ones whose job left no complete
     file (a job stopped between renaming and cleaning up leaves both). Files inside a
     partial file's spool directory are the writer's, not runs."""
@@ -542,3 +543,62 @@ def predict(rows: np.ndarray, root: Path) -> None:
             for i in idx:
                 rows["predicted_iter_us"][i] = predicted
                 rows["prediction_error"][i] = (predicted - rows["iter_us"][i]) / rows["iter_us"][i]
+
+
+#: Units of the study table's columns (their names carry them too).
+STUDY_UNITS = {"wall_s": "s", "iter_us": "us", "fwq_p999_us": "us", "noise_pct": "%",
+               "global_size": "1", "iterations": "1", "speedup": "1", "efficiency": "1"}
+
+
+@dataclass
+class Study:
+    """A study for notebooks: its runs (one row per run file) and its points (per point and
+    metric, the repeats' median and 95% interval), from a directory of run files
+    (summarised now, as `collect` does) or from a study file."""
+
+    source: Path
+    root: Path  # what the rows' `path` column is relative to
+    rows: np.ndarray
+    skipped: list[tuple[Path, str]]
+
+    def to_pandas(self, name: str = "runs") -> Any:
+        """The `runs` table (default) or the `points` summary as a `pandas.DataFrame` (text
+        decoded; units in ``attrs``)."""
+        from mckmpi.trace.frames import columns, need
+
+        if name not in ("runs", "points"):
+            raise UsageError(f"a study has two tables, 'runs' and 'points' (not {name!r})")
+        table = self.rows if name == "runs" else points(self.rows)
+        frame = need("pandas").DataFrame(columns(table))
+        frame.attrs["units"] = dict(STUDY_UNITS)
+        frame.attrs["source"] = str(self.source)
+        return frame
+
+    def to_xarray(self) -> Any:
+        """The runs as an `xarray.Dataset` along dimension ``run``."""
+        from mckmpi.trace.frames import columns, need
+
+        xr = need("xarray")
+        data = {k: xr.Variable(("run",), v, {"units": STUDY_UNITS[k]} if k in STUDY_UNITS else {})
+                for k, v in columns(self.rows).items()}
+        return xr.Dataset(data, coords={"run": np.arange(len(self.rows))},
+                          attrs={"source": str(self.source)})
+
+    def run_paths(self) -> list[Path]:
+        """The run file of every run, in row order."""
+        return [self.root / p.decode(errors="replace") for p in self.rows["path"].tolist()]
+
+
+def open_study(path: str | Path) -> Study:
+    """A directory of run files (every run file becomes a run, partial ones marked; what
+    is not a run file is listed in `skipped`) or a study file written by `mckmpi study
+    collect`."""
+    path = Path(path)
+    if path.is_dir():
+        found = collect(path)
+        return Study(path, path, found.rows, found.skipped)
+    rows = read(path)
+    with h5py.File(path, "r") as f:
+        source = f.attrs.get("source", "")
+    source = source.decode() if isinstance(source, bytes) else str(source)
+    return Study(path, Path(source) if source else path.parent, rows, [])

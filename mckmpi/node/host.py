@@ -8,6 +8,7 @@ decisions, `mckmpi info`), so it stays testable without the host it describes.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -237,3 +238,23 @@ def hugepage_settings() -> dict[str, str]:
         p = Path(THP) / name
         out[f"thp_{name}"] = p.read_text().strip() if p.is_file() else "absent"
     return out
+
+
+def filesystem_of(path: str | os.PathLike[str], mounts: Path = Path("/proc/self/mounts")) -> str:
+    """The file system type (``ext4``, ``nfs4``, ``lustre``, ...) of the mount that holds
+    `path` (the longest mount point above it); "" when the mount table cannot be read."""
+    target = Path(os.path.realpath(path))
+    best, kind = -1, ""
+    try:
+        lines = mounts.read_text().splitlines()
+    except OSError:
+        return ""
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        # the kernel escapes spaces, tabs, newlines and backslashes in octal
+        where = Path(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1]))
+        if (target == where or where in target.parents) and len(where.parts) >= best:
+            best, kind = len(where.parts), fields[2]
+    return kind

@@ -17,6 +17,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from mckmpi.trace.labels import label
 from mckmpi.trace.schema import ARRAY, SCALAR, SCHEMA, SCHEMA_VERSION, TABLE
 from mckmpi.trace.tracer import Record
 
@@ -165,6 +166,7 @@ def write_header(
     datasets = [create_dataset(f, lay, compress) for lay in layouts]
     for group, values in sorted(group_attrs.items()):
         _write_attrs(f.require_group(group), values)
+    label(f)
     return datasets
 
 

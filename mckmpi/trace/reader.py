@@ -24,8 +24,15 @@ import h5py
 import numpy as np
 
 from mckmpi.errors import UsageError
+from mckmpi.trace.labels import is_scale, unlabel
 from mckmpi.trace.layout import merge, write_header, write_records
-from mckmpi.trace.schema import PARTIAL_SUFFIX, SCHEMA, SCHEMA_VERSION, job_ending
+from mckmpi.trace.schema import (
+    OLDEST_SCHEMA_VERSION,
+    PARTIAL_SUFFIX,
+    SCHEMA,
+    SCHEMA_VERSION,
+    job_ending,
+)
 from mckmpi.trace.spool import read_spool, spool_dir, spool_path
 
 #: Elements per block when streaming a rank's row (8 MiB of int64).
@@ -71,9 +78,10 @@ class Run:
         return self.read("ranks")
 
     def datasets(self) -> list[str]:
-        """Every recorded dataset path, in file order."""
+        """Every recorded dataset path, in file order (dimension scales are labels, not data)."""
         names: list[str] = []
-        self.file.visititems(lambda n, obj: names.append(n) if isinstance(obj, h5py.Dataset) else None)
+        self.file.visititems(lambda n, obj: names.append(n) if isinstance(obj, h5py.Dataset)
+                             and not is_scale(obj) else None)
         return names
 
     def __contains__(self, key: str) -> bool:
@@ -108,7 +116,7 @@ class Run:
         g = self.file.get(group)
         if not isinstance(g, h5py.Group):
             return []
-        return sorted(k for k, v in g.items() if isinstance(v, h5py.Dataset))
+        return sorted(k for k, v in g.items() if isinstance(v, h5py.Dataset) and not is_scale(v))
 
     def read(self, key: str, selection: Any = ()) -> np.ndarray:
         """Read (part of) a dataset; a damaged file is a `RunFileError`, not an HDF5 trace."""
@@ -175,6 +183,22 @@ class Run:
             return np.array([v.decode(errors="replace") for v in values.tolist()], dtype=object)
         return values
 
+    def to_xarray(self, group: str | None = None) -> Any:
+        """The file as xarray: a dict of one `xarray.Dataset` per group ("/" is the root), or
+        the Dataset of `group`; root attributes and provenance are in every Dataset's attrs.
+        Needs the `analysis` extra (pandas, xarray)."""
+        from mckmpi.trace.frames import run_to_xarray
+
+        return run_to_xarray(self, group)
+
+    def to_pandas(self, name: str = "ranks") -> Any:
+        """A `pandas.DataFrame` of `name`: "ranks", a table ("offload/calls", "noise/detours",
+        or its last part when unique), a group's per-rank scalars ("memory"), or any
+        per-rank dataset in long form. Needs the `analysis` extra."""
+        from mckmpi.trace.frames import run_to_pandas
+
+        return run_to_pandas(self, name)
+
     def close(self) -> None:
         self.file.close()
 
@@ -215,7 +239,7 @@ def open_run(path: str | Path, allow_incomplete: bool = False) -> Run:
     elif not isinstance(version, int) or version > SCHEMA_VERSION:
         problem = (f"written with schema version {version}, newer than this mckmpi reads "
                    f"({SCHEMA_VERSION}): upgrade mckmpi")
-    elif version < 1:
+    elif version < OLDEST_SCHEMA_VERSION:
         problem = f"schema version {version} is not supported"
     elif not complete and not allow_incomplete:
         hint = " (a job stopped before it was written; `mckmpi report` reads what it holds)" \
@@ -268,6 +292,7 @@ def _recover(path: Path, header: h5py.File) -> Run:
     f = h5py.File(f"{path}#recovered-{id(spools)}", "w", driver="core", backing_store=False)
     for name in header:
         header.copy(header[name], f, name=name)
+    unlabel(f)  # the copies' dimension scales still refer to the header file
     datasets = write_header(f, layouts, root, {}, group_attrs, compress=False)
     for rank, sp in enumerate(spools):
         if sp is not None:

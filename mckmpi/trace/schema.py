@@ -1,4 +1,4 @@
-"""Schema v1 of the run file: names, versions and layout rules shared by writer and reader.
+"""Schema v2 of the run file: names, versions and layout rules shared by writer and reader.
 
 Layout (see results/README.md for the full description):
 
@@ -12,6 +12,11 @@ Layout (see results/README.md for the full description):
 
 Times are int64 nanoseconds of each rank's CLOCK_MONOTONIC; /ranks.clock_offset_ns maps
 them onto rank 0's clock (t_rank0 = t + offset).
+
+Version 2 labels every dataset for netCDF readers (`mckmpi.trace.labels`): HDF5 dimension
+scales name each axis (``rank`` first for per-rank data, a row dimension for tables, named
+by `DIMENSIONS` below) and every numeric value has units (`UNITS`, else inferred). Version 1
+files (unlabelled) are read as before.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ from typing import Any
 import numpy as np
 
 SCHEMA = "mckmpi.run"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: Oldest version the reader still opens.
+OLDEST_SCHEMA_VERSION = 1
 PARTIAL_SUFFIX = ".partial"
 
 #: How a job ended (root attribute `ending`), one word each:
@@ -81,3 +88,58 @@ def job_ending(endings: list[dict[str, Any] | None]) -> dict[str, Any]:
     return {"ending": first["ending"], "exit_status": int(first.get("exit_status", -1)),
             "signal": first.get("signal", ""), "ending_rank": int(first.get("rank", -1)),
             "error": first.get("error", ""), "ending_time_ns": int(first.get("time_ns", 0))}
+
+
+#: Name of the per-rank dimension (and of its coordinate in every group with per-rank data).
+RANK_DIM = "rank"
+
+#: Axis names of recorded data after the rank axis (arrays) or of the rows (tables). Data
+#: not listed gets ``NAME_dimI`` (arrays) or ``NAME_row`` (tables).
+DIMENSIONS: dict[str, tuple[str, ...]] = {
+    "noise/fwq_ns": ("sample",),
+    "noise/ftq_counts": ("interval",),
+    "noise/ftq_start_ns": ("interval",),
+    "noise/detours": ("detour",),
+    "app/iter_ns": ("iteration",),
+    "app/compute_ns": ("iteration",),
+    "app/comm_ns": ("iteration",),
+    "app/halo_ns": ("iteration",),
+    "app/ckpt_ns": ("iteration",),
+    "app/base_iter_ns": ("base_iteration",),
+    "app/allreduce": ("allreduce_call",),
+    "app/checkpoints": ("checkpoint",),
+    "offload/calls": ("offload_call",),
+}
+
+#: Units of data recorded without them (UDUNITS spelling; "1" is a pure number). Table
+#: fields are ``KEY:FIELD``. Anything else numeric: "ns" for names ending in ``_ns``, "B" for
+#: ``bytes``, else "1"; strings and booleans carry no units.
+UNITS: dict[str, str] = {
+    "memory/size": "B",
+    "memory/alignment": "B",
+    "memory/in_use": "B",
+    "memory/peak": "B",
+    "memory/largest_free": "B",
+    "memory/fallback_bytes": "B",
+    "memory/numa_node": "1",
+    "scheduler/switch_interval_before": "s",
+    "scheduler/switch_interval_after": "s",
+    "ranks:mem": "B",
+    "offload/calls:how": "1",
+}
+
+
+def default_units(key: str, field: str, dtype: np.dtype) -> str:
+    """The units of `key` (or of its table `field`) when the recording gave none; "" for
+    values that have none (strings, booleans)."""
+    if dtype.kind in "bSUOV":
+        return ""
+    listed = UNITS.get(f"{key}:{field}" if field else key)
+    if listed is not None:
+        return listed
+    name = field or key.rsplit("/", 1)[-1]
+    if name.endswith("_ns"):
+        return "ns"
+    if name == "bytes" or name.endswith("_bytes"):
+        return "B"
+    return "1"
