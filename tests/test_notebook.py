@@ -30,7 +30,7 @@ def test_notebook_runs_on_demo_like_runs(result_runs, tmp_path):
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     text = "\n".join(o.get("data", {}).get("text/plain", "") for o in outputs)
-    assert f"(point: {len(result_runs)})" in text  # the study in xarray, one point per run
+    assert f"(run: {len(result_runs)})" in text  # the study in xarray, one entry per run
     assert "pwrite64" in text or "openat" in text  # the offloaded calls' latency table
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) == 2  # the FWQ CDFs and the call latencies

@@ -274,7 +274,7 @@ def _metrics(run: Any, root: Path) -> dict[str, float]:
     from mckmpi.analysis.summary import summarize
 
     s = summarize(run)
-    row = study._row(s, root)
+    row = study.row_of(s, root)
     out = {name: float(row[name]) for name in ("wall_s", "iter_us", "fwq_p999_us", "noise_pct")}
     if int(row["verified"]) >= 0:
         out["verified"] = float(row["verified"])
