@@ -333,7 +333,7 @@ def test_plan_submit_status_collect_round_trip(cluster, tmp_path):
     assert [rows[p["name"]][:3] for p in manifest["points"]] == [
         [job, "COMPLETED", "0"] for job in jobs]
     assert len(set(jobs)) == 4 and all(jobs)
-    names = sorted(re.sub(r"-[0-9a-f]{6}\.h5$", ".h5", p.name) for p in (out / "runs").iterdir())
+    names = sorted(re.sub(r"-[0-9a-f]{6}\.h5$", ".h5", p.name) for p in (out / "runs").glob("*.h5"))
     assert names == sorted([f"stencil-linux-mckmpi-job{jobs[0]}.0.h5",
                             f"stencil-linux-mckmpi-job{jobs[1]}.0.h5",
                             f"stencil-lwk-mckmpi-job{jobs[2]}.0.h5",
