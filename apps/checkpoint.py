@@ -337,6 +337,13 @@ def main(argv: list[str] | None = None) -> None:
     directory, temporary = checkpoint_dir(p, args, comm)
     paths = [str(directory / f"ckpt-r{rank:05d}-{slot}.bin") for slot in (0, 1)]
 
+    def drop_temporary() -> None:
+        """A temporary directory never outlives the run, however it ends."""
+        if temporary and not args.keep and rank == 0:
+            shutil.rmtree(directory, ignore_errors=True)
+
+    ctx.on_end(drop_temporary)  # a cancelled job too, even if this rank is stuck in MPI
+
     state = mem.empty(args.elements)
     state[...] = np.random.default_rng(rank).uniform(0.1, 0.9, args.elements)
     tmp = mem.empty(args.elements)
@@ -397,7 +404,11 @@ def main(argv: list[str] | None = None) -> None:
         # A full or failing disk: one line with the errno; the harness ends the job.
         writer.abandon()
         print(f"checkpoint: error: rank {rank}: {exc}", file=sys.stderr, flush=True)
+        drop_temporary()
         sys.exit(EX_IOERR)
+    except BaseException:
+        drop_temporary()  # a signal (the job cancelled) unwinds the app through here
+        raise
     # Restart: the newest checkpoint before the end (the older slot if the newest is the end).
     c = count - 2 if count >= 2 and count * every == n else count - 1
     restart = writer.readbuf
@@ -410,8 +421,7 @@ def main(argv: list[str] | None = None) -> None:
         for path in paths:
             Path(path).unlink(missing_ok=True)
     comm.Barrier()
-    if temporary and not args.keep and rank == 0:
-        shutil.rmtree(directory, ignore_errors=True)
+    drop_temporary()
     verified = comm.allreduce(writer.ok and restarted, op=MPI.LAND)
 
     tracer = ctx.tracer

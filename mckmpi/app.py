@@ -5,6 +5,8 @@ every rank; MPI executables are recognised by reading the ELF's needed libraries
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
 import os
 import shutil
 import struct
@@ -30,29 +32,69 @@ class App:
 
 
 def resolve_app(argv: list[str], module: str | None) -> App:
-    """Classify the command after ``--``; a missing file is a user error, found before MPI."""
+    """Classify the command after ``--``; a missing, unreadable or non-executable app or a
+    module that cannot be found is a user error, found before MPI on every rank.
+
+    A target with a slash is kept as typed (``./prog`` stays ``./prog``: without its
+    ``./`` the child would be looked up on PATH); a bare name is looked up on PATH now.
+    """
     if module:
-        return App("module", module, tuple(argv))
+        return App("module", find_module(module), tuple(argv))
     if not argv:
         raise UsageError("nothing to run: give an app after --, e.g. mckmpi run -- apps/fwq.py")
     target, args = argv[0], tuple(argv[1:])
     path = Path(target)
-    if path.suffix == ".py":
-        if not path.is_file():
-            raise UsageError(f"app not found: {target}")
-        return App("file", str(path), args)
-    if "/" not in target:
+    if path.is_dir():
+        raise UsageError(f"app is a directory, not a file: {target}")
+    if "/" not in target and path.suffix != ".py":
         found = shutil.which(target)
         if found is None:
             raise UsageError(f"app not found on PATH: {target}")
-        path = Path(found)
+        target, path = found, Path(found)
+    if path.is_dir():
+        raise UsageError(f"app is a directory, not a file: {target}")
     if not path.is_file():
         raise UsageError(f"app not found: {target}")
-    if _is_python_script(path):
-        return App("file", str(path), args)
+    first = _first_line(path, target)
+    if path.suffix == ".py" or (first.startswith(b"#!") and b"python" in first):
+        return App("file", target, args)
     if not os.access(path, os.X_OK):
         raise UsageError(f"app is not executable: {target}")
-    return App("mpi-binary" if links_mpi(path) else "binary", str(path), args)
+    return App("mpi-binary" if links_mpi(path) else "binary", target, args)
+
+
+def find_module(name: str) -> str:
+    """`name` if Python can run it with ``-m``, found without importing anything (a
+    package's ``__init__`` may import mpi4py, which must not start MPI yet)."""
+    parts = name.split(".")
+    if not all(part.isidentifier() for part in parts):
+        raise UsageError(f"not a module name: {name!r}")
+    spec, search = None, None
+    for i, part in enumerate(parts):
+        try:
+            spec = (importlib.util.find_spec(part) if i == 0 else
+                    importlib.machinery.PathFinder.find_spec(part, search))
+        except (ImportError, ValueError, OSError) as exc:
+            raise UsageError(f"module {name} cannot be found ({exc})") from None
+        if spec is None:
+            raise UsageError(f"no module named {'.'.join(parts[:i + 1])!r} (for -m {name})")
+        search = spec.submodule_search_locations
+        if search is None and i < len(parts) - 1:
+            raise UsageError(f"-m {name}: {'.'.join(parts[:i + 1])} is not a package")
+    if spec is not None and spec.submodule_search_locations is not None:
+        if importlib.machinery.PathFinder.find_spec("__main__", spec.submodule_search_locations) is None:
+            raise UsageError(f"-m {name}: a package without __main__, cannot be run")
+    return name
+
+
+def _first_line(path: Path, target: str) -> bytes:
+    """The file's first line (at most 256 bytes); an unreadable app is a usage error now,
+    not a traceback after MPI init."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.readline(256)
+    except OSError as exc:
+        raise UsageError(f"cannot read app {target}: {exc.strerror or exc}") from None
 
 
 def links_mpi(path: Path) -> bool:
@@ -90,9 +132,3 @@ def needed_libraries(path: Path) -> list[str]:
                 return [strings[value:strings.find(b"\0", value)].decode(errors="replace")
                         for tag, value in entries if tag == DT_NEEDED and value < len(strings)]
     return []
-
-
-def _is_python_script(path: Path) -> bool:
-    with open(path, "rb") as fh:
-        first = fh.readline(256)
-    return first.startswith(b"#!") and b"python" in first

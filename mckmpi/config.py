@@ -18,7 +18,9 @@ Environment variables are how ``mpiexec``/``srun`` hand the same settings to eve
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -51,7 +53,8 @@ class Option:
         return self.flags or ("--" + self.name.replace("_", "-"),)
 
     def convert(self, raw: Any, origin: str) -> Any:
-        """Turn a string (or a TOML value) into the option's type, naming where it came from."""
+        """Turn a string (or a TOML value) into the option's type; a bad value is one
+        `UsageError` naming where it came from (flag, variable or file and section)."""
         if self.flag:
             if isinstance(raw, bool):
                 return raw
@@ -60,13 +63,28 @@ class Option:
                 return True
             if text in ("0", "false", "no", "off", ""):
                 return False
-            raise UsageError(f"{origin}: expected a boolean for {self.name}, got {raw!r}")
-        value = self.type(raw if isinstance(raw, str) else str(raw))
+            raise UsageError(f"{origin}: expected a boolean for {self.name}, got {_shown(raw)}")
+        if isinstance(raw, (dict, list)) or (isinstance(raw, bool) and self.type is not str):
+            raise UsageError(f"{origin}: {self.name} takes a {self.metavar or 'value'}, "
+                             f"got {type(raw).__name__} {_shown(raw)}")
+        try:
+            value = self.type(raw if isinstance(raw, str) else str(raw))
+        except UsageError as exc:
+            raise UsageError(f"{origin}: {exc}") from None
+        except (ValueError, TypeError, OverflowError):
+            raise UsageError(f"{origin}: invalid {self.name} {_shown(raw)}"
+                             + (f" (expected {self.metavar})" if self.metavar else "")) from None
         if self.choices is not None and value not in self.choices:
             raise UsageError(
-                f"{origin}: invalid {self.name} {raw!r} (choose from {', '.join(self.choices)})"
+                f"{origin}: invalid {self.name} {_shown(raw)} (choose from {', '.join(self.choices)})"
             )
         return value
+
+
+def _shown(raw: Any, limit: int = 60) -> str:
+    """A value as the user typed it, cut short: error lines stay one readable line."""
+    text = repr(raw)
+    return text if len(text) <= limit else text[:limit - 4] + "...'"
 
 
 @dataclass
@@ -81,6 +99,16 @@ class Settings:
             return self.values[name]
         except KeyError:
             raise AttributeError(name) from None
+
+    def blame(self, message: str) -> str:
+        """`message` (which names options by their flags, as the planners do) with where
+        each named value came from when that was not the command line: a plan that
+        refuses ``--linux-cores 5`` set in a TOML file says which file."""
+        notes = [f"{opt.cli_flags[0]} from {self.origins[name]}"
+                 for name, opt in _REGISTRY.items()
+                 if self.origins.get(name, "command line") not in ("command line", "default")
+                 and opt.cli_flags[0] in message]
+        return message + (f" ({'; '.join(notes)})" if notes else "")
 
 
 _REGISTRY: dict[str, Option] = {}
@@ -146,6 +174,8 @@ def config_file(env: Mapping[str, str] = os.environ) -> Path | None:
     """The configuration file in effect: MCKMPI_CONFIG, ./mckmpi.toml, ~/.config/mckmpi/config.toml."""
     if env.get("MCKMPI_CONFIG"):
         path = Path(env["MCKMPI_CONFIG"])
+        if path.is_dir():
+            raise UsageError(f"MCKMPI_CONFIG names a directory, not a TOML file: {path}")
         if not path.is_file():
             raise UsageError(f"MCKMPI_CONFIG names a missing file: {path}")
         return path
@@ -155,14 +185,42 @@ def config_file(env: Mapping[str, str] = os.environ) -> Path | None:
     return None
 
 
-def _read_file(path: Path | None) -> dict[str, Any]:
+def read_file(path: Path | None) -> dict[str, dict[str, Any]]:
+    """The file's tables, checked: readable UTF-8 TOML whose sections and keys are declared
+    options (a typo such as ``[ofload]`` would otherwise silently do nothing)."""
     if path is None:
         return {}
     try:
         with open(path, "rb") as fh:
-            return tomllib.load(fh)
+            table = tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"{path}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path}: not UTF-8 text (byte {exc.start}): not a TOML file") from None
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read the configuration file: "
+                         f"{exc.strerror or exc}") from None
+    sections = {o.section for o in _REGISTRY.values()}
+    for section, values in table.items():
+        if section not in sections:
+            raise UsageError(f"{path}: unknown section [{section}]{_did_you_mean(section, sections)}"
+                             f" (sections: {', '.join(sorted(sections))})")
+        if not isinstance(values, dict):
+            raise UsageError(f"{path}: {section} must be a table ([{section}] with keys under it), "
+                             f"got {type(values).__name__}")
+        keys = {o.name for o in options(section)}
+        for key in values:
+            if key not in keys:
+                elsewhere = [o.section for o in _REGISTRY.values() if o.name == key]
+                hint = (f": {key} belongs in [{elsewhere[0]}]" if elsewhere
+                        else _did_you_mean(key, keys))
+                raise UsageError(f"{path}: unknown key {key!r} in [{section}]{hint}")
+    return table
+
+
+def _did_you_mean(word: str, known: Any) -> str:
+    close = difflib.get_close_matches(word, sorted(known), n=1, cutoff=0.6)
+    return f": did you mean {close[0]!r}?" if close else ""
 
 
 def resolve(
@@ -173,21 +231,24 @@ def resolve(
 ) -> Settings:
     """Values of the sections' options: CLI > environment > file > default."""
     path = file if file is not None else config_file(env)
-    table = _read_file(path)
+    table = read_file(path)
     settings = Settings()
     given = vars(args) if args is not None else {}
     for opt in options(*sections):
         if opt.name in given:
-            origin, raw = "command line", given[opt.name]
+            where, origin, raw = opt.cli_flags[0], "command line", given[opt.name]
         elif opt.env in env:
-            origin, raw = opt.env, env[opt.env]
+            where = origin = opt.env
+            raw = env[opt.env]
         elif opt.name in table.get(opt.section, {}):
-            origin, raw = f"{path} [{opt.section}]", table[opt.section][opt.name]
+            origin = f"{path} [{opt.section}]"
+            where = f"{origin} {opt.name}"
+            raw = table[opt.section][opt.name]
         else:
             settings.values[opt.name] = opt.default
             settings.origins[opt.name] = "default"
             continue
-        settings.values[opt.name] = opt.convert(raw, origin)
+        settings.values[opt.name] = opt.convert(raw, where)
         settings.origins[opt.name] = origin
     return settings
 
@@ -222,6 +283,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _tag(text: str) -> str:
+    """Letters, digits, '.', '_' and '-' only: it becomes part of a directory name."""
+    if not re.fullmatch(r"[A-Za-z0-9._-]{0,64}", text) or text.startswith((".", "-")):
+        raise UsageError(f"a tag is up to 64 letters, digits, '.', '_' or '-', not starting "
+                         f"with '.' or '-': {_shown(text)}")
+    return text
+
+
 def _size(text: str) -> int:
     from mckmpi.utility.units import parse_size
 
@@ -229,9 +298,17 @@ def _size(text: str) -> int:
 
 
 def _cpulist(text: str) -> tuple[int, ...]:
+    """A CPU list, checked against this node's CPU ids before any range is expanded."""
     from mckmpi.utility.units import parse_cpulist
 
-    return parse_cpulist(text)
+    return parse_cpulist(text, limit=os.cpu_count() or 1)
+
+
+def _cores(text: str) -> str:
+    """A count of cores or a CPU list, checked now (the plan reads it later, per node)."""
+    if not re.fullmatch(r"[0-9]+", text.strip()):
+        _cpulist(text)
+    return text
 
 
 MODE = option(
@@ -240,7 +317,7 @@ MODE = option(
          "lwk: ranks on LWK cores with arena memory and the cooperative scheduler",
 )
 LINUX_CORES = option(
-    name="linux_cores", section="partition", default="1", metavar="N|LIST",
+    name="linux_cores", section="partition", default="1", type=_cores, metavar="N|LIST",
     help="service cores per node kept for Linux and the proxy: a count (2) or a CPU list "
          "(0,4; a single CPU as 3-3)",
 )
@@ -268,6 +345,11 @@ CPUSET = option(
 OUT = option(
     name="out", section="run", default="results", metavar="PATH",
     help="run file: a directory (a name is chosen) or a path ending in .h5",
+)
+TAG = option(
+    name="tag", section="run", default="", type=_tag, metavar="NAME",
+    help="a name for this job on its nodes (its proxy directory is mckmpi-UID/NAME-...), "
+         "to find what it runs and leaves",
 )
 TRACE_WRITER = option(
     name="trace_writer", section="run", default="auto", choices=("auto", "parallel", "gather"),

@@ -11,6 +11,7 @@ measured against the bare run.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +56,14 @@ class Context:
     comm: Any = None  # MPI.COMM_WORLD once initialised
     offload: Any = None  # the rank's OffloadSession when I/O is offloaded (its .channel())
     phase_marks: Any = None  # told where the app's measured phases begin and end (begin/end)
+    cleanups: list[Callable[[], Any]] = field(default_factory=list)
+
+    def on_end(self, cleanup: Callable[[], Any]) -> None:
+        """Run `cleanup` as soon as the job is signalled to end (SIGTERM: cancelled, out of
+        time, or aborted by another rank), from a thread, even while the app is stuck in an
+        MPI call (mpiexec sends SIGKILL a second later): temporary files must not outlive
+        the job. Under the harness only; the app still cleans up on its own paths."""
+        self.cleanups.append(cleanup)
 
 
 _current: Context | None = None
@@ -65,6 +74,11 @@ def context() -> Context:
     global _current
     if _current is None:
         _current = Context(placement=from_env(os.environ))
+    return _current
+
+
+def current_context() -> Context | None:
+    """The context set by the harness, if any (never creates a bare one)."""
     return _current
 
 

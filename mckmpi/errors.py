@@ -1,15 +1,36 @@
 """Exceptions that carry a user-facing message.
 
-The CLI prints a `UsageError` as one line and exits 2 (no traceback): bad options, impossible
-partitions, missing kernel features. Anything else is a bug or an application failure and
-keeps its traceback.
+Every command ends through one error path (`mckmpi.frontend.cli.main`): an `MckmpiError` is
+printed as one line ``mckmpi: error: ...`` on stderr, with exit status 2 for a `UsageError`
+(bad options, impossible partitions, missing kernel features: the user can fix the command)
+and 1 for a `RunError` (the command was right, the run failed: a proxy died, a file could
+not be written). Anything else is a bug or an application failure and keeps its traceback.
 """
 
+#: The prefix of every error line mckmpi prints.
+PREFIX = "mckmpi: error: "
 
-class UsageError(Exception):
+
+class MckmpiError(Exception):
+    """An error with a one-line message for the user."""
+
+    exit_code = 1
+
+    def line(self) -> str:
+        """The one line printed for this error: the message, never a second prefix."""
+        return error_line(str(self))
+
+
+class UsageError(MckmpiError):
     """A mistake the user can fix: printed as one line, exit status 2."""
 
     exit_code = 2
+
+
+class RunError(MckmpiError):
+    """A run that failed for a reason outside the command line: one line, exit status 1."""
+
+    exit_code = 1
 
 
 class PlacementError(UsageError):
@@ -33,3 +54,16 @@ class StorageError(UsageError):
     def __init__(self, message: str, errno: int = 0) -> None:
         super().__init__(message)
         self.errno = errno
+
+
+def error_line(message: str) -> str:
+    """``mckmpi: error: MESSAGE`` on one line, whatever prefixes or newlines `message` has.
+
+    Messages pass through several hands (a proxy's line relayed by a rank, an exception
+    wrapped by its caller): a prefix already present is not repeated, and a message that
+    spans lines is joined, so the user always sees exactly one line.
+    """
+    text = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+    while text.startswith(PREFIX) or text.startswith("mckmpi: "):
+        text = text[len(PREFIX):] if text.startswith(PREFIX) else text[len("mckmpi: "):]
+    return PREFIX + (text or "failed")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import os
 import runpy
+import signal
 import secrets
 import subprocess
 import sys
@@ -38,9 +39,9 @@ import numpy as np
 from mckmpi import endings
 from mckmpi.app import App
 from mckmpi.config import Settings
-from mckmpi.context import Context, set_context
+from mckmpi.context import Context, current_context, set_context
 from mckmpi.endings import SignalCatcher, parse_signals
-from mckmpi.errors import PartitionError, StorageError, UsageError
+from mckmpi.errors import MckmpiError, PartitionError, StorageError, UsageError, error_line
 from mckmpi.offload.policy import Policy
 from mckmpi.node.partition import NodePlan, node_facts, plan_node
 from mckmpi.node.host import NodeFacts, read_host
@@ -52,8 +53,11 @@ from mckmpi.trace.tracer import Tracer
 from mckmpi.utility.units import format_cpulist
 
 
+#: How long a failed app waits for its proxy's hang-up to show before it reports itself.
+PROXY_LOST_WAIT_S = 1.0
+
 #: How long a rank other than 0 that exits with an error waits before aborting the job.
-ABORT_GRACE_S = 0.5
+ABORT_GRACE_S = 1.0
 
 
 def announces_errors() -> bool:
@@ -62,6 +66,30 @@ def announces_errors() -> bool:
         return from_env(os.environ).local_rank == 0
     except UsageError:
         return True
+
+
+def refuse(exc: MckmpiError) -> int:
+    """End this rank on an error found before MPI starts, with exactly one line per node.
+
+    The node's rank 0 prints it; the others wait ABORT_GRACE_S first, since a launcher
+    kills the job when the first rank exits and rank 0 may still be on its way to its line
+    (2 runs in 10 printed nothing when the other ranks left at once). A rank still alive
+    after the wait found an error its rank 0 did not, and says so too. Under Open MPI's
+    mpiexec the ranks end with MPI_Abort and Open MPI's help texts off: a plain non-zero
+    exit would add mpiexec's ten-line report of it under the line.
+    """
+    world = None
+    if "OMPI_COMM_WORLD_SIZE" in os.environ:
+        os.environ.setdefault("OMPI_MCA_orte_execute_quiet", "1")
+        from mpi4py import MPI  # MPI_Init waits for every rank: all get here before any ends
+
+        world = MPI.COMM_WORLD
+    if not announces_errors():
+        time.sleep(ABORT_GRACE_S)  # still here: the node's rank 0 did not end the job
+    print(exc.line(), file=sys.stderr, flush=True)
+    if world is not None:
+        world.Abort(exc.exit_code)
+    return exc.exit_code
 
 
 def vnode_plan(settings: Settings, vnode: int, nranks: int) -> NodePlan:
@@ -75,14 +103,20 @@ def vnode_plan(settings: Settings, vnode: int, nranks: int) -> NodePlan:
             raise UsageError("--cpuset reserves an LWK side: use it with --mode lwk")
         from mckmpi.node.cpuset import load
 
-        r = load(settings.cpuset)
+        try:
+            r = load(settings.cpuset)
+        except UsageError as exc:
+            raise UsageError(settings.blame(f"--cpuset {settings.cpuset}: {exc}")) from None
         host = replace(host, cpus=tuple(sorted(set(r.linux_cpus) | set(r.lwk_cpus))))
         linux_cores, lwk_cores = r.linux_cpus, r.lwk_cpus
     else:
         linux_cores, lwk_cores = slurm_binding(settings, host, linux_cores, lwk_cores)
-    return plan_node(node_facts(host, settings.vnodes, vnode), nranks, mode=settings.mode,
-                     linux_cores=linux_cores, lwk_cores=lwk_cores, mem=settings.mem,
-                     oversubscribe=settings.oversubscribe)
+    try:
+        return plan_node(node_facts(host, settings.vnodes, vnode), nranks, mode=settings.mode,
+                         linux_cores=linux_cores, lwk_cores=lwk_cores, mem=settings.mem,
+                         oversubscribe=settings.oversubscribe)
+    except PartitionError as exc:
+        raise PartitionError(settings.blame(str(exc))) from None
 
 
 def slurm_binding(settings: Settings, host: NodeFacts, linux_cores: Any, lwk_cores: Any
@@ -155,8 +189,15 @@ def run(settings: Settings, app: App, argv: list[str]) -> int:
         return run_external(settings, app, argv, placement, plan)
 
     from mckmpi.offload.session import policy_of
+    from mckmpi.utility.outputs import run_file_target
 
+    if settings.tag:  # every process of the job carries it: its proxy, the app's children
+        os.environ["MCKMPI_TAG"] = settings.tag
     policy = policy_of(settings)  # a bad prefix is a usage error before MPI, on every rank
+    run_file_target(settings.out)  # an --out that cannot be written, found before the job
+    # Open MPI's help text on the ranks (MPI_ABORT's banner after our one line) is noise
+    # here; mpiexec's own messages (no slots, no such program) are not affected.
+    os.environ.setdefault("OMPI_MCA_orte_execute_quiet", "1")
     if plan.oversubscribed:
         # Ranks that share a core must not busy-poll while they wait for each other: Open MPI
         # yields when it knows it is oversubscribed, but it cannot see mckmpi's pinning.
@@ -173,11 +214,18 @@ def run(settings: Settings, app: App, argv: list[str]) -> int:
     except StorageError as exc:
         # Every rank raised it together (an agreed decision): one line, no abort.
         if placement.rank == 0:
-            print(f"mckmpi: error: {exc}", file=sys.stderr, flush=True)
+            print(exc.line(), file=sys.stderr, flush=True)
         return exc.exit_code
-    except UsageError as exc:
-        if placement.local_rank == 0:
-            print(f"mckmpi: error: {exc}", file=sys.stderr, flush=True)
+    except MckmpiError as exc:
+        if _proxy_lost(exc):
+            # a request to the proxy failed because it is gone: the offload's watcher says
+            # so in one line (the node's rank 0 first) and aborts the job
+            time.sleep(PROXY_LOST_WAIT_S + offload_grace())
+        elif placement.local_rank != 0:
+            # the node's rank 0 finds the same error and aborts the job meanwhile; a rank
+            # still here found one of its own, and says so
+            time.sleep(ABORT_GRACE_S)
+        print(exc.line(), file=sys.stderr, flush=True)
         world.Abort(exc.exit_code)
     except BaseException:
         # A failure of the harness itself on one rank must not leave the others waiting.
@@ -199,7 +247,8 @@ def _run_in_mpi(settings: Settings, app: App, argv: list[str], placement: Placem
             f"ranks of node {placement.node} computed different partition plans "
             f"({'; '.join(sorted({p.describe() for p in plans}))}): their cpusets differ"
         )
-    offloaded = offload.start(policy, settings.offload_proxy, placement, plan, node_comm, world)
+    offloaded = offload.start(policy, settings.offload_proxy, placement, plan, node_comm, world,
+                              tag=settings.tag)
     if settings.cpuset:
         from mckmpi.node.cpuset import attach, load
 
@@ -324,12 +373,38 @@ def _run_app(app: App, rank: int, offset_ns: int) -> dict[str, Any]:
     except (endings.JobSignal, StorageError) as exc:
         return endings.of_exception(exc, rank, offset_ns)
     except BaseException as exc:
+        if _proxy_lost(exc):
+            # The app failed because the node proxy is gone (its calls got ENOSYS): the
+            # offload's watcher says so in one line and aborts the job; a traceback of the
+            # app's symptom would only bury that line.
+            time.sleep(PROXY_LOST_WAIT_S + offload_grace())
         traceback.print_exc()
         sys.stderr.flush()
         return endings.of_exception(exc, rank, offset_ns)
     finally:
         sys.argv, sys.path[0] = saved_argv, saved_path0
     return endings.ending("normal", rank, offset_ns)
+
+
+def offload_grace() -> float:
+    """How long the node's other ranks leave its rank 0 to report a lost proxy."""
+    from mckmpi.offload.session import ABORT_GRACE_S as grace
+
+    return grace
+
+
+def _proxy_lost(exc: BaseException) -> bool:
+    """Whether the app's exception comes from a lost offload proxy: the proxy hung up, or
+    a call failed with ENOSYS and the hang-up shows within PROXY_LOST_WAIT_S."""
+    ctx = current_context()
+    if ctx is None or ctx.offload is None:
+        return False
+    chain: BaseException | None = exc
+    enosys = False
+    while chain is not None and not enosys:
+        enosys = getattr(chain, "errno", None) == errno.ENOSYS or "Function not implemented" in str(chain)
+        chain = chain.__cause__ or chain.__context__
+    return ctx.offload.lost(PROXY_LOST_WAIT_S if enosys else 0.0)
 
 
 def run_file_name(out: Path, app: App, mode: str, env: dict[str, str] | os._Environ,
@@ -427,6 +502,17 @@ def _start_run_file(world: Any, tracer: Tracer, settings: Settings, app: App, ar
         # In the streamer's thread, right after it flushed: the ending is on disk even if
         # the main thread is stuck in C until Slurm's SIGKILL.
         run_file.streamer.ending(endings.of_signal(signum, placement.rank, offset_ns))
+        if placement.rank == 0:
+            # Said now: mpiexec sends SIGKILL a second after SIGTERM, maybe before the run
+            # file is finished (its own line follows when it is).
+            os.write(2, f"{error_line(f'job terminated by {signal.Signals(signum).name}')}\n"
+                        .encode())
+        ctx = current_context()
+        for cleanup in [] if ctx is None else ctx.cleanups:
+            try:
+                cleanup()
+            except Exception:  # noqa: BLE001 - the job is ending: the other clean-ups still run
+                pass
 
     run_file = RunFile.start(world, path, tracer, root, provenance, settings.trace_writer,
                              flush_s=settings.trace_flush, wake_fd=catcher.wake_fd,

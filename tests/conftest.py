@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
 import tempfile
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from fixtures import Leftovers
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -54,3 +59,9 @@ def result_runs(tmp_path_factory) -> dict[str, Path]:
     from fixtures import write_result_runs
 
     return write_result_runs(tmp_path_factory.mktemp("result-runs"))
+@pytest.fixture
+def leftovers() -> Iterator[Leftovers]:
+    """A job tag and environment; the test calls `.check()` after the job's ending."""
+    job = Leftovers(f"t{uuid.uuid4().hex[:8]}")
+    yield job
+    shutil.rmtree(job.tmpdir, ignore_errors=True)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -14,8 +16,9 @@ from mckmpi.jobs.launchers import Job
 
 ROOT = Path(__file__).resolve().parent.parent
 APPS = ROOT / "apps"
-#: The variable that marks every process of one test job (see `job_tag`, `tagged_processes`).
-TAG_VARIABLE = "MCKMPI_TEST_JOB_TAG"
+#: The variable that marks every process of one test job (see `job_tag`, `tagged_processes`):
+#: mckmpi's own job tag (`--tag`), so the job's proxy directory carries it too.
+TAG_VARIABLE = "MCKMPI_TAG"
 
 
 def job_env(**extra: str) -> dict[str, str]:
@@ -43,7 +46,7 @@ def mpirun(n: int, *args: str, timeout: float = 90, env: dict[str, str] | None =
 def job_tag() -> dict[str, str]:
     """An environment entry that every process of a job inherits (ranks, proxies, noise),
     so `tagged_processes` finds exactly that job's leftovers on a shared machine."""
-    return {TAG_VARIABLE: uuid.uuid4().hex}
+    return {TAG_VARIABLE: f"t{uuid.uuid4().hex[:12]}"}
 
 
 def tagged_processes(tag: dict[str, str]) -> list[str]:
@@ -87,3 +90,42 @@ def write_result_runs(directory: Path) -> dict[str, Path]:
         assert proc.returncode == 0, proc.stderr
         files[name] = out
     return files
+class Leftovers:
+    """What one job leaves on this node, found by its tag.
+
+    The job runs with MCKMPI_TAG=tag (its proxy directory carries it, every process of the
+    job inherits it) and a TMPDIR of its own, without XDG_RUNTIME_DIR, so everything it
+    puts in temporary directories lands in one place. After any ending, `check` waits a
+    little, then asserts: no process with the tag (nor its memfds), nothing in its TMPDIR
+    but the empty per-user base directory, no /dev/shm or cgroup entry named with the tag.
+    """
+
+    def __init__(self, tag: str) -> None:
+        self.tag = tag
+        # short: the proxy's socket path must fit in a Unix socket address
+        self.tmpdir = Path(tempfile.mkdtemp(prefix="mckmpi-t-", dir="/tmp"))
+        self.env = job_env(**{TAG_VARIABLE: tag}, TMPDIR=str(self.tmpdir))
+        self.env.pop("XDG_RUNTIME_DIR", None)
+
+    def remaining(self) -> list[str]:
+        found = [f"process {command[:120]}" for command in tagged_processes({TAG_VARIABLE: self.tag})]
+        base = f"mckmpi-{os.geteuid()}"
+        for path in sorted(self.tmpdir.rglob("*")):
+            if path.name == base and path.is_dir() and not any(path.iterdir()):
+                continue  # the per-user directory that holds the jobs' directories
+            if path.name.startswith("ompi."):
+                continue  # Open MPI's session directory: mpiexec's to remove
+            if not any(p.name.startswith("ompi.") for p in path.parents):
+                found.append(f"file {path}")
+        for place in (Path("/dev/shm"), Path("/sys/fs/cgroup")):
+            for depth in range(3):
+                for path in place.glob("/".join(["*"] * (depth + 1))):
+                    if self.tag in path.name:
+                        found.append(f"entry {path}")
+        return found
+
+    def check(self, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while (found := self.remaining()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not found, f"job {self.tag} left: {found}"

@@ -56,7 +56,8 @@ def test_sigkill_mid_call_frees_the_rank_and_the_proxy_serves_others():
         h = spawn.start_node_proxy(d / "run", [], expected=2)
         ok = fork(survivor, str(h.socket_path), str(d / "s"))
         assert ok.call("before") == "before"
-        fds_with_one = proxy_fds(h.pid)
+        # once both expected ranks came, the proxy stops listening: one descriptor fewer
+        fds_with_one = proxy_fds(h.pid) - 1
         v = fork(victim, str(h.socket_path), str(d / "v"))
         assert v.recv() == "writing"
         time.sleep(0.3)
@@ -349,12 +350,13 @@ def test_a_malformed_client_does_not_hurt_the_proxy():
         assert reply["ok"] is False and "order" in reply["error"]
         s.close()
 
-        def rank(conn, sock):
+        def rank(conn, sock, path):
             s = attach(sock)
-            fd = os.open(sock + ".f", os.O_CREAT | os.O_WRONLY, 0o600)
+            fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
             conn.send((fd >= FD_BASE, len(s.detach())))
 
-        c = fork(rank, str(h.socket_path))
+        # not next to the socket: the proxy removes its directory once every rank came
+        c = fork(rank, str(h.socket_path), str(d / "f"))
         assert c.recv()[0]
         assert c.wait() == 0 and h.wait(10) == 0
 

@@ -79,3 +79,17 @@ def test_vnodes_uneven_and_node_ids():
 def test_too_many_vnodes():
     with pytest.raises(PlacementError, match="vnodes 3"):
         with_vnodes(from_env(OMPI, host="h"), 3)
+
+
+def test_srun_pmi2_is_slurm_not_hydra():
+    """srun --mpi=pmi2 sets PMI_RANK/PMI_SIZE/PMI_FD too: still a Slurm step, PMI-2 noted."""
+    p = from_env(dict(SLURM, PMI_RANK="4", PMI_SIZE="6", PMI_FD="9", PMI_JOBID="7.0"), host="h")
+    assert (p.launcher, p.pmi, p.local_size) == ("slurm", "pmi2", 2)
+    assert from_env(dict(SLURM, PMIX_RANK="4"), host="h").pmi == "pmix"
+    assert from_env(SLURM, host="h").pmi == "none"
+
+
+@pytest.mark.parametrize("spec", ["x", "2(x", "2(xa)", "-1", "2(x99999999)"])
+def test_malformed_slurm_tasks_per_node(spec):
+    with pytest.raises(PlacementError, match="SLURM_STEP_TASKS_PER_NODE"):
+        from_env(dict(SLURM, SLURM_STEP_TASKS_PER_NODE=spec), host="h")

@@ -49,7 +49,7 @@ def counters(run: Run, groups: tuple[str, ...] = GROUPS) -> list[CounterStats]:
             key = f"{group}/{name}"
             if (
                 key in SHOWN_ELSEWHERE
-                or run[key].attrs.get("kind") != SCALAR
+                or run.kind(key) != SCALAR
                 or run[key].ndim != 1
                 or run[key].dtype.names is not None
             ):

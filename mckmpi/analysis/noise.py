@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from mckmpi.analysis.stats import LOG_EDGES_NS, Moments, moments, order_index, percentiles, select
-from mckmpi.trace.reader import BLOCK_ELEMENTS, Run, RunFileError
+from mckmpi.trace.reader import BLOCK_ELEMENTS, Run
 
 FWQ = "noise/fwq_ns"
 FTQ_COUNTS = "noise/ftq_counts"
@@ -121,14 +121,6 @@ class _EnvelopeBuilder:
         return Envelope((ends - self.sums / 2) / 1e9, self.low, self.high)
 
 
-def _int_dataset(run: Run, key: str) -> None:
-    ds = run[key]
-    if ds.ndim != 2 or ds.dtype.kind not in "iu":
-        raise RunFileError(
-            f"{run.path}: {key!r} should be [ranks, n] integers, " f"found {ds.ndim}-D {ds.dtype}"
-        )
-
-
 def fwq_rank(run: Run, rank: int, block: int = BLOCK_ELEMENTS) -> FwqRank:
     """Excess statistics, envelope and histogram of one rank, in two or three passes."""
     n = run.length(FWQ, rank)
@@ -168,7 +160,6 @@ def fwq(run: Run, block: int = BLOCK_ELEMENTS) -> list[FwqRank]:
     """FWQ statistics of every rank (empty when the run has no FWQ samples)."""
     if FWQ not in run:
         return []
-    _int_dataset(run, FWQ)
     return [fwq_rank(run, r, block) for r in range(run[FWQ].shape[0])]
 
 
@@ -176,7 +167,6 @@ def ftq(run: Run, block: int = BLOCK_ELEMENTS) -> list[FtqRank]:
     """FTQ work counts per rank: the best interval is the quiet reference."""
     if FTQ_COUNTS not in run:
         return []
-    _int_dataset(run, FTQ_COUNTS)
     out = []
     for r in range(run[FTQ_COUNTS].shape[0]):
         m = moments(run.rank_blocks(FTQ_COUNTS, r, block))
@@ -198,9 +188,6 @@ def detours(run: Run) -> list[DetourRank]:
     """Detour events per rank; the fraction is against each rank's measured span."""
     if DETOURS not in run:
         return []
-    fields = run[DETOURS].dtype.names or ()
-    if not {"start_ns", "duration_ns"} <= set(fields):
-        raise RunFileError(f"{run.path}: {DETOURS!r} needs start_ns and duration_ns columns")
     size = len(run.row_offsets(DETOURS)) - 1
     spans = _per_rank_scalar(run, "noise/detour_span_ns", size)
     thresholds = _per_rank_scalar(run, "noise/detour_threshold_ns", size)

@@ -133,8 +133,6 @@ def from_fwq(
 ) -> NoiseDistribution:
     """Noise of windows of about `work_ns`, from FWQ samples (see the module docstring)."""
     ds = run[FWQ]
-    if ds.ndim != 2 or ds.dtype.kind not in "iu":
-        raise RunFileError(f"{run.path}: {FWQ!r} should be [ranks, samples] integers")
     minima = [
         m.minimum
         for r in range(ds.shape[0])

@@ -86,7 +86,9 @@ def plain(obj: Any) -> Any:
         return str(obj)
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
-    return obj
+    if obj is None or isinstance(obj, (str, int, float)):
+        return obj
+    return str(obj)  # what else a file may hold (complex numbers, references): as text
 
 
 def _row(row: np.void) -> dict[str, Any]:
@@ -101,7 +103,7 @@ def _describe(run: Run, name: str) -> tuple[str, str, str, str, str]:
     ds = run[name]
     return (
         name,
-        str(ds.attrs.get("kind", "")),
+        run.kind(name),
         "x".join(map(str, ds.shape)),
         str(ds.dtype) if ds.dtype.names is None else "table",
         run.units(name),

@@ -22,6 +22,13 @@ def _plots_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plots", metavar="DIR", help="also write PNG plots into DIR")
 
 
+def _plots_dir(args: argparse.Namespace) -> Path:
+    """--plots as a directory that takes files (one line if it is a file or unwritable)."""
+    from mckmpi.utility.outputs import output_dir
+
+    return output_dir(args.plots, "--plots")
+
+
 def _print_json(obj: Any) -> None:
     from mckmpi.analysis.summary import plain
 
@@ -73,7 +80,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if args.plots:
         from mckmpi.analysis.plots import report_plots
 
-        plots = report_plots(summary, Path(args.plots))
+        plots = report_plots(summary, _plots_dir(args))
     if args.json:
         _print_json({**summary.to_json(), "plots": plots})
     else:
@@ -112,7 +119,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if args.plots:
         from mckmpi.analysis.plots import compare_plots
 
-        plots = compare_plots(a, b, compare.labels(a, b), Path(args.plots))
+        plots = compare_plots(a, b, compare.labels(a, b), _plots_dir(args))
     if args.json:
         _print_json({**compare.to_json(a, b), "plots": plots})
     else:
@@ -197,7 +204,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     if args.plots:
         from mckmpi.analysis.plots import run_stamp, simulation
 
-        plots = [simulation(sim, Path(args.plots) / f"simulate-{Path(args.run_file).stem}.png",
+        plots = [simulation(sim, _plots_dir(args) / f"simulate-{Path(args.run_file).stem}.png",
                             run_stamp(attrs, provenance))]
     if args.json:
         extra = {} if tree is None else {"tree": [{"ranks": p, "iteration_ns": t} for p, t in tree]}
@@ -330,6 +337,9 @@ def _cmd_collect(args: argparse.Namespace) -> int:
 
     from mckmpi.analysis import study
 
+    from mckmpi.utility.outputs import new_hdf5_file
+
+    new_hdf5_file(args.output, "-o")
     collected = study.collect(args.directory)
     path = study.write(collected.rows, args.output, source=str(Path(args.directory).resolve()))
     print(study.text(collected.rows))
@@ -356,7 +366,7 @@ def _cmd_study_plot(args: argparse.Namespace) -> int:
 
     rows = study.read(args.study_file)
     print(study.text(rows))
-    written, notes = study.plot(args.study_file, rows, Path(args.plots))
+    written, notes = study.plot(args.study_file, rows, _plots_dir(args))
     for note in notes:
         print(note)
     _print_plots(written)

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 import mckmpi.frontend
 from mckmpi import __version__
-from mckmpi.errors import UsageError
+from mckmpi.errors import MckmpiError, error_line
 from mckmpi.frontend.registry import COMMANDS
 
 _MODULES = sorted((m.name for m in pkgutil.iter_modules(mckmpi.frontend.__path__)
@@ -25,11 +27,24 @@ for _name in _MODULES:
     importlib.import_module(f"mckmpi.frontend.{_name}")
 
 
+#: Exit status of a command whose output was cut off (``mckmpi report RUN.h5 | head``): the
+#: status a shell reports for a process ended by SIGPIPE, as `cat` would end.
+EXIT_BROKEN_PIPE = 128 + 13
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with mckmpi's error line: one line naming the help to read, exit 2 (the
+    stock parser prints the whole usage of `run`, a dozen lines, before the message)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, error_line(f"{message} (see `{self.prog} --help`)") + "\n")
+
+
 # --- entry point -----------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="mckmpi",
         description="A user-space multi-kernel harness for MPI jobs: LWK partitions, syscall "
                     "offload, HDF5 traces of noise and scaling.",
@@ -44,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(cmd.name, help=cmd.summary, description=cmd.description,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         cmd.build(p)
-        p.set_defaults(handler=cmd.handler)
+        p.set_defaults(handler=cmd.handler, command_parser=p)
     return parser
 
 
@@ -70,17 +85,45 @@ def glue_command_lines(argv: Sequence[str]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The one error path of every command: an `MckmpiError` is one line and its exit status
+    (2 usage, 1 runtime); an `OSError` the command did not expect (a full disk, a file that
+    vanished) is one line and 1; a reader that went away ends the output quietly."""
     argv = glue_command_lines(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # named by the command's parser, so the line points at its --help
+        args.command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return int(args.handler(args) or 0)
-    except UsageError as exc:
-        print(f"mckmpi: error: {exc}", file=sys.stderr)
+        status = int(args.handler(args) or 0)
+        sys.stdout.flush()  # a closed pipe is found here, not at the interpreter's exit
+        return status
+    except MckmpiError as exc:
+        print(exc.line(), file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:
+        _quiet_stdout()
+        return EXIT_BROKEN_PIPE
+    except OSError as exc:
+        print(error_line(describe_os_error(exc)), file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("mckmpi: interrupted", file=sys.stderr)
         return 130
+
+
+def describe_os_error(exc: OSError) -> str:
+    """'PATH: reason' for an OSError, the way coreutils word it."""
+    reason = exc.strerror or str(exc)
+    names = [str(n) for n in (exc.filename, exc.filename2) if n is not None]
+    return f"{' -> '.join(names)}: {reason}" if names else reason
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush into the closed pipe
+    does not raise a second BrokenPipeError at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 if __name__ == "__main__":

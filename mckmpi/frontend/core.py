@@ -7,12 +7,16 @@ import json
 import os
 import sys
 from pathlib import Path
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from mckmpi import config
-from mckmpi.errors import UsageError
+from mckmpi.errors import MckmpiError, PartitionError, UsageError
 from mckmpi.frontend.registry import command
 from mckmpi.node.partition import node_facts, plan_node
 from mckmpi.node.host import read_host
+
+T = TypeVar("T")
 
 
 # --- run ------------------------------------------------------------------------------------
@@ -39,18 +43,15 @@ def _build_run(p: argparse.ArgumentParser) -> None:
 @_build_run.run
 def _cmd_run(args: argparse.Namespace) -> int:
     from mckmpi.app import resolve_app
-    from mckmpi.runner import announces_errors, run
+    from mckmpi.runner import refuse, run
 
     app_argv = args.app[1:] if args.app[:1] == ["--"] else args.app
     try:
         settings = config.resolve(args, *config.RUN_SECTIONS)
         app = resolve_app(app_argv, args.module)
         return run(settings, app, ["mckmpi", *sys.argv[1:]])
-    except UsageError as exc:
-        # Every rank finds the same mistake; one line per node is enough.
-        if not announces_errors():
-            return exc.exit_code
-        raise
+    except MckmpiError as exc:
+        return refuse(exc)  # every rank finds the same mistake: one line per node
 
 
 # --- partition -----------------------------------------------------------------------------
@@ -102,8 +103,8 @@ def _cmd_partition(args: argparse.Namespace) -> int:
     if args.action == "reserve":
         s = config.resolve(args, "partition")
         host = read_host()
-        linux = plan_node(host, 1, mode="lwk", linux_cores=s.linux_cores, lwk_cores=s.lwk_cores,
-                          mem=s.mem, oversubscribe=True)
+        linux = _blamed(s, plan_node, host, 1, mode="lwk", linux_cores=s.linux_cores,
+                        lwk_cores=s.lwk_cores, mem=s.mem, oversubscribe=True)
         r, quiet = reservation.reserve(linux.linux_cpus, linux.lwk_cpus, name=args.name,
                                        system_wide=args.system_wide, isolate=not args.no_isolate,
                                        cgroup=args.cgroup)
@@ -140,7 +141,7 @@ def _partition_show(args: argparse.Namespace) -> int:
     plans = []
     for v in range(k):
         if args.ranks is None:
-            facts = node_facts(read_host(), k, v)
+            facts = _blamed(s, node_facts, read_host(), k, v)
             n = len(facts.cpus) if s.mode == "linux" else max(1, len(facts.cpus) - _count(s.linux_cores))
         else:
             n = -(-(v + 1) * args.ranks // k) - -(-v * args.ranks // k)
@@ -160,10 +161,19 @@ def _partition_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _blamed(settings: config.Settings, plan: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """`plan(...)`, whose PartitionError also says where the options it names came from."""
+    try:
+        return plan(*args, **kwargs)
+    except PartitionError as exc:
+        raise PartitionError(settings.blame(str(exc))) from None
+
+
 def _count(spec: str) -> int:
     from mckmpi.utility.units import parse_cpulist
 
-    return int(spec) if str(spec).isdigit() else len(parse_cpulist(spec))
+    text = str(spec).strip()
+    return int(text) if text.isascii() and text.isdigit() else len(parse_cpulist(text))
 
 
 def _plan_json(vnode: int, plan: object) -> dict:

@@ -60,6 +60,11 @@ class NodePlan:
         )
 
 
+#: Oversubscription has a limit: beyond it a plan is a mistake, not a job (and listing
+#: 10^8 ranks would take the node's memory).
+MAX_RANKS_PER_CPU = 64
+
+
 def plan_node(
     facts: NodeFacts,
     nranks: int,
@@ -75,6 +80,11 @@ def plan_node(
         raise PartitionError(f"a node needs at least one rank, got {nranks}")
     if not facts.cpus:
         raise PartitionError("no CPUs are allowed on this node")
+    if nranks > MAX_RANKS_PER_CPU * len(facts.cpus):
+        raise PartitionError(
+            f"{nranks} ranks on {len(facts.cpus)} CPUs is more than {MAX_RANKS_PER_CPU} per CPU, "
+            "even oversubscribed: use more nodes or fewer ranks"
+        )
     if mode == "linux":
         linux, lwk = facts.cpus, facts.cpus
     else:
@@ -117,7 +127,7 @@ def plan_node(
 def _linux_cpus(facts: NodeFacts, spec: str | tuple[int, ...]) -> tuple[int, ...]:
     """A count ('2': the lowest CPUs, spread over NUMA nodes) or a list ('0,4' or a tuple).
     A lone number is a count: CPU 3 alone is written '3-3'."""
-    if isinstance(spec, str) and spec.strip().isdigit():
+    if isinstance(spec, str) and spec.strip().isascii() and spec.strip().isdigit():
         count = int(spec)
         if count > len(facts.cpus):
             raise PartitionError(f"--linux-cores {count} exceeds the node's {len(facts.cpus)} CPUs")

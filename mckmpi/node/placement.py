@@ -13,6 +13,7 @@ allocation's SLURM_* variables, so Open MPI and Hydra come before Slurm).
 from __future__ import annotations
 
 import dataclasses
+import re
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ class Placement:
     nnodes: int | None = None
     vnode: int = 0  # index of this rank's virtual node on its launcher node
     vnodes: int = 1
+    pmi: str = ""  # under srun: the PMI its --mpi plugin offers (pmix, pmi2, none)
 
 
 _Reader = Callable[[Mapping[str, str], str], Placement]
@@ -77,7 +79,9 @@ def _openmpi(env: Mapping[str, str], host: str) -> Placement:
     )
 
 
-@dialect("hydra", "PMI_SIZE")
+# MPI_LOCALRANKID marks Hydra: srun --mpi=pmi2 also sets PMI_RANK and PMI_SIZE (and PMI_FD),
+# so those alone would take a Slurm step for an MPICH launch.
+@dialect("hydra", "MPI_LOCALRANKID")
 def _hydra(env: Mapping[str, str], host: str) -> Placement:
     return Placement(
         rank=_int(env, "PMI_RANK"),
@@ -101,9 +105,20 @@ def _slurm(env: Mapping[str, str], host: str) -> Placement:
         local_size=tasks_per_node,
         host=env.get("SLURMD_NODENAME", host),
         launcher="slurm",
+        pmi=slurm_pmi(env),
         node=_int(env, "SLURM_NODEID"),
         nnodes=_int(env, "SLURM_STEP_NUM_NODES", "SLURM_JOB_NUM_NODES", "SLURM_NNODES"),
     )
+
+
+def slurm_pmi(env: Mapping[str, str]) -> str:
+    """Which process-management interface srun offers the ranks (its --mpi plugin):
+    PMIx sets PMIX_RANK, PMI-2 sets PMI_FD with PMI_RANK; without either, none."""
+    if "PMIX_RANK" in env:
+        return "pmix"
+    if "PMI_FD" in env and "PMI_RANK" in env:
+        return "pmi2"
+    return "none"
 
 
 def _step_tasks_on_node(env: Mapping[str, str]) -> int:
@@ -113,8 +128,13 @@ def _step_tasks_on_node(env: Mapping[str, str]) -> int:
         raise PlacementError("Slurm step without SLURM_STEP_TASKS_PER_NODE: cannot count local tasks")
     counts: list[int] = []
     for part in spec.split(","):
-        count, _, repeat = part.partition("(x")
-        counts.extend([int(count)] * (int(repeat.rstrip(")")) if repeat else 1))
+        m = re.fullmatch(r"(\d{1,9})(?:\(x(\d{1,9})\))?", part.strip())
+        if m is None:
+            raise PlacementError(f"SLURM_STEP_TASKS_PER_NODE={spec!r} is not a task count list")
+        counts.extend([int(m.group(1))] * int(m.group(2) or 1))
+        if len(counts) > 1 << 20:
+            raise PlacementError(f"SLURM_STEP_TASKS_PER_NODE={spec!r} names more nodes "
+                                 "than any cluster has")
     node = _int(env, "SLURM_NODEID")
     if node >= len(counts):
         raise PlacementError(f"SLURM_NODEID={node} outside SLURM_STEP_TASKS_PER_NODE={spec!r}")
@@ -171,10 +191,13 @@ def verify(p: Placement, comm: MPI.Intracomm) -> tuple[Placement, MPI.Intracomm]
     from mpi4py import MPI
 
     if comm.Get_size() != p.size or comm.Get_rank() != p.rank:
+        hint = "was mckmpi started by a different launcher than the MPI library expects?"
+        if p.launcher == "slurm" and comm.Get_size() == 1:
+            hint = (f"the MPI library did not join srun's PMI ({p.pmi}): start the job with "
+                    "the --mpi plugin it speaks (Open MPI: srun --mpi=pmix; see srun --mpi=list)")
         raise PlacementError(
             f"launcher ({p.launcher}) says rank {p.rank} of {p.size}, MPI says rank "
-            f"{comm.Get_rank()} of {comm.Get_size()}: was mckmpi started by a different launcher "
-            "than the MPI library expects?"
+            f"{comm.Get_rank()} of {comm.Get_size()}: {hint}"
         )
     shared = comm.Split_type(MPI.COMM_TYPE_SHARED, key=p.rank)
     host_members = tuple(shared.allgather(p.rank))

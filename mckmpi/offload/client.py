@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from mckmpi import linux
-from mckmpi.errors import FeatureUnavailable
+from mckmpi.errors import FeatureUnavailable, error_line
 from mckmpi.offload import accounting, protocol, ring, seccomp
 from mckmpi.offload.errors import OffloadError
 from mckmpi.offload.policy import Policy
@@ -51,7 +51,7 @@ _MIN_SPAN = 64
 
 def _default_on_death(message: str) -> None:
     """Straight to descriptor 2: the process is about to _exit, nothing else will flush."""
-    os.write(2, f"{message}\n".encode())
+    os.write(2, f"{error_line(message)}\n".encode())
 
 
 class Channel:
@@ -208,6 +208,15 @@ class OffloadSession:
         """False for `--offload none`: no filter, no proxy."""
         return self._sock is not None
 
+    def lost(self, timeout: float = 0.0) -> bool:
+        """Whether the proxy hung up (waiting up to `timeout` s for it): then the rank's
+        trapped calls fail with ENOSYS, and the watcher is about to end the job."""
+        if self._sock is None:
+            return False
+        poller = select.poll()
+        poller.register(self._sock.fileno(), select.POLLRDHUP)
+        return bool(poller.poll(int(timeout * 1000)))
+
     def request(self, msg: dict[str, Any], fds: list[int] | tuple[int, ...] = ()) -> tuple[dict[str, Any], list[int]]:
         """One request/reply with the proxy; OffloadError if it refuses."""
         if self._sock is None:
@@ -358,8 +367,8 @@ def attach(socket_path: str | Path, *, rank: int, arena_memfd: int | None,
     except BaseException:
         sock.close()
         raise
-    message = (f"mckmpi: rank {rank}: the offload proxy (pid {proxy_pid}, {path}) died; "
-               f"this rank's file I/O now fails with ENOSYS, aborting the job")
+    message = (f"rank {rank}: the offload proxy (pid {proxy_pid}, {path}) died; "
+               f"this rank's file I/O would fail with ENOSYS, aborting the job")
     threading.Thread(target=_watch, args=(sock, message, on_proxy_death or _default_on_death),
                      daemon=True, name="mckmpi-offload-watch").start()
     return OffloadSession(rank=rank, sock=sock, proxy_pid=proxy_pid, fd_base=fd_base,

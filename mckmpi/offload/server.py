@@ -55,6 +55,10 @@ from mckmpi.offload.syscalls import FD_LIMIT
 from mckmpi.offload.tracee import Gone
 
 
+#: How long a terminated proxy keeps serving the ranks it told to go.
+TERM_GRACE_S = 5.0
+
+
 @dataclass
 class _Conn:
     sock: socket.socket
@@ -93,7 +97,12 @@ class Server:
         self.idle_since = time.monotonic()  # since when no rank is served
         self.registered = 0
         self.parent_gone = False
+        self.term_asked = 0  # the SIGTERM or SIGINT that came
+        self.terminating: float | None = None  # since when the proxy ends in order
         self.ep = select.epoll()
+        self.wakeup_fd, wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wakeup_w, warn_on_full_buffer=False)
+        self.ep.register(self.wakeup_fd, select.EPOLLIN)
         self.conns: dict[int, _Conn] = {}
         self.served: dict[int, _Served] = {}   # by listener fd
         self.sock = protocol.listening_socket(path)
@@ -120,13 +129,34 @@ class Server:
                 events = self.ep.poll(1.0)
                 for fd, mask in events:
                     self._event(fd, mask)
+                if self.term_asked and self.terminating is None:
+                    self.terminate()
                 if not events:
                     gc.collect()
         finally:
             self.shutdown()
-        return 0
+        # ended by a signal, even in order: the status says so, as the default action would
+        return 128 + self.term_asked if self.terminating is not None else 0
+
+    def signalled(self, signum: int) -> None:
+        """SIGTERM/SIGINT: the main loop ends in order (`terminate`); asked twice: now."""
+        if self.term_asked:
+            raise SystemExit(128 + signum)
+        self.term_asked = signum
+
+    def terminate(self) -> None:
+        """End in order after SIGTERM/SIGINT. The socket goes at once; the control
+        connections close, so every rank's watcher aborts its job with one line; the
+        ranks' calls are still served while they go (a proxy that vanished under them
+        would turn their next call into ENOSYS), for at most TERM_GRACE_S."""
+        self.terminating = time.monotonic()
+        self._unlink()
+        for conn in list(self.conns.values()):
+            self._drop(conn)
 
     def _finished(self) -> bool:
+        if self.terminating is not None:
+            return not self.served or time.monotonic() - self.terminating > TERM_GRACE_S
         if self.served:
             return False
         if self.parent_gone:
@@ -150,11 +180,16 @@ class Server:
             self._rank_gone(fd)
         elif fd in self.conns:
             self._message(self.conns[fd])
+        elif fd == self.wakeup_fd:
+            os.read(fd, 512)  # a signal woke the loop: `run` acts on it
 
     def _accept(self) -> None:
         try:
             sock, _ = self.sock.accept()
         except OSError:
+            return
+        if self.terminating is not None:
+            sock.close()
             return
         pid, uid, gid = peer_credentials(sock)
         peer = peer_groups(sock)
@@ -271,6 +306,8 @@ class Server:
         self.registered += 1
         self._set_spin()
         thread.start()
+        if self.expected is not None and self.registered >= self.expected:
+            self._unlink()  # nobody else will come: nothing is left for a SIGKILL to strand
         return {"ok": True, "zero_copy": arena is not None}
 
     def _set_spin(self) -> None:
@@ -334,7 +371,18 @@ class Server:
         for conn in list(self.conns.values()):
             conn.sock.close()
         self.conns.clear()
-        self.sock.close()
+        self._unlink()
+        if self.parent_fd >= 0:
+            os.close(self.parent_fd)
+        self.ep.close()
+
+
+    def _unlink(self) -> None:
+        """Remove the socket (and its directory when the proxy created it) and stop
+        listening; connected ranks keep their connections."""
+        if self.sock.fileno() >= 0:
+            self.ep.unregister(self.sock.fileno())
+            self.sock.close()
         try:
             os.unlink(self.path)
         except FileNotFoundError:
@@ -344,9 +392,6 @@ class Server:
                 os.rmdir(os.path.dirname(self.path))
             except OSError:
                 pass
-        if self.parent_fd >= 0:
-            os.close(self.parent_fd)
-        self.ep.close()
 
 
 def op_of(msg: dict[str, Any]) -> str:
@@ -424,14 +469,11 @@ def serve(socket_path: str | Path, *, cpus: list[int] | None = None, expected: i
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     os.umask(0o077)  # the serving threads set each rank's umask on their own fs_struct
 
-    def stop(signum: int, _frame: Any) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGUSR1, lambda *_: None)
     server = Server(str(socket_path), expected=expected, parent_pid=parent_pid,
                     records_dir=str(records_dir) if records_dir else None,
                     idle_timeout=idle_timeout, remove_dir=remove_dir, spin_us=spin_us,
                     compiled=compiled)
+    signal.signal(signal.SIGTERM, lambda signum, _: server.signalled(signum))
+    signal.signal(signal.SIGINT, lambda signum, _: server.signalled(signum))
+    signal.signal(signal.SIGUSR1, lambda *_: None)
     return server.run()

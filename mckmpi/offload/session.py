@@ -9,7 +9,7 @@ trace). Kept apart from the runner so the runner stays a list of stages.
 from __future__ import annotations
 
 import os
-import tempfile
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,12 +19,18 @@ from typing import Any
 import numpy as np
 
 from mckmpi.config import Settings
+from mckmpi.errors import error_line
 from mckmpi.node.partition import NodePlan
 from mckmpi.node.placement import Placement
 from mckmpi.offload import client, seccomp, spawn, syscalls
 from mckmpi.offload.client import EXIT_PROXY_DIED, OffloadSession
+from mckmpi.offload.errors import OffloadError
 from mckmpi.offload.policy import Policy
 from mckmpi.trace.tracer import Tracer
+
+#: How long a rank other than the node's rank 0 waits before it reports a lost proxy (the
+#: node's rank 0 reports the same loss and aborts the job meanwhile, also on a busy node).
+ABORT_GRACE_S = 5.0
 
 #: How long a rank waits for a proxy started by hand (--offload-proxy) to listen.
 HAND_STARTED_WAIT_S = 30.0
@@ -45,13 +51,14 @@ def policy_of(settings: Settings) -> Policy:
 
 
 def run_dir(job_key: str, placement: Placement) -> Path:
-    """The node proxy's private directory, named by job and node (its parent is 0700)."""
-    base = Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()) / f"mckmpi-{os.getuid()}"
-    base.mkdir(mode=0o700, exist_ok=True)
-    os.chmod(base, 0o700)
-    if placement.local_rank == 0:
-        spawn.sweep_stale(base)  # what killed proxies of earlier jobs left behind
-    return base / f"{job_key}-node{placement.node}"
+    """This node's proxy directory (see `spawn.runtime_dir`), swept of what killed proxies
+    of earlier jobs left; any warning is printed once (the caller is node-local rank 0)."""
+    directory, warning = spawn.runtime_dir(job_key, placement.node)
+    if warning is None:
+        spawn.sweep_stale(directory.parent)
+    else:
+        print(f"mckmpi: warning: {warning}", file=sys.stderr, flush=True)
+    return directory
 
 
 @dataclass
@@ -71,9 +78,13 @@ class OffloadRun:
         `before_abort(message)` (the run file records the ending)."""
 
         def proxy_died(message: str) -> None:
-            os.write(2, f"mckmpi: error: rank {placement.rank}: {message}\n".encode())
             if before_abort is not None:
-                before_abort(message)
+                before_abort(message)  # the run file records the ending first
+            # Every rank of the node sees the proxy go: its local rank 0 speaks for them,
+            # the others speak only if the job is still up after the grace period.
+            if placement.local_rank != 0:
+                time.sleep(ABORT_GRACE_S)
+            os.write(2, f"{error_line(message)}\n".encode())
             world.Abort(EXIT_PROXY_DIED)
 
         self.session = client.attach(self.socket, rank=placement.rank,
@@ -108,13 +119,14 @@ class OffloadRun:
 
 
 def start(policy: Policy, proxy_socket: str | None, placement: Placement, plan: NodePlan,
-          node_comm: Any, world: Any) -> OffloadRun | None:
+          node_comm: Any, world: Any, tag: str = "") -> OffloadRun | None:
     """Start the node's proxy on its Linux cores (node-local rank 0); None when off.
 
     Called right after MPI init, before the rank enters an LWK cpuset or changes its
     scheduling: the proxy is a Linux process and must not inherit either, nor the filter.
     `policy` is `policy_of(settings)`, found before MPI init; `proxy_socket` names a proxy
-    started by hand (--offload-proxy), else the node's local rank 0 starts one.
+    started by hand (--offload-proxy), else the node's local rank 0 starts one; `tag`
+    (--tag) leads the name of its directory.
     """
     if not policy.active:
         return None
@@ -123,18 +135,26 @@ def start(policy: Policy, proxy_socket: str | None, placement: Placement, plan: 
         socket = Path(proxy_socket)
         spawn.wait_for_socket(socket, HAND_STARTED_WAIT_S)
         return OffloadRun(policy, socket)
-    job_key = world.bcast(_job_key() if placement.rank == 0 else None, root=0)
-    directory = run_dir(job_key, placement)
-    handle = None
+    key = world.bcast(job_key(tag) if placement.rank == 0 else None, root=0)
+    handle, failure, directory = None, None, None
     if placement.local_rank == 0:
-        handle = spawn.start_node_proxy(directory, list(plan.linux_cpus), expected=placement.local_size)
-    node_comm.Barrier()
+        try:
+            directory = run_dir(key, placement)
+            handle = spawn.start_node_proxy(directory, list(plan.linux_cpus),
+                                            expected=placement.local_size)
+        except OffloadError as exc:
+            failure = str(exc)
+    # Only the node's rank 0 touches the directory; the others learn where it is, or why
+    # there is none (every rank raises, so none is left waiting).
+    directory, failure = node_comm.bcast((directory, failure), root=0)
+    if failure is not None:
+        raise OffloadError(failure)
     return OffloadRun(policy, spawn.socket_path(directory), handle)
 
 
-def _job_key() -> str:
-    """A name for this job, unique on the node: the Slurm job and step, else rank 0's pid."""
+def job_key(tag: str = "") -> str:
+    """A name for this job, unique on the node (two jobs of one Slurm step included): the
+    user's --tag, the Slurm job and step, rank 0's pid and a clock reading."""
     job = os.environ.get("SLURM_JOB_ID")
-    if job:
-        return f"job{job}.{os.environ.get('SLURM_STEP_ID', '0')}"
-    return f"pid{os.getpid()}-{time.monotonic_ns()}"
+    slurm = f"job{job}.{os.environ.get('SLURM_STEP_ID', '0')}-" if job else ""
+    return f"{tag + '-' if tag else ''}{slurm}{os.getpid()}-{time.monotonic_ns() % 36**8:x}"

@@ -14,13 +14,17 @@ import select
 import signal
 import stat
 import sys
+import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from mckmpi.offload import protocol, seccomp
 from mckmpi.offload.errors import OffloadError
 
 SOCKET_NAME = "proxy.sock"
+#: The longest path a Unix socket may be bound to (sun_path holds 108 bytes with its NUL).
+MAX_SOCKET_PATH = 107
 #: Default spin of a proxy that has Linux cores of its own (see `loop.Emulator.serve`).
 SPIN_US = 50.0
 
@@ -66,6 +70,64 @@ class ProxyHandle:
             self.returncode = os.waitstatus_to_exitcode(status)
             os.close(self._pidfd)
         return self.returncode
+
+
+def runtime_dir(job_key: str, node: int | None,
+                env: Mapping[str, str] = os.environ) -> tuple[Path, str | None]:
+    """The private directory of one job's proxy on one node, and a warning when the usual
+    place could not be used.
+
+    Usually ``$XDG_RUNTIME_DIR/mckmpi-UID/KEY-nodeN`` (else under /tmp). Every level is
+    checked, not trusted: the parent must belong to this user or root and, if others may
+    write to it, be sticky (/tmp); ``mckmpi-UID`` must be a real directory (no symlink)
+    owned by this user with mode 0700. Another user can create /tmp/mckmpi-UID before us
+    (and /tmp/mckmpi-0 before root): then the job gets a directory of its own next to it,
+    ``mckmpi-UID-KEY-nodeN``, created private by `prepare_run_dir`, and the warning says so.
+    """
+    uid = os.geteuid()
+    parent = Path(tempfile.gettempdir())
+    runtime = env.get("XDG_RUNTIME_DIR")
+    if runtime and _safe_parent(Path(runtime), uid) is None:
+        parent = Path(runtime)
+    leaf = f"{job_key}-node{node}"
+    base = parent / f"mckmpi-{uid}"
+    problem = _safe_parent(parent, uid)
+    if problem is None:
+        try:
+            base.mkdir(mode=0o700)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            problem = f"{base} cannot be created ({exc.strerror})"
+    if problem is None:
+        st = base.lstat()
+        if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+            problem = f"{base} is not a directory"
+        elif st.st_uid != uid:
+            problem = f"{base} belongs to uid {st.st_uid}, not to uid {uid}"
+        elif st.st_mode & 0o077:
+            os.chmod(base, 0o700)  # ours: made private again
+    own = base / leaf if problem is None else parent / f"mckmpi-{uid}-{leaf}"
+    if len(os.fsencode(socket_path(own))) > MAX_SOCKET_PATH:
+        raise OffloadError(f"the proxy socket {socket_path(own)} would be longer than the "
+                           f"{MAX_SOCKET_PATH} bytes a Unix socket path may have: set "
+                           "TMPDIR (or XDG_RUNTIME_DIR) to a shorter directory, or --tag shorter")
+    return own, None if problem is None else f"{problem}: this job's proxy directory is {own}"
+
+
+def _safe_parent(path: Path, uid: int) -> str | None:
+    """Why `path` may not hold private directories (None: it may)."""
+    try:
+        st = path.lstat()
+    except OSError as exc:
+        return f"{path}: {exc.strerror}"
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{path} is not a directory"
+    if st.st_uid not in (uid, 0):
+        return f"{path} belongs to uid {st.st_uid}"
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        return f"{path} is writable by others and not sticky"
+    return None
 
 
 def prepare_run_dir(run_dir: Path) -> bool:
@@ -128,8 +190,10 @@ def start_node_proxy(run_dir: Path, cpus: list[int], *, expected: int | None = N
             actions.append((os.POSIX_SPAWN_CLOSE, fd))
     # a normal Linux process, whatever real-time policy the rank runs under: a proxy that
     # inherited SCHED_FIFO would starve its own main loop (and other Linux work) on its cores
+    # a session of its own: the signal a launcher sends the ranks' process group when the
+    # job is cancelled is for the ranks; the proxy serves them until they are gone, then ends
     pid = os.posix_spawn(sys.executable, cmd, os.environ, file_actions=actions,
-                         scheduler=(os.SCHED_OTHER, os.sched_param(0)))
+                         scheduler=(os.SCHED_OTHER, os.sched_param(0)), setsid=True)
     handle = ProxyHandle(pid, path, run_dir)
     try:
         wait_for_socket(path, timeout, handle)

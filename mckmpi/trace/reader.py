@@ -28,6 +28,10 @@ from mckmpi.trace.labels import is_scale, unlabel
 from mckmpi.trace.layout import merge, write_header, write_records
 from mckmpi.trace.schema import (
     OLDEST_SCHEMA_VERSION,
+    ATTR_TYPES,
+    DATASET_ATTR_TYPES,
+    DATASET_LAYOUTS,
+    MAX_RANKS,
     PARTIAL_SUFFIX,
     SCHEMA,
     SCHEMA_VERSION,
@@ -44,13 +48,55 @@ class RunFileError(UsageError):
 
 
 def _text(value: Any) -> Any:
+    """An attribute as plain Python: str for bytes, lists for arrays, int/float/bool for
+    numpy scalars (whatever the file holds: bytes that are not UTF-8 are replaced)."""
     if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, np.ndarray) and value.dtype.kind in "OS":
+        return value.decode(errors="replace")
+    if isinstance(value, str):  # h5py hands bytes that are not UTF-8 over as surrogates
+        return value.encode(errors="surrogateescape").decode(errors="replace")
+    if isinstance(value, np.ndarray):
         return [_text(v) for v in value.tolist()]
     if isinstance(value, np.generic):
-        return value.item()
+        return _text(value.item())
+    if isinstance(value, (list, tuple)):
+        return [_text(v) for v in value]
     return value
+
+
+_KIND = {int: "an integer >= 0", bool: "a boolean", str: "a string"}
+
+
+def _typed(value: Any, kind: type) -> bool:
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return isinstance(value, kind)
+
+
+def read_attrs(path: Path, obj: h5py.HLObject, group: str) -> dict[str, Any]:
+    """The attributes of `obj` as plain values; those the readers interpret (`ATTR_TYPES`
+    of `group`, DATASET_ATTR_TYPES of a dataset) checked: an unreadable or mistyped
+    attribute is one `RunFileError`."""
+    values: dict[str, Any] = {}
+    try:
+        names = list(obj.attrs.keys())
+        for name in names:
+            values[name] = _text(obj.attrs[name])
+    except (OSError, TypeError, ValueError, KeyError) as exc:
+        raise RunFileError(f"{path}: cannot read the attributes of {obj.name} ({exc})") from None
+    types = DATASET_ATTR_TYPES if isinstance(obj, h5py.Dataset) else ATTR_TYPES.get(group, {})
+    for name, value in values.items():
+        kind = types.get(name.partition(":")[0] if isinstance(obj, h5py.Dataset) else name)
+        if kind is not None and not _typed(value, kind):
+            shown = repr(value)
+            shown = shown if len(shown) <= 40 else shown[:37] + "..."
+            where = "/" + group
+            raise RunFileError(f"{path}: attribute {name!r} of {where} is {shown}, expected "
+                               f"{_KIND[kind]}: not a run file as mckmpi writes it")
+    for name in ("world_size", "nnodes") if not group else ():
+        if isinstance(values.get(name), int) and values[name] > MAX_RANKS:
+            raise RunFileError(f"{path}: {name} {values[name]} is more than any job has "
+                               f"({MAX_RANKS}): a damaged file")
+    return values
 
 
 @dataclass
@@ -65,12 +111,11 @@ class Run:
 
     @property
     def attrs(self) -> dict[str, Any]:
-        return {k: _text(v) for k, v in self.file.attrs.items()}
+        return read_attrs(self.path, self.file, "")
 
     @property
     def provenance(self) -> dict[str, Any]:
-        g = self.file.get("provenance")
-        return {} if g is None else {k: _text(v) for k, v in g.attrs.items()}
+        return self.group_attrs("provenance")
 
     @property
     def ranks(self) -> np.ndarray:
@@ -88,28 +133,42 @@ class Run:
         return key in self.file
 
     def __getitem__(self, key: str) -> h5py.Dataset:
-        """A dataset, unread: slice it to load (``run['noise/fwq_ns'][0]``)."""
+        """A dataset, unread: slice it to load (``run['noise/fwq_ns'][0]``). Datasets the
+        readers interpret are checked against their layout (`DATASET_LAYOUTS`) first."""
         try:
-            return self.file[key]
-        except KeyError:
+            ds = self.file[key]
+        except (KeyError, ValueError, OSError):
             raise RunFileError(f"{self.path}: no dataset {key!r}") from None
+        if not isinstance(ds, h5py.Dataset):
+            raise RunFileError(f"{self.path}: {key!r} is a group, not a dataset")
+        if key in DATASET_LAYOUTS:
+            _check_layout(self.path, key, ds)
+        return ds
+
+    def dataset_attrs(self, key: str) -> dict[str, Any]:
+        """A dataset's attributes (``kind``, ``units``, ... checked as the group's are)."""
+        return read_attrs(self.path, self[key], key)
 
     def units(self, key: str, field: str = "") -> str:
-        attrs = self[key].attrs
-        return _text(attrs.get("units" if not field else f"units:{field}", ""))
+        return self.dataset_attrs(key).get("units" if not field else f"units:{field}", "")
+
+    def kind(self, key: str) -> str:
+        """How a dataset is laid out across ranks (scalar, array, table; '' if unsaid)."""
+        return self.dataset_attrs(key).get("kind", "")
 
     @property
     def world_size(self) -> int:
-        """Ranks of the job (the root attribute, else the /ranks table)."""
-        size = self.file.attrs.get("world_size")
+        """Ranks of the job (the root attribute, checked at open, else the /ranks table)."""
+        size = self.attrs.get("world_size")
         if size is not None:
             return int(size)
-        return int(self.file["ranks"].shape[0]) if "ranks" in self.file else 0
+        ranks = self.file.get("ranks")
+        return int(ranks.shape[0]) if isinstance(ranks, h5py.Dataset) and ranks.ndim else 0
 
     def group_attrs(self, group: str) -> dict[str, Any]:
         """Attributes of a group (``{}`` when the file has no such group)."""
         g = self.file.get(group)
-        return {} if not isinstance(g, h5py.Group) else {k: _text(v) for k, v in g.attrs.items()}
+        return {} if not isinstance(g, h5py.Group) else read_attrs(self.path, g, group)
 
     def members(self, group: str) -> list[str]:
         """Dataset names directly under `group`, sorted (``[]`` when absent)."""
@@ -163,7 +222,11 @@ class Run:
             ranks = self.read(key, "rank") if ds.shape[0] else np.zeros(0, dtype=np.int32)
             if ranks.size and np.any(np.diff(ranks) < 0):
                 raise RunFileError(f"{self.path}: rows of {key!r} are not ordered by rank")
-            size = max(self.world_size, int(ranks.max()) + 1 if ranks.size else 0)
+            size = self.world_size
+            if ranks.size and not 0 <= int(ranks[0]) <= int(ranks[-1]) < size:
+                raise RunFileError(f"{self.path}: {key!r} holds rows of rank "
+                                   f"{int(ranks[-1]) if ranks[-1] >= size else int(ranks[0])}, "
+                                   f"outside the job's {size} ranks")
             self._row_offsets[key] = np.searchsorted(ranks, np.arange(size + 1), side="left")
         return self._row_offsets[key]
 
@@ -211,7 +274,22 @@ class Run:
 
 def is_complete(path: Path, attrs: Any) -> bool:
     """Complete means both: the attribute says so and the name is final."""
-    return bool(attrs.get("complete", False)) and not path.name.endswith(PARTIAL_SUFFIX)
+    return _text(attrs.get("complete", False)) is True and not path.name.endswith(PARTIAL_SUFFIX)
+
+
+def _check_layout(path: Path, key: str, ds: h5py.Dataset) -> None:
+    kinds, ndim = DATASET_LAYOUTS[key]
+    dims = "[ranks]" if ndim == 1 else "[ranks, n]"
+    if isinstance(kinds, dict):
+        names = ds.dtype.names or ()
+        bad = [c for c, k in kinds.items() if c not in names or ds.dtype[c].kind not in k]
+        if bad or ds.ndim != ndim:
+            raise RunFileError(f"{path}: {key!r} is not the table mckmpi writes "
+                               f"(columns {', '.join(bad) or 'fine'}, {ds.ndim}-D)")
+    elif ds.dtype.kind not in kinds or ds.dtype.names is not None or ds.ndim != ndim:
+        what = "integers" if kinds == "iu" else f"kind {kinds}"
+        raise RunFileError(f"{path}: {key!r} should be {dims} {what}, "
+                           f"found {ds.ndim}-D {ds.dtype}")
 
 
 def open_run(path: str | Path, allow_incomplete: bool = False) -> Run:
@@ -230,13 +308,21 @@ def open_run(path: str | Path, allow_incomplete: bool = False) -> Run:
         f = h5py.File(path, "r")
     except OSError as exc:
         raise RunFileError(f"{path}: not a readable HDF5 file ({exc})") from None
-    schema = _text(f.attrs.get("schema"))
-    version = _text(f.attrs.get("schema_version"))
+    try:
+        schema = _text(f.attrs.get("schema"))
+        version = _text(f.attrs.get("schema_version"))
+        complete = is_complete(path, f.attrs)
+    except (OSError, TypeError, ValueError) as exc:
+        f.close()
+        raise RunFileError(f"{path}: not an mckmpi run file (unreadable schema: {exc})") from None
     problem = None
-    complete = is_complete(path, f.attrs)
-    if schema != SCHEMA:
-        problem = f"not an mckmpi run file (schema {schema!r})"
-    elif not isinstance(version, int) or version > SCHEMA_VERSION:
+    if not isinstance(schema, str) or schema != SCHEMA:
+        shown = repr(schema) if len(repr(schema)) <= 40 else repr(schema)[:37] + "..."
+        problem = f"not an mckmpi run file (schema {shown})"
+    elif not _typed(version, int) or version < 1:
+        shown = repr(version) if len(repr(version)) <= 40 else repr(version)[:37] + "..."
+        problem = f"schema version {shown} is not supported"
+    elif version > SCHEMA_VERSION:
         problem = (f"written with schema version {version}, newer than this mckmpi reads "
                    f"({SCHEMA_VERSION}): upgrade mckmpi")
     elif version < OLDEST_SCHEMA_VERSION:
@@ -245,9 +331,16 @@ def open_run(path: str | Path, allow_incomplete: bool = False) -> Run:
         hint = " (a job stopped before it was written; `mckmpi report` reads what it holds)" \
             if path.name.endswith(PARTIAL_SUFFIX) else ""
         problem = f"incomplete run file{hint}"
+    elif complete and not len(f):
+        problem = "holds no data, only a run file's header"
     if problem:
         f.close()
         raise RunFileError(f"{path}: {problem}")
+    try:
+        read_attrs(path, f, "")  # the root attributes the readers interpret, type-checked
+    except RunFileError:
+        f.close()
+        raise
     if complete:
         return Run(path, f)
     if not spool_dir(path).is_dir():

@@ -143,3 +143,48 @@ def default_units(key: str, field: str, dtype: np.dtype) -> str:
     if name == "bytes" or name.endswith("_bytes"):
         return "B"
     return "1"
+
+
+#: Types of the attributes the readers interpret, per group ("" is the root). A file whose
+#: attribute has another type was not written by mckmpi (or was edited): the reader refuses
+#: it with one line instead of failing somewhere in the analysis. Attributes not listed
+#: here are free-form (apps record what they like) and only ever printed.
+ATTR_TYPES: dict[str, dict[str, type]] = {
+    "": {
+        "schema": str, "schema_version": int, "complete": bool, "created": str,
+        "command": str, "app": str, "app_args": str, "mode": str, "world_size": int,
+        "nnodes": int, "vnodes": int, "launcher": str, "slurm_job_id": str,
+        "slurm_nodelist": str,
+    },
+    "noise": {
+        "fwq_quantum_ns": int, "fwq_reps": int, "ftq_interval_ns": int,
+    },
+    "app": {"name": str, "scaling": str, "verified": bool},
+}
+
+#: More ranks (or nodes) than any job runs: a larger world_size is a damaged or crafted
+#: file, whose reading would take memory and time in proportion.
+MAX_RANKS = 1 << 24
+
+#: Types of the attributes of every dataset ("units:FIELD" is checked as "units").
+DATASET_ATTR_TYPES: dict[str, type] = {"kind": str, "units": str}
+
+_INT = "iu"
+#: Layout of the datasets the readers interpret: the numpy dtype kinds of its values (or,
+#: for a table, of each column it must have) and its number of dimensions. The reader
+#: checks these when a dataset is opened, so the analysis meets only well-formed data.
+DATASET_LAYOUTS: dict[str, tuple[str | dict[str, str], int]] = {
+    "ranks": ({"rank": _INT}, 1),
+    "noise/fwq_ns": (_INT, 2),
+    "noise/ftq_counts": (_INT, 2),
+    "noise/detours": ({"rank": _INT, "start_ns": _INT, "duration_ns": _INT}, 1),
+    "noise/detour_span_ns": (_INT, 1),
+    "noise/detour_threshold_ns": (_INT, 1),
+    "offload/calls": ({"rank": _INT, "call": "SU", "bytes": _INT, "result": _INT,
+                       "errno": _INT, "trap_ns": _INT, "done_ns": _INT}, 1),
+    "app/wall_ns": (_INT, 1),
+    "app/iter_ns": (_INT, 2),
+    "app/compute_ns": (_INT, 2),
+    "app/comm_ns": (_INT, 2),
+    "app/allreduce": ({"rank": _INT, "bytes": _INT, "ns": _INT}, 1),
+}

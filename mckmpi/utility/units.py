@@ -36,21 +36,48 @@ def format_size(n: int) -> str:
     return str(n)
 
 
-def parse_cpulist(text: str) -> tuple[int, ...]:
-    """CPU ids from the kernel's list syntax ('0-3,8,10-11'), sorted and unique."""
-    cpus: set[int] = set()
+#: More CPU ids than any Linux kernel supports (NR_CPUS is at most 8192 today): the bound
+#: of a CPU list read from anywhere, so a list never expands into gigabytes.
+MAX_CPUS = 1 << 16
+
+
+def parse_cpulist(text: str, limit: int = MAX_CPUS) -> tuple[int, ...]:
+    """CPU ids from the kernel's list syntax ('0-3,8,10-11'), sorted and unique.
+
+    Every id must be below `limit` (the node's CPU count where it is known): ranges are
+    checked before they are expanded, so '0-99999999' is an error, not 8 GB of integers.
+    """
+    ranges: list[tuple[int, int]] = []
     for part in text.replace(" ", "").split(","):
         if not part:
             continue
-        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        m = re.fullmatch(r"([0-9]+)(?:-([0-9]+))?", part)
         if not m:
-            raise UsageError(f"not a CPU list: {text!r} (use ids and ranges: 0-3,8)")
-        lo = int(m.group(1))
-        hi = int(m.group(2)) if m.group(2) is not None else lo
+            raise UsageError(f"not a CPU list: {_cut(text)} (use ids and ranges: 0-3,8)")
+        lo = _cpu_id(m.group(1))
+        hi = _cpu_id(m.group(2)) if m.group(2) is not None else lo
         if hi < lo:
-            raise UsageError(f"descending CPU range {part!r} in {text!r}")
+            raise UsageError(f"descending CPU range {part!r} in {_cut(text)}")
+        if hi >= limit:
+            cpu = _cut(part.rpartition("-")[2], 20)[1:-1]
+            where = (f"this node has CPUs 0-{limit - 1}" if limit < MAX_CPUS
+                     else f"no Linux kernel has more than {MAX_CPUS} CPUs")
+            raise UsageError(f"CPU {cpu} in {_cut(text)} does not exist: {where}")
+        ranges.append((lo, hi))
+    cpus: set[int] = set()
+    for lo, hi in ranges:
         cpus.update(range(lo, hi + 1))
     return tuple(sorted(cpus))
+
+
+def _cpu_id(digits: str) -> int:
+    """A CPU id; one too long to be any CPU (or to convert: Python refuses integers of more
+    than 4300 digits) counts as beyond every limit."""
+    return int(digits) if len(digits) <= 18 else 10**18
+
+
+def _cut(text: str, limit: int = 40) -> str:
+    return repr(text) if len(text) <= limit else repr(text[:limit - 3] + "...")
 
 
 def format_cpulist(cpus: Iterable[int]) -> str:
