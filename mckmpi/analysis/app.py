@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from mckmpi.analysis.stats import moments, order_index, percentiles, select
-from mckmpi.trace.reader import BLOCK_ELEMENTS, Run
+from mckmpi.trace.reader import BLOCK_ELEMENTS, Run, RunFileError
 
 ITER, COMPUTE, COMM, WALL = "app/iter_ns", "app/compute_ns", "app/comm_ns", "app/wall_ns"
 ALLREDUCE = "app/allreduce"
@@ -114,6 +114,9 @@ def _time_array(run: Run, key: str, block: int) -> TimeArray | None:
 
 def _allreduce(run: Run) -> list[TimeArray]:
     """Latency of every timed allreduce call of every rank, per message size."""
+    names = set(run[ALLREDUCE].dtype.names or ())
+    if not {"bytes", "ns"} <= names:
+        raise RunFileError(f"{run.path}: {ALLREDUCE!r} needs bytes and ns columns")
     rows = run.table(ALLREDUCE)
     out = []
     for size in np.unique(rows["bytes"]):

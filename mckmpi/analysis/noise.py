@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from mckmpi.analysis.stats import LOG_EDGES_NS, Moments, moments, order_index, percentiles, select
-from mckmpi.trace.reader import BLOCK_ELEMENTS, Run
+from mckmpi.trace.reader import BLOCK_ELEMENTS, Run, RunFileError
 
 FWQ = "noise/fwq_ns"
 FTQ_COUNTS = "noise/ftq_counts"
@@ -188,6 +188,9 @@ def detours(run: Run) -> list[DetourRank]:
     """Detour events per rank; the fraction is against each rank's measured span."""
     if DETOURS not in run:
         return []
+    fields = run[DETOURS].dtype.names or ()
+    if not {"start_ns", "duration_ns"} <= set(fields):
+        raise RunFileError(f"{run.path}: {DETOURS!r} needs start_ns and duration_ns columns")
     size = len(run.row_offsets(DETOURS)) - 1
     spans = _per_rank_scalar(run, "noise/detour_span_ns", size)
     thresholds = _per_rank_scalar(run, "noise/detour_threshold_ns", size)

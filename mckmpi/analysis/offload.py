@@ -14,9 +14,10 @@ from typing import Any
 import numpy as np
 
 from mckmpi.analysis.stats import percentiles
-from mckmpi.trace.reader import Run
+from mckmpi.trace.reader import Run, RunFileError
 
 CALLS = "offload/calls"
+_NEEDED = {"call", "bytes", "result", "errno", "trap_ns", "done_ns"}
 
 
 @dataclass
@@ -40,6 +41,9 @@ def calls(run: Run) -> list[CallStats]:
     """One row per system call name, most frequent first; ``[]`` without offload data."""
     if CALLS not in run:
         return []
+    names = set(run[CALLS].dtype.names or ())
+    if not _NEEDED <= names:
+        raise RunFileError(f"{run.path}: {CALLS!r} lacks columns {sorted(_NEEDED - names)}")
     table = run.table(CALLS)
     if table.size == 0:
         return []

@@ -281,11 +281,16 @@ def _check_layout(path: Path, key: str, ds: h5py.Dataset) -> None:
     kinds, ndim = DATASET_LAYOUTS[key]
     dims = "[ranks]" if ndim == 1 else "[ranks, n]"
     if isinstance(kinds, dict):
-        names = ds.dtype.names or ()
-        bad = [c for c, k in kinds.items() if c not in names or ds.dtype[c].kind not in k]
-        if bad or ds.ndim != ndim:
-            raise RunFileError(f"{path}: {key!r} is not the table mckmpi writes "
-                               f"(columns {', '.join(bad) or 'fine'}, {ds.ndim}-D)")
+        # the columns it has must be of their kinds (a reader that needs a column checks
+        # that it is there: the table may be a partial one, or an app's own)
+        names = ds.dtype.names
+        if names is None or ds.ndim != ndim:
+            raise RunFileError(f"{path}: {key!r} should be a table, found {ds.ndim}-D "
+                               f"{ds.dtype}")
+        bad = [c for c, k in kinds.items() if c in names and ds.dtype[c].kind not in k]
+        if bad:
+            raise RunFileError(f"{path}: {key!r} has columns of the wrong type: "
+                               f"{', '.join(f'{c} {ds.dtype[c]}' for c in bad)}")
     elif ds.dtype.kind not in kinds or ds.dtype.names is not None or ds.ndim != ndim:
         what = "integers" if kinds == "iu" else f"kind {kinds}"
         raise RunFileError(f"{path}: {key!r} should be {dims} {what}, "

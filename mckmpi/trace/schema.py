@@ -171,7 +171,7 @@ DATASET_ATTR_TYPES: dict[str, type] = {"kind": str, "units": str}
 
 _INT = "iu"
 #: Layout of the datasets the readers interpret: the numpy dtype kinds of its values (or,
-#: for a table, of each column it must have) and its number of dimensions. The reader
+#: for a table, of each of these columns it has) and its number of dimensions. The reader
 #: checks these when a dataset is opened, so the analysis meets only well-formed data.
 DATASET_LAYOUTS: dict[str, tuple[str | dict[str, str], int]] = {
     "ranks": ({"rank": _INT}, 1),
