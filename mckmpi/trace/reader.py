@@ -63,7 +63,7 @@ def _text(value: Any) -> Any:
     return value
 
 
-_KIND = {int: "an integer >= 0", bool: "a boolean", str: "a string"}
+_KIND = {int: "an integer >= 0", bool: "a boolean", str: "a string", list: "a list"}
 
 
 def _typed(value: Any, kind: type) -> bool:

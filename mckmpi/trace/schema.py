@@ -160,6 +160,7 @@ ATTR_TYPES: dict[str, dict[str, type]] = {
         "fwq_quantum_ns": int, "fwq_reps": int, "ftq_interval_ns": int,
     },
     "app": {"name": str, "scaling": str, "verified": bool},
+    "provenance": {"hosts": list, "node_hostname": list, "node_plans": list, "settings": list},
 }
 
 #: More ranks (or nodes) than any job runs: a larger world_size is a damaged or crafted
