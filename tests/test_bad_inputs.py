@@ -323,3 +323,46 @@ def test_runtime_directory_levels_are_checked(tmp_path, monkeypatch):
     (tmp_path / ("x" * 90)).mkdir()
     with pytest.raises(OffloadError, match="longer than the 107 bytes"):
         spawn.runtime_dir("job4", 0, env={})
+
+
+# --- found by trying the README as a new user ----------------------------------------------
+
+
+def test_study_collect_never_replaces_a_run_file(tmp_path: Path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    target = tmp_path / "one.h5"
+    with h5py.File(target, "w") as f:
+        f.attrs["schema"] = "mckmpi.run"
+    before = target.read_bytes()
+    line = _one_line(mckmpi("study", "collect", str(runs), "-o", str(target)))
+    assert "a mckmpi.run file, not a mckmpi.study file" in line
+    assert target.read_bytes() == before
+
+
+def test_check_with_a_binary_reference_is_one_line(tmp_path: Path):
+    run = tmp_path / "r.h5"
+    with h5py.File(run, "w") as f:
+        f.attrs["schema"] = "mckmpi.run"
+    reference = tmp_path / "ref.toml"
+    reference.write_bytes(b"\x89HDF\r\n\x1a\n\xff\xfe")
+    line = _one_line(mckmpi("check", str(run), "--reference", str(reference)))
+    assert "not UTF-8 text" in line
+
+
+def test_an_arena_below_one_mib_is_refused_before_mpi(app):
+    path, ran = app
+    line = _one_line(mckmpi("run", "--mode", "lwk", "--oversubscribe", "--mem", "100", "--",
+                            str(path), str(ran)))
+    assert "at least 1M" in line or "at least 1 MiB" in line, line
+    assert not ran.exists()
+
+
+def test_runs_query_options_are_spelled_as_the_settings():
+    from mckmpi.analysis.catalogue import CatalogueError, option_value
+
+    assert option_value("mem", "256M") == str(256 << 20)
+    assert option_value("oversubscribe", "on") == "True"
+    assert option_value("app:--samples", "3000") == "3000"
+    with pytest.raises(CatalogueError, match="mem"):
+        option_value("mem", "lots")

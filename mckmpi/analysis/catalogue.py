@@ -486,6 +486,21 @@ def _when(text: str) -> float:
     return moment.timestamp()
 
 
+def option_value(name: str, text: str) -> str:
+    """A `--option NAME=VALUE` filter's value spelled as runs record their settings: `mem`
+    256M as 268435456, a switch `on` as True (an app argument or an unknown name as given)."""
+    from mckmpi import config
+    from mckmpi.errors import UsageError
+
+    declared = {o.name: o for o in config.options(*config.RUN_SECTIONS)}.get(name)
+    if declared is None:
+        return text
+    try:
+        return str(declared.convert(text, f"--option {name}"))
+    except (UsageError, ValueError) as exc:
+        raise CatalogueError(str(exc)) from None
+
+
 def query(directory: str | Path, filters: Filters | None = None) -> list[dict[str, Any]]:
     """Runs of the catalogue of `directory` that match `filters`, oldest first; each a dict
     of the `RUN_COLUMNS` plus ``metrics`` and ``options`` (dicts)."""

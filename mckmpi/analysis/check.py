@@ -132,6 +132,8 @@ def load_reference(path: str | Path) -> Reference:
         data = tomllib.loads(path.read_text())
     except OSError as exc:
         raise ReferenceError(f"cannot read reference file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ReferenceError(f"{path}: not UTF-8 text, so not a TOML reference file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ReferenceError(f"{path}: not valid TOML ({exc})") from None
     unknown = set(data) - {"system", "app", "all", "points"}

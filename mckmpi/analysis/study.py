@@ -201,7 +201,8 @@ def collect(directory: str | Path) -> Collected:
             with open_run(path, allow_incomplete=path.name.endswith(PARTIAL_SUFFIX)) as run:
                 rows.append(row_of(summarize(run), root))
         except RunFileError as exc:
-            skipped.append((path, str(exc).removeprefix(f"{path}: ")))
+            if not _is_study_file(path):  # a study file collected from here earlier
+                skipped.append((path, str(exc).removeprefix(f"{path}: ")))
     if not rows:
         why = (
             f" ({len(skipped)} files skipped, e.g. {skipped[0][0]}: {skipped[0][1]})"
@@ -213,6 +214,15 @@ def collect(directory: str | Path) -> Collected:
     scaling.apply(table)
     predict(table, root)
     return Collected(table, skipped)
+
+
+def _is_study_file(path: Path) -> bool:
+    try:
+        with h5py.File(path, "r") as f:
+            schema = f.attrs.get("schema", "")
+    except (OSError, ValueError):
+        return False
+    return (schema.decode(errors="replace") if isinstance(schema, bytes) else schema) == STUDY_SCHEMA
 
 
 def run_files(root: Path) -> list[Path]:

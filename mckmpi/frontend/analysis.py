@@ -339,7 +339,7 @@ def _cmd_collect(args: argparse.Namespace) -> int:
 
     from mckmpi.utility.outputs import new_hdf5_file
 
-    new_hdf5_file(args.output, "-o")
+    new_hdf5_file(args.output, "-o", replaces=study.STUDY_SCHEMA)
     collected = study.collect(args.directory)
     path = study.write(collected.rows, args.output, source=str(Path(args.directory).resolve()))
     print(study.text(collected.rows))

@@ -23,6 +23,11 @@ from mckmpi.node.host import NodeFacts
 from mckmpi.utility.units import format_cpulist, format_size, parse_cpulist
 
 
+#: The smallest LWK arena a rank may ask for: below it no app's buffers fit, and a size
+#: without a unit ('--mem 512', meant as MiB) is bytes.
+MIN_ARENA = 1 << 20
+
+
 @dataclass(frozen=True)
 class RankPlan:
     """The cores and memory of one local rank."""
@@ -113,6 +118,11 @@ def plan_node(
             cpus = (shared_pool[r % len(shared_pool)],)
         ranks.append(RankPlan(local_rank=r, cpus=cpus, numa_node=facts.numa_of(cpus[0]),
                               mem=mem if mode == "lwk" else 0))
+    if mode == "lwk" and mem < MIN_ARENA:
+        raise PartitionError(
+            f"--mem {mem} is {format_size(mem)}: an LWK arena needs at least "
+            f"{format_size(MIN_ARENA)} (sizes take a unit: 256M, 1G)"
+        )
     if mode == "lwk" and facts.mem_available and nranks * mem > facts.mem_available:
         raise PartitionError(
             f"--mem {format_size(mem)} x {nranks} ranks = {format_size(nranks * mem)} exceeds the "

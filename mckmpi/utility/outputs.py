@@ -58,10 +58,11 @@ def run_file_target(out: Path | str, what: str = "--out") -> Path:
     return out
 
 
-def new_hdf5_file(out: Path | str, what: str) -> Path:
-    """A path an HDF5 file can be written to: its directory takes files, and it is not
-    something else already (a directory; a file that is not HDF5: mckmpi never overwrites
-    what it did not write)."""
+def new_hdf5_file(out: Path | str, what: str, replaces: str) -> Path:
+    """A path an HDF5 file of schema `replaces` can be written to: its directory takes
+    files, and it is not something else already (a directory, a file that is not HDF5, an
+    HDF5 file of another schema -- a run file above all: mckmpi replaces only a file of the
+    kind it is writing)."""
     out = Path(out)
     if out.is_dir():
         raise UsageError(f"{what} {out} is a directory: name a new file")
@@ -75,5 +76,22 @@ def new_hdf5_file(out: Path | str, what: str) -> Path:
         if head != HDF5_SIGNATURE:
             raise UsageError(f"{what} {out} exists and is not an HDF5 file: "
                              "refusing to replace it")
+        schema = _schema_of(out)
+        if schema != replaces:
+            raise UsageError(f"{what} {out} exists and is "
+                             + (f"a {schema} file" if schema else "an HDF5 file of no mckmpi schema")
+                             + f", not a {replaces} file: refusing to replace it")
     output_dir(out.parent, what, shown=out)
     return out
+
+
+def _schema_of(path: Path) -> str:
+    """The `schema` attribute of an HDF5 file, '' when it has none or cannot be read."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            value = f.attrs.get("schema", "")
+    except (OSError, ValueError):
+        return ""
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
