@@ -18,6 +18,7 @@ Environment variables are how ``mpiexec``/``srun`` hand the same settings to eve
 from __future__ import annotations
 
 import argparse
+import math
 import difflib
 import os
 import re
@@ -283,6 +284,25 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seconds(text: str, allow_zero: bool) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"not a number of seconds: {_shown(text)}") from None
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise UsageError(f"must be a {'non-negative' if allow_zero else 'positive'} number "
+                         f"of seconds: {_shown(text)}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    return _seconds(text, allow_zero=False)
+
+
+def _nonnegative_seconds(text: str) -> float:
+    return _seconds(text, allow_zero=True)
+
+
 def _tag(text: str) -> str:
     """Letters, digits, '.', '_' and '-' only: it becomes part of a directory name."""
     if not re.fullmatch(r"[A-Za-z0-9._-]{0,64}", text) or text.startswith((".", "-")):
@@ -357,7 +377,7 @@ TRACE_WRITER = option(
          "or auto (parallel when h5py has MPI)",
 )
 TRACE_FLUSH = option(
-    name="trace_flush", section="run", default=1.0, type=float, metavar="SECONDS",
+    name="trace_flush", section="run", default=1.0, type=_nonnegative_seconds, metavar="SECONDS",
     help="stream recorded data to the run file's spool at most this far behind (also "
          "whenever 64 MiB are pending), so a killed job keeps all but the last interval; "
          "0 writes everything at the end only",
@@ -399,7 +419,8 @@ SWITCH_INTERVAL = option(
          "to the Linux cores, no deep idle), restored at its end",
 )
 option(
-    name="switch_interval", section="lwk", default=0.1, type=float, metavar="SECONDS",
+    name="switch_interval", section="lwk", default=0.1, type=_positive_seconds,
+    metavar="SECONDS",
     help="Python's thread switch interval during the app (default Python: 0.005)",
 )
 OFFLOAD = option(

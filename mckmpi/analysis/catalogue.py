@@ -469,9 +469,10 @@ class Filters:
                 terms.append(f"r.created_s {op} ?")
                 params.append(_when(bound))
         for name, value in sorted(self.options.items()):
+            # as given, or as the run's settings record it (--mem 256M is 268435456)
             terms.append("EXISTS (SELECT 1 FROM options o WHERE o.run = r.id AND o.name = ? "
-                         "AND o.value = ?)")
-            params += [name, value]
+                         "AND o.value IN (?, ?))")
+            params += [name, value, option_value(name, value)]
         if self.complete_only:
             terms.append("r.complete = 1")
         return (" WHERE " + " AND ".join(terms)) if terms else "", params

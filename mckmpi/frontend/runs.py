@@ -40,14 +40,14 @@ def _filters(p: argparse.ArgumentParser) -> None:
 
 
 def _make_filters(args: argparse.Namespace) -> Filters:
-    from mckmpi.analysis.catalogue import CatalogueError, Filters, option_value
+    from mckmpi.analysis.catalogue import CatalogueError, Filters
 
     options = {}
     for item in args.option:
         name, eq, value = item.partition("=")
         if not eq or not name:
             raise CatalogueError(f"--option wants NAME=VALUE, got {item!r}")
-        options[name] = option_value(name, value)
+        options[name] = value
     return Filters(app=args.app, mode=args.mode or "", host=args.host, cluster=args.cluster,
                    system=args.system, commit=args.commit, since=args.since, until=args.until,
                    options=options, complete_only=args.complete, limit=args.limit)
