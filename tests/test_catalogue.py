@@ -184,7 +184,7 @@ def test_export_csv_and_parquet_and_cli_lines(tmp_path):
     assert listed.returncode == 0 and listed.stdout.startswith("4 runs")
     for args, message in ((("list", str(tmp_path / "none")), "no catalogue in"),
                           (("query", str(tmp_path), "--option", "mem"), "--option wants NAME=VALUE"),
-                          (("trend", "nope", str(tmp_path)), "no run has metric 'nope'")):
+                          (("trend", "nope", str(tmp_path)), "unknown metric 'nope'")):
         proc = mckmpi("runs", *args)
         assert proc.returncode == 2 and proc.stderr.startswith("mckmpi: error: ")
         assert message in proc.stderr and len(proc.stderr.splitlines()) == 1

@@ -268,6 +268,11 @@ def _options(provenance: dict[str, Any], app_args: str) -> dict[str, str]:
     return options
 
 
+#: The headline metrics a complete run is catalogued with (when it has them).
+METRICS = ("wall_s", "iter_us", "fwq_p50_us", "fwq_p999_us", "fwq_max_us", "noise_pct",
+           "verified", "offload_calls", "offload_p50_us")
+
+
 def _metrics(run: Any, root: Path) -> dict[str, float]:
     """Headline numbers of a complete run (the study table's, and the offload latency)."""
     from mckmpi.analysis import study
@@ -563,6 +568,9 @@ def trend(directory: str | Path, metric: str, filters: Filters | None = None) ->
     """`metric` over time per system and configuration (runs with the same app, mode, shape
     and options are repeats); each point is judged against the band of the repeats before
     it, once there are `TREND_MIN_REPEATS` of them."""
+    if metric not in METRICS:
+        raise CatalogueError(f"unknown metric {metric!r} (the catalogue has "
+                             f"{', '.join(METRICS)}): mckmpi runs trend METRIC [DIR]")
     series: dict[tuple[str, str], list[tuple[str, str, float]]] = {}
     labels: dict[tuple[str, str], str] = {}
     for run in query(directory, filters):
