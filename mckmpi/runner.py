@@ -45,7 +45,7 @@ from mckmpi.errors import MckmpiError, PartitionError, StorageError, UsageError,
 from mckmpi.offload.policy import Policy
 from mckmpi.node.partition import NodePlan, node_facts, plan_node
 from mckmpi.node.host import NodeFacts, read_host
-from mckmpi.node.isolation import isolate_job
+from mckmpi.node.isolation import isolate_job, require_isolatable
 from mckmpi.node.kernelnoise import start_on_node
 from mckmpi.node.placement import Placement, from_env, verify, with_vnodes
 from mckmpi.trace.schema import RANKS_DTYPE
@@ -194,6 +194,8 @@ def run(settings: Settings, app: App, argv: list[str]) -> int:
     if settings.tag:  # every process of the job carries it: its proxy, the app's children
         os.environ["MCKMPI_TAG"] = settings.tag
     policy = policy_of(settings)  # a bad prefix is a usage error before MPI, on every rank
+    if settings.isolate:
+        require_isolatable(plan)
     run_file_target(settings.out)  # an --out that cannot be written, found before the job
     # Open MPI's help text on the ranks (MPI_ABORT's banner after our one line) is noise
     # here; mpiexec's own messages (no slots, no such program) are not affected.

@@ -366,3 +366,11 @@ def test_runs_query_options_are_spelled_as_the_settings():
     assert option_value("app:--samples", "3000") == "3000"
     with pytest.raises(CatalogueError, match="mem"):
         option_value("mem", "lots")
+
+
+def test_isolate_outside_lwk_mode_is_refused_before_a_run_file_exists(tmp_path: Path, app):
+    path, ran = app
+    out = tmp_path / "results"
+    line = _one_line(mckmpi("run", "--isolate", "--out", str(out), "--", str(path), str(ran)))
+    assert "--isolate" in line and not ran.exists()
+    assert not out.exists() or not list(out.iterdir())

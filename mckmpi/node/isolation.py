@@ -468,14 +468,20 @@ class JobIsolation:
             print(f"mckmpi: warning: {summary.describe()}", file=sys.stderr, flush=True)
 
 
+def require_isolatable(plan: NodePlan) -> None:
+    """`--isolate` needs LWK cores to quiet: a usage error otherwise (found before MPI)."""
+    if plan.mode != "lwk" or not plan.lwk_cpus:
+        raise UsageError("--isolate quiets LWK cores: use it with --mode lwk and at least one "
+                         "LWK core")
+
+
 def isolate_job(enabled: bool, plan: NodePlan, node_comm: Any,
                 cpuset: str | None = None) -> JobIsolation | None:
     """`mckmpi run --isolate`, collective over a node's ranks: its local rank 0 quiets the
     node's LWK cores before any app starts, or every rank raises the same error."""
     if not enabled:
         return None
-    if plan.mode != "lwk" or not plan.lwk_cpus:
-        raise UsageError("--isolate quiets LWK cores: use it with --mode lwk and at least one LWK core")
+    require_isolatable(plan)
     job, error = None, None
     if node_comm.Get_rank() == 0:
         try:
