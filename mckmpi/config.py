@@ -318,10 +318,12 @@ def _size(text: str) -> int:
 
 
 def _cpulist(text: str) -> tuple[int, ...]:
-    """A CPU list, checked against this node's CPU ids before any range is expanded."""
+    """A CPU list, bounded before any range is expanded. Not by this host's CPUs: a study
+    planned on a login node names the CPUs of the compute nodes; the partition plan checks
+    the list against the CPUs of the node it runs on, before MPI starts."""
     from mckmpi.utility.units import parse_cpulist
 
-    return parse_cpulist(text, limit=os.cpu_count() or 1)
+    return parse_cpulist(text)
 
 
 def _cores(text: str) -> str:

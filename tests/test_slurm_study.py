@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -606,8 +607,18 @@ def test_an_mpi_executable_under_srun_leaves_a_run_file(cluster, tmp_path):
 
 
 @pytest.mark.slurm
+def _wait_idle(env: dict[str, str], seconds: float = 90) -> None:
+    """Until no job of an earlier test holds the nodes (a step that needs both nodes would
+    otherwise wait in the queue for them)."""
+    deadline = time.monotonic() + seconds
+    while run(["squeue", "-h"], env=env).stdout.strip() and time.monotonic() < deadline:
+        time.sleep(1)
+
+
+@pytest.mark.timeout(300)
 def test_a_heterogeneous_step_records_its_components(cluster, tmp_path):
     _, env = cluster
+    _wait_idle(env)
     path = tmp_path / "het.h5"
     rank = [sys.executable, "-m", "mckmpi", "run", "--out", path, "--", ROOT / "apps" / "fwq.py",
             "--samples", "30"]
