@@ -18,7 +18,7 @@ def _one_clear_line(proc):
 @pytest.mark.parametrize("args,match", [
     (["run", "--mem", "lots", "--", str(APPS / "fwq.py")], "not a size"),
     (["partition", "show", "--mode", "lwk", "--mem", "100T"], "exceeds"),
-    (["partition", "show", "--linux-cores", "0-99", "--mode", "lwk"], "does not exist"),
+    (["partition", "show", "--linux-cores", "0-99", "--mode", "lwk"], "not allowed on this node"),
     (["run", "--", "apps/does-not-exist.py"], "app not found"),
     (["run", "--", "no-such-binary-anywhere"], "not found on PATH"),
     (["run"], "nothing to run"),
