@@ -15,18 +15,16 @@ reboot.
 from __future__ import annotations
 
 import errno
-import fcntl
-import json
 import os
 import re
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mckmpi.errors import FeatureUnavailable, PartitionError, UsageError
+from mckmpi.node import statefile
 from mckmpi.utility.units import format_cpulist, parse_cpulist
 
 SIDES = ("linux", "lwk")
@@ -276,7 +274,7 @@ def reserve(
     linux, lwk = _check_cpus(h, top, linux_cpus, lwk_cpus, fs)
     state_dir = Path(state_dir) if state_dir else default_state_dir()
     path = state_dir / f"{name}.json"
-    with _locked(state_dir):
+    with statefile.locked(state_dir):
         if path.exists():
             raise UsageError(f"cpuset '{name}' is already reserved (state file {path}): run "
                              f"`mckmpi partition release --name {name}` first, or reserve under "
@@ -291,7 +289,7 @@ def reserve(
             "complete": False, "exclusive": False, "exclusive_note": "not attempted yet",
             "moved": 0, "refused": 0, "created": [], "modified": [], "moves": [],
         }
-        _save(path, data)
+        statefile.save(path, data)
         try:
             if h.version == 1:
                 _reserve_v1(data, path, h, top, linux, lwk, fs)
@@ -306,7 +304,7 @@ def reserve(
                 raise type(exc)(f"{exc}{_undo_note(summary)}") from None
             raise
         data["complete"] = True
-        _save(path, data)
+        statefile.save(path, data)
     return _reservation(path, data)
 
 
@@ -316,7 +314,7 @@ def attach(reservation: Reservation, side: str, pid: int, *, fs: CgroupFS = KERN
     _require_root("attach")
     _check_side(side)
     h = reservation.hierarchy
-    with _locked(reservation.state_file.parent):
+    with statefile.locked(reservation.state_file.parent):
         data = _load(reservation.state_file)
         if data is None:
             raise UsageError(f"cpuset '{reservation.name}' is not reserved (no state file "
@@ -326,7 +324,7 @@ def attach(reservation: Reservation, side: str, pid: int, *, fs: CgroupFS = KERN
             raise UsageError(f"cannot attach process {pid}: it does not exist")
         dst = reservation.path(side)
         data["moves"].append({"id": pid, "file": "cgroup.procs", "from": str(origin), "to": str(dst)})
-        _save(reservation.state_file, data)
+        statefile.save(reservation.state_file, data)
         try:
             fs.write(dst / "cgroup.procs", str(pid))
         except OSError as exc:
@@ -343,7 +341,7 @@ def release(name: str = "mckmpi", *, state_dir: Path | None = None,
     path = state_dir / f"{name}.json"
     if not state_dir.is_dir():
         return ReleaseSummary(name, path)
-    with _locked(state_dir):
+    with statefile.locked(state_dir):
         data = _load(path)
         if data is None:
             return ReleaseSummary(name, path)
@@ -370,7 +368,7 @@ def status(name: str | None = None, *, state_dir: Path | None = None,
     state_dir = Path(state_dir) if state_dir else default_state_dir()
     if not state_dir.is_dir():
         return []
-    with _locked(state_dir):
+    with statefile.locked(state_dir):
         paths = [state_dir / f"{name}.json"] if name else sorted(state_dir.glob("*.json"))
         found = []
         for path in paths:
@@ -394,7 +392,7 @@ def _reserve_v1(data: dict, path: Path, h: Hierarchy, top: Path, linux: tuple[in
         fs.write(cg / "cpuset.cpus", format_cpulist(cpus))
         fs.write(cg / "cpuset.mems", mems)
     data["exclusive"], data["exclusive_note"] = _exclusive_v1(top, base, fs)
-    _save(path, data)
+    statefile.save(path, data)
     if data["system_wide"]:
         _move_all(data, path, h, top, base / "linux", fs)
 
@@ -434,7 +432,7 @@ def _reserve_v2(data: dict, path: Path, h: Hierarchy, top: Path, linux: tuple[in
     for cg, cpus in ((base, linux + lwk), (base / "linux", linux), (base / "lwk", lwk)):
         fs.write(cg / "cpuset.cpus", format_cpulist(cpus))
     data["exclusive"], data["exclusive_note"] = _partition_v2(data, path, base, lwk, fs)
-    _save(path, data)
+    statefile.save(path, data)
 
 
 def _enable_cpuset(data: dict, path: Path, fs: CgroupFS, cg: Path, *, is_root: bool) -> None:
@@ -442,7 +440,7 @@ def _enable_cpuset(data: dict, path: Path, fs: CgroupFS, cg: Path, *, is_root: b
     if "cpuset" in _read(fs, control).split():
         return
     data["modified"].append({"file": str(control), "added": ["cpuset"]})
-    _save(path, data)
+    statefile.save(path, data)
     try:
         fs.write(control, "+cpuset")
     except OSError as exc:
@@ -468,7 +466,7 @@ def _partition_v2(data: dict, path: Path, base: Path, lwk: tuple[int, ...],
     note = ""
     for file, value in steps:
         data["modified"].append({"file": str(file), "before": _read(fs, file)})
-        _save(path, data)
+        statefile.save(path, data)
         try:
             fs.write(file, value)
         except OSError as exc:
@@ -486,7 +484,7 @@ def _partition_v2(data: dict, path: Path, base: Path, lwk: tuple[int, ...],
 
 def _create(data: dict, path: Path, fs: CgroupFS, cg: Path) -> None:
     data["created"].append(str(cg))
-    _save(path, data)
+    statefile.save(path, data)
     fs.mkdir(cg)
 
 
@@ -500,7 +498,7 @@ def _move_all(data: dict, path: Path, h: Hierarchy, src: Path, dst: Path, fs: Cg
         if not ids:
             break
         data["moves"].extend({"id": i, "file": unit, "from": str(src), "to": str(dst)} for i in ids)
-        _save(path, data)
+        statefile.save(path, data)
         failed: set[int] = set()
         for i in ids:
             try:
@@ -516,7 +514,7 @@ def _move_all(data: dict, path: Path, h: Hierarchy, src: Path, dst: Path, fs: Cg
                     raise
         data["moves"] = [m for m in data["moves"] if m["to"] != str(dst) or m["id"] not in failed]
         data["refused"] = len(refused)
-        _save(path, data)
+        statefile.save(path, data)
 
 
 # --- release -------------------------------------------------------------------------------
@@ -570,8 +568,7 @@ def _undo(path: Path, data: dict, fs: CgroupFS) -> ReleaseSummary:
         time.sleep(0.05 * (attempt + 1))
     s.problems.extend(left)
     if s.ok:
-        path.unlink(missing_ok=True)
-        _fsync_dir(path.parent)
+        statefile.remove(path)
     return s
 
 
@@ -609,51 +606,9 @@ def _move(fs: CgroupFS, procs: Path, task: int, s: ReleaseSummary) -> str:
 # --- state file ----------------------------------------------------------------------------
 
 
-@contextmanager
-def _locked(state_dir: Path) -> Iterator[None]:
-    """One mckmpi at a time per state directory (ranks attaching concurrently, a release
-    racing a reserve); the kernel drops the lock when its holder dies."""
-    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
-def _save(path: Path, data: dict) -> None:
-    """Atomically: a crash leaves either the previous or the new state, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, json.dumps(data, indent=1).encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _load(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"cpuset state file {path} is unreadable ({exc}): inspect the cgroups it "
-                         "names and remove it by hand") from None
-    if not isinstance(data, dict) or data.get("format") != _FORMAT:
-        raise UsageError(f"cpuset state file {path} is not in format {_FORMAT}: remove it by hand")
-    return data
+    return statefile.load(path, "cpuset", _FORMAT,
+                          "inspect the cgroups it names and remove it by hand")
 
 
 def _reservation(path: Path, data: dict) -> Reservation:

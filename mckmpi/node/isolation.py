@@ -26,8 +26,6 @@ owner is gone, and a guard process restores them the moment the owner dies.
 from __future__ import annotations
 
 import errno
-import fcntl
-import json
 import os
 import subprocess
 import sys
@@ -39,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from mckmpi.errors import UsageError
+from mckmpi.node import statefile
 from mckmpi.node.partition import NodePlan
 from mckmpi.trace.tracer import Tracer
 from mckmpi.utility.units import format_cpulist, parse_cpulist
@@ -177,7 +176,7 @@ def apply(name: str, linux_cpus: Iterable[int], lwk_cpus: Iterable[int], *, stat
                                 "owner_start": _start_time(paths.proc, owner) if owner else None,
                                 "started": time.time(), "complete": False, "files": [],
                                 "threads": [], "refused": []}
-        _save(path, data)
+        statefile.save(path, data)
         try:
             _irqs(data, path, paths, linux, fs)
             _set_file(data, path, fs, paths.workqueue, _mask(linux), "unbound workqueues")
@@ -191,7 +190,7 @@ def apply(name: str, linux_cpus: Iterable[int], lwk_cpus: Iterable[int], *, stat
             _undo(path, data, fs)
             raise
         data["complete"] = True
-        _save(path, data)
+        statefile.save(path, data)
     return _isolation(path, data)
 
 
@@ -217,7 +216,7 @@ def _set_file(data: dict, path: Path, fs: KernelFiles, file: Path, value: str, w
     """Record `file`'s text, then write `value` (skipped when it already holds it)."""
     if not fs.exists(file):
         data["refused"].append([what, f"{file} does not exist on this kernel"])
-        _save(path, data)
+        statefile.save(path, data)
         return
     before = fs.read(file)
     current = parse_cpulist(before.strip()) if file.name.endswith("_list") else None
@@ -225,13 +224,13 @@ def _set_file(data: dict, path: Path, fs: KernelFiles, file: Path, value: str, w
             mask and int(before.strip().replace(",", ""), 16) == int(value, 16)):
         return
     data["files"].append({"file": str(file), "before": before, "what": what})
-    _save(path, data)
+    statefile.save(path, data)
     try:
         fs.write(file, value)
     except OSError as exc:
         data["files"].pop()
         data["refused"].append([what, _why(exc, file)])
-        _save(path, data)
+        statefile.save(path, data)
 
 
 def _why(exc: OSError, file: Path) -> str:
@@ -263,7 +262,7 @@ def _kthreads(data: dict, path: Path, paths: Paths, linux: tuple[int, ...], fs: 
         target = tuple(sorted(set(before) & set(linux))) or linux
         data["threads"].append({"tid": pid, "start": start, "comm": comm,
                                 "before": format_cpulist(before)})
-        _save(path, data)
+        statefile.save(path, data)
         try:
             fs.set_affinity(pid, target)
         except OSError as exc:
@@ -271,7 +270,7 @@ def _kthreads(data: dict, path: Path, paths: Paths, linux: tuple[int, ...], fs: 
             if exc.errno != errno.ESRCH:
                 data["refused"].append([f"kernel thread {comm} ({pid})",
                                         os.strerror(exc.errno) if exc.errno else str(exc)])
-            _save(path, data)
+            statefile.save(path, data)
 
 
 def _stat(proc: Path, pid: int) -> tuple[str, int, int] | None:
@@ -306,7 +305,7 @@ def _load_balance(data: dict, path: Path, fs: KernelFiles, cpusets: tuple[int, P
     for other in _balancing_cpusets(fs, mount, set(chain), lwk):
         data["refused"].append([f"load balancing of LWK cpus in {other}",
                                 "another cpuset covers LWK cores and balances them"])
-    _save(path, data)
+    statefile.save(path, data)
 
 
 def _balancing_cpusets(fs: KernelFiles, mount: Path, skip: set[Path], lwk: tuple[int, ...]) -> list[Path]:
@@ -593,41 +592,14 @@ def facts(linux_cpus: Iterable[int], lwk_cpus: Iterable[int], paths: Paths = Pat
 # --- state file ----------------------------------------------------------------------------
 
 
-@contextmanager
 def locked(state_dir: Path) -> Iterator[None]:
-    """One isolation change at a time per state directory; the kernel drops a dead holder's lock."""
-    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(state_dir / f"{SUFFIX}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
-def _save(path: Path, data: dict) -> None:
-    """Atomically and durably: a crash leaves the previous or the new state, never half."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, json.dumps(data, indent=1).encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    """One isolation change at a time per state directory."""
+    return statefile.locked(state_dir, f"{SUFFIX}.lock")
 
 
 def _load(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"isolation state file {path} is unreadable ({exc}): remove it by hand "
-                         "after checking the settings it names") from None
-    if not isinstance(data, dict) or data.get("format") != _FORMAT:
-        raise UsageError(f"isolation state file {path} is not in format {_FORMAT}")
-    return data
+    return statefile.load(path, "isolation", _FORMAT,
+                          "remove it by hand after checking the settings it names")
 
 
 def _isolation(path: Path, data: dict) -> Isolation:
