@@ -49,20 +49,26 @@ def job_tag() -> dict[str, str]:
     return {TAG_VARIABLE: f"t{uuid.uuid4().hex[:12]}"}
 
 
-def tagged_processes(tag: dict[str, str]) -> list[str]:
-    """Command lines of the live processes that carry `tag` in their environment."""
+def tagged(tag: dict[str, str]) -> dict[int, list[str]]:
+    """pid -> argv of the live processes that carry `tag` in their environment."""
     needle = f"{TAG_VARIABLE}={tag[TAG_VARIABLE]}".encode()
-    found = []
+    found = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/environ", "rb") as f:
                 if needle not in f.read().split(b"\0"):
                     continue
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                found.append(f.read().replace(b"\0", b" ").decode(errors="replace").strip())
+                argv = f.read().split(b"\0")
         except OSError:
             continue  # ended meanwhile, or a kernel thread
+        found[int(pid)] = [a.decode(errors="replace") for a in argv if a]
     return found
+
+
+def tagged_processes(tag: dict[str, str]) -> list[str]:
+    """Command lines of the live processes that carry `tag` in their environment."""
+    return [" ".join(argv) for argv in tagged(tag).values()]
 
 
 #: Small runs of every app (2 ranks, linux mode), plus lwk runs with offloaded I/O: the files

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from fixtures import APPS, job_tag, mckmpi, mpirun, tagged_processes
+from fixtures import APPS, job_tag, mckmpi, mpirun, tagged, tagged_processes
 
 from mckmpi.jobs.launchers import Job
 from mckmpi.trace.reader import RunFileError, open_run
@@ -253,20 +253,8 @@ def test_a_rank_killed_mid_run_is_named(tmp_path):
 
 
 def _tagged_pids(tag: dict[str, str], word: str) -> list[int]:
-    """Pids of live processes of the tagged job whose command line contains `word`."""
-    needle = "=".join(next(iter(tag.items()))).encode()
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                if needle not in f.read().split(b"\0"):
-                    continue
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if word.encode() in f.read().split(b"\0"):
-                    found.append(int(pid))
-        except OSError:
-            pass
-    return found
+    """Pids of live processes of the tagged job with `word` as an argument."""
+    return [pid for pid, argv in tagged(tag).items() if word in argv]
 
 
 @pytest.mark.offload
