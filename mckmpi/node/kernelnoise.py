@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 import struct
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,25 +108,27 @@ def _columns(header: str) -> list[int]:
     return [int(word[3:]) for word in header.split() if word.startswith("CPU")]
 
 
+def _per_cpu_rows(text: str) -> Iterator[tuple[str, dict[int, int], list[str]]]:
+    """(name, count per CPU, the words after the counts) of each `NAME: n n ... text` row of
+    a /proc table whose header names the CPU columns; rows without a count per CPU are
+    left out: they cannot be attributed to a CPU."""
+    rows = text.splitlines()
+    if not rows:
+        return
+    cpus = _columns(rows[0])
+    for row in rows[1:]:
+        name, sep, rest = row.partition(":")
+        words = rest.split()
+        if sep and len(words) >= len(cpus) and all(w.isdigit() for w in words[:len(cpus)]):
+            yield name.strip(), dict(zip(cpus, map(int, words))), words[len(cpus):]
+
+
 def parse_interrupts(text: str) -> list[Line]:
     """/proc/interrupts: numbered lines are device IRQs, named ones per-CPU architecture
     counters (LOC, RES, CAL, TLB, ...). Lines with one total instead of per-CPU counts (ERR,
-    MIS) are left out: they cannot be attributed to a CPU."""
-    rows = text.splitlines()
-    if not rows:
-        return []
-    cpus = _columns(rows[0])
+    MIS) are left out."""
     lines = []
-    for row in rows[1:]:
-        name, sep, rest = row.partition(":")
-        if not sep:
-            continue
-        words = rest.split()
-        if len(words) < len(cpus) or not all(w.isdigit() for w in words[:len(cpus)]):
-            continue
-        counts = {cpu: int(w) for cpu, w in zip(cpus, words)}
-        tail = words[len(cpus):]
-        name = name.strip()
+    for name, counts, tail in _per_cpu_rows(text):
         if name.isdigit():
             # chip, hardware IRQ and trigger, then the actions (device names)
             description = " ".join(tail[2:]) if len(tail) > 2 else " ".join(tail)
@@ -138,17 +140,7 @@ def parse_interrupts(text: str) -> list[Line]:
 
 def parse_softirqs(text: str) -> list[Line]:
     """/proc/softirqs: one line per softirq vector."""
-    rows = text.splitlines()
-    if not rows:
-        return []
-    cpus = _columns(rows[0])
-    lines = []
-    for row in rows[1:]:
-        name, sep, rest = row.partition(":")
-        words = rest.split()
-        if sep and len(words) >= len(cpus):
-            lines.append(Line("softirq", name.strip(), "", {c: int(w) for c, w in zip(cpus, words)}))
-    return lines
+    return [Line("softirq", name, "", counts) for name, counts, _ in _per_cpu_rows(text)]
 
 
 def parse_stat(text: str) -> dict[int, dict[str, int]]:
