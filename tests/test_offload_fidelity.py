@@ -309,11 +309,11 @@ def test_run_file_records_native_processes_and_descriptors_that_left(runs: Runs)
     """The run file says which calls made a process native (how bit 32: the privilege
     drops) and which descriptors left the offload (how bit 16: close(1); dup(f)), and the
     proxy still executed thousands of calls (bit 1)."""
-    import h5py
+    from mckmpi.trace.reader import open_run
 
     lwk = runs.side("scenarios", "lwk", "root")
-    with h5py.File(lwk.run_path, "r") as f:  # type: ignore[attr-defined]
-        calls = f["offload/calls"][()]
+    with open_run(lwk.run_path) as run:  # type: ignore[attr-defined]
+        calls = run.read("offload/calls")
     how = calls["how"]
     native = {c.decode() for c in calls["call"][(how & 32) != 0]}
     assert {"setuid", "setresuid", "capset", "chroot", "unshare"} & native, native

@@ -7,16 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
-from test_analysis import DETOUR_DTYPE, offload_calls, write_synthetic
+from test_analysis import write_synthetic
 
 import mckmpi
 from mckmpi.analysis import study
 from mckmpi.errors import UsageError
-from mckmpi.trace import layout
 from mckmpi.trace.reader import open_run
+from mckmpi.trace.schema import SCHEMA_VERSION
 
 
 def _decoded(values: np.ndarray) -> list:
@@ -81,27 +80,10 @@ def test_to_xarray_is_a_dataset_per_group_with_provenance(result_runs):
             run.to_xarray("nope")
 
 
-def test_unlabelled_version_1_files_still_read(tmp_path, monkeypatch):
-    monkeypatch.setattr(layout, "label", lambda f: None)
-    det = np.zeros(3, dtype=DETOUR_DTYPE)
-    det["start_ns"], det["duration_ns"] = [1, 5, 9], [2, 2, 3]
-    path = write_synthetic(tmp_path / "v1.h5", fwq=np.arange(50) + 1000, detours=det,
-                           span_ns=10**6, calls=offload_calls())
-    with h5py.File(path, "r+") as f:
-        f.attrs["schema_version"] = 1
-        assert not f["noise/fwq_ns"].dims[0].keys() and "sample" not in f["noise"]
-    with mckmpi.open_run(path) as run:
-        noise = run.to_xarray("noise")
-        assert noise["fwq_ns"].dims == ("rank", "sample")
-        assert noise["detours_duration_ns"].values.tolist() == [2, 2, 3]
-        assert run.to_pandas("offload/calls")["errno"].tolist() == [0, 0, 0, 0, 2, 0]
-        assert run.members("noise") == ["detour_span_ns", "detour_threshold_ns", "detours", "fwq_ns"]
-
-
 def test_labelled_files_list_only_recorded_data(tmp_path):
     path = write_synthetic(tmp_path / "v2.h5", fwq=np.arange(50) + 1000)
     with open_run(path) as run:
-        assert run.attrs["schema_version"] == 2
+        assert run.attrs["schema_version"] == SCHEMA_VERSION
         assert run.members("noise") == ["fwq_ns"]
         assert sorted(run.datasets()) == ["app/wall_ns", "noise/fwq_ns", "ranks"]
         assert [s.name for s in run["noise/fwq_ns"].dims[1].values()] == ["/noise/sample"]

@@ -16,10 +16,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 from fixtures import job_env, mpirun
+
+from mckmpi.trace.reader import open_run
 
 pytestmark = [pytest.mark.offload, pytest.mark.soak]
 
@@ -136,8 +137,8 @@ def _soak(tmp_path: Path, app: Path, data: Path, xdg: Path) -> None:
                       if line.startswith("SOAK ")), key=lambda r: r["rank"])
     assert [r["rank"] for r in reports] == list(range(RANKS)), proc.stdout[-2000:]
     assert all(r["bad"] == 0 and r["ops"] >= SOAK_OPS for r in reports)
-    with h5py.File(out) as f:
-        calls = f["offload/calls"][()]
+    with open_run(out) as run:
+        calls = run.read("offload/calls")
     for r in reports:  # exactly the calls the rank made, each executed by the proxy
         mine = calls[(calls["rank"] == r["rank"]) & (calls["trap_ns"] >= r["t0"])
                      & (calls["trap_ns"] <= r["t1"])]

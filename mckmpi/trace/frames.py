@@ -19,7 +19,8 @@ import h5py
 import numpy as np
 
 from mckmpi.errors import UsageError
-from mckmpi.trace.labels import dimension_names, is_scale, kind_of
+from mckmpi.trace.labels import columns as stored_columns
+from mckmpi.trace.labels import dimension_names, kind_of
 from mckmpi.trace.schema import TABLE
 
 if TYPE_CHECKING:
@@ -53,7 +54,7 @@ def columns(rows: np.ndarray) -> dict[str, np.ndarray]:
     return {name: text(rows[name]) for name in rows.dtype.names or ()}
 
 
-def _dims(key: str, ds: h5py.Dataset) -> tuple[str, ...]:
+def _dims(key: str, ds: Any) -> tuple[str, ...]:
     """The file's dimension names of `ds` (its scales), else the schema's."""
     names = []
     for axis in ds.dims:
@@ -64,7 +65,7 @@ def _dims(key: str, ds: h5py.Dataset) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _units(ds: h5py.Dataset, field: str = "") -> str:
+def _units(ds: Any, field: str = "") -> str:
     value = ds.attrs.get(f"units:{field}" if field else "units", "")
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -79,22 +80,20 @@ def _attrs(run: Run, group: str) -> dict[str, Any]:
 
 def _groups(run: Run) -> list[str]:
     found = ["/"]
-    run.file.visititems(lambda n, o: found.append(n) if isinstance(o, h5py.Group) else None)
+    run.file.visititems(lambda n, o: found.append(n) if isinstance(o, h5py.Group)
+                        and stored_columns(o) is None else None)  # a table is data, not a group
     # /provenance is in every Dataset's attrs already; other groups may hold only attrs
-    return [g for g in found if g == "/" or any(
-        isinstance(v, h5py.Dataset) and not is_scale(v) for v in run.file[g].values())
-        or (run.group_attrs(g) and g != "provenance")]
+    return [g for g in found if g == "/" or run.members(g)
+            or (run.group_attrs(g) and g != "provenance")]
 
 
 def _group_dataset(run: Run, group: str) -> xarray.Dataset:
     xr = need("xarray")
-    g = run.file[group]
     variables: dict[str, Any] = {}
     coords: dict[str, Any] = {}
-    for name in run.members(group) if group != "/" else sorted(
-            k for k, v in g.items() if isinstance(v, h5py.Dataset) and not is_scale(v)):
-        ds = g[name]
-        key = ds.name.lstrip("/")
+    for name in run.members(group):
+        key = name if group == "/" else f"{group}/{name}"
+        ds = run[key]
         dims = _dims(key, ds)
         data = run.read(key)
         if data.dtype.names is None:
@@ -117,7 +116,8 @@ def run_to_xarray(run: Run, group: str | None = None) -> dict[str, xarray.Datase
     with ``xarray.open_dataset(path, engine="h5netcdf", group=...)``."""
     if group is not None:
         group = group.strip("/") or "/"
-        if not isinstance(run.file.get(group), h5py.Group):
+        found = run.file.get(group)
+        if not isinstance(found, h5py.Group) or stored_columns(found) is not None:
             raise UsageError(f"{run.path}: no group {group!r} (groups: {', '.join(_groups(run))})")
         return _group_dataset(run, group)
     return {g: _group_dataset(run, g) for g in _groups(run)}
@@ -147,16 +147,17 @@ def run_to_pandas(run: Run, name: str = "ranks") -> pandas.DataFrame:
     per-rank scalars of a group (one row per rank), or a per-rank array in long form
     (``rank``, the axis, the value)."""
     key = _resolve(run, name)
-    obj = run.file[key]
-    if isinstance(obj, h5py.Group):
+    group = run.file[key]
+    if isinstance(group, h5py.Group) and stored_columns(group) is None:
         data: dict[str, Any] = {"rank": np.arange(run.world_size, dtype=np.int32)}
         units = {}
         for member in run.members(key):
-            ds = obj[member]
+            ds = run[f"{key}/{member}"]
             if ds.ndim == 1 and ds.dtype.names is None and _dims(ds.name, ds) == ("rank",):
-                data[member] = text(run.read(ds.name.lstrip("/")))
+                data[member] = text(run.read(f"{key}/{member}"))
                 units[member] = _units(ds)
         return _frame(data, units)
+    obj = run[key]
     data_ = run.read(key)
     if data_.dtype.names is not None:
         return _frame(columns(data_), {f: _units(obj, f) for f in data_.dtype.names})

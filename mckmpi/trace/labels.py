@@ -9,8 +9,13 @@ adds what the netCDF-4 data model needs on top of plain HDF5:
   `schema.DIMENSIONS`), created unlimited and empty, so it costs no storage and readers take
   its length from the data. Two datasets of one group only share a dimension when their
   lengths agree; otherwise the second gets its own (``NAME_DIM``).
-- Units on every numeric dataset (``units``) and table field (``units:FIELD``) that was
-  recorded without them (`schema.default_units`).
+- Units on every numeric dataset (``units``) and table field (``units:FIELD``; ``units`` of
+  the field's dataset from version 3) that was recorded without them
+  (`schema.default_units`); booleans (int8 flags from version 3) have none.
+
+From version 3 a record with fields is a group of one dataset per field (`columns`): each
+field is labelled as the record would be (its table's row dimension, or ``rank``), with the
+dimension scales in the group that holds the table, so every table of a group shares them.
 
 Everything here is metadata derived from the created datasets alone, in sorted order, so
 every rank of a parallel writer makes the same calls (collective metadata); the only data
@@ -19,11 +24,14 @@ written is the small ``rank`` coordinate, identical from every rank.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import h5py
 import numpy as np
 
 from mckmpi.trace.schema import (
     ARRAY,
+    BOOL_STORED,
     DIMENSIONS,
     RANK_DIM,
     SCALAR,
@@ -41,6 +49,19 @@ def is_scale(obj: object) -> bool:
         return False
     cls = obj.attrs.get("CLASS")
     return (cls.decode() if isinstance(cls, bytes) else cls) == "DIMENSION_SCALE"
+
+
+def columns(obj: object) -> list[str] | None:
+    """The fields, in order, of a record stored one dataset per field (a group with
+    attributes ``kind`` and ``columns``), else None."""
+    if not isinstance(obj, h5py.Group) or "columns" not in obj.attrs or "kind" not in obj.attrs:
+        return None
+    return [c.decode() if isinstance(c, bytes) else str(c) for c in np.atleast_1d(obj.attrs["columns"])]
+
+
+def is_flags(ds: h5py.Dataset) -> bool:
+    """Whether `ds` holds booleans stored as CF flags (int8 0/1, schema version 3)."""
+    return ds.dtype == BOOL_STORED and ds.attrs.get("flag_meanings") is not None
 
 
 def dimension_names(key: str, kind: str, shape: tuple[int, ...]) -> tuple[str, ...]:
@@ -63,24 +84,51 @@ def _recorded(f: h5py.File) -> list[tuple[str, h5py.Dataset]]:
     return sorted(found, key=lambda item: item[0])
 
 
-def kind_of(ds: h5py.Dataset) -> str:
+@dataclass(frozen=True)
+class _Entry:
+    """A recorded dataset as labelled: the record it belongs to (`key`, `kind`), its field
+    of that record ("" for a whole dataset) and the group whose dimensions it uses."""
+
+    key: str
+    field: str
+    kind: str
+    ds: h5py.Dataset
+    home: h5py.Group
+
+
+def _entries(f: h5py.File) -> list[_Entry]:
+    entries = []
+    for key, ds in _recorded(f):
+        parent = ds.parent
+        if columns(parent) is not None:
+            entries.append(_Entry(key.rsplit("/", 1)[0], key.rsplit("/", 1)[1], kind_of(parent),
+                                  ds, parent.parent))
+        else:
+            entries.append(_Entry(key, "", kind_of(ds), ds, parent))
+    return entries
+
+
+def kind_of(ds: h5py.Dataset | h5py.Group) -> str:
     """The recorded kind of `ds` (scalar, array, table; "" for data written otherwise)."""
     kind = ds.attrs.get("kind", "")
     return kind.decode() if isinstance(kind, bytes) else str(kind)
 
 
-def _units(key: str, ds: h5py.Dataset) -> None:
+def _units(entry: _Entry) -> None:
+    ds = entry.ds
+    if is_flags(ds) or entry.field == "rank":
+        return
     names = ds.dtype.names
     if names is None:
         if "units" not in ds.attrs:
-            unit = default_units(key, "", ds.dtype)
+            unit = default_units(entry.key, entry.field, ds.dtype)
             if unit:
                 ds.attrs["units"] = unit
         return
-    for field in names:
+    for field in names:  # a compound dataset (version 2, or data written otherwise)
         if field == "rank" or f"units:{field}" in ds.attrs:
             continue
-        unit = default_units(key, field, ds.dtype.fields[field][0])
+        unit = default_units(entry.key, field, ds.dtype.fields[field][0])
         if unit:
             ds.attrs[f"units:{field}"] = unit
 
@@ -113,28 +161,29 @@ class _Group:
         return self.scales[dim]
 
 
-def _ranks(f: h5py.File, recorded: list[tuple[str, h5py.Dataset]]) -> int:
+def _ranks(f: h5py.File, entries: list[_Entry]) -> int:
     size = f.attrs.get("world_size")
     if size is not None:
         return int(size)
-    counts = [ds.shape[0] for _, ds in recorded if kind_of(ds) in (SCALAR, ARRAY) and ds.shape]
+    counts = [e.ds.shape[0] for e in entries if e.kind in (SCALAR, ARRAY) and e.ds.shape]
     return max(counts, default=0)
 
 
 def label(f: h5py.File) -> None:
     """Attach dimension scales and units to every recorded dataset of `f` (collective when
     `f` is open with the mpio driver: every rank must call it after the same creations)."""
-    recorded = _recorded(f)
-    ranks = _ranks(f, recorded)
+    entries = _entries(f)
+    ranks = _ranks(f, entries)
     groups: dict[str, _Group] = {}
-    for key, ds in recorded:
-        _units(key, ds)
-        parent = ds.parent.name
-        if parent not in groups:
-            groups[parent] = _Group(ds.parent, ranks)
-        name = key.rsplit("/", 1)[-1]
-        for axis, dim in enumerate(dimension_names(key, kind_of(ds), ds.shape)):
-            ds.dims[axis].attach_scale(groups[parent].scale(dim, ds.shape[axis], name))
+    for entry in entries:
+        _units(entry)
+        home = entry.home.name
+        if home not in groups:
+            groups[home] = _Group(entry.home, ranks)
+        name = entry.key.rsplit("/", 1)[-1]
+        ds = entry.ds
+        for axis, dim in enumerate(dimension_names(entry.key, entry.kind, ds.shape)):
+            ds.dims[axis].attach_scale(groups[home].scale(dim, ds.shape[axis], name))
 
 
 def unlabel(f: h5py.File) -> None:

@@ -11,14 +11,22 @@ Pure h5py and numpy: no MPI, no runtime (post-processing imports it).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import h5py
 import numpy as np
 
 from mckmpi.trace.labels import label
-from mckmpi.trace.schema import ARRAY, SCALAR, SCHEMA, SCHEMA_VERSION, TABLE
+from mckmpi.trace.schema import (
+    ARRAY,
+    BOOL_STORED,
+    FLAG_MEANINGS,
+    SCALAR,
+    SCHEMA,
+    SCHEMA_VERSION,
+    TABLE,
+)
 from mckmpi.trace.tracer import Record
 
 #: Datasets above this size are chunked (and compressed when one writer writes them).
@@ -86,22 +94,64 @@ def merge(manifests: list[dict[str, tuple]]) -> list[Layout]:
     return layouts
 
 
-def create_dataset(f: h5py.File, lay: Layout, compress: bool) -> h5py.Dataset:
-    """The one place a recorded name becomes a dataset: chunks, fill, kind and units."""
-    nbytes = int(np.prod(lay.shape)) * lay.dtype.itemsize
+class Columns:
+    """A record with fields as the file stores it from schema version 3: one dataset per
+    field (netCDF-C cannot show HDF5 compound types). Written like the one compound
+    dataset it replaces: ``columns[selection] = rows`` writes every field's part."""
+
+    def __init__(self, datasets: dict[str, h5py.Dataset]) -> None:
+        self.datasets = datasets
+
+    @property
+    def chunks(self) -> tuple[int, ...] | None:
+        return next(iter(self.datasets.values())).chunks
+
+    def __setitem__(self, selection: Any, rows: np.ndarray) -> None:
+        for name, ds in self.datasets.items():
+            ds[selection] = rows[name]
+
+
+def create_dataset(f: h5py.File, lay: Layout, compress: bool) -> h5py.Dataset | Columns:
+    """The one place a recorded name becomes a dataset: chunks, fill, kind and units. A
+    record with fields becomes a group of one dataset per field (`Columns`); booleans are
+    int8 with CF flag attributes (HDF5 enums are invisible to netCDF-C)."""
+    if lay.dtype.names is None:
+        ds = _create(f, lay, compress)
+        ds.attrs["kind"] = lay.kind
+        if lay.filled:
+            ds.attrs["filled"] = np.asarray(lay.filled, dtype=np.int64)
+        return ds
+    group = f.create_group(lay.key)
+    group.attrs["kind"] = lay.kind
+    group.attrs["columns"] = list(lay.dtype.names)
+    if lay.filled:
+        group.attrs["filled"] = np.asarray(lay.filled, dtype=np.int64)
+    datasets = {}
+    for name in lay.dtype.names:
+        unit = lay.units.get(name)
+        column = replace(lay, key=f"{lay.key}/{name}", dtype=lay.dtype.fields[name][0],
+                         units={"": unit} if unit else {})
+        datasets[name] = _create(f, column, compress)
+    return Columns(datasets)
+
+
+def _create(f: h5py.File, lay: Layout, compress: bool) -> h5py.Dataset:
+    """One dataset of plain values (a whole record or one field of it)."""
+    dtype = BOOL_STORED if lay.dtype.kind == "b" else lay.dtype
+    nbytes = int(np.prod(lay.shape)) * dtype.itemsize
     kwargs: dict[str, Any] = {}
     if nbytes > CHUNK_THRESHOLD and lay.shape[0] > 0:
-        kwargs["chunks"] = _chunks(lay)
+        kwargs["chunks"] = _chunks(replace(lay, dtype=dtype))
         if compress:
             kwargs.update(compression="gzip", compression_opts=1, shuffle=True)
-    if lay.kind != TABLE and lay.dtype.kind == "f":
+    if lay.kind != TABLE and dtype.kind == "f":
         kwargs["fillvalue"] = np.nan
-    ds = f.create_dataset(lay.key, shape=lay.shape, dtype=lay.dtype, **kwargs)
-    ds.attrs["kind"] = lay.kind
+    ds = f.create_dataset(lay.key, shape=lay.shape, dtype=dtype, **kwargs)
+    if lay.dtype.kind == "b":
+        ds.attrs["flag_values"] = np.array([0, 1], dtype=BOOL_STORED)
+        ds.attrs["flag_meanings"] = FLAG_MEANINGS
     for field_name, unit in lay.units.items():
         ds.attrs["units" if not field_name else f"units:{field_name}"] = unit
-    if lay.filled:
-        ds.attrs["filled"] = np.asarray(lay.filled, dtype=np.int64)
     return ds
 
 
@@ -123,7 +173,7 @@ def _blocks(count: int, row_bytes: int, align: int) -> list[tuple[int, int]]:
     return [(a, min(a + step, count)) for a in range(0, count, step)]
 
 
-def _write_record(ds: h5py.Dataset, lay: Layout, rank: int, data: np.ndarray) -> None:
+def _write_record(ds: h5py.Dataset | Columns, lay: Layout, rank: int, data: np.ndarray) -> None:
     """This rank's part of one dataset, in bounded blocks."""
     if lay.kind == TABLE:
         first = lay.offsets[rank]
@@ -156,7 +206,7 @@ def write_header(
     provenance: dict[str, Any],
     group_attrs: dict[str, dict[str, Any]],
     compress: bool,
-) -> list[h5py.Dataset]:
+) -> list[h5py.Dataset | Columns]:
     """Attributes and every dataset, created empty (collectively when parallel)."""
     f.attrs["schema"] = SCHEMA
     f.attrs["schema_version"] = SCHEMA_VERSION
@@ -170,7 +220,7 @@ def write_header(
     return datasets
 
 
-def write_records(layouts: list[Layout], datasets: list[h5py.Dataset], rank: int,
+def write_records(layouts: list[Layout], datasets: list[h5py.Dataset | Columns], rank: int,
                   records: dict[str, np.ndarray]) -> None:
     """Rank `rank`'s data (record name -> current array) into the datasets."""
     for lay, ds in zip(layouts, datasets):

@@ -24,7 +24,7 @@ import h5py
 import numpy as np
 
 from mckmpi.errors import UsageError
-from mckmpi.trace.labels import is_scale, unlabel
+from mckmpi.trace.labels import columns, is_flags, is_scale, unlabel
 from mckmpi.trace.layout import merge, write_header, write_records
 from mckmpi.trace.schema import (
     OLDEST_SCHEMA_VERSION,
@@ -45,6 +45,72 @@ BLOCK_ELEMENTS = 1 << 20
 
 class RunFileError(UsageError):
     """A file that is not a readable, complete mckmpi run file."""
+
+
+class Flags:
+    """Booleans stored as CF flags (int8 0/1, schema version 3), read as `bool` as the HDF5
+    enums of older versions are: the h5py.Dataset interface the readers use."""
+
+    def __init__(self, ds: h5py.Dataset) -> None:
+        self.ds, self.name, self.shape, self.ndim = ds, ds.name, ds.shape, ds.ndim
+        self.dtype, self.chunks, self.dims = np.dtype(bool), ds.chunks, ds.dims
+        self.attrs = {k: v for k, v in ds.attrs.items()
+                      if k not in ("flag_values", "flag_meanings", "DIMENSION_LIST")}
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, selection: Any) -> Any:
+        return np.asarray(self.ds[selection]).astype(bool)[()]
+
+
+class Fields:
+    """A record stored one dataset per field (schema version 3: netCDF tools cannot show
+    HDF5 compound datasets), read as the compound dataset older versions hold: the same
+    structured dtype, shape, slicing (by index or by field name) and attributes (the
+    group's, with ``units:FIELD`` from each field's ``units``)."""
+
+    def __init__(self, path: Path, group: h5py.Group, names: list[str]) -> None:
+        stored = {}
+        for name in names:
+            ds = group.get(name)
+            if not isinstance(ds, h5py.Dataset):
+                raise RunFileError(f"{path}: table {group.name.lstrip('/')!r} lacks its "
+                                   f"column {name!r}")
+            stored[name] = Flags(ds) if is_flags(ds) else ds
+        shapes = {ds.shape for ds in stored.values()}
+        if len(shapes) != 1:
+            raise RunFileError(f"{path}: the columns of {group.name.lstrip('/')!r} differ in "
+                               f"length ({sorted(shapes)})")
+        first = next(iter(stored.values()))
+        self.columns, self.name, self.shape = stored, group.name, shapes.pop()
+        self.ndim, self.chunks, self.dims = len(self.shape), first.chunks, first.dims
+        self.dtype = np.dtype([(n, ds.dtype) for n, ds in stored.items()])
+        self.attrs: dict[str, Any] = {k: v for k, v in group.attrs.items() if k != "columns"}
+        for name, ds in stored.items():
+            unit = ds.attrs.get("units")
+            if unit is not None:
+                self.attrs[f"units:{name}"] = unit
+
+    def __len__(self) -> int:
+        if not self.shape:
+            raise TypeError("len() of a 0-d table")
+        return self.shape[0]
+
+    def __getitem__(self, selection: Any) -> Any:
+        if isinstance(selection, str):
+            if selection not in self.columns:
+                raise ValueError(f"no field {selection!r}")
+            return self.columns[selection][()]
+        parts = {n: np.asarray(ds[selection]) for n, ds in self.columns.items()}
+        out = np.empty(next(iter(parts.values())).shape, dtype=self.dtype)
+        for name, values in parts.items():
+            out[name] = values
+        return out[()] if out.ndim == 0 else out
+
+
+#: What `Run[key]` gives: the dataset, or a view that reads a version 3 layout as older ones.
+Recorded = h5py.Dataset | Flags | Fields
 
 
 def _text(value: Any) -> Any:
@@ -72,7 +138,7 @@ def _typed(value: Any, kind: type) -> bool:
     return isinstance(value, kind)
 
 
-def read_attrs(path: Path, obj: h5py.HLObject, group: str) -> dict[str, Any]:
+def read_attrs(path: Path, obj: h5py.HLObject | Flags | Fields, group: str) -> dict[str, Any]:
     """The attributes of `obj` as plain values; those the readers interpret (`ATTR_TYPES`
     of `group`, DATASET_ATTR_TYPES of a dataset) checked: an unreadable or mistyped
     attribute is one `RunFileError`."""
@@ -83,9 +149,10 @@ def read_attrs(path: Path, obj: h5py.HLObject, group: str) -> dict[str, Any]:
             values[name] = _text(obj.attrs[name])
     except (OSError, TypeError, ValueError, KeyError) as exc:
         raise RunFileError(f"{path}: cannot read the attributes of {obj.name} ({exc})") from None
-    types = DATASET_ATTR_TYPES if isinstance(obj, h5py.Dataset) else ATTR_TYPES.get(group, {})
+    recorded = isinstance(obj, (h5py.Dataset, Flags, Fields))
+    types = DATASET_ATTR_TYPES if recorded else ATTR_TYPES.get(group, {})
     for name, value in values.items():
-        kind = types.get(name.partition(":")[0] if isinstance(obj, h5py.Dataset) else name)
+        kind = types.get(name.partition(":")[0] if recorded else name)
         if kind is not None and not _typed(value, kind):
             shown = repr(value)
             shown = shown if len(shown) <= 40 else shown[:37] + "..."
@@ -108,6 +175,7 @@ class Run:
     partial: bool = False
     note: str = ""  # partial files: one line on how the job ended and what the file holds
     _row_offsets: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    _recorded: dict[str, Recorded] = field(default_factory=dict, repr=False)
 
     @property
     def attrs(self) -> dict[str, Any]:
@@ -123,26 +191,39 @@ class Run:
         return self.read("ranks")
 
     def datasets(self) -> list[str]:
-        """Every recorded dataset path, in file order (dimension scales are labels, not data)."""
+        """Every recorded dataset path, in file order (dimension scales are labels, not data;
+        a table stored one dataset per column is one name)."""
         names: list[str] = []
-        self.file.visititems(lambda n, obj: names.append(n) if isinstance(obj, h5py.Dataset)
-                             and not is_scale(obj) else None)
+        self.file.visititems(lambda n, obj: names.append(n) if _is_recorded(obj) else None)
         return names
 
     def __contains__(self, key: str) -> bool:
         return key in self.file
 
-    def __getitem__(self, key: str) -> h5py.Dataset:
-        """A dataset, unread: slice it to load (``run['noise/fwq_ns'][0]``). Datasets the
-        readers interpret are checked against their layout (`DATASET_LAYOUTS`) first."""
+    def __getitem__(self, key: str) -> Recorded:
+        """A dataset, unread: slice it to load (``run['noise/fwq_ns'][0]``). Every schema
+        version reads alike: a table is a structured dataset, booleans are `bool`. Datasets
+        the readers interpret are checked against their layout (`DATASET_LAYOUTS`) first."""
+        found = self._recorded.get(key)
+        if found is not None:
+            return found
         try:
-            ds = self.file[key]
+            obj = self.file[key]
         except (KeyError, ValueError, OSError):
             raise RunFileError(f"{self.path}: no dataset {key!r}") from None
-        if not isinstance(ds, h5py.Dataset):
-            raise RunFileError(f"{self.path}: {key!r} is a group, not a dataset")
+        ds: Recorded
+        if isinstance(obj, h5py.Group):
+            names = columns(obj)
+            if names is None:
+                raise RunFileError(f"{self.path}: {key!r} is a group, not a dataset")
+            ds = Fields(self.path, obj, names)
+        elif not isinstance(obj, h5py.Dataset):
+            raise RunFileError(f"{self.path}: {key!r} is not a dataset")
+        else:
+            ds = Flags(obj) if is_flags(obj) else obj
         if key in DATASET_LAYOUTS:
             _check_layout(self.path, key, ds)
+        self._recorded[key] = ds
         return ds
 
     def dataset_attrs(self, key: str) -> dict[str, Any]:
@@ -162,8 +243,10 @@ class Run:
         size = self.attrs.get("world_size")
         if size is not None:
             return int(size)
-        ranks = self.file.get("ranks")
-        return int(ranks.shape[0]) if isinstance(ranks, h5py.Dataset) and ranks.ndim else 0
+        if "ranks" not in self.file:
+            return 0
+        ranks = self["ranks"]
+        return int(ranks.shape[0]) if ranks.ndim else 0
 
     def group_attrs(self, group: str) -> dict[str, Any]:
         """Attributes of a group (``{}`` when the file has no such group)."""
@@ -175,7 +258,7 @@ class Run:
         g = self.file.get(group)
         if not isinstance(g, h5py.Group):
             return []
-        return sorted(k for k, v in g.items() if isinstance(v, h5py.Dataset) and not is_scale(v))
+        return sorted(k for k, v in g.items() if _is_recorded(v))
 
     def read(self, key: str, selection: Any = ()) -> np.ndarray:
         """Read (part of) a dataset; a damaged file is a `RunFileError`, not an HDF5 trace."""
@@ -272,12 +355,20 @@ class Run:
         self.close()
 
 
+def _is_recorded(obj: Any) -> bool:
+    """Whether a file object is recorded data: a dataset that is neither a dimension scale
+    nor a column of a table, or a table stored one dataset per column."""
+    if isinstance(obj, h5py.Group):
+        return columns(obj) is not None
+    return isinstance(obj, h5py.Dataset) and not is_scale(obj) and columns(obj.parent) is None
+
+
 def is_complete(path: Path, attrs: Any) -> bool:
     """Complete means both: the attribute says so and the name is final."""
     return _text(attrs.get("complete", False)) is True and not path.name.endswith(PARTIAL_SUFFIX)
 
 
-def _check_layout(path: Path, key: str, ds: h5py.Dataset) -> None:
+def _check_layout(path: Path, key: str, ds: Recorded) -> None:
     kinds, ndim = DATASET_LAYOUTS[key]
     dims = "[ranks]" if ndim == 1 else "[ranks, n]"
     if isinstance(kinds, dict):
@@ -359,7 +450,9 @@ def open_run(path: str | Path, allow_incomplete: bool = False) -> Run:
 
 def _recover(path: Path, header: h5py.File) -> Run:
     """The header and every rank's spool, laid out in an in-memory file."""
-    size = int(header.attrs.get("world_size", header["ranks"].shape[0] if "ranks" in header else 0))
+    ranks = header.get("ranks")
+    rows = ranks.get("rank") if isinstance(ranks, h5py.Group) else ranks
+    size = int(header.attrs.get("world_size", rows.shape[0] if rows is not None else 0))
     directory = spool_dir(path)
     spools = []
     for rank in range(size):

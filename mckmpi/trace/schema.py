@@ -1,4 +1,4 @@
-"""Schema v2 of the run file: names, versions and layout rules shared by writer and reader.
+"""Schema v3 of the run file: names, versions and layout rules shared by writer and reader.
 
 Layout (see results/README.md for the full description):
 
@@ -9,14 +9,21 @@ Layout (see results/README.md for the full description):
     /ranks             table, one row per rank (rank, node, local_rank, host, cpus, ...)
     /<group>/<name>    per-concern data recorded through the Tracer:
                          scalar -> [ranks], array -> [ranks, ...], table -> rows + 'rank' column
+                       records with fields (tables, /ranks) are a group of the same name with
+                       one 1-D dataset per field (attrs kind, columns: the field order)
 
 Times are int64 nanoseconds of each rank's CLOCK_MONOTONIC; /ranks.clock_offset_ns maps
 them onto rank 0's clock (t_rank0 = t + offset).
 
 Version 2 labels every dataset for netCDF readers (`mckmpi.trace.labels`): HDF5 dimension
 scales name each axis (``rank`` first for per-rank data, a row dimension for tables, named
-by `DIMENSIONS` below) and every numeric value has units (`UNITS`, else inferred). Version 1
-files (unlabelled) are read as before.
+by `DIMENSIONS` below) and every numeric value has units (`UNITS`, else inferred).
+
+Version 3 stores nothing netCDF-C cannot show: records with fields, which v2 stored as one
+HDF5 compound dataset, are one dataset per field sharing the row dimension (a flat table
+with its rank column), and booleans, which v2 stored as HDF5 enums, are int8 with CF's
+``flag_values``/``flag_meanings``. Versions 1 (unlabelled) and 2 are read as before: the
+reader gives every version's records the same structured arrays.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from typing import Any
 import numpy as np
 
 SCHEMA = "mckmpi.run"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: Oldest version the reader still opens.
 OLDEST_SCHEMA_VERSION = 1
 PARTIAL_SUFFIX = ".partial"
@@ -110,6 +117,10 @@ DIMENSIONS: dict[str, tuple[str, ...]] = {
     "app/checkpoints": ("checkpoint",),
     "offload/calls": ("offload_call",),
 }
+
+#: Booleans as netCDF reads them (CF flags): int8 0/1 with these attributes.
+BOOL_STORED = np.dtype("i1")
+FLAG_MEANINGS = "false true"
 
 #: Units of data recorded without them (UDUNITS spelling; "1" is a pure number). Table
 #: fields are ``KEY:FIELD``. Anything else numeric: "ns" for names ending in ``_ns``, "B" for
