@@ -168,6 +168,45 @@ def test_trend_flags_points_outside_the_noise_band_of_earlier_repeats(tmp_path):
     assert proc.stdout.count("HIGH") == 1 and proc.stdout.count("LOW") == 1
 
 
+def test_trend_plot_draws_the_series_their_bands_and_the_runs_outside(tmp_path):
+    values = [10.0, 10.4, 9.8, 10.1, 10.2, 14.0, 9.9, 6.0]
+    _store(tmp_path, [_entry(i, v) for i, v in enumerate(values)]
+           + [_entry(i, 50.0 + i, host="n2", day=2) for i in range(4)])
+    plots = tmp_path / "plots"
+    proc = mckmpi("runs", "trend", "fwq_p999_us", str(tmp_path), "--plots", str(plots))
+    assert proc.returncode == 0, proc.stderr
+    png = plots / "trend-fwq_p999_us.png"
+    assert proc.stdout.splitlines()[-1] == f"plot  {png}"
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert (width, height) == (1100, 528)  # 10 x 4.8 in at 110 dpi
+
+    from mckmpi.analysis import plots as plots_module
+
+    trends = catalogue.trend(tmp_path, "fwq_p999_us")
+    fig_path = plots_module.trend("fwq_p999_us", trends, tmp_path / "again.png")
+    assert fig_path.read_bytes()[:8] == data[:8]
+    flat = [_entry(i, 10.0) for i in range(5)]  # all agree: a band, nothing outside
+    (tmp_path / "flat").mkdir()
+    _store(tmp_path / "flat", flat)
+    proc = mckmpi("runs", "trend", "fwq_p999_us", str(tmp_path / "flat"), "--plots", str(plots))
+    assert proc.returncode == 0 and "(5 runs, 0 outside)" in proc.stdout, proc.stderr
+
+
+def test_trend_plot_to_a_bad_target_is_one_error_line(tmp_path):
+    _store(tmp_path, [_entry(i, 1.0) for i in range(3)])
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    for target, message in ((taken, f"--plots {taken}: {taken} is a file, not a directory"),
+                            (taken / "sub", f"--plots {taken / 'sub'}: {taken} is a file")):
+        proc = mckmpi("runs", "trend", "fwq_p999_us", str(tmp_path), "--plots", str(target))
+        assert proc.returncode == 2, proc.stdout
+        assert proc.stderr.startswith(f"mckmpi: error: {message}"), proc.stderr
+        assert len(proc.stderr.splitlines()) == 1 and proc.stdout == ""
+    assert taken.read_text() == "a file"
+
+
 def test_export_csv_and_parquet_and_cli_lines(tmp_path):
     _store(tmp_path, [_entry(i, float(i)) for i in range(4)])
     for fmt in ("csv", "parquet"):

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib.axes import Axes
+from matplotlib.dates import AutoDateLocator, ConciseDateFormatter
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, NullLocator, ScalarFormatter
 
@@ -24,6 +27,9 @@ from mckmpi.analysis.scaling import Curve
 from mckmpi.analysis.simulate import Simulation
 from mckmpi.analysis.stats import LOG_EDGES_NS, order_index
 from mckmpi.analysis.summary import RunSummary
+
+if TYPE_CHECKING:
+    from mckmpi.analysis.catalogue import Trend
 
 #: Ranks drawn in a per-rank panel plot: the ones with the largest p99.9 excess.
 MAX_PANELS = 8
@@ -361,6 +367,70 @@ def simulation(sim: Simulation, path: Path, where: str = "") -> Path:
         f"{sim.work_ns / 1e3:.4g} us of work per iteration, noise from the {sim.source} "
         f"trace of {Path(sim.path).name}" + (f"\n{where}" if where else "")
     )
+    return _save(fig, path)
+
+
+#: Series drawn with a legend entry in a trend plot (the rest are drawn, unnamed).
+MAX_TREND_LEGEND = 10
+#: Axis label of a catalogue metric by the end of its name.
+_METRIC_UNITS = (("_us", "us"), ("_s", "s"), ("_pct", "%"))
+
+
+def _when(created: str) -> datetime | None:
+    """A run's creation time as naive UTC (None if it is not an ISO date)."""
+    try:
+        t = datetime.fromisoformat(created)
+    except ValueError:
+        return None
+    return t.astimezone(UTC).replace(tzinfo=None) if t.tzinfo else t
+
+
+def trend(metric: str, trends: Sequence[Trend], path: Path) -> Path:
+    """`mckmpi runs trend`: the metric over time, one series per system and configuration,
+    each with its noise band (of the repeats before each run) shaded and the runs outside
+    it marked, so a regression stands out from the noise."""
+    fig = Figure(figsize=(10, 4.8), layout="constrained")
+    ax = fig.subplots()
+    flagged = undated = 0
+    named: set[str] = set()
+    for i, t in enumerate(trends):
+        dated = [(w, p) for p in t.points if (w := _when(p.created)) is not None]
+        undated += len(t.points) - len(dated)
+        if not dated:
+            continue
+        x = [w for w, _ in dated]
+        y = np.array([p.value for _, p in dated])
+        low = np.array([p.low for _, p in dated])
+        high = np.array([p.high for _, p in dated])
+        color = f"C{i % 10}"
+        name = f"{t.system}: {t.label}" if i < MAX_TREND_LEGEND else None
+        ax.plot(x, y, "o-", color=color, markersize=4, linewidth=1, label=name)
+        judged = np.isfinite(low) & np.isfinite(high)
+        if judged.any():
+            ax.fill_between(x, np.where(judged, low, y), np.where(judged, high, y), where=judged,
+                            color=color, alpha=0.15, linewidth=0)
+        for flag, marker, where in (("high", "^", "above"), ("low", "v", "below")):
+            out = [(w, p.value) for w, p in dated if p.flag == flag]
+            if out:
+                ax.scatter([w for w, _ in out], [v for _, v in out], marker=marker, s=90,
+                           facecolors="none", edgecolors="red", linewidths=1.5, zorder=3,
+                           label=None if flag in named else f"{where} the noise band")
+                named.add(flag)
+                flagged += len(out)
+    locator = AutoDateLocator()
+    ax.xaxis.set_major_locator(locator)
+    ax.xaxis.set_major_formatter(ConciseDateFormatter(locator))
+    unit = next((u for end, u in _METRIC_UNITS if metric.endswith(end)), "")
+    ax.set_ylabel(f"{metric} [{unit}]" if unit else metric)
+    ax.set_xlabel("run created (UTC)")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(frameon=False, fontsize="small")
+    runs = sum(len(t.points) for t in trends)
+    ax.set_title(f"{metric}: {runs} runs in {len(trends)} series, {flagged} outside the noise "
+                 f"band of earlier repeats (median +- 3 robust sd)"
+                 + (f"; {undated} without a date not drawn" if undated else ""),
+                 fontsize="medium")
     return _save(fig, path)
 
 

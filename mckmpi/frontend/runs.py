@@ -66,6 +66,7 @@ ended otherwise (partial files too).
   mckmpi runs query results --option mem=64M --option app:--samples=3000   (JSON lines)
   mckmpi runs trend fwq_p999_us results --app fwq     (per system and configuration, with
                                                        the noise band of earlier repeats)
+  mckmpi runs trend fwq_p999_us results --plots results/plots     (and as a PNG)
   mckmpi runs export results --format parquet -o runs.parquet
 
 Metrics of a complete run: wall_s, iter_us, fwq_p50_us, fwq_p999_us, fwq_max_us, noise_pct,
@@ -95,6 +96,9 @@ def _build_runs(p: argparse.ArgumentParser) -> None:
                                     "3; runs outside are flagged high or low.")
     tp.add_argument("metric", metavar="METRIC", help="e.g. fwq_p999_us, iter_us, wall_s")
     _filters(tp)
+    tp.add_argument("--plots", metavar="DIR",
+                    help="also write a PNG plot into DIR (trend-METRIC.png: the series over "
+                         "time, their noise bands, the runs outside marked)")
     ep = sub.add_parser("export", help="the runs as CSV or Parquet",
                         description="The selected runs, one row each: provenance columns, "
                                     "metric:NAME and option:NAME columns.")
@@ -106,6 +110,7 @@ def _build_runs(p: argparse.ArgumentParser) -> None:
 @_build_runs.run
 def _cmd_runs(args: argparse.Namespace) -> int:
     from mckmpi.analysis import catalogue
+    from mckmpi.utility.outputs import output_dir
 
     if args.action == "index":
         done = catalogue.index(args.directory)
@@ -122,11 +127,16 @@ def _cmd_runs(args: argparse.Namespace) -> int:
         for run in catalogue.query(args.directory, filters):
             print(json.dumps(run, sort_keys=True))
     elif args.action == "trend":
+        plots = output_dir(args.plots, "--plots") if args.plots else None
         trends = catalogue.trend(args.directory, args.metric, filters)
         if not trends:
             known = ", ".join(catalogue.metric_names(args.directory)) or "none"
             raise catalogue.CatalogueError(f"no run has metric {args.metric!r} (metrics: {known})")
         _print_trends(args.metric, trends)
+        if plots is not None:
+            from mckmpi.analysis.plots import trend
+
+            print(f"plot  {trend(args.metric, trends, plots / f'trend-{args.metric}.png')}")
     elif args.action == "export":
         n = catalogue.export(args.directory, args.output, args.format, filters)
         print(f"{args.output}: {n} runs")
