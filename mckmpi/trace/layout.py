@@ -175,14 +175,12 @@ def _blocks(count: int, row_bytes: int, align: int) -> list[tuple[int, int]]:
 
 def _write_record(ds: h5py.Dataset | Columns, lay: Layout, rank: int, data: np.ndarray) -> None:
     """This rank's part of one dataset, in bounded blocks."""
-    if lay.kind == TABLE:
+    if isinstance(ds, Columns) and lay.kind == TABLE:  # column by column, the rank added
         first = lay.offsets[rank]
-        for a, b in _blocks(data.shape[0], lay.dtype.itemsize, 1):
-            rows = np.empty(b - a, dtype=lay.dtype)
-            rows["rank"] = rank
-            for name in data.dtype.names:
-                rows[name] = data[name][a:b]
-            ds[first + a:first + b] = rows
+        for name, column in ds.datasets.items():
+            for a, b in _blocks(data.shape[0], column.dtype.itemsize, 1):
+                column[first + a:first + b] = np.full(b - a, rank, dtype=column.dtype) \
+                    if name == "rank" else data[name][a:b]
         return
     if lay.kind != ARRAY or data.ndim == 0:
         ds[rank] = data
