@@ -82,8 +82,9 @@ def test_index_is_incremental_and_counts_corrupt_foreign_and_partial_files(runs_
 @pytest.mark.parametrize("filesystem, journal", [("ext4", "wal"), ("lustre", "delete")])
 def test_eight_jobs_finishing_at_once_lose_no_row(runs_dir, tmp_path, monkeypatch, filesystem,
                                                   journal):
-    """8 processes, started together, each add 3 runs: every row arrives, nothing is locked,
-    with WAL and with the rollback journal of network file systems."""
+    """8 processes, started together, each add 3 runs while a user indexes the directory:
+    every row arrives once, nothing is locked, with WAL and with the rollback journal of
+    network file systems."""
     monkeypatch.setattr(catalogue, "filesystem_of", lambda path: filesystem)
     out = tmp_path / "busy"
     out.mkdir()
@@ -102,14 +103,44 @@ def test_eight_jobs_finishing_at_once_lose_no_row(runs_dir, tmp_path, monkeypatc
                                *[str(out / n) for n in names[3 * j:3 * j + 3]]],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for j in range(8)]
+    indexer = code.replace("for p in sys.argv[2:]:\n    w = add_finished_run(p)\n",
+                           "for w in catalogue.index(sys.argv[2]).skipped:\n")
+    assert indexer != code
+    procs.append(subprocess.Popen([sys.executable, "-c", indexer, str(start), str(out)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     results = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs)
     assert all(err == "" for _, err in results), [err for _, err in results if err]
     rows = catalogue.query(out)
-    assert sorted(r["path"] for r in rows) == sorted(names)
+    assert sorted(r["path"] for r in rows) == sorted(names)  # each once
     with sqlite3.connect(out / catalogue.CATALOGUE) as db:
         assert db.execute("PRAGMA journal_mode").fetchone() == (journal,)
     assert all(r["metrics"]["fwq_p999_us"] > 0 for r in rows)
+
+
+def test_a_job_indexed_while_running_leaves_one_row_when_it_ends(runs_dir):
+    """`runs index` meets the partial file of a job still running; the job then ends (its
+    file renamed complete) and adds itself: one row, the complete one, whatever the order."""
+    running = runs_dir / "job.h5.partial"
+    shutil.copy(runs_dir / "fwq-linux.h5", running)
+    with h5py.File(running, "r+") as f:
+        f.attrs["complete"] = False
+    catalogue.index(runs_dir)
+    assert [r["complete"] for r in catalogue.query(runs_dir, Filters(app="fwq", mode="linux"))
+            if r["path"].startswith("job")] == [0]
+    running.rename(runs_dir / "job.h5")
+    with h5py.File(runs_dir / "job.h5", "r+") as f:
+        f.attrs["complete"] = True
+    assert catalogue.add_finished_run(runs_dir / "job.h5") is None
+    jobs = [(r["path"], r["complete"]) for r in catalogue.query(runs_dir) if r["path"].startswith("job")]
+    assert jobs == [("job.h5", 1)]
+    # a late store of the partial entry (an index that read it before the rename) adds nothing
+    late = catalogue.read_entry(runs_dir / "fwq-linux.h5", runs_dir)
+    late.path = "job.h5.partial"
+    with catalogue.connect(runs_dir) as db:
+        assert catalogue.store(db, late) is False
+    jobs = [(r["path"], r["complete"]) for r in catalogue.query(runs_dir) if r["path"].startswith("job")]
+    assert jobs == [("job.h5", 1)]
 
 
 def _entry(i: int, value: float, *, app: str = "fwq", mode: str = "lwk", host: str = "n1",

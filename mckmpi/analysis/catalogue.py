@@ -30,7 +30,6 @@ import random
 import re
 import shlex
 import sqlite3
-import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -41,9 +40,11 @@ from typing import Any, TypeVar
 
 from mckmpi.analysis.study import run_files
 from mckmpi.analysis.summary import plain
+from mckmpi.analysis.trends import TREND_MIN_REPEATS, Trend, TrendPoint, band
 from mckmpi.errors import UsageError
 from mckmpi.node.host import filesystem_of
 from mckmpi.trace.reader import RunFileError, open_run
+from mckmpi.trace.schema import PARTIAL_SUFFIX
 
 #: The catalogue's file name inside a results directory.
 CATALOGUE = "catalogue.sqlite"
@@ -51,10 +52,6 @@ CATALOGUE_VERSION = 1
 #: SQLite's own wait for a lock (s), then our retries until `RETRY_S` have passed.
 BUSY_TIMEOUT_S = 10.0
 RETRY_S = 120.0
-#: Earlier repeats needed before a point of a trend is judged.
-TREND_MIN_REPEATS = 3
-#: Width of the noise band in robust standard deviations (1.4826 x MAD).
-TREND_SIGMAS = 3.0
 
 #: File systems shared between nodes: no WAL there (its shared-memory index is per node).
 NETWORK_FILESYSTEMS = frozenset({
@@ -348,13 +345,21 @@ def _relative(path: Path, root: Path) -> str:
 # --- writing ---------------------------------------------------------------------------------
 
 
-def store(db: sqlite3.Connection, e: Entry) -> None:
-    """Add (or replace) one entry, in one short transaction."""
+def store(db: sqlite3.Connection, e: Entry) -> bool:
+    """Add (or replace) one entry, in one short transaction; False when it was not added. A
+    run's complete file supersedes its partial one, whichever is stored first: an index that
+    met the partial file of a job still running and the job's own add at its end leave one
+    row, the complete one."""
+    partial = e.path.endswith(PARTIAL_SUFFIX)
+    sibling = e.path.removesuffix(PARTIAL_SUFFIX) if partial else e.path + PARTIAL_SUFFIX
 
-    def write() -> None:
+    def write() -> bool:
         with _transaction(db):
             db.execute("DELETE FROM runs WHERE path = ?", (e.path,))
             db.execute("DELETE FROM skipped WHERE path = ?", (e.path,))
+            if partial and db.execute("SELECT 1 FROM runs WHERE path = ?", (sibling,)).fetchone():
+                return False
+            db.execute("DELETE FROM runs WHERE path = ?", (sibling,))
             names = ["path", "size", "mtime_ns", "complete", *e.fields, "indexed_s"]
             values = [e.path, e.size, e.mtime_ns, int(e.complete), *e.fields.values(), time.time()]
             cur = db.execute(f"INSERT INTO runs ({', '.join(names)}) VALUES "
@@ -364,8 +369,9 @@ def store(db: sqlite3.Connection, e: Entry) -> None:
                            [(run, k, v) for k, v in sorted(e.metrics.items())])
             db.executemany("INSERT INTO options VALUES (?, ?, ?)",
                            [(run, k, v) for k, v in sorted(e.options.items())])
+        return True
 
-    _retry(f"cannot add {e.path} to the catalogue", write)
+    return _retry(f"cannot add {e.path} to the catalogue", write)
 
 
 def _skip(db: sqlite3.Connection, rel: str, size: int, mtime_ns: int, reason: str) -> None:
@@ -414,8 +420,8 @@ def index(directory: str | Path, files: Iterable[str | Path] | None = None) -> I
                 _skip(db, rel, *now, reason)
                 result.skipped.append((rel, reason))
                 continue
-            store(db, entry)
-            (result.updated if rel in known else result.added).append(rel)
+            if store(db, entry):
+                (result.updated if rel in known else result.added).append(rel)
         if files is None:
             gone = [p for p in list(known) + list(bad) if p not in seen]
 
@@ -535,33 +541,6 @@ def query(directory: str | Path, filters: Filters | None = None) -> list[dict[st
 
 
 # --- trends -------------------------------------------------------------------------------------
-
-
-@dataclass
-class TrendPoint:
-    created: str
-    path: str
-    value: float
-    low: float  # the band of the earlier repeats (NaN: too few to judge)
-    high: float
-    flag: str  # "", "high" or "low"
-
-
-@dataclass
-class Trend:
-    system: str
-    config: str  # what makes runs repeats of each other (app, mode, shape, every option)
-    label: str  # the short form: app, mode, shape, app arguments
-    points: list[TrendPoint]
-
-
-def band(values: list[float]) -> tuple[float, float]:
-    """The noise band of repeats: median +- `TREND_SIGMAS` robust standard deviations
-    (1.4826 x the median absolute deviation; at least 1% of the median when all agree)."""
-    centre = statistics.median(values)
-    mad = statistics.median(abs(v - centre) for v in values) * 1.4826
-    half = max(TREND_SIGMAS * mad, 0.01 * abs(centre))
-    return centre - half, centre + half
 
 
 def trend(directory: str | Path, metric: str, filters: Filters | None = None) -> list[Trend]:

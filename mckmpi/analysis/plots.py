@@ -12,7 +12,6 @@ import math
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -27,9 +26,7 @@ from mckmpi.analysis.scaling import Curve
 from mckmpi.analysis.simulate import Simulation
 from mckmpi.analysis.stats import LOG_EDGES_NS, order_index
 from mckmpi.analysis.summary import RunSummary
-
-if TYPE_CHECKING:
-    from mckmpi.analysis.catalogue import Trend
+from mckmpi.analysis.trends import TREND_SIGMAS, Trend
 
 #: Ranks drawn in a per-rank panel plot: the ones with the largest p99.9 excess.
 MAX_PANELS = 8
@@ -428,7 +425,7 @@ def trend(metric: str, trends: Sequence[Trend], path: Path) -> Path:
         ax.legend(frameon=False, fontsize="small")
     runs = sum(len(t.points) for t in trends)
     ax.set_title(f"{metric}: {runs} runs in {len(trends)} series, {flagged} outside the noise "
-                 f"band of earlier repeats (median +- 3 robust sd)"
+                 f"band of earlier repeats (median +- {TREND_SIGMAS:g} robust sd)"
                  + (f"; {undated} without a date not drawn" if undated else ""),
                  fontsize="medium")
     return _save(fig, path)
