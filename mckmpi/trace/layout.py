@@ -115,8 +115,9 @@ def create_dataset(f: h5py.File, lay: Layout, compress: bool) -> h5py.Dataset | 
     """The one place a recorded name becomes a dataset: chunks, fill, kind and units. A
     record with fields becomes a group of one dataset per field (`Columns`); booleans are
     int8 with CF flag attributes (HDF5 enums are invisible to netCDF-C)."""
+    big = int(np.prod(lay.shape)) * lay.dtype.itemsize > CHUNK_THRESHOLD
     if lay.dtype.names is None:
-        ds = _create(f, lay, compress)
+        ds = _create(f, lay, compress, big)
         ds.attrs["kind"] = lay.kind
         if lay.filled:
             ds.attrs["filled"] = np.asarray(lay.filled, dtype=np.int64)
@@ -131,16 +132,16 @@ def create_dataset(f: h5py.File, lay: Layout, compress: bool) -> h5py.Dataset | 
         unit = lay.units.get(name)
         column = replace(lay, key=f"{lay.key}/{name}", dtype=lay.dtype.fields[name][0],
                          units={"": unit} if unit else {})
-        datasets[name] = _create(f, column, compress)
+        datasets[name] = _create(f, column, compress, big)
     return Columns(datasets)
 
 
-def _create(f: h5py.File, lay: Layout, compress: bool) -> h5py.Dataset:
-    """One dataset of plain values (a whole record or one field of it)."""
+def _create(f: h5py.File, lay: Layout, compress: bool, big: bool) -> h5py.Dataset:
+    """One dataset of plain values (a whole record or one field of it); `big`: the record is
+    above `CHUNK_THRESHOLD`, so it is chunked (and compressed), every field alike."""
     dtype = BOOL_STORED if lay.dtype.kind == "b" else lay.dtype
-    nbytes = int(np.prod(lay.shape)) * dtype.itemsize
     kwargs: dict[str, Any] = {}
-    if nbytes > CHUNK_THRESHOLD and lay.shape[0] > 0:
+    if big and lay.shape[0] > 0:
         kwargs["chunks"] = _chunks(replace(lay, dtype=dtype))
         if compress:
             kwargs.update(compression="gzip", compression_opts=1, shuffle=True)
