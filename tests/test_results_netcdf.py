@@ -174,3 +174,23 @@ def test_ncdump_shows_dimensions_and_units(result_runs):
     assert 'string call(offload_call) ;' in out and 'trap_ns:units = "ns" ;' in out
     assert "byte locked(rank) ;" in out and "locked:flag_values = 0b, 1b ;" in out
     assert 'locked:flag_meanings = "false true" ;' in out
+
+
+def test_ncdump_shows_both_tables_of_a_study_file(result_runs, tmp_path):
+    directory = next(iter(result_runs.values())).parent
+    out = tmp_path / "study.h5"
+    proc = subprocess.run([sys.executable, "-m", "mckmpi", "study", "collect", str(directory),
+                           "-o", str(out)], capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+    dump = subprocess.run(["ncdump", "-h", str(out)], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert dump.returncode == 0, dump.stderr
+    shown = _cdl_variables(dump.stdout)
+    assert shown.keys() == _hdf5_variables(out).keys()
+    runs = len(result_runs)
+    assert f"run = UNLIMITED ; // ({runs} currently)" in dump.stdout
+    assert shown["runs/path"] == shown["runs/iter_us"] == ["run"]
+    assert shown["points/median"] == shown["points/metric"] == ["point_metric"]
+    with h5py.File(out, "r") as f:
+        assert not _typed(f)

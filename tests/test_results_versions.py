@@ -4,7 +4,10 @@ datasets and enums, labelled) and 1 (the same, unlabelled) still read, and `to_p
 `to_xarray` and the reader's arrays are the same whichever version holds the data.
 
 tests/data/run-v2.h5 was written by mckmpi 0.1.0 at schema version 2 (commit 0923b55) with
-``write_synthetic(path, mode="lwk", **V2_INPUTS)`` of tests/test_analysis.py."""
+``write_synthetic(path, mode="lwk", **V2_INPUTS)`` of tests/test_analysis.py, and
+tests/data/study-v2.h5 (study schema version 2) by the same code with
+``study.write(study.collect(DIR).rows, path, source=".")`` on a directory holding only
+run-v2.h5. Study files changed alike: version 3 stores their tables one dataset per column."""
 
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ import pytest
 from test_analysis import DETOUR_DTYPE, offload_calls, write_synthetic
 
 import mckmpi
+from mckmpi.analysis import study
+from mckmpi.analysis.repeats import CI_METHOD
 from mckmpi.trace import writer
 from mckmpi.trace.labels import unlabel
 from mckmpi.trace.reader import RunFileError
@@ -24,6 +29,7 @@ from mckmpi.trace.schema import RANKS_DTYPE, SCHEMA_VERSION
 from mckmpi.trace.tracer import Tracer
 
 V2_FILE = Path(__file__).parent / "data" / "run-v2.h5"
+V2_STUDY = Path(__file__).parent / "data" / "study-v2.h5"
 
 
 def _detours() -> np.ndarray:
@@ -168,3 +174,37 @@ def test_a_table_missing_a_column_is_one_clear_error(v3):
     with mckmpi.open_run(v3) as run, pytest.raises(RunFileError,
                                                    match="'offload/calls' lacks its column 'errno'"):
         run.read("offload/calls")
+
+
+def _compound_or_enum(path: Path) -> list[str]:
+    found: list[str] = []
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda n, o: found.append(n) if isinstance(o, h5py.Dataset) and (
+            o.dtype.names or h5py.check_enum_dtype(o.dtype)) else None)
+    return found
+
+
+def test_study_files_of_version_2_read_as_before_and_version_3_holds_the_same(tmp_path):
+    with h5py.File(V2_STUDY, "r") as f:
+        assert f.attrs["schema_version"] == 2
+        stored_runs, stored_points = f["runs"][()], f["points"][()]
+    runs, pts = study.read(V2_STUDY), study.read_points(V2_STUDY)
+    assert runs.dtype == stored_runs.dtype == study.STUDY_DTYPE and len(runs) == 1
+    assert pts.dtype == stored_points.dtype == study.POINTS_DTYPE and len(pts) == 3
+    for got, want in ((runs, stored_runs), (pts, stored_points)):
+        for name in want.dtype.names:
+            np.testing.assert_array_equal(got[name], want[name])  # NaN == NaN here
+    again = study.write(runs, tmp_path / "study-v3.h5", source=".")
+    assert _compound_or_enum(again) == [] and _compound_or_enum(V2_STUDY) == ["points", "runs"]
+    with h5py.File(again, "r") as f:
+        assert f.attrs["schema_version"] == study.STUDY_VERSION == 3
+        assert [s.name for s in f["runs/path"].dims[0].values()] == ["/run"]
+        assert [s.name for s in f["points/median"].dims[0].values()] == ["/point_metric"]
+        assert f["points"].attrs["ci_method"] == CI_METHOD
+    for got, want in ((study.read(again), runs), (study.read_points(again), pts)):
+        assert got.dtype == want.dtype
+        for name in want.dtype.names:
+            np.testing.assert_array_equal(got[name], want[name])
+    old, new = mckmpi.open_study(V2_STUDY), mckmpi.open_study(again)
+    assert old.to_pandas().equals(new.to_pandas())
+    assert old.to_pandas("points").equals(new.to_pandas("points"))

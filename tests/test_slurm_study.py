@@ -18,10 +18,10 @@ import sys
 import time
 from pathlib import Path
 
-import h5py
 import pytest
 
 from fixtures import ROOT, job_env, mckmpi
+from mckmpi.analysis import study as study_file
 from mckmpi.jobs import slurm, study
 from mckmpi.node.host import NodeFacts
 from mckmpi.node.partition import core_spec_linux_cores
@@ -241,8 +241,7 @@ def test_local_study_run_then_collect(tmp_path):
         assert (r.attrs["mode"], r.attrs["nnodes"], r.attrs["vnodes"]) == ("lwk", 2, 2)
     res = mck("study", "collect", str(out), "-o", str(tmp_path / "cg.h5"), env=env)
     assert res.returncode == 0, res.stderr
-    with h5py.File(tmp_path / "cg.h5") as f:
-        runs = f["runs"][()]
+    runs = study_file.read(tmp_path / "cg.h5")
     assert sorted((r["mode"].decode(), int(r["nodes"])) for r in runs) == [
         ("linux", 1), ("linux", 2), ("lwk", 1), ("lwk", 2)]
     assert all(r["verified"] == 1 and r["scaling"] == b"strong" for r in runs)
@@ -343,8 +342,7 @@ def test_plan_submit_status_collect_round_trip(cluster, tmp_path):
     assert again.returncode == 0 and "already submitted" in again.stdout
     res = mck("study", "collect", str(out), "-o", str(tmp_path / "s.h5"), env=env)
     assert res.returncode == 0, res.stderr
-    with h5py.File(tmp_path / "s.h5") as f:
-        runs = f["runs"][()]
+    runs = study_file.read(tmp_path / "s.h5")
     assert sorted((r["mode"].decode(), int(r["nodes"]), r["slurm_job_id"].decode()) for r in runs) \
         == sorted(zip(["linux", "linux", "lwk", "lwk"], [1, 2, 1, 2], jobs, strict=True))
     assert all(r["verified"] == 1 for r in runs)

@@ -4,9 +4,11 @@
 or cannot be read are listed and skipped, never fatal; partial files of jobs that did not
 finish are read as far as they go, marked `complete` = 0, and never count as repeats of a
 point) and writes a study file: HDF5 with
-root attributes `schema` = "mckmpi.study", `schema_version` = 1, `created`, `source`, and
-one dataset `runs`, a table with one row per run (`STUDY_DTYPE`; units are in the column
-names; unknown numbers are NaN, unknown integers -1). Speedup and efficiency follow
+root attributes `schema` = "mckmpi.study", `schema_version`, `created`, `source`, and
+two tables, `runs` with one row per run (`STUDY_DTYPE`; units are in the column names;
+unknown numbers are NaN, unknown integers -1) and `points` (`POINTS_DTYPE`), each laid out
+as run files lay out theirs (one dataset per column along dimension ``run`` or
+``point_metric``: netCDF tools read them). Speedup and efficiency follow
 `mckmpi.analysis.scaling`.
 """
 
@@ -25,12 +27,16 @@ from mckmpi.analysis import scaling
 from mckmpi.analysis.report import fmt, num
 from mckmpi.analysis.summary import RunSummary, summarize
 from mckmpi.errors import UsageError
-from mckmpi.trace.reader import RunFileError, is_complete, open_run
+from mckmpi.trace.labels import label
+from mckmpi.trace.layout import write_table
+from mckmpi.trace.reader import RunFileError, as_recorded, is_complete, open_run
 from mckmpi.trace.schema import PARTIAL_SUFFIX
 from mckmpi.utility.table import render
 
 STUDY_SCHEMA = "mckmpi.study"
-STUDY_VERSION = 2
+STUDY_VERSION = 3
+#: Version 3 stores the tables one dataset per column (versions 1 and 2: compound datasets).
+STUDY_DIMENSIONS = {"runs": ("run",), "points": ("point_metric",)}
 #: Columns version 2 added (completeness, points, repeats, axes, baselines, stamps,
 #: predictions); a version 1 file is read with them filled in.
 V2_COLUMNS = ("complete", "ending", "point", "repeat", "axes", "baseline_mode", "host",
@@ -251,9 +257,10 @@ def write(rows: np.ndarray, path: str | Path, source: str) -> Path:
         f.attrs["schema_version"] = STUDY_VERSION
         f.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         f.attrs["source"] = source
-        f.create_dataset("runs", data=rows)
-        ds = f.create_dataset("points", data=points(rows))
-        ds.attrs["ci_method"] = CI_METHOD
+        write_table(f, "runs", rows)
+        write_table(f, "points", points(rows))
+        f["points"].attrs["ci_method"] = CI_METHOD
+        label(f, STUDY_DIMENSIONS)
     tmp.replace(path)
     return path
 
@@ -263,8 +270,16 @@ def read_points(path: str | Path) -> np.ndarray:
     rows = read(path)
     with h5py.File(path, "r") as f:
         if "points" in f:
-            return f["points"][()]
+            return _table(Path(path), f, "points")
     return points(rows)
+
+
+def _table(path: Path, f: h5py.File, key: str) -> np.ndarray:
+    """A table of a study file, whatever its version's layout."""
+    try:
+        return as_recorded(path, key, f[key])[()]
+    except RunFileError as exc:
+        raise StudyFileError(str(exc)) from None
 
 
 def rows_of(path: str | Path) -> np.ndarray:
@@ -305,7 +320,7 @@ def read(path: str | Path) -> np.ndarray:
                     f"{path}: study schema version {version} is newer than this "
                     f"mckmpi reads ({STUDY_VERSION}): upgrade mckmpi"
                 )
-            rows = f["runs"][()]
+            rows = _table(path, f, "runs")
     except (OSError, KeyError) as exc:
         raise StudyFileError(f"{path}: not a readable study file ({exc})") from None
     missing = set(STUDY_DTYPE.names or ()) - set(rows.dtype.names or ())

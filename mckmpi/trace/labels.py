@@ -24,6 +24,7 @@ written is the small ``rank`` coordinate, identical from every rank.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import h5py
@@ -64,14 +65,15 @@ def is_flags(ds: h5py.Dataset) -> bool:
     return ds.dtype == BOOL_STORED and ds.attrs.get("flag_meanings") is not None
 
 
-def dimension_names(key: str, kind: str, shape: tuple[int, ...]) -> tuple[str, ...]:
+def dimension_names(key: str, kind: str, shape: tuple[int, ...],
+                    dimensions: Mapping[str, tuple[str, ...]] = DIMENSIONS) -> tuple[str, ...]:
     """The axis names of recorded dataset `key` (also what `to_xarray` uses for files written
-    before the labels existed)."""
+    before the labels existed); `dimensions` names them (the run file's by default)."""
     name = key.rsplit("/", 1)[-1]
     if kind == TABLE:
-        return DIMENSIONS.get(key, (f"{name}_row",))[:1]
+        return dimensions.get(key, (f"{name}_row",))[:1]
     if kind in (SCALAR, ARRAY) and shape:
-        inner = DIMENSIONS.get(key, ())
+        inner = dimensions.get(key, ())
         rest = tuple(inner[i] if i < len(inner) else f"{name}_dim{i}" for i in range(len(shape) - 1))
         return (RANK_DIM,) + rest
     return tuple(f"{name}_dim{i}" for i in range(len(shape)))
@@ -169,9 +171,10 @@ def _ranks(f: h5py.File, entries: list[_Entry]) -> int:
     return max(counts, default=0)
 
 
-def label(f: h5py.File) -> None:
+def label(f: h5py.File, dimensions: Mapping[str, tuple[str, ...]] = DIMENSIONS) -> None:
     """Attach dimension scales and units to every recorded dataset of `f` (collective when
-    `f` is open with the mpio driver: every rank must call it after the same creations)."""
+    `f` is open with the mpio driver: every rank must call it after the same creations);
+    `dimensions` names the axes (the run file's by default; a study file has its own)."""
     entries = _entries(f)
     ranks = _ranks(f, entries)
     groups: dict[str, _Group] = {}
@@ -182,7 +185,7 @@ def label(f: h5py.File) -> None:
             groups[home] = _Group(entry.home, ranks)
         name = entry.key.rsplit("/", 1)[-1]
         ds = entry.ds
-        for axis, dim in enumerate(dimension_names(entry.key, entry.kind, ds.shape)):
+        for axis, dim in enumerate(dimension_names(entry.key, entry.kind, ds.shape, dimensions)):
             ds.dims[axis].attach_scale(groups[home].scale(dim, ds.shape[axis], name))
 
 

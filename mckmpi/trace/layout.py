@@ -136,6 +136,15 @@ def create_dataset(f: h5py.File, lay: Layout, compress: bool) -> h5py.Dataset | 
     return Columns(datasets)
 
 
+def write_table(f: h5py.File, key: str, rows: np.ndarray, compress: bool = True) -> None:
+    """A whole table of one writer (a study's runs and points) laid out as run files lay out
+    theirs: one dataset per field, no rank column added. `label` names its rows."""
+    lay = Layout(key, TABLE, rows.dtype, rows.shape, {}, ())
+    columns = create_dataset(f, lay, compress)
+    if len(rows):
+        columns[:] = rows
+
+
 def _create(f: h5py.File, lay: Layout, compress: bool, big: bool) -> h5py.Dataset:
     """One dataset of plain values (a whole record or one field of it); `big`: the record is
     above `CHUNK_THRESHOLD`, so it is chunked (and compressed), every field alike."""

@@ -113,6 +113,19 @@ class Fields:
 Recorded = h5py.Dataset | Flags | Fields
 
 
+def as_recorded(path: Path, key: str, obj: object) -> Recorded:
+    """File object `obj` (at `key` of file `path`) as recorded data, whatever the layout:
+    a dataset, booleans stored as flags, or a table stored one dataset per column."""
+    if isinstance(obj, h5py.Group):
+        names = columns(obj)
+        if names is None:
+            raise RunFileError(f"{path}: {key!r} is a group, not a dataset")
+        return Fields(path, obj, names)
+    if not isinstance(obj, h5py.Dataset):
+        raise RunFileError(f"{path}: {key!r} is not a dataset")
+    return Flags(obj) if is_flags(obj) else obj
+
+
 def _text(value: Any) -> Any:
     """An attribute as plain Python: str for bytes, lists for arrays, int/float/bool for
     numpy scalars (whatever the file holds: bytes that are not UTF-8 are replaced)."""
@@ -211,16 +224,7 @@ class Run:
             obj = self.file[key]
         except (KeyError, ValueError, OSError):
             raise RunFileError(f"{self.path}: no dataset {key!r}") from None
-        ds: Recorded
-        if isinstance(obj, h5py.Group):
-            names = columns(obj)
-            if names is None:
-                raise RunFileError(f"{self.path}: {key!r} is a group, not a dataset")
-            ds = Fields(self.path, obj, names)
-        elif not isinstance(obj, h5py.Dataset):
-            raise RunFileError(f"{self.path}: {key!r} is not a dataset")
-        else:
-            ds = Flags(obj) if is_flags(obj) else obj
+        ds = as_recorded(self.path, key, obj)
         if key in DATASET_LAYOUTS:
             _check_layout(self.path, key, ds)
         self._recorded[key] = ds
