@@ -302,6 +302,7 @@ def _run_in_mpi(settings: Settings, app: App, argv: list[str], placement: Placem
     else:
         # The app is the scheduler's first task, so it may yield, spawn and join anywhere.
         runtime.start_app()
+        run_file.add_source(lambda: runtime.snapshot(tracer))  # counters stream as they grow
         end = runtime.scheduler.run(lambda: _run_app(app, placement.rank, offset_ns))
     catcher.quiet()
     tracer.scalar("app", "wall_ns", time.monotonic_ns() - started, units="ns")

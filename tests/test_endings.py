@@ -15,11 +15,14 @@ import textwrap
 import time
 from pathlib import Path
 
+import h5py
+import numpy as np
 import pytest
 from fixtures import APPS, job_tag, mckmpi, mpirun, tagged, tagged_processes
 
 from mckmpi.jobs.launchers import Job
 from mckmpi.trace.reader import RunFileError, open_run
+from mckmpi.trace.spool import read_spool
 
 FWQ = str(APPS / "fwq.py")
 FLUSH_S = 0.2
@@ -33,6 +36,7 @@ STAMPS = textwrap.dedent("""
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
     out, n, exit_rank = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    how = sys.argv[4] if len(sys.argv) > 4 else "exit"
     stamps = np.zeros(n, dtype=np.int64)
     stream = mckmpi.context().tracer.stream("noise", "stamps_ns", stamps, units="ns")
     with open(os.path.join(out, f"pid-{rank}"), "w") as fh:   # an offloaded open and write
@@ -42,23 +46,26 @@ STAMPS = textwrap.dedent("""
         stream.filled = i + 1
         time.sleep(0.002)
     if rank == exit_rank:
-        sys.exit(3)
+        sys.exit(3) if how == "exit" else comm.Abort(7)
     comm.Barrier()
 """)
 
 
-def _start(tmp_path: Path, app: list[str], **options: str) -> subprocess.Popen:
+def _start(tmp_path: Path, app: list[str], oversubscribe: bool = False,
+           **options: str) -> subprocess.Popen:
     """A 2-rank job in its own session (so the test can kill all of it), not waited for."""
     launch = Job(tuple(app), 2, {"trace_flush": FLUSH_S, "out": str(tmp_path / "out"),
-                                 **options}).render("mpiexec")
+                                 **options}, oversubscribe=oversubscribe).render("mpiexec")
     return subprocess.Popen(launch.argv, env=launch.env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
-def _stamps_app(tmp_path: Path, n: int, exit_rank: int = -1) -> list[str]:
+def _stamps_app(tmp_path: Path, n: int, exit_rank: int = -1, how: str = "exit") -> list[str]:
+    """The stamp app with `n` samples; rank `exit_rank` then exits 3 (or, with `how` =
+    "abort", calls MPI_Abort with errorcode 7)."""
     app = tmp_path / "stamps.py"
     app.write_text(STAMPS)
-    return [str(app), str(tmp_path), str(n), str(exit_rank)]
+    return [str(app), str(tmp_path), str(n), str(exit_rank), how]
 
 
 def _wait(predicate, proc: subprocess.Popen, timeout: float) -> None:
@@ -124,6 +131,74 @@ def test_kill_9_of_the_whole_job_loses_at_most_the_last_flush(tmp_path):
     said = [line for line in report.stderr.splitlines() if line]
     assert len(said) == 1 and "partial run file" in said[0] and "ending killed" in said[0]
     assert "noise/stamps_ns" in report.stdout
+
+
+def _spooled_rows(tmp_path: Path, key: str) -> dict[int, int]:
+    """Rows of `key` each rank's spool holds now."""
+    found = {}
+    for spool in (tmp_path / "out").glob("*.h5.partial.d/rank-*.spool"):
+        rec = read_spool(spool).records.get(key)
+        found[int(spool.stem.split("-")[1])] = 0 if rec is None else rec[1].size
+    return found
+
+
+def _kill_9_when_streaming(tmp_path: Path, proc: subprocess.Popen, key: str) -> int:
+    """Once both ranks' spools hold `key`, wait a few flushes and SIGKILL mpiexec and every
+    rank (their pids from the run file's header); the kill's time (CLOCK_MONOTONIC ns)."""
+    _wait(lambda: len(rows := _spooled_rows(tmp_path, key)) == 2 and min(rows.values()) > 0,
+          proc, 60)
+    time.sleep(1.5)
+    with h5py.File(_one(tmp_path, "*.h5.partial"), "r") as header:
+        ranks = [int(pid) for pid in header["ranks"]["pid"]]
+    os.killpg(proc.pid, signal.SIGKILL)
+    for pid in ranks:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    killed_at = time.monotonic_ns()  # every process of the job is gone
+    _reap(proc)
+    return killed_at
+
+
+def test_kill_9_keeps_an_apps_streamed_arrays_but_the_last_flush(tmp_path):
+    interval_ns = 1_000_000
+    proc = _start(tmp_path, [str(APPS / "ftq.py"), "--intervals", "200000",
+                             "--interval-us", str(interval_ns // 1000)])
+    killed_at = _kill_9_when_streaming(tmp_path, proc, "noise/ftq_counts")
+    with open_run(_one(tmp_path, "*.h5.partial"), allow_incomplete=True) as run:
+        assert run.partial and "ending killed" in run.note
+        for rank in range(2):
+            n = run.length("noise/ftq_counts", rank)
+            assert n == run.length("noise/ftq_start_ns", rank) and n > 500, n
+            starts = run.read("noise/ftq_start_ns", rank)[:n]
+            assert np.all(np.diff(starts) == interval_ns) and run.read(
+                "noise/ftq_counts", rank)[:n].sum() > 0
+            # The intervals that ended before the last flush are all there.
+            lost_s = (killed_at - (int(starts[-1]) + interval_ns)) / 1e9
+            assert lost_s < FLUSH_S + 0.5, (rank, lost_s)
+
+
+@pytest.mark.offload
+def test_kill_9_keeps_the_runtime_counters_of_the_last_flush(tmp_path):
+    proc = _start(tmp_path, [FWQ, "--samples", "200000", "--quantum-us", "500"],
+                  oversubscribe=True, mode="lwk", mem="64M")
+    killed_at = _kill_9_when_streaming(tmp_path, proc, "scheduler/voluntary_switches")
+    with open_run(_one(tmp_path, "*.h5.partial"), allow_incomplete=True) as run:
+        assert run.partial and "ending killed" in run.note
+        for group in ("memory", "scheduler"):
+            taken = run.scalars(f"{group}/snapshot_ns")
+            for rank in range(2):
+                lost_s = (killed_at - int(taken[rank])) / 1e9
+                assert 0 <= lost_s < FLUSH_S + 0.5, (group, rank, lost_s)
+        assert set(run.members("memory")) >= {"minflt", "majflt", "in_use", "peak", "size"}
+        assert set(run.members("scheduler")) >= {"voluntary_switches", "involuntary_switches",
+                                                 "switches", "safepoints"}
+        # Sampled during the app: the main thread was switched out while it sampled.
+        switches = run.scalars("scheduler/voluntary_switches") + run.scalars(
+            "scheduler/involuntary_switches")
+        assert np.all(switches > 0), switches
+        assert np.all(run.scalars("memory/size") >= 64 << 20)
 
 
 def test_sigterm_finishes_the_run_file_with_the_ending(tmp_path):
