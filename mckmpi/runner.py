@@ -205,6 +205,7 @@ def run(settings: Settings, app: App, argv: list[str]) -> int:
         # yields when it knows it is oversubscribed, but it cannot see mckmpi's pinning.
         os.environ.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
 
+    endings.wrap_mpi_abort()  # before MPI is loaded: the app's own MPI_Abort is recorded
     from mpi4py import MPI
 
     world = MPI.COMM_WORLD
@@ -219,6 +220,7 @@ def run(settings: Settings, app: App, argv: list[str]) -> int:
             print(exc.line(), file=sys.stderr, flush=True)
         return exc.exit_code
     except MckmpiError as exc:
+        endings.on_mpi_abort(None)  # the harness's own abort below is not the app's
         if _proxy_lost(exc):
             # a request to the proxy failed because it is gone: the offload's watcher says
             # so in one line (the node's rank 0 first) and aborts the job
@@ -231,6 +233,7 @@ def run(settings: Settings, app: App, argv: list[str]) -> int:
         world.Abort(exc.exit_code)
     except BaseException:
         # A failure of the harness itself on one rank must not leave the others waiting.
+        endings.on_mpi_abort(None)
         traceback.print_exc()
         sys.stderr.flush()
         world.Abort(1)
@@ -297,6 +300,14 @@ def _run_in_mpi(settings: Settings, app: App, argv: list[str], placement: Placem
     isolated = isolate_job(settings.isolate, plan, node_comm, settings.cpuset)
     ctx.phase_marks = kernel = start_on_node(plan, node_comm)  # the kernel's doings from here
     started = time.monotonic_ns()
+
+    def aborted(errorcode: int) -> None:
+        # The app called MPI_Abort: its ending and data go to the spool before the abort.
+        end = endings.of_abort(errorcode, placement.rank, offset_ns)
+        run_file.abandon(end)
+        print(error_line(end["error"]), file=sys.stderr, flush=True)
+
+    endings.on_mpi_abort(aborted)
     if runtime is None:
         end = _run_app(app, placement.rank, offset_ns)
     else:
@@ -304,6 +315,7 @@ def _run_in_mpi(settings: Settings, app: App, argv: list[str], placement: Placem
         runtime.start_app()
         run_file.add_source(lambda: runtime.snapshot(tracer))  # counters stream as they grow
         end = runtime.scheduler.run(lambda: _run_app(app, placement.rank, offset_ns))
+    endings.on_mpi_abort(None)  # from here on, an abort is the harness's (its ending is set)
     catcher.quiet()
     tracer.scalar("app", "wall_ns", time.monotonic_ns() - started, units="ns")
     if kernel is not None:

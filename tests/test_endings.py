@@ -240,6 +240,29 @@ def test_a_rank_that_exits_3_leaves_its_samples_calls_and_ending(tmp_path):
     assert "ending exit on rank 1" in report.stderr
 
 
+@pytest.mark.parametrize("options", [
+    {"mode": "linux"},
+    pytest.param({"mode": "lwk", "mem": "64M"}, marks=pytest.mark.offload),
+], ids=["linux", "lwk"])
+def test_an_apps_mpi_abort_is_recorded_with_its_errorcode_and_rank(tmp_path, options):
+    proc = _start(tmp_path, _stamps_app(tmp_path, 200, exit_rank=1, how="abort"),
+                  oversubscribe=options["mode"] == "lwk", **options)
+    _, err = _reap(proc, timeout=120)
+    assert proc.returncode == 7, err[-2000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("mckmpi: error:")]
+    assert "mckmpi: error: rank 1 called MPI_Abort with errorcode 7" in lines, err[-2000:]
+    partial = _one(tmp_path, "*.h5.partial")
+    with open_run(partial, allow_incomplete=True) as run:
+        a = run.attrs
+        assert (a["ending"], a["exit_status"], a["ending_rank"]) == ("aborted", 7, 1), run.note
+        assert a["error"] == "rank 1 called MPI_Abort with errorcode 7"
+        # The aborting rank flushed everything it had recorded before the abort.
+        assert run.length("noise/stamps_ns", 1) == 200
+    report = mckmpi("report", str(partial), timeout=60)
+    assert report.returncode == 0, report.stderr
+    assert "ending aborted on rank 1 (rank 1 called MPI_Abort with errorcode 7)" in report.stderr
+
+
 @pytest.fixture
 def full_disk(tmp_path):
     """A 512 KiB tmpfs: the header and the spools fit, a few MiB of data do not."""
