@@ -353,12 +353,14 @@ def _end(world: Any, run_file: Any, tracer: Tracer, end: dict[str, Any],
                 print(warning, file=sys.stderr, flush=True)
         return end["exit_status"]
     run_file.abandon(end)
-    if end["ending"] == "io-error":
-        print(f"mckmpi: error: {end['error']}", file=sys.stderr, flush=True)
     if placement.rank != 0:
         # Rank 0 speaks for the job (apps report usage errors there): when it exits too,
-        # its abort, not ours, ends the job, so its line is not lost in the teardown.
+        # its abort, not ours, ends the job, so its line is not lost in the teardown (and
+        # an I/O error all ranks met is said once).
         time.sleep(ABORT_GRACE_S)
+    if end["ending"] == "io-error" and not (placement.rank != 0 and catcher.caught):
+        # (a rank signalled meanwhile: another rank's abort is ending the job, it spoke)
+        print(f"mckmpi: error: {end['error']}", file=sys.stderr, flush=True)
     world.Abort(end["exit_status"] if 0 < end["exit_status"] < 256 else 1)
     return 1  # not reached
 

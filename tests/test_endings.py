@@ -290,19 +290,45 @@ BIG = textwrap.dedent("""
 def test_a_full_disk_is_one_line_with_errno_and_no_hang(tmp_path, full_disk, writer):
     app = tmp_path / "big.py"
     app.write_text(BIG)
+    tag = job_tag()
     started = time.monotonic()
     proc = mpirun(2, "run", "--trace-flush", "0", "--trace-writer", writer, "--out",
-                  str(full_disk), "--", str(app), timeout=60)
+                  str(full_disk), "--", str(app), timeout=60,
+                  env=Job(("x",), env=tag).render("local").env)
     took = time.monotonic() - started
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("mckmpi: error:")]
     assert proc.returncode == 74, proc.stderr[-2000:]
     assert len(lines) == 1 and "ENOSPC" in lines[0] and str(full_disk) in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
     assert took < 10 + 10, took  # 10 s to end, plus the start-up of two interpreters
+    assert tagged_processes(tag) == [], "processes of the job outlived it"
     partial = next(full_disk.glob("*.h5.partial"))
     with open_run(partial, allow_incomplete=True) as run:
         assert run.partial and run.world_size == 2
     assert os.strerror(errno.ENOSPC) in lines[0]
+
+
+def test_a_disk_that_fills_while_streaming_is_one_line_and_a_recorded_ending(tmp_path,
+                                                                             full_disk):
+    tag = job_tag()
+    started = time.monotonic()
+    # 10 us samples: each rank streams about 0.8 MB/s, so the 512 KiB fill within a second.
+    proc = mpirun(2, "run", "--trace-flush", str(FLUSH_S), "--out", str(full_disk), "--", FWQ,
+                  "--samples", "5000000", "--quantum-us", "10", timeout=60,
+                  env=Job(("x",), env=tag).render("local").env)
+    took = time.monotonic() - started
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("mckmpi: error:")]
+    assert proc.returncode == 74, proc.stderr[-2000:]
+    assert len(lines) == 1 and "ENOSPC" in lines[0] and str(full_disk) in lines[0], lines
+    assert "Traceback" not in proc.stderr
+    assert took < 10 + 10, took  # 10 s to end, plus the start-up of two interpreters
+    assert tagged_processes(tag) == [], "processes of the job outlived it"
+    partial = next(full_disk.glob("*.h5.partial"))
+    with open_run(partial, allow_incomplete=True) as run:
+        a = run.attrs
+        # No room for the ending in the spool: it is in the space reserved for it.
+        assert a["ending"] == "io-error" and "ENOSPC" in a["error"], run.note
+        assert min(run.length("noise/fwq_ns", r) for r in range(2)) > 1000
 
 
 @pytest.mark.offload

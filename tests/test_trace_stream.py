@@ -176,6 +176,35 @@ def test_a_spool_write_failure_is_kept_not_raised_in_the_thread(tmp_path):
     assert spool_path(spool_dir(run.partial), 0).is_file()
 
 
+def test_an_ending_the_full_spool_cannot_take_goes_to_its_reserve(tmp_path):
+    t = _tracer()
+    run = _start(tmp_path, t, flush_s=0.01)
+    t.array("noise", "x", np.arange(3))
+    _wait_spooled(run, "noise/x", 3)
+    os.close(run.streamer.spool.fd)
+    run.streamer.spool.fd = os.open("/dev/full", os.O_WRONLY)  # the disk is full from here
+    t.array("noise", "y", np.arange(4))
+    end = {"ending": "io-error", "exit_status": 74, "signal": "", "rank": 0,
+           "error": "cannot write d: ENOSPC (No space left on device)", "time_ns": 5}
+    run.abandon(end)
+    assert run.streamer.error.errno == errno.ENOSPC
+    spool = spool_path(spool_dir(run.partial), 0)
+    assert read_spool(spool).ending == {k: v for k, v in end.items()}
+    with open_run(run.partial, allow_incomplete=True) as r:
+        assert (r.attrs["ending"], r.attrs["exit_status"]) == ("io-error", 74), r.note
+        assert r.read("noise/x")[0].tolist() == [0, 1, 2] and "noise/y" not in r
+
+
+def test_a_spool_without_an_ending_reserve_still_reads(tmp_path):
+    sp = SpoolWriter(tmp_path / "rank-000000.spool")
+    sp.data("noise/x", "array", np.arange(3, dtype=np.int64), 0, 3, {}, True)
+    sp.frame({"type": "ending", "ending": "normal"})
+    sp.close()
+    (tmp_path / "rank-000000.ending").unlink()  # as spools were before the reserve
+    got = read_spool(tmp_path / "rank-000000.spool")
+    assert got.ending == {"ending": "normal"} and not got.torn
+
+
 def test_collect_marks_partial_runs_and_never_counts_them(tmp_path):
     from mckmpi.analysis import scaling, study
 

@@ -238,13 +238,21 @@ class Streamer:
         return moved
 
     def ending(self, ending: dict[str, Any]) -> None:
-        """Record how this rank ended (the last ending frame counts)."""
+        """Record how this rank ended (the last ending frame counts); once the spool failed
+        (a full disk), in the space reserved for it."""
         with self._lock:
-            if self.error is None and self.spool.fd >= 0:
+            if self.spool.fd < 0:
+                return
+            if self.error is None:
                 try:
                     self.spool.frame({"type": "ending", **ending})
+                    return
                 except OSError as exc:
                     self.error = exc
+            try:
+                self.spool.reserved_ending(ending)
+            except OSError:
+                pass  # the reserve failed too (a failing device): the rank reads as killed
 
     def stop(self) -> None:
         """Stop the thread and flush what is left; the spool stays open for the ending."""
