@@ -183,6 +183,7 @@ def run(out_dir: pathlib.Path, quick: bool = False) -> dict:
     work = pathlib.Path(tempfile.mkdtemp(prefix="bench-tracing-", dir=out_dir))
     runs: dict[str, list[dict]] = {side: [] for side in SIDES}
     stencil: dict[str, list[float]] = {"traced": [], "bare": []}
+    load_before = os.getloadavg()  # a shared host: what else ran is part of the numbers
     try:
         flush = flush_costs(work)
         for i in range(rounds):
@@ -237,6 +238,7 @@ def run(out_dir: pathlib.Path, quick: bool = False) -> dict:
             "runs_iter_ns": stencil,
         },
         "cpus": sorted(os.sched_getaffinity(0)),
+        "load_average": {"before": list(load_before), "after": list(os.getloadavg())},
     }
     if all(r["reps"] for v in runs.values() for r in v):
         result["traced_median_ns_per_rep"] = statistics.median(per_rep["traced"])
