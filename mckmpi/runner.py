@@ -303,6 +303,8 @@ def _run_in_mpi(settings: Settings, app: App, argv: list[str], placement: Placem
 
     def aborted(errorcode: int) -> None:
         # The app called MPI_Abort: its ending and data go to the spool before the abort.
+        if run_file.ended:
+            return  # the harness's own abort (a lost proxy): its ending and line are said
         end = endings.of_abort(errorcode, placement.rank, offset_ns)
         run_file.abandon(end)
         print(error_line(end["error"]), file=sys.stderr, flush=True)

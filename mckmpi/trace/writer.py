@@ -307,6 +307,7 @@ class RunFile:
     provenance: dict[str, Any]
     method: str
     streamer: Streamer | None = None
+    ended: bool = False  # this rank's ending was given to `finish` or `abandon`
 
     @property
     def spool(self) -> Path:
@@ -358,6 +359,7 @@ class RunFile:
         """Record this rank's `ending`, write the final file and rename it (collective).
         Returns the final path; raises `StorageError` on every rank when it cannot."""
         comm, rank, size = self.comm, self.comm.Get_rank(), self.comm.Get_size()
+        self.ended = True
         failure = None
         if self.streamer is not None:
             self.streamer.stop()
@@ -474,6 +476,7 @@ class RunFile:
     def abandon(self, ending: dict[str, Any]) -> None:
         """This rank cannot take part in `finish` (the job is aborting): record its ending
         and what it holds in its spool, so the partial file tells what happened."""
+        self.ended = True
         if self.streamer is not None:
             self.streamer.stop()
             self.streamer.ending(ending)
