@@ -179,6 +179,23 @@ def test_kill_9_keeps_an_apps_streamed_arrays_but_the_last_flush(tmp_path):
             assert lost_s < FLUSH_S + 0.5, (rank, lost_s)
 
 
+@pytest.mark.parametrize("app,key", [
+    (["stencil.py", "--local", "64x64", "--iterations", "200000"], "app/comm_ns"),
+    (["cg.py", "--local", "64", "--tol", "1e-300", "--max-iter", "100000"], "app/halo_ns"),
+    (["allreduce.py", "--sizes", "8", "--iterations", "1000000"], "app/allreduce"),
+    (["detour.py", "--duration-s", "600"], "noise/detours"),
+], ids=["stencil", "cg", "allreduce", "detour"])
+def test_kill_9_keeps_every_apps_series_and_tables(tmp_path, app, key):
+    proc = _start(tmp_path, [str(APPS / app[0]), *app[1:]])
+    _kill_9_when_streaming(tmp_path, proc, key)
+    with open_run(_one(tmp_path, "*.h5.partial"), allow_incomplete=True) as run:
+        assert run.partial and "ending killed" in run.note
+        for rank in range(2):
+            rows = len(run.table(key, rank)) if run.kind(key) == "table" \
+                else run.length(key, rank)
+            assert rows > 0, (key, rank)
+
+
 @pytest.mark.offload
 def test_kill_9_keeps_the_runtime_counters_of_the_last_flush(tmp_path):
     proc = _start(tmp_path, [FWQ, "--samples", "200000", "--quantum-us", "500"],
