@@ -9,7 +9,7 @@ Verified: every rank contributes rank+1 in every element, so each result element
 exactly size*(size+1)/2.
 
 Records: table app/allreduce (bytes i8, iter i4, ns i8: the call, work_ns i8: the compute
-before it), one row per timed call, sizes in the order given; attrs of app: name, sizes,
+before it), one row per timed call, sizes in the order given, streamed as the calls are made; attrs of app: name, sizes,
 iterations, warmup, work_quantum_ns, verified.
 """
 
@@ -58,8 +58,13 @@ def main(argv: list[str] | None = None) -> None:
     recv = mem.zeros(largest)
     n = args.iterations
     rows = len(args.sizes) * n
-    call_ns = mem.zeros(rows, dtype=np.int64)
-    work_ns = mem.zeros(rows, dtype=np.int64)
+    # One row per timed call, streamed into the run file as the calls are made.
+    table = mem.zeros(rows, dtype=ROW_DTYPE)
+    table["bytes"] = np.repeat(np.asarray(args.sizes, dtype=np.int64), n)
+    table["iter"] = np.tile(np.arange(n, dtype=np.int32), len(args.sizes))
+    call_ns, work_ns = table["ns"], table["work_ns"]
+    done = ctx.tracer.stream("app", "allreduce", table,
+                             units={"bytes": "B", "ns": "ns", "work_ns": "ns"})
     kernel = appkit.WorkKernel(mem)
     run = kernel.runner(inj)
     quantum_ns = round(args.work_us * 1000)
@@ -92,18 +97,14 @@ def main(argv: list[str] | None = None) -> None:
                 t2 = c()
                 work_ns[i] = t1 - t0
                 call_ns[i] = t2 - t1
+                done.filled = i + 1
             ok = ok and bool(np.all(rb == expected))
             rb.fill(0)
         inj.stop()
 
     appkit.run_phases(ctx, measure)
     verified = comm.allreduce(ok, op=MPI.LAND)
-    table = np.empty(rows, dtype=ROW_DTYPE)
-    table["bytes"] = np.repeat(np.asarray(args.sizes, dtype=np.int64), n)
-    table["iter"] = np.tile(np.arange(n, dtype=np.int32), len(args.sizes))
-    table["ns"], table["work_ns"] = call_ns, work_ns
     tracer = ctx.tracer
-    tracer.table("app", "allreduce", table, units={"bytes": "B", "ns": "ns", "work_ns": "ns"})
     tracer.attrs("app", name="allreduce", sizes=np.asarray(args.sizes, dtype=np.int64), iterations=n,
                  warmup=args.warmup, work_quantum_ns=quantum_ns, verified=verified)
     inj.record(tracer)

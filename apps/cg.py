@@ -13,8 +13,9 @@ solve a different system and fail the check. Verified when the true relative res
 cond(A) * residual that holds for any x.
 
 Records: app/iter_ns, app/compute_ns, app/comm_ns (the two allreduces), app/halo_ns
-[ranks, iterations] int64 ns; scalars app/residual, app/error; attrs of app: name, scaling,
-global_size, local_size, process_grid, iterations, tolerance, converged, verified, error.
+[ranks, iterations] int64 ns (streamed while the app runs); scalars app/residual,
+app/error; attrs of app: name, scaling, global_size, local_size, process_grid, iterations,
+tolerance, converged, verified, error.
 """
 
 from __future__ import annotations
@@ -98,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     loc, glob = mem.zeros(1), mem.zeros(1)
     cap = args.max_iter
     iter_ns, compute_ns, comm_ns, halo_ns = (mem.zeros(cap, dtype=np.int64) for _ in range(4))
+    times = appkit.stream_phases(ctx.tracer, iter_ns, compute_ns, comm_ns, halo_ns=halo_ns)
 
     def allreduce_dot(u: np.ndarray, v: np.ndarray) -> float:
         np.multiply(u, v, out=tmp)
@@ -148,6 +150,7 @@ def main(argv: list[str] | None = None) -> None:
             halo_ns[k] = t1 - t0
             comm_ns[k] = t3 - t2 + t5 - t4
             compute_ns[k] = t2 - t1 + t4 - t3 + t6 - t5
+            times.filled = k + 1
             if rr <= stop:
                 iterations, converged = k + 1, True
                 return
@@ -170,8 +173,6 @@ def main(argv: list[str] | None = None) -> None:
     verified = bool(converged and residual <= 10 * args.tol and error <= 1.01 * kappa * residual)
     n = iterations
     tracer = ctx.tracer
-    appkit.record_phases(tracer, n, iter_ns, compute_ns, comm_ns)
-    tracer.array("app", "halo_ns", halo_ns[:n], units="ns")
     tracer.scalar("app", "residual", residual)
     tracer.scalar("app", "error", error)
     tracer.attrs("app", name="cg", scaling=grid.scaling, global_size=grid.text(grid.global_shape),

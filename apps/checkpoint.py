@@ -27,7 +27,8 @@ Writing modes:
 Records: app/iter_ns, app/compute_ns, app/comm_ns (the allreduce), app/ckpt_ns (time the
 loop spent on checkpointing: copy, write and verify, or waiting for the previous write)
 [ranks, iterations] of the checkpointed phase, app/base_iter_ns of the baseline phase;
-table app/checkpoints (iter, start_ns, bytes, write_ns, verify_ns); scalars
+table app/checkpoints (iter, start_ns, bytes, write_ns, verify_ns), all streamed while the
+app runs; scalars
 app/throughput_base and app/throughput_ckpt (iterations per second); attrs of app: name,
 elements, iterations, every, async_mode (sync | thread | scheduler | channel), fsync,
 verified.
@@ -126,7 +127,7 @@ class Checkpointer:
     worker thread, or via a scheduler task and the asynchronous offload channel."""
 
     def __init__(self, mode: str, paths: list[str], mem: Any, elements: int, count: int,
-                 fsync: bool, sched: Any, offload: Any = None) -> None:
+                 fsync: bool, sched: Any, tracer: Any, offload: Any = None) -> None:
         self.mode = mode
         self.paths = paths
         self.fsync = fsync
@@ -134,6 +135,9 @@ class Checkpointer:
         self.same = mem.empty(elements, dtype=np.bool_)
         self.snapshot = mem.empty(elements) if mode != "sync" else None
         self.log = np.zeros(count, dtype=CKPT_DTYPE)
+        # One row per checkpoint, streamed into the run file as each one completes.
+        self.logged = tracer.stream("app", "checkpoints", self.log, units={
+            "start_ns": "ns", "bytes": "B", "write_ns": "ns", "verify_ns": "ns"})
         self.ok = True
         self.error: OSError | None = None  # a writer task's failure, raised by `wait`
         self.sched = sched
@@ -284,6 +288,7 @@ class Checkpointer:
     def _done(self, c: int, iteration: int, result: tuple[int, int, int, bool]) -> None:
         start, write_ns, verify_ns, equal = result
         self.log[c] = (iteration, start, self.readbuf.nbytes, write_ns, verify_ns)
+        self.logged.filled = c + 1
         self.ok = self.ok and equal
 
 
@@ -352,7 +357,11 @@ def main(argv: list[str] | None = None) -> None:
     iter_ns, compute_ns, comm_ns, ckpt_ns = (mem.zeros(n, dtype=np.int64) for _ in range(4))
     walls = [0, 0]
     sched = ctx.scheduler if mode in ("scheduler", "channel") else None
-    writer = Checkpointer(mode, paths, mem, args.elements, count, args.fsync, sched, ctx.offload)
+    tracer = ctx.tracer
+    base_times = tracer.stream("app", "base_iter_ns", base_iter_ns, units="ns")
+    times = appkit.stream_phases(tracer, iter_ns, compute_ns, comm_ns, ckpt_ns=ckpt_ns)
+    writer = Checkpointer(mode, paths, mem, args.elements, count, args.fsync, sched, tracer,
+                          ctx.offload)
 
     def run() -> None:
         c = clock
@@ -371,6 +380,7 @@ def main(argv: list[str] | None = None) -> None:
                 t1 = c()
             comm.Allreduce(loc, glob, op=MPI.SUM)
             base_iter_ns[i] = c() - t0
+            base_times.filled = i + 1
         walls[0] = c() - start
         comm.Barrier()
         start = c()
@@ -393,6 +403,7 @@ def main(argv: list[str] | None = None) -> None:
             compute_ns[i] = t1 - t0
             comm_ns[i] = t2 - t1
             ckpt_ns[i] = t3 - t2
+            times.filled = i + 1
         writer.wait()
         walls[1] = c() - start
         inj.stop()
@@ -424,12 +435,6 @@ def main(argv: list[str] | None = None) -> None:
     drop_temporary()
     verified = comm.allreduce(writer.ok and restarted, op=MPI.LAND)
 
-    tracer = ctx.tracer
-    appkit.record_phases(tracer, n, iter_ns, compute_ns, comm_ns)
-    tracer.array("app", "ckpt_ns", ckpt_ns, units="ns")
-    tracer.array("app", "base_iter_ns", base_iter_ns, units="ns")
-    tracer.table("app", "checkpoints", writer.log,
-                 units={"start_ns": "ns", "bytes": "B", "write_ns": "ns", "verify_ns": "ns"})
     base_rate, ckpt_rate = n / walls[0] * 1e9, n / walls[1] * 1e9
     tracer.scalar("app", "throughput_base", base_rate, units="1/s")
     tracer.scalar("app", "throughput_ckpt", ckpt_rate, units="1/s")

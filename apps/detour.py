@@ -10,7 +10,8 @@ loop just before the run. The loop is Python (a clock read, a subtraction, a com
 so its minimum time (around 0.1-0.2 us) bounds the shortest detour it can see; the
 threshold and the minimum loop time are recorded with the events.
 
-Records: table noise/detours (start_ns, duration_ns: CLOCK_MONOTONIC ns, sorted by start);
+Records: table noise/detours (start_ns, duration_ns: CLOCK_MONOTONIC ns, sorted by start;
+streamed while the rank spins);
 scalars noise/detour_span_ns, noise/detour_threshold_ns, noise/detour_min_loop_ns,
 noise/detour_dropped (events beyond --max-events, counted but not kept).
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 import numpy as np
 from mpi4py import MPI
@@ -55,11 +57,13 @@ def min_loop_ns(span_ns: int = 50_000_000) -> int:
     return best
 
 
-def spin(starts: np.ndarray, durations: np.ndarray, span_ns: int, threshold: int,
-         inj: appkit.Injector) -> tuple[int, int, int]:
-    """Spin for `span_ns`; returns (first read, last read, detours seen)."""
+def spin(events: np.ndarray, span_ns: int, threshold: int, inj: appkit.Injector,
+         kept: Any) -> tuple[int, int, int]:
+    """Spin for `span_ns`, recording detours into `events` (``kept.filled`` follows the rows
+    written); returns (first read, last read, detours seen)."""
     c = clock
-    cap = len(starts)
+    starts, durations = events["start_ns"], events["duration_ns"]
+    cap = len(events)
     n = 0
     first = last = c()
     end = first + span_ns
@@ -70,6 +74,7 @@ def spin(starts: np.ndarray, durations: np.ndarray, span_ns: int, threshold: int
             if n < cap:
                 starts[n] = last
                 durations[n] = now - last
+                kept.filled = n + 1
             n += 1
         if now >= next_event:
             if now >= end:
@@ -85,8 +90,10 @@ def main(argv: list[str] | None = None) -> None:
     comm = MPI.COMM_WORLD
     inj = appkit.injector(args, p, comm)
     span_ns = round(args.duration_s * 1e9)
-    starts = ctx.mem.zeros(args.max_events, dtype=np.int64)
-    durations = ctx.mem.zeros(args.max_events, dtype=np.int64)
+    events = ctx.mem.zeros(args.max_events, dtype=DETOUR_DTYPE)
+    # Streamed: detours reach the run file while the rank spins.
+    recorded = ctx.tracer.stream("noise", "detours", events,
+                                 units={"start_ns": "ns", "duration_ns": "ns"})
     loop_ns = max(1, min_loop_ns())
     threshold = args.threshold_ns or 5 * loop_ns
     result = (0, 0, 0)
@@ -94,26 +101,25 @@ def main(argv: list[str] | None = None) -> None:
     def measure() -> None:
         nonlocal result
         inj.start(comm)
-        result = spin(starts, durations, span_ns, threshold, inj)
+        result = spin(events, span_ns, threshold, inj, recorded)
         inj.stop()
 
     appkit.run_phases(ctx, measure)
     first, last, n = result
     kept = min(n, args.max_events)
-    events = np.empty(kept, dtype=DETOUR_DTYPE)
-    events["start_ns"], events["duration_ns"] = starts[:kept], durations[:kept]
     measured = last - first
-    ok = (measured >= span_ns and bool(np.all(np.diff(events["start_ns"]) > 0))
-          and bool(np.all(events["duration_ns"] > threshold)))
+    seen = events[:kept]
+    ok = (measured >= span_ns and recorded.filled == kept
+          and bool(np.all(np.diff(seen["start_ns"]) > 0))
+          and bool(np.all(seen["duration_ns"] > threshold)))
     appkit.verify_all(comm, ok, "detour events are not a sorted set of gaps above the threshold")
     tracer = ctx.tracer
-    tracer.table("noise", "detours", events, units={"start_ns": "ns", "duration_ns": "ns"})
     tracer.scalar("noise", "detour_span_ns", measured, units="ns")
     tracer.scalar("noise", "detour_threshold_ns", threshold, units="ns")
     tracer.scalar("noise", "detour_min_loop_ns", loop_ns, units="ns")
     tracer.scalar("noise", "detour_dropped", n - kept, units="count")
     inj.record(tracer)
-    fraction = float(events["duration_ns"].sum()) / measured
+    fraction = float(seen["duration_ns"].sum()) / measured
     fractions = comm.gather(fraction, root=0)
     counts = comm.gather(n, root=0)
     if comm.Get_rank() == 0:

@@ -11,7 +11,8 @@ The unit of work is one numpy kernel call over a cache-resident array (`np.sqrt(
 followed by one clock read; nothing is allocated in the loop.
 
 Records: noise/ftq_counts [ranks, intervals] int64 (units per interval), noise/ftq_start_ns
-[ranks, intervals] int64 (interval start, CLOCK_MONOTONIC ns); attrs of noise:
+[ranks, intervals] int64 (interval start, CLOCK_MONOTONIC ns), both streamed as intervals
+end; attrs of noise:
 ftq_interval_ns, ftq_unit_ns (fastest unit of any rank), timer_cost_ns, timer_resolution_ns.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 import numpy as np
 from mpi4py import MPI
@@ -38,8 +40,9 @@ def parse(argv: list[str]) -> tuple[appkit.AppParser, argparse.Namespace]:
 
 
 def count_units(kernel: appkit.WorkKernel, counts: np.ndarray, t0: int, interval: int,
-                inj: appkit.Injector) -> None:
-    """Fill `counts` with the units completed in each interval after `t0`."""
+                inj: appkit.Injector, done: Any) -> None:
+    """Fill `counts` with the units completed in each interval after `t0`; `done.filled`
+    follows the intervals that are over (the stream of the counts)."""
     x, y, sqrt, c = kernel.x, kernel.y, np.sqrt, clock
     n = len(counts)
     i = count = 0
@@ -59,7 +62,9 @@ def count_units(kernel: appkit.WorkKernel, counts: np.ndarray, t0: int, interval
             counts[i] = count
             i = (now - t0) // interval
             if i >= n:
+                done.filled = n
                 break
+            done.filled = i
             count = 1
             boundary = t0 + (i + 1) * interval
         next_event = min(boundary, inj.due)
@@ -75,25 +80,24 @@ def main(argv: list[str] | None = None) -> None:
     kernel = appkit.WorkKernel(ctx.mem)
     counts = ctx.mem.zeros(args.intervals, dtype=np.int64)
     starts = ctx.mem.zeros(args.intervals, dtype=np.int64)
+    # Streamed: the intervals that are over reach the run file while the app runs.
+    done = ctx.tracer.stream("noise", "ftq_counts", counts, units="count")
+    ctx.tracer.stream("noise", "ftq_start_ns", starts, units="ns", along=done)
     unit_ns = comm.allreduce(kernel.unit_ns(kernel.run), op=MPI.MIN)
-    t0 = 0
 
     def measure() -> None:
-        nonlocal t0
         t0 = inj.start(comm)
+        np.multiply(np.arange(args.intervals, dtype=np.int64), interval_ns, out=starts)
+        np.add(starts, t0, out=starts)
         while clock() < t0:
             pass
-        count_units(kernel, counts, t0, interval_ns, inj)
+        count_units(kernel, counts, t0, interval_ns, inj, done)
         inj.stop()
 
     appkit.run_phases(ctx, measure)
-    np.multiply(np.arange(args.intervals, dtype=np.int64), interval_ns, out=starts)
-    starts += t0
     appkit.verify_all(comm, kernel.verify() and counts.sum() > 0,
                       "FTQ kernel produced a wrong result or no work was counted")
     tracer = ctx.tracer
-    tracer.array("noise", "ftq_counts", counts, units="count")
-    tracer.array("noise", "ftq_start_ns", starts, units="ns")
     tracer.attrs("noise", ftq_interval_ns=interval_ns, ftq_unit_ns=round(unit_ns),
                  ftq_elements=kernel.elements, timer_cost_ns=timer.cost_ns,
                  timer_resolution_ns=timer.resolution_ns)

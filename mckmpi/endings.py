@@ -11,16 +11,27 @@ file is finished inside that window. Python runs handlers only between bytecodes
 blocked in C (an MPI call whose peer is gone) would not notice: the C-level handler also
 writes the signal number to a wakeup fd, and the trace streamer, woken by it, flushes the
 rank's data and records the ending at once.
+
+MPI_Abort called by the app ends the process inside the MPI library, without an exit
+handler. The harness loads a wrapper of it (`mckmpi/_mpiabort.c`) as an MPI profiling
+library before MPI (`wrap_mpi_abort`); the wrapper calls `mpi_abort_called` first, and the
+handler the runner set with `on_mpi_abort` records the ending `aborted` (the errorcode as
+`exit_status`, the rank) and the rank's data in its spool.
 """
 
 from __future__ import annotations
 
 import _thread
+import importlib.util
 import os
 import signal
+import sys
 import time
 import traceback
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from mckmpi.errors import StorageError, UsageError
@@ -147,3 +158,52 @@ def of_child(status: int, target: str, rank: int, offset_ns: int) -> dict[str, A
                       f"rank {rank}: {target} killed by {signal.Signals(-status).name}")
     return ending("exit", rank, offset_ns, status,
                   error=f"rank {rank}: {target} exited with status {status}")
+
+
+def of_abort(errorcode: int, rank: int, offset_ns: int) -> dict[str, Any]:
+    """The ending of a rank whose app called MPI_Abort(comm, `errorcode`)."""
+    return ending("aborted", rank, offset_ns, errorcode,
+                  error=f"rank {rank} called MPI_Abort with errorcode {errorcode}")
+
+
+#: What `mpi_abort_called` runs (set by the runner while the app runs), or None.
+_abort_handler: Callable[[int], None] | None = None
+
+
+def on_mpi_abort(handler: Callable[[int], None] | None) -> None:
+    """Have `handler(errorcode)` run when the app calls MPI_Abort (None: nothing runs, e.g.
+    when the harness itself aborts the job after recording another ending)."""
+    global _abort_handler
+    _abort_handler = handler
+
+
+def mpi_abort_called(errorcode: int) -> None:
+    """Called by the MPI_Abort wrapper, in the aborting thread, before the abort. Runs the
+    handler once; its failure must not stop the abort, so it is only printed."""
+    global _abort_handler
+    handler, _abort_handler = _abort_handler, None
+    if handler is None:
+        return
+    try:
+        handler(errorcode)
+    except BaseException:  # noqa: BLE001 - the job ends now whatever happened here
+        traceback.print_exc()
+
+
+def wrap_mpi_abort() -> bool:
+    """Load the MPI_Abort wrapper as an MPI profiling library, so that an app's own
+    MPI_Abort reaches `mpi_abort_called`; before mpi4py loads MPI (else it is too late:
+    False). False too when the wrapper was not built or cannot be loaded: then an abort
+    leaves the rank's ending unrecorded (`killed`), as without the wrapper."""
+    if "mpi4py.MPI" in sys.modules:
+        return False
+    spec = importlib.util.find_spec("mckmpi._mpiabort")
+    if spec is None or not spec.origin:
+        return False
+    import mpi4py
+
+    wrapper = Path(spec.origin)
+    with warnings.catch_warnings(record=True) as failed:
+        warnings.simplefilter("always")
+        mpi4py.profile(wrapper.name, path=[str(wrapper.parent)])
+    return not failed

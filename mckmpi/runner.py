@@ -205,6 +205,7 @@ def run(settings: Settings, app: App, argv: list[str]) -> int:
         # yields when it knows it is oversubscribed, but it cannot see mckmpi's pinning.
         os.environ.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
 
+    endings.wrap_mpi_abort()  # before MPI is loaded: the app's own MPI_Abort is recorded
     from mpi4py import MPI
 
     world = MPI.COMM_WORLD
@@ -219,6 +220,7 @@ def run(settings: Settings, app: App, argv: list[str]) -> int:
             print(exc.line(), file=sys.stderr, flush=True)
         return exc.exit_code
     except MckmpiError as exc:
+        endings.on_mpi_abort(None)  # the harness's own abort below is not the app's
         if _proxy_lost(exc):
             # a request to the proxy failed because it is gone: the offload's watcher says
             # so in one line (the node's rank 0 first) and aborts the job
@@ -231,6 +233,7 @@ def run(settings: Settings, app: App, argv: list[str]) -> int:
         world.Abort(exc.exit_code)
     except BaseException:
         # A failure of the harness itself on one rank must not leave the others waiting.
+        endings.on_mpi_abort(None)
         traceback.print_exc()
         sys.stderr.flush()
         world.Abort(1)
@@ -297,12 +300,24 @@ def _run_in_mpi(settings: Settings, app: App, argv: list[str], placement: Placem
     isolated = isolate_job(settings.isolate, plan, node_comm, settings.cpuset)
     ctx.phase_marks = kernel = start_on_node(plan, node_comm)  # the kernel's doings from here
     started = time.monotonic_ns()
+
+    def aborted(errorcode: int) -> None:
+        # The app called MPI_Abort: its ending and data go to the spool before the abort.
+        if run_file.ended:
+            return  # the harness's own abort (a lost proxy): its ending and line are said
+        end = endings.of_abort(errorcode, placement.rank, offset_ns)
+        run_file.abandon(end)
+        print(error_line(end["error"]), file=sys.stderr, flush=True)
+
+    endings.on_mpi_abort(aborted)
     if runtime is None:
         end = _run_app(app, placement.rank, offset_ns)
     else:
         # The app is the scheduler's first task, so it may yield, spawn and join anywhere.
         runtime.start_app()
+        run_file.add_source(lambda: runtime.snapshot(tracer))  # counters stream as they grow
         end = runtime.scheduler.run(lambda: _run_app(app, placement.rank, offset_ns))
+    endings.on_mpi_abort(None)  # from here on, an abort is the harness's (its ending is set)
     catcher.quiet()
     tracer.scalar("app", "wall_ns", time.monotonic_ns() - started, units="ns")
     if kernel is not None:
@@ -340,12 +355,14 @@ def _end(world: Any, run_file: Any, tracer: Tracer, end: dict[str, Any],
                 print(warning, file=sys.stderr, flush=True)
         return end["exit_status"]
     run_file.abandon(end)
-    if end["ending"] == "io-error":
-        print(f"mckmpi: error: {end['error']}", file=sys.stderr, flush=True)
     if placement.rank != 0:
         # Rank 0 speaks for the job (apps report usage errors there): when it exits too,
-        # its abort, not ours, ends the job, so its line is not lost in the teardown.
+        # its abort, not ours, ends the job, so its line is not lost in the teardown (and
+        # an I/O error all ranks met is said once).
         time.sleep(ABORT_GRACE_S)
+    if end["ending"] == "io-error" and not (placement.rank != 0 and catcher.caught):
+        # (a rank signalled meanwhile: another rank's abort is ending the job, it spoke)
+        print(f"mckmpi: error: {end['error']}", file=sys.stderr, flush=True)
     world.Abort(end["exit_status"] if 0 < end["exit_status"] < 256 else 1)
     return 1  # not reached
 

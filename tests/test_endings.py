@@ -15,11 +15,14 @@ import textwrap
 import time
 from pathlib import Path
 
+import h5py
+import numpy as np
 import pytest
 from fixtures import APPS, job_tag, mckmpi, mpirun, tagged, tagged_processes
 
 from mckmpi.jobs.launchers import Job
 from mckmpi.trace.reader import RunFileError, open_run
+from mckmpi.trace.spool import read_spool
 
 FWQ = str(APPS / "fwq.py")
 FLUSH_S = 0.2
@@ -33,6 +36,7 @@ STAMPS = textwrap.dedent("""
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
     out, n, exit_rank = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    how = sys.argv[4] if len(sys.argv) > 4 else "exit"
     stamps = np.zeros(n, dtype=np.int64)
     stream = mckmpi.context().tracer.stream("noise", "stamps_ns", stamps, units="ns")
     with open(os.path.join(out, f"pid-{rank}"), "w") as fh:   # an offloaded open and write
@@ -42,23 +46,26 @@ STAMPS = textwrap.dedent("""
         stream.filled = i + 1
         time.sleep(0.002)
     if rank == exit_rank:
-        sys.exit(3)
+        sys.exit(3) if how == "exit" else comm.Abort(7)
     comm.Barrier()
 """)
 
 
-def _start(tmp_path: Path, app: list[str], **options: str) -> subprocess.Popen:
+def _start(tmp_path: Path, app: list[str], oversubscribe: bool = False,
+           **options: str) -> subprocess.Popen:
     """A 2-rank job in its own session (so the test can kill all of it), not waited for."""
     launch = Job(tuple(app), 2, {"trace_flush": FLUSH_S, "out": str(tmp_path / "out"),
-                                 **options}).render("mpiexec")
+                                 **options}, oversubscribe=oversubscribe).render("mpiexec")
     return subprocess.Popen(launch.argv, env=launch.env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
-def _stamps_app(tmp_path: Path, n: int, exit_rank: int = -1) -> list[str]:
+def _stamps_app(tmp_path: Path, n: int, exit_rank: int = -1, how: str = "exit") -> list[str]:
+    """The stamp app with `n` samples; rank `exit_rank` then exits 3 (or, with `how` =
+    "abort", calls MPI_Abort with errorcode 7)."""
     app = tmp_path / "stamps.py"
     app.write_text(STAMPS)
-    return [str(app), str(tmp_path), str(n), str(exit_rank)]
+    return [str(app), str(tmp_path), str(n), str(exit_rank), how]
 
 
 def _wait(predicate, proc: subprocess.Popen, timeout: float) -> None:
@@ -126,6 +133,91 @@ def test_kill_9_of_the_whole_job_loses_at_most_the_last_flush(tmp_path):
     assert "noise/stamps_ns" in report.stdout
 
 
+def _spooled_rows(tmp_path: Path, key: str) -> dict[int, int]:
+    """Rows of `key` each rank's spool holds now."""
+    found = {}
+    for spool in (tmp_path / "out").glob("*.h5.partial.d/rank-*.spool"):
+        rec = read_spool(spool).records.get(key)
+        found[int(spool.stem.split("-")[1])] = 0 if rec is None else rec[1].size
+    return found
+
+
+def _kill_9_when_streaming(tmp_path: Path, proc: subprocess.Popen, key: str) -> int:
+    """Once both ranks' spools hold `key`, wait a few flushes and SIGKILL mpiexec and every
+    rank (their pids from the run file's header); the kill's time (CLOCK_MONOTONIC ns)."""
+    _wait(lambda: len(rows := _spooled_rows(tmp_path, key)) == 2 and min(rows.values()) > 0,
+          proc, 60)
+    time.sleep(1.5)
+    with h5py.File(_one(tmp_path, "*.h5.partial"), "r") as header:
+        ranks = [int(pid) for pid in header["ranks"]["pid"]]
+    os.killpg(proc.pid, signal.SIGKILL)
+    for pid in ranks:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    killed_at = time.monotonic_ns()  # every process of the job is gone
+    _reap(proc)
+    return killed_at
+
+
+def test_kill_9_keeps_an_apps_streamed_arrays_but_the_last_flush(tmp_path):
+    interval_ns = 1_000_000
+    proc = _start(tmp_path, [str(APPS / "ftq.py"), "--intervals", "200000",
+                             "--interval-us", str(interval_ns // 1000)])
+    killed_at = _kill_9_when_streaming(tmp_path, proc, "noise/ftq_counts")
+    with open_run(_one(tmp_path, "*.h5.partial"), allow_incomplete=True) as run:
+        assert run.partial and "ending killed" in run.note
+        for rank in range(2):
+            n = run.length("noise/ftq_counts", rank)
+            assert n == run.length("noise/ftq_start_ns", rank) and n > 500, n
+            starts = run.read("noise/ftq_start_ns", rank)[:n]
+            assert np.all(np.diff(starts) == interval_ns) and run.read(
+                "noise/ftq_counts", rank)[:n].sum() > 0
+            # The intervals that ended before the last flush are all there.
+            lost_s = (killed_at - (int(starts[-1]) + interval_ns)) / 1e9
+            assert lost_s < FLUSH_S + 0.5, (rank, lost_s)
+
+
+@pytest.mark.parametrize("app,key", [
+    (["stencil.py", "--local", "64x64", "--iterations", "200000"], "app/comm_ns"),
+    (["cg.py", "--local", "64", "--tol", "1e-300", "--max-iter", "100000"], "app/halo_ns"),
+    (["allreduce.py", "--sizes", "8", "--iterations", "1000000"], "app/allreduce"),
+    (["detour.py", "--duration-s", "600"], "noise/detours"),
+], ids=["stencil", "cg", "allreduce", "detour"])
+def test_kill_9_keeps_every_apps_series_and_tables(tmp_path, app, key):
+    proc = _start(tmp_path, [str(APPS / app[0]), *app[1:]])
+    _kill_9_when_streaming(tmp_path, proc, key)
+    with open_run(_one(tmp_path, "*.h5.partial"), allow_incomplete=True) as run:
+        assert run.partial and "ending killed" in run.note
+        for rank in range(2):
+            rows = len(run.table(key, rank)) if run.kind(key) == "table" \
+                else run.length(key, rank)
+            assert rows > 0, (key, rank)
+
+
+@pytest.mark.offload
+def test_kill_9_keeps_the_runtime_counters_of_the_last_flush(tmp_path):
+    proc = _start(tmp_path, [FWQ, "--samples", "200000", "--quantum-us", "500"],
+                  oversubscribe=True, mode="lwk", mem="64M")
+    killed_at = _kill_9_when_streaming(tmp_path, proc, "scheduler/voluntary_switches")
+    with open_run(_one(tmp_path, "*.h5.partial"), allow_incomplete=True) as run:
+        assert run.partial and "ending killed" in run.note
+        for group in ("memory", "scheduler"):
+            taken = run.scalars(f"{group}/snapshot_ns")
+            for rank in range(2):
+                lost_s = (killed_at - int(taken[rank])) / 1e9
+                assert 0 <= lost_s < FLUSH_S + 0.5, (group, rank, lost_s)
+        assert set(run.members("memory")) >= {"minflt", "majflt", "in_use", "peak", "size"}
+        assert set(run.members("scheduler")) >= {"voluntary_switches", "involuntary_switches",
+                                                 "switches", "safepoints"}
+        # Sampled during the app: the main thread was switched out while it sampled.
+        switches = run.scalars("scheduler/voluntary_switches") + run.scalars(
+            "scheduler/involuntary_switches")
+        assert np.all(switches > 0), switches
+        assert np.all(run.scalars("memory/size") >= 64 << 20)
+
+
 def test_sigterm_finishes_the_run_file_with_the_ending(tmp_path):
     proc = _start(tmp_path, [FWQ, "--samples", "100000", "--quantum-us", "500"])
     _wait(lambda: any((tmp_path / "out").glob("*.partial.d/rank-000001.spool"))
@@ -165,6 +257,29 @@ def test_a_rank_that_exits_3_leaves_its_samples_calls_and_ending(tmp_path):
     assert "ending exit on rank 1" in report.stderr
 
 
+@pytest.mark.parametrize("options", [
+    {"mode": "linux"},
+    pytest.param({"mode": "lwk", "mem": "64M"}, marks=pytest.mark.offload),
+], ids=["linux", "lwk"])
+def test_an_apps_mpi_abort_is_recorded_with_its_errorcode_and_rank(tmp_path, options):
+    proc = _start(tmp_path, _stamps_app(tmp_path, 200, exit_rank=1, how="abort"),
+                  oversubscribe=options["mode"] == "lwk", **options)
+    _, err = _reap(proc, timeout=120)
+    assert proc.returncode == 7, err[-2000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("mckmpi: error:")]
+    assert "mckmpi: error: rank 1 called MPI_Abort with errorcode 7" in lines, err[-2000:]
+    partial = _one(tmp_path, "*.h5.partial")
+    with open_run(partial, allow_incomplete=True) as run:
+        a = run.attrs
+        assert (a["ending"], a["exit_status"], a["ending_rank"]) == ("aborted", 7, 1), run.note
+        assert a["error"] == "rank 1 called MPI_Abort with errorcode 7"
+        # The aborting rank flushed everything it had recorded before the abort.
+        assert run.length("noise/stamps_ns", 1) == 200
+    report = mckmpi("report", str(partial), timeout=60)
+    assert report.returncode == 0, report.stderr
+    assert "ending aborted on rank 1 (rank 1 called MPI_Abort with errorcode 7)" in report.stderr
+
+
 @pytest.fixture
 def full_disk(tmp_path):
     """A 512 KiB tmpfs: the header and the spools fit, a few MiB of data do not."""
@@ -192,19 +307,45 @@ BIG = textwrap.dedent("""
 def test_a_full_disk_is_one_line_with_errno_and_no_hang(tmp_path, full_disk, writer):
     app = tmp_path / "big.py"
     app.write_text(BIG)
+    tag = job_tag()
     started = time.monotonic()
     proc = mpirun(2, "run", "--trace-flush", "0", "--trace-writer", writer, "--out",
-                  str(full_disk), "--", str(app), timeout=60)
+                  str(full_disk), "--", str(app), timeout=60,
+                  env=Job(("x",), env=tag).render("local").env)
     took = time.monotonic() - started
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("mckmpi: error:")]
     assert proc.returncode == 74, proc.stderr[-2000:]
     assert len(lines) == 1 and "ENOSPC" in lines[0] and str(full_disk) in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
     assert took < 10 + 10, took  # 10 s to end, plus the start-up of two interpreters
+    assert tagged_processes(tag) == [], "processes of the job outlived it"
     partial = next(full_disk.glob("*.h5.partial"))
     with open_run(partial, allow_incomplete=True) as run:
         assert run.partial and run.world_size == 2
     assert os.strerror(errno.ENOSPC) in lines[0]
+
+
+def test_a_disk_that_fills_while_streaming_is_one_line_and_a_recorded_ending(tmp_path,
+                                                                             full_disk):
+    tag = job_tag()
+    started = time.monotonic()
+    # 10 us samples: each rank streams about 0.8 MB/s, so the 512 KiB fill within a second.
+    proc = mpirun(2, "run", "--trace-flush", str(FLUSH_S), "--out", str(full_disk), "--", FWQ,
+                  "--samples", "5000000", "--quantum-us", "10", timeout=60,
+                  env=Job(("x",), env=tag).render("local").env)
+    took = time.monotonic() - started
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("mckmpi: error:")]
+    assert proc.returncode == 74, proc.stderr[-2000:]
+    assert len(lines) == 1 and "ENOSPC" in lines[0] and str(full_disk) in lines[0], lines
+    assert "Traceback" not in proc.stderr
+    assert took < 10 + 10, took  # 10 s to end, plus the start-up of two interpreters
+    assert tagged_processes(tag) == [], "processes of the job outlived it"
+    partial = next(full_disk.glob("*.h5.partial"))
+    with open_run(partial, allow_incomplete=True) as run:
+        a = run.attrs
+        # No room for the ending in the spool: it is in the space reserved for it.
+        assert a["ending"] == "io-error" and "ENOSPC" in a["error"], run.note
+        assert min(run.length("noise/fwq_ns", r) for r in range(2)) > 1000
 
 
 @pytest.mark.offload

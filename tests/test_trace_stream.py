@@ -176,6 +176,35 @@ def test_a_spool_write_failure_is_kept_not_raised_in_the_thread(tmp_path):
     assert spool_path(spool_dir(run.partial), 0).is_file()
 
 
+def test_an_ending_the_full_spool_cannot_take_goes_to_its_reserve(tmp_path):
+    t = _tracer()
+    run = _start(tmp_path, t, flush_s=0.01)
+    t.array("noise", "x", np.arange(3))
+    _wait_spooled(run, "noise/x", 3)
+    os.close(run.streamer.spool.fd)
+    run.streamer.spool.fd = os.open("/dev/full", os.O_WRONLY)  # the disk is full from here
+    t.array("noise", "y", np.arange(4))
+    end = {"ending": "io-error", "exit_status": 74, "signal": "", "rank": 0,
+           "error": "cannot write d: ENOSPC (No space left on device)", "time_ns": 5}
+    run.abandon(end)
+    assert run.streamer.error.errno == errno.ENOSPC
+    spool = spool_path(spool_dir(run.partial), 0)
+    assert read_spool(spool).ending == {k: v for k, v in end.items()}
+    with open_run(run.partial, allow_incomplete=True) as r:
+        assert (r.attrs["ending"], r.attrs["exit_status"]) == ("io-error", 74), r.note
+        assert r.read("noise/x")[0].tolist() == [0, 1, 2] and "noise/y" not in r
+
+
+def test_a_spool_without_an_ending_reserve_still_reads(tmp_path):
+    sp = SpoolWriter(tmp_path / "rank-000000.spool")
+    sp.data("noise/x", "array", np.arange(3, dtype=np.int64), 0, 3, {}, True)
+    sp.frame({"type": "ending", "ending": "normal"})
+    sp.close()
+    (tmp_path / "rank-000000.ending").unlink()  # as spools were before the reserve
+    got = read_spool(tmp_path / "rank-000000.spool")
+    assert got.ending == {"ending": "normal"} and not got.torn
+
+
 def test_collect_marks_partial_runs_and_never_counts_them(tmp_path):
     from mckmpi.analysis import scaling, study
 
@@ -221,3 +250,68 @@ def test_the_job_ending_is_the_cause_not_its_consequences():
     got = job_ending([end("signal", 0, 4, "SIGTERM"), end("signal", 1, 2, "SIGTERM")])
     assert (got["ending"], got["ending_rank"], got["signal"]) == ("signal", 1, "SIGTERM")
     assert job_ending([None, None])["error"] == "no rank recorded an ending"
+
+
+def test_tables_and_series_that_fill_together_stream(tmp_path):
+    t = _tracer()
+    run = _start(tmp_path, t)
+    rows = np.zeros(10, dtype=[("bytes", "i8"), ("ns", "i8")])
+    calls = t.stream("app", "calls", rows, units={"ns": "ns", "bytes": "B"})
+    iters = t.stream("app", "iter_ns", np.zeros(6, dtype=np.int64), units="ns")
+    assert t.stream("app", "comm_ns", np.zeros(6, dtype=np.int64), units="ns",
+                    along=iters) is iters
+    with pytest.raises(ValueError, match="cannot fill along"):
+        t.stream("app", "short_ns", np.zeros(5, dtype=np.int64), along=iters)
+    with pytest.raises(TypeError, match="'rank' field"):
+        t.stream("app", "bad", np.zeros(3, dtype=[("rank", "i4")]))
+    rows["bytes"][:4], rows["ns"][:4] = 8, [1, 2, 3, 4]
+    calls.filled = 4
+    t.records["app/iter_ns"].data[:3] = [10, 11, 12]
+    t.records["app/comm_ns"].data[:3] = [5, 6, 7]
+    iters.filled = 3
+    _wait_spooled(run, "app/calls", 4)
+    _wait_spooled(run, "app/comm_ns", 3)
+    with open_run(run.partial, allow_incomplete=True) as r:  # killed here
+        assert r.kind("app/calls") == "table" and r.units("app/calls", "ns") == "ns"
+        assert r.table("app/calls", 0)["ns"].tolist() == [1, 2, 3, 4]
+        assert r.read("app/comm_ns")[0].tolist() == [5, 6, 7]
+    rows["ns"][4] = 5
+    calls.filled = 5
+    with open_run(run.finish(t, writer.normal_ending(0))) as r:
+        assert r.table("app/calls")["ns"].tolist() == [1, 2, 3, 4, 5]
+        assert r["app/iter_ns"].shape == r["app/comm_ns"].shape == (1, 3)
+
+
+def test_a_counter_recorded_again_unchanged_is_not_spooled_again(tmp_path):
+    t = Tracer()
+    streamer = writer.Streamer(t, SpoolWriter(tmp_path / "s.spool"))
+    t.scalar("memory", "peak", 5)
+    assert streamer.flush() > 0
+    t.scalar("memory", "peak", 5)
+    assert streamer.flush() == 0
+    t.scalar("memory", "peak", 6)
+    assert streamer.flush() > 0
+    streamer.close()
+    assert read_spool(tmp_path / "s.spool").records["memory/peak"][1] == 6
+
+
+def test_the_main_threads_counters_are_read_from_another_thread():
+    import resource
+    import threading
+
+    from mckmpi.lwk.runtime import ThreadCounters
+
+    counters = ThreadCounters.of_this_thread()
+    try:
+        seen = {}
+        reader = threading.Thread(target=lambda: seen.update(counters.read()))
+        before = resource.getrusage(resource.RUSAGE_THREAD)
+        reader.start()
+        reader.join()  # this thread waits: a voluntary switch, after `before`
+        after = resource.getrusage(resource.RUSAGE_THREAD)
+        assert before.ru_minflt <= seen["minflt"] <= after.ru_minflt
+        assert before.ru_majflt <= seen["majflt"] <= after.ru_majflt
+        assert before.ru_nvcsw <= seen["voluntary_switches"] <= after.ru_nvcsw
+        assert before.ru_nivcsw <= seen["involuntary_switches"] <= after.ru_nivcsw
+    finally:
+        counters.close()

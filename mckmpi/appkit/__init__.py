@@ -19,7 +19,7 @@ from mckmpi.appkit.options import (AppParser, NoiseSpec, byte_size, byte_sizes,
                                    check_noise_ranks, noise_spec, nonnegative_float,
                                    nonnegative_int, parser, positive_float, positive_int, shape,
                                    world_rank)
-from mckmpi.appkit.phases import VerificationError, record_phases, run_phases, verify_all
+from mckmpi.appkit.phases import VerificationError, run_phases, stream_phases, verify_all
 from mckmpi.appkit.timing import (MIN_QUANTUM_NS, NEVER, QUANTUM_PER_STEP, TimerStats,
                                   agreed_timer, clock, measure_timer, ms)
 
@@ -29,6 +29,6 @@ __all__ = [
     "add_grid_options", "agreed_timer", "byte_size", "byte_sizes", "check_noise_ranks",
     "clock", "global_coords", "injector", "measure_timer", "ms", "noise_spec",
     "nonnegative_float", "nonnegative_int", "parser", "plan_grid", "positive_float",
-    "positive_int", "record_phases", "reps_for", "run_phases", "shape", "verify_all",
+    "positive_int", "reps_for", "run_phases", "shape", "stream_phases", "verify_all",
     "world_rank",
 ]

@@ -21,12 +21,16 @@ def verify_all(comm: Any, ok: bool, message: str) -> None:
         raise VerificationError(message)
 
 
-def record_phases(tracer: Any, n: int, iter_ns: np.ndarray, compute_ns: np.ndarray,
-                  comm_ns: np.ndarray) -> None:
-    """The per-iteration times every mini-app records ([iterations] int64 ns per rank)."""
-    tracer.array("app", "iter_ns", iter_ns[:n], units="ns")
-    tracer.array("app", "compute_ns", compute_ns[:n], units="ns")
-    tracer.array("app", "comm_ns", comm_ns[:n], units="ns")
+def stream_phases(tracer: Any, iter_ns: np.ndarray, compute_ns: np.ndarray,
+                  comm_ns: np.ndarray, **more: np.ndarray) -> Any:
+    """Register the per-iteration times every mini-app records ([iterations] int64 ns per
+    rank: app/iter_ns, app/compute_ns, app/comm_ns and `more` by name) as one stream, before
+    the loop: set ``.filled`` on the returned stream as iterations complete, and they reach
+    the run file while the app runs."""
+    times = tracer.stream("app", "iter_ns", iter_ns, units="ns")
+    for name, values in (("compute_ns", compute_ns), ("comm_ns", comm_ns), *more.items()):
+        tracer.stream("app", name, values, units="ns", along=times)
+    return times
 
 
 def run_phases(ctx: Any, fn: Callable[[], Any]) -> Any:

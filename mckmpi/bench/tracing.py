@@ -133,7 +133,41 @@ def flush_costs(work: pathlib.Path, flushes: int = 200, rows: int = 1000) -> dic
     swmr_us = timed(append)
     swmr.close()
     return {"rows_per_flush": rows, "flushes": flushes, "spool_append_us": spool_us,
-            "hdf5_reopen_append_close_us": reopen_us, "hdf5_swmr_append_flush_us": swmr_us}
+            "hdf5_reopen_append_close_us": reopen_us, "hdf5_swmr_append_flush_us": swmr_us,
+            "runtime_counters_us": counter_cost(work, flushes)}
+
+
+def counter_cost(work: pathlib.Path, flushes: int) -> float:
+    """Median time (us) of what every flush adds in lwk mode: a sample of the LWK runtime's
+    counters (`LwkRuntime.snapshot`: the main thread's /proc files, the arena, scheduler
+    and interpreter statistics) and its flush to a spool (the values that changed)."""
+    import time
+
+    from mckmpi.lwk.arena import Arena
+    from mckmpi.lwk.quiet import QuietState
+    from mckmpi.lwk.runtime import LwkRuntime, ThreadCounters
+    from mckmpi.lwk.scheduler import Scheduler
+    from mckmpi.trace.spool import SpoolWriter
+    from mckmpi.trace.tracer import Tracer
+    from mckmpi.trace.writer import Streamer
+
+    runtime = LwkRuntime(arena=Arena(4 << 20, hugepages="never", lock="never"),
+                         quiet=QuietState(), scheduler=Scheduler(), boot_ns=0,
+                         counters=ThreadCounters.of_this_thread())
+    tracer = Tracer()
+    streamer = Streamer(tracer, SpoolWriter(work / "counters.spool"))
+    runtime.start_app()
+    times = []
+    try:
+        for _ in range(flushes):
+            t0 = time.perf_counter_ns()
+            runtime.snapshot(tracer)
+            streamer.flush()
+            times.append(time.perf_counter_ns() - t0)
+    finally:
+        streamer.close()
+        runtime.counters.close()
+    return statistics.median(times) / 1e3
 
 
 def _ratio(traced: list[float], bare: list[float]) -> float:
@@ -149,6 +183,7 @@ def run(out_dir: pathlib.Path, quick: bool = False) -> dict:
     work = pathlib.Path(tempfile.mkdtemp(prefix="bench-tracing-", dir=out_dir))
     runs: dict[str, list[dict]] = {side: [] for side in SIDES}
     stencil: dict[str, list[float]] = {"traced": [], "bare": []}
+    load_before = os.getloadavg()  # a shared host: what else ran is part of the numbers
     try:
         flush = flush_costs(work)
         for i in range(rounds):
@@ -203,6 +238,7 @@ def run(out_dir: pathlib.Path, quick: bool = False) -> dict:
             "runs_iter_ns": stencil,
         },
         "cpus": sorted(os.sched_getaffinity(0)),
+        "load_average": {"before": list(load_before), "after": list(os.getloadavg())},
     }
     if all(r["reps"] for v in runs.values() for r in v):
         result["traced_median_ns_per_rep"] = statistics.median(per_rep["traced"])

@@ -5,11 +5,19 @@ last page faults the rank takes), then the GC is collected and frozen, the switc
 raised and the scheduling policy chosen; the scheduler costs nothing until used. Counters
 of the main thread (page faults, context switches) start after boot, so they describe the
 app alone.
+
+The counters are sampled while the app runs (`LwkRuntime.snapshot`, called by the trace
+streamer before every flush, from its own thread), so a job killed mid-run keeps them as
+of its last flush. The main thread's page faults and switches are read from its own
+/proc/thread-self files, opened at boot (before the offload filter: reading them stays a
+native pread of a descriptor the rank already holds), not with getrusage, which would
+describe the calling thread.
 """
 
 from __future__ import annotations
 
-import resource
+import os
+import threading
 import time
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -41,10 +49,39 @@ class LwkOptions:
         return cls(**{f.name: getattr(settings, f.name) for f in fields(cls)})
 
 
-def _thread_usage() -> dict[str, int]:
-    ru = resource.getrusage(resource.RUSAGE_THREAD)
-    return {"minflt": ru.ru_minflt, "majflt": ru.ru_majflt,
-            "voluntary_switches": ru.ru_nvcsw, "involuntary_switches": ru.ru_nivcsw}
+@dataclass
+class ThreadCounters:
+    """Page faults and context switches of the thread that opened it, readable from any
+    thread (the same numbers getrusage(RUSAGE_THREAD) gives that thread)."""
+
+    stat_fd: int
+    status_fd: int
+
+    @classmethod
+    def of_this_thread(cls) -> ThreadCounters:
+        stat = os.open("/proc/thread-self/stat", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            status = os.open("/proc/thread-self/status", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            os.close(stat)
+            raise
+        return cls(stat, status)
+
+    def read(self) -> dict[str, int]:
+        # stat: "pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt ..."
+        fields = os.pread(self.stat_fd, 4096, 0).rpartition(b")")[2].split()
+        switches = {}
+        for line in os.pread(self.status_fd, 8192, 0).splitlines():
+            name, _, value = line.partition(b":")
+            if name in (b"voluntary_ctxt_switches", b"nonvoluntary_ctxt_switches"):
+                switches[name] = int(value)
+        return {"minflt": int(fields[7]), "majflt": int(fields[9]),
+                "voluntary_switches": switches[b"voluntary_ctxt_switches"],
+                "involuntary_switches": switches[b"nonvoluntary_ctxt_switches"]}
+
+    def close(self) -> None:
+        for fd in (self.stat_fd, self.status_fd):
+            os.close(fd)
 
 
 @dataclass
@@ -55,15 +92,31 @@ class LwkRuntime:
     quiet: QuietState
     scheduler: Scheduler
     boot_ns: int
+    counters: ThreadCounters
     usage_at_start: dict[str, int] = field(default_factory=dict)
+    _recorded: bool = False  # the app returned and `record` wrote the final values
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def start_app(self) -> None:
-        self.usage_at_start = _thread_usage()
+        self.usage_at_start = self.counters.read()
+
+    def snapshot(self, tracer: Tracer) -> None:
+        """The counters as they are now (safe from any thread while the app runs; nothing
+        after `record`). Cumulative counters are recorded again each time: the run file
+        keeps the last sample, taken at memory/snapshot_ns and scheduler/snapshot_ns."""
+        with self._lock:
+            if not self._recorded:
+                self._write(tracer)
 
     def record(self, tracer: Tracer) -> None:
-        """Memory, scheduler and noise-control statistics of this rank into the trace."""
-        usage = _thread_usage()
-        for name, value in usage.items():
+        """Memory, scheduler and noise-control statistics of this rank at the app's end."""
+        with self._lock:
+            self._write(tracer)
+            self._recorded = True
+
+    def _write(self, tracer: Tracer) -> None:
+        now = time.monotonic_ns()
+        for name, value in self.counters.read().items():
             tracer.scalar("memory" if "flt" in name else "scheduler", name,
                           value - self.usage_at_start.get(name, 0), units="count")
         for name, value in self.arena.stats().items():
@@ -73,18 +126,26 @@ class LwkRuntime:
         for name, value in self.quiet.stats().items():
             tracer.scalar("scheduler", name, value)
         tracer.scalar("memory", "boot_ns", self.boot_ns, units="ns")
+        for group in ("memory", "scheduler"):
+            tracer.scalar(group, "snapshot_ns", now, units="ns")
 
     def finish(self) -> None:
         """Give the interpreter its defaults back (before the run file is written). The arena
         stays mapped: arrays of the app may still be alive, and it ends with the process."""
         self.quiet.restore()
+        self.counters.close()
 
 
 def boot(options: LwkOptions, plan: NodePlan, rank: RankPlan) -> LwkRuntime:
     """Create this rank's arena, quiet the interpreter and set up the scheduler."""
     t0 = time.monotonic_ns()
-    arena = Arena(rank.mem, hugepages=options.hugepages, lock=options.memlock,
-                  numa_node=rank.numa_node, fallback=options.mem_fallback)
+    counters = ThreadCounters.of_this_thread()  # the rank's main thread, read from any
+    try:
+        arena = Arena(rank.mem, hugepages=options.hugepages, lock=options.memlock,
+                      numa_node=rank.numa_node, fallback=options.mem_fallback)
+    except BaseException:
+        counters.close()
+        raise
     quiet = quiet_module.state  # the state `mckmpi.lwk.safepoint()` reports to
     quiet.freeze_gc()
     quiet.raise_switch_interval(options.switch_interval)
@@ -96,5 +157,6 @@ def boot(options: LwkOptions, plan: NodePlan, rank: RankPlan) -> LwkRuntime:
         quiet.set_fifo(FIFO_PRIORITY, plan.linux_cpus)
     else:
         quiet.policy_reason = "SCHED_OTHER requested"
-    return LwkRuntime(arena=arena, quiet=quiet, scheduler=Scheduler(), boot_ns=time.monotonic_ns() - t0)
+    return LwkRuntime(arena=arena, quiet=quiet, scheduler=Scheduler(),
+                      boot_ns=time.monotonic_ns() - t0, counters=counters)
 

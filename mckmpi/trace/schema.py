@@ -46,9 +46,10 @@ PARTIAL_SUFFIX = ".partial"
 #:            limit, SIGINT, SIGHUP, or a signal named with `mckmpi run --signal`);
 #: io-error   the run's data could not be written (`error` names the path and the errno);
 #: proxy      the node's offload proxy died (the rank cannot do I/O any more);
-#: killed     a rank vanished without a word (kill -9, MPI_Abort in the app, a lost node);
-#:            only a partial file can say this.
-ENDINGS = ("normal", "exit", "exception", "signal", "io-error", "proxy", "killed")
+#: aborted    a rank's app called MPI_Abort (`exit_status` is its errorcode);
+#: killed     a rank vanished without a word (kill -9, a lost node, an MPI_Abort that
+#:            the wrapper could not see); only a partial file can say this.
+ENDINGS = ("normal", "exit", "exception", "signal", "io-error", "proxy", "aborted", "killed")
 
 #: Kinds of recorded data and how they are laid out across ranks.
 SCALAR, ARRAY, TABLE = "scalar", "array", "table"

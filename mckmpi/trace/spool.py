@@ -12,6 +12,11 @@ they extend (`key`, `kind`, `dtype`, `units`), where (`start` row, `length` rows
 applying it) and carry the raw rows; an ``ending`` frame records how the rank ended; an
 ``attrs`` frame the group attributes recorded so far.
 
+Beside each spool, ``rank-NNNNNN.ending`` is a small file allocated when the spool is
+created (`ENDING_RESERVE` bytes): when the spool cannot take the ending frame any more (a
+full disk, the very failure to record), the frame is written there, in place, without
+allocating anything. It is written only after the spool failed, so its ending is the later.
+
 This module is pure (no MPI): the writer's streamer appends, the reader replays.
 """
 
@@ -29,6 +34,8 @@ import numpy as np
 MAGIC = b"MCKS"
 _HEAD = struct.Struct("<4sIQ")
 SPOOL_DIR_SUFFIX = ".d"
+#: Bytes allocated for a rank's ending beside its spool (an ending frame is well below).
+ENDING_RESERVE = 4096
 
 
 def spool_dir(partial: Path) -> Path:
@@ -38,6 +45,11 @@ def spool_dir(partial: Path) -> Path:
 
 def spool_path(directory: Path, rank: int) -> Path:
     return directory / f"rank-{rank:06d}.spool"
+
+
+def reserve_path(spool: Path) -> Path:
+    """The ending reserved beside `spool` (``rank-N.ending``)."""
+    return spool.with_suffix(".ending")
 
 
 def _dtype_descr(dtype: np.dtype) -> Any:
@@ -63,6 +75,11 @@ def plain(value: Any) -> Any:
     return str(value)
 
 
+def _frame_head(header: dict[str, Any], nbytes: int) -> bytes:
+    head = json.dumps(header, separators=(",", ":")).encode()
+    return _HEAD.pack(MAGIC, len(head), nbytes) + head
+
+
 class SpoolWriter:
     """Appends frames to one rank's spool. Each frame is one `os.write` of whole bytes."""
 
@@ -70,15 +87,31 @@ class SpoolWriter:
         self.path = path
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
         self.bytes = 0
+        try:
+            self.reserve_fd = os.open(reserve_path(path),
+                                      os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError:
+            os.close(self.fd)
+            raise
+        try:
+            os.posix_fallocate(self.reserve_fd, 0, ENDING_RESERVE)
+        except OSError:
+            self.close()
+            raise
 
     def frame(self, header: dict[str, Any], payload: memoryview | bytes = b"") -> int:
         """Append one frame; raises the OSError of a failed write (ENOSPC, EIO, EDQUOT)."""
-        head = json.dumps(header, separators=(",", ":")).encode()
         data = memoryview(payload).cast("B")
-        first = _HEAD.pack(MAGIC, len(head), data.nbytes) + head
-        written = _write_all(self.fd, first) + _write_all(self.fd, data)
+        written = _write_all(self.fd, _frame_head(header, data.nbytes)) + _write_all(self.fd, data)
         self.bytes += written
         return written
+
+    def reserved_ending(self, ending: dict[str, Any]) -> None:
+        """Write the ending frame into the space reserved for it (after the spool failed)."""
+        frame = _frame_head({"type": "ending", **ending}, 0)
+        if len(frame) > ENDING_RESERVE:
+            frame = _frame_head({"type": "ending", **ending, "error": ""}, 0)
+        os.pwrite(self.reserve_fd, frame, 0)
 
     def data(self, key: str, kind: str, rows: np.ndarray, start: int, length: int,
              units: dict[str, str], stream: bool) -> int:
@@ -91,9 +124,10 @@ class SpoolWriter:
         return self.frame(header, rows.view(np.uint8).reshape(-1).data if rows.size else b"")
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        for name in ("fd", "reserve_fd"):
+            if getattr(self, name) >= 0:
+                os.close(getattr(self, name))
+                setattr(self, name, -1)
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> int:
@@ -141,6 +175,15 @@ def read_spool(path: Path) -> RankSpool:
             _apply(parts, header, payload)
     for key, entry in parts.items():
         out.records[key] = (entry[0], _assemble(entry), entry[2], entry[3])
+    reserve = reserve_path(path)
+    if reserve.is_file():  # absent in spools of mckmpi before it
+        raw = reserve.read_bytes()[:ENDING_RESERVE]
+        if len(raw) >= _HEAD.size:
+            magic, hlen, plen = _HEAD.unpack_from(raw, 0)
+            if magic == MAGIC and plen == 0 and _HEAD.size + hlen <= len(raw):
+                header = json.loads(raw[_HEAD.size:_HEAD.size + hlen])
+                if header.get("type") == "ending":
+                    out.ending = {k: v for k, v in header.items() if k != "type"}
     return out
 
 

@@ -12,9 +12,13 @@ kinds cover every trace:
 
 Samples taken in a long loop are registered before the loop with
 ``stream(group, name, buffer)``; the app sets ``.filled`` as it goes, and what is filled
-streams out, so a job that is killed keeps its samples up to the last flush. Ranks whose
-streams ended at different lengths (a job stopped early) are padded in the file; the
-dataset's ``filled`` attribute then says how many of each rank's are real.
+streams out, so a job that is killed keeps its samples up to the last flush. A structured
+buffer streams as a table (one row per record, e.g. one per MPI call). Series that fill
+together (an iteration's compute and communication times) share one `Stream` with
+``along=``. Ranks whose streams ended at different lengths (a job stopped early) are
+padded in the file; the dataset's ``filled`` attribute then says how many of each rank's
+are real. Values that change while the app runs (the runtime's counters) are recorded
+again whenever they are sampled; the file keeps the last sample.
 
 Units are attributes; times are int64 nanoseconds. The empty group is the file's root
 (the runner's /ranks table). A disabled tracer (an app run without
@@ -81,15 +85,28 @@ class Tracer:
             raise TypeError(f"{group}/{name}: 'rank' is added by the writer")
         self._put(group, name, TABLE, rows, dict(units or {}))
 
-    def stream(self, group: str, name: str, buffer: np.ndarray, units: str = "") -> Stream:
+    def stream(self, group: str, name: str, buffer: np.ndarray,
+               units: str | dict[str, str] = "", along: Stream | None = None) -> Stream:
         """Register `buffer` (allocated before the timed loop) as an array that fills row by
-        row: set ``.filled`` on the returned `Stream` as rows are complete. Every rank streams
-        the same dtype and row shape; ranks may stop at different rows."""
+        row: set ``.filled`` on the returned `Stream` as rows are complete. A structured
+        1-D buffer is a table (`units` maps field -> unit). Every rank streams the same
+        dtype and row shape; ranks may stop at different rows. With `along`, the buffer
+        fills with that stream (one ``.filled`` for both; same length)."""
         buffer = np.asarray(buffer)
         if buffer.ndim < 1:
             raise TypeError(f"{group}/{name}: a stream needs at least one dimension")
-        stream = Stream(buffer)
-        self._put(group, name, ARRAY, buffer, {"": units} if units else {}, stream)
+        if along is not None and along.data.shape[0] != buffer.shape[0]:
+            raise ValueError(f"{group}/{name}: {buffer.shape[0]} rows cannot fill along a "
+                             f"stream of {along.data.shape[0]}")
+        if buffer.dtype.names is not None:
+            if buffer.ndim != 1 or "rank" in buffer.dtype.names:
+                raise TypeError(f"{group}/{name}: a table stream needs a 1-D structured "
+                                "buffer without a 'rank' field (the writer adds it)")
+            kind, unit_map = TABLE, dict(units) if isinstance(units, dict) else {}
+        else:
+            kind, unit_map = ARRAY, ({"": units} if units and isinstance(units, str) else {})
+        stream = along if along is not None else Stream(buffer)
+        self._put(group, name, kind, buffer, unit_map, stream)
         return stream
 
     def attrs(self, group: str, **values: Any) -> None:

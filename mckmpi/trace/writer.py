@@ -220,6 +220,9 @@ class Streamer:
             last = self.sent.get(key)
             if last is not None and last[0] is rec and last[1] == n:
                 continue
+            if last is not None and _unchanged(last[0], rec):
+                self.sent[key] = (rec, n)  # a counter sampled again without a change
+                continue
             start = last[1] if last is not None and last[0] is rec and rec.stream is not None \
                 and last[1] <= n else 0
             rows = data if zero_d else data[start:n]
@@ -235,13 +238,21 @@ class Streamer:
         return moved
 
     def ending(self, ending: dict[str, Any]) -> None:
-        """Record how this rank ended (the last ending frame counts)."""
+        """Record how this rank ended (the last ending frame counts); once the spool failed
+        (a full disk), in the space reserved for it."""
         with self._lock:
-            if self.error is None and self.spool.fd >= 0:
+            if self.spool.fd < 0:
+                return
+            if self.error is None:
                 try:
                     self.spool.frame({"type": "ending", **ending})
+                    return
                 except OSError as exc:
                     self.error = exc
+            try:
+                self.spool.reserved_ending(ending)
+            except OSError:
+                pass  # the reserve failed too (a failing device): the rank reads as killed
 
     def stop(self) -> None:
         """Stop the thread and flush what is left; the spool stays open for the ending."""
@@ -257,6 +268,19 @@ class Streamer:
     def close(self) -> None:
         with self._lock:
             self.spool.close()
+
+
+#: Records re-recorded with the same bytes up to this size are not spooled again.
+_COMPARED_BYTES = 4096
+
+
+def _unchanged(before: Record, now: Record) -> bool:
+    """Whether a record recorded again (a sampled counter) holds what was spooled."""
+    if before.stream is not None or now.stream is not None or before.kind != now.kind:
+        return False
+    a, b = before.data, now.data
+    return (a.dtype == b.dtype and a.shape == b.shape and b.nbytes <= _COMPARED_BYTES
+            and a.tobytes() == b.tobytes())
 
 
 # --- the run file's life --------------------------------------------------------------------
@@ -283,6 +307,7 @@ class RunFile:
     provenance: dict[str, Any]
     method: str
     streamer: Streamer | None = None
+    ended: bool = False  # this rank's ending was given to `finish` or `abandon`
 
     @property
     def spool(self) -> Path:
@@ -334,6 +359,7 @@ class RunFile:
         """Record this rank's `ending`, write the final file and rename it (collective).
         Returns the final path; raises `StorageError` on every rank when it cannot."""
         comm, rank, size = self.comm, self.comm.Get_rank(), self.comm.Get_size()
+        self.ended = True
         failure = None
         if self.streamer is not None:
             self.streamer.stop()
@@ -450,6 +476,7 @@ class RunFile:
     def abandon(self, ending: dict[str, Any]) -> None:
         """This rank cannot take part in `finish` (the job is aborting): record its ending
         and what it holds in its spool, so the partial file tells what happened."""
+        self.ended = True
         if self.streamer is not None:
             self.streamer.stop()
             self.streamer.ending(ending)
