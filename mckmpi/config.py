@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import difflib
 import os
 import re
 import tomllib
@@ -28,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mckmpi.errors import UsageError
+from mckmpi.errors import UsageError, did_you_mean
 
 
 @dataclass(frozen=True)
@@ -204,7 +203,7 @@ def read_file(path: Path | None) -> dict[str, dict[str, Any]]:
     sections = {o.section for o in _REGISTRY.values()}
     for section, values in table.items():
         if section not in sections:
-            raise UsageError(f"{path}: unknown section [{section}]{_did_you_mean(section, sections)}"
+            raise UsageError(f"{path}: unknown section [{section}]{did_you_mean(section, sections)}"
                              f" (sections: {', '.join(sorted(sections))})")
         if not isinstance(values, dict):
             raise UsageError(f"{path}: {section} must be a table ([{section}] with keys under it), "
@@ -214,14 +213,9 @@ def read_file(path: Path | None) -> dict[str, dict[str, Any]]:
             if key not in keys:
                 elsewhere = [o.section for o in _REGISTRY.values() if o.name == key]
                 hint = (f": {key} belongs in [{elsewhere[0]}]" if elsewhere
-                        else _did_you_mean(key, keys))
+                        else did_you_mean(key, keys))
                 raise UsageError(f"{path}: unknown key {key!r} in [{section}]{hint}")
     return table
-
-
-def _did_you_mean(word: str, known: Any) -> str:
-    close = difflib.get_close_matches(word, sorted(known), n=1, cutoff=0.6)
-    return f": did you mean {close[0]!r}?" if close else ""
 
 
 def resolve(
@@ -231,6 +225,7 @@ def resolve(
     file: Path | None = None,
 ) -> Settings:
     """Values of the sections' options: CLI > environment > file > default."""
+    check_environment(env)
     path = file if file is not None else config_file(env)
     table = read_file(path)
     settings = Settings()
@@ -252,6 +247,38 @@ def resolve(
         settings.values[opt.name] = opt.convert(raw, where)
         settings.origins[opt.name] = origin
     return settings
+
+
+#: The MCKMPI_* variables that are not options: read by mckmpi or its tools, or handed by
+#: them to their children. Every other MCKMPI_* name is a typo to refuse (like an unknown
+#: key of the configuration file), not a setting to ignore silently.
+OTHER_VARIABLES = {
+    "MCKMPI_CONFIG": "the configuration file",
+    "MCKMPI_STUDY_POINT": "a study job's point (set by the job script, recorded as provenance)",
+    "MCKMPI_STUDY_REPEAT": "a study job's repeat (set by the job script)",
+    "MCKMPI_STUDY_AXES": "a study job's axis values (set by the job script)",
+    "MCKMPI_NOTIF_FLOOR_SRC": "mckmpi bench offload: where notif-floor.c is",
+    "MCKMPI_SLURM_DIR": "the Slurm test cluster's directory (launch/slurm/env.in)",
+    "MCKMPI_FUZZ_PROFILE": "the test suite's fuzzing profile",
+    "MCKMPI_SOAK_OPS": "the soak test's operation count",
+    "MCKMPI_SOAK_RECORD": "where the soak test records its numbers",
+}
+
+
+def known_variables() -> set[str]:
+    """Every MCKMPI_* name mckmpi accepts: the options' and `OTHER_VARIABLES`."""
+    return {o.env for o in _REGISTRY.values()} | set(OTHER_VARIABLES)
+
+
+def check_environment(env: Mapping[str, str] = os.environ) -> None:
+    """Refuse an MCKMPI_* variable nothing reads (MCKMPI_MDOE=lwk would run in linux mode
+    without a word), naming the closest known one."""
+    known = known_variables()
+    unknown = sorted(name for name in env if name.startswith("MCKMPI_") and name not in known)
+    if unknown:
+        raise UsageError(f"unknown environment variable {unknown[0]}"
+                         f"{did_you_mean(unknown[0], known, 'MCKMPI_')} (options are read from "
+                         f"MCKMPI_<OPTION>, e.g. MCKMPI_LINUX_CORES; see `mckmpi run --help`)")
 
 
 def to_env(settings: Settings) -> dict[str, str]:

@@ -32,6 +32,7 @@ from mckmpi.analysis.report import fmt, num
 from mckmpi.analysis.stats import moments, order_index
 from mckmpi.errors import UsageError
 from mckmpi.trace.reader import BLOCK_ELEMENTS, Run, RunFileError
+from mckmpi.utility.table import counted
 from mckmpi.utility.table import render
 
 #: Upper bound on the noise windows kept from a trace (all ranks), to bound memory.
@@ -150,7 +151,7 @@ def from_fwq(
     windows, used = _fwq_windows(run, k, max_windows, block)
     window = k * quantum
     note = (
-        f"noise of {k} consecutive FWQ quanta of {fmt(quantum / 1e3)} us = {fmt(window / 1e3)} us "
+        f"noise of {counted(k, 'consecutive FWQ quantum', 'consecutive FWQ quanta')} of {fmt(quantum / 1e3)} us = {fmt(window / 1e3)} us "
         "of work"
     )
     if abs(window - work_ns) > 0.05 * work_ns:
@@ -323,8 +324,13 @@ def tree_text(sim: Simulation, tree: list[tuple[int, float]], round_ns: float,
     ])
 
 
+#: The most ranks a prediction is made for: a thousand times the largest machines' cores,
+#: where the slowest rank has long met the largest noise ever measured.
+MAX_RANKS = 10**10
+
+
 def parse_ranks(text: str) -> list[int]:
-    """'1e3,1e4,1e5' -> [1000, 10000, 100000]; whole positive numbers only."""
+    """'1e3,1e4,1e5' -> [1000, 10000, 100000]; whole numbers from 1 to `MAX_RANKS`."""
     out = []
     for part in text.split(","):
         part = part.strip()
@@ -334,6 +340,9 @@ def parse_ranks(text: str) -> list[int]:
             raise UsageError(f"--ranks: not a number: {part!r} (use e.g. 1e3,1e4,1e5)") from None
         if not math.isfinite(value) or value < 1 or value != int(value):
             raise UsageError(f"--ranks: {part!r} is not a whole number of ranks >= 1")
+        if value > MAX_RANKS:
+            raise UsageError(f"--ranks: {part!r} is more than {MAX_RANKS:,} ranks, beyond any "
+                             "machine (the largest have about 1e7 cores)")
         out.append(int(value))
     return out
 
@@ -395,8 +404,8 @@ def text(sim: Simulation) -> str:
     ]
     return "\n".join(
         [
-            f"noise source  {sim.source} trace of {sim.path}: {sim.ranks_measured} measured ranks, "
-            f"{sim.windows} windows ({sim.independent_windows} without overlap)",
+            f"noise source  {sim.source} trace of {sim.path}: {counted(sim.ranks_measured, 'measured rank')}, "
+            f"{counted(sim.windows, 'window')} ({sim.independent_windows} without overlap)",
             f"window        {sim.note}",
             f"one rank      noise per iteration: mean {fmt(sim.mean_noise_ns / 1e3)} us, "
             f"p99 {fmt(sim.p99_noise_ns / 1e3)} us, max {fmt(sim.max_noise_ns / 1e3)} us",

@@ -27,7 +27,7 @@ from mckmpi.analysis.summary import RunSummary, summarize
 from mckmpi.errors import UsageError
 from mckmpi.trace.reader import RunFileError, is_complete, open_run
 from mckmpi.trace.schema import PARTIAL_SUFFIX
-from mckmpi.utility.table import render
+from mckmpi.utility.table import counted, render
 
 STUDY_SCHEMA = "mckmpi.study"
 STUDY_VERSION = 2
@@ -205,7 +205,7 @@ def collect(directory: str | Path) -> Collected:
                 skipped.append((path, str(exc).removeprefix(f"{path}: ")))
     if not rows:
         why = (
-            f" ({len(skipped)} files skipped, e.g. {skipped[0][0]}: {skipped[0][1]})"
+            f" ({counted(len(skipped), 'file')} skipped, e.g. {skipped[0][0]}: {skipped[0][1]})"
             if skipped
             else ""
         )
@@ -401,8 +401,8 @@ def text(rows: np.ndarray) -> str:
             "file",
         ),
         table,
-        title=f"study: {len(rows)} runs (speedup and efficiency against linux mode's fewest "
-        f"ranks of each problem, else the series' own; partial runs of jobs that did not "
+        title=f"study: {counted(len(rows), 'run')} (speedup and efficiency against linux mode's "
+        f"fewest ranks of each problem, else the series' own; partial runs of jobs that did not "
         f"finish are not counted)",
     )
 

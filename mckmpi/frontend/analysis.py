@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mckmpi.errors import UsageError
 from mckmpi.frontend.registry import command
+from mckmpi.utility.table import counted
 
 
 def _plots_option(p: argparse.ArgumentParser) -> None:
@@ -189,16 +191,15 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from mckmpi.trace.reader import open_run
 
     ranks = simulate.parse_ranks(args.ranks)
+    if args.allreduce_round_us is not None and (not args.allreduce_round_us > 0
+                                                or args.allreduces < 1):
+        raise UsageError("--allreduce-round-us must be positive and --allreduces at least 1")
     with open_run(args.run_file) as run:
         dist = simulate.load(run, args.work_us * 1e3, args.source)
         attrs, provenance = run.attrs, run.provenance
     sim = simulate.simulate(dist, ranks, args.iterations, args.seed, path=args.run_file)
     tree = None
     if args.allreduce_round_us is not None:
-        if args.allreduce_round_us <= 0 or args.allreduces < 1:
-            from mckmpi.errors import UsageError
-
-            raise UsageError("--allreduce-round-us must be positive and --allreduces at least 1")
         tree = simulate.tree_predictions(dist, sim, args.allreduce_round_us * 1e3, args.allreduces)
     plots: list[Path] = []
     if args.plots:
@@ -315,7 +316,7 @@ def _build_study(p: argparse.ArgumentParser) -> None:
     for action in STUDY_ACTIONS:
         ap = sub.add_parser(action.name, help=action.summary, description=action.summary)
         action.build(ap)
-        ap.set_defaults(study_handler=action.handler)
+        ap.set_defaults(study_handler=action.handler, command_parser=ap)
 
 
 @_build_study.run
@@ -348,7 +349,8 @@ def _cmd_collect(args: argparse.Namespace) -> int:
     for skipped, why in collected.skipped:
         print(f"mckmpi: skipped {skipped}: {why}", file=sys.stderr)
     print(
-        f"\nstudy file {path}: {len(collected.rows)} runs, {len(collected.skipped)} files skipped"
+        f"\nstudy file {path}: {counted(len(collected.rows), 'run')}, "
+        f"{counted(len(collected.skipped), 'file')} skipped"
     )
     return 0
 
@@ -365,8 +367,8 @@ def _cmd_study_plot(args: argparse.Namespace) -> int:
     from mckmpi.analysis import study
 
     rows = study.read(args.study_file)
+    written, notes = study.plot(args.study_file, rows, _plots_dir(args))  # before any output
     print(study.text(rows))
-    written, notes = study.plot(args.study_file, rows, _plots_dir(args))
     for note in notes:
         print(note)
     _print_plots(written)

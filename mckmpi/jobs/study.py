@@ -42,7 +42,7 @@ from string import Template
 from typing import Any
 
 from mckmpi import config
-from mckmpi.errors import PartitionError, UsageError
+from mckmpi.errors import PartitionError, UsageError, did_you_mean
 from mckmpi.jobs import slurm
 from mckmpi.jobs.launchers import Job, Launch, job_env
 from mckmpi.node.host import NodeFacts, read_host
@@ -189,14 +189,21 @@ def parse_axis(text: str) -> Axis:
         option = "--" + name.lstrip("-").replace("_", "-")
         known = {f: o for o in config.options("partition", "lwk", "run") for f in o.cli_flags}
         if option not in known:
-            raise StudyError(f"--axis {name}: not an option of mckmpi run (known: "
-                             f"{', '.join(sorted(k.lstrip('-') for k in known))})")
+            hint = did_you_mean(option[2:], [k[2:] for k in known])
+            app_form = "" if hint else f"; an option of the app is app:--{name.lstrip('-')}=V1,V2"
+            raise StudyError(f"--axis {name}: not an option of mckmpi run{hint} (known: "
+                             f"{', '.join(sorted(k.lstrip('-') for k in known))}{app_form})")
         if known[option].name in OWN_RUN_OPTIONS:
             raise StudyError(f"--axis {name}: set by the plan for every point")
         if known[option].flag:
             if set(parts) - {"on", "off"}:
                 raise StudyError(f"--axis {name}: a switch takes the values on and off")
             return Axis(target, option, parts, switch=True)
+        for value in parts:  # a bad value is named by the option the user typed, --axis
+            try:
+                known[option].convert(value, f"--axis {name}")
+            except UsageError as exc:
+                raise StudyError(str(exc)) from None
     else:
         if not name.startswith("-"):
             raise StudyError(f"--axis {text!r}: an app axis names the app's option, e.g. "

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from mckmpi.errors import PartitionError
 from mckmpi.node.host import NodeFacts
 from mckmpi.utility.units import format_cpulist, format_size, parse_cpulist
+from mckmpi.utility.table import counted
 
 
 #: The smallest LWK arena a rank may ask for: below it no app's buffers fit, and a size
@@ -59,7 +60,7 @@ class NodePlan:
         """One line for logs and the run file."""
         return (
             f"{self.mode}: linux cpus {format_cpulist(self.linux_cpus)}, lwk cpus "
-            f"{format_cpulist(self.lwk_cpus) or '-'}, {len(self.ranks)} ranks, "
+            f"{format_cpulist(self.lwk_cpus) or '-'}, {counted(len(self.ranks), 'rank')}, "
             f"mem/rank {format_size(self.mem_per_rank) if self.mem_per_rank else '-'}"
             + (", oversubscribed" if self.oversubscribed else "")
         )
