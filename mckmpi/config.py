@@ -176,6 +176,9 @@ def config_file(env: Mapping[str, str] = os.environ) -> Path | None:
         path = Path(env["MCKMPI_CONFIG"])
         if path.is_dir():
             raise UsageError(f"MCKMPI_CONFIG names a directory, not a TOML file: {path}")
+        if path.exists() and not path.is_file():
+            raise UsageError(f"MCKMPI_CONFIG names {path}, which is not a regular file "
+                             "(unset MCKMPI_CONFIG to use no file)")
         if not path.is_file():
             raise UsageError(f"MCKMPI_CONFIG names a missing file: {path}")
         return path
@@ -262,6 +265,8 @@ OTHER_VARIABLES = {
     "MCKMPI_FUZZ_PROFILE": "the test suite's fuzzing profile",
     "MCKMPI_SOAK_OPS": "the soak test's operation count",
     "MCKMPI_SOAK_RECORD": "where the soak test records its numbers",
+    "MCKMPI_VENV": "launch/setup: where the virtual environment goes",
+    "MCKMPI_PYTHON": "launch/setup: the interpreter that builds it",
 }
 
 
@@ -271,13 +276,13 @@ def known_variables() -> set[str]:
 
 
 def check_environment(env: Mapping[str, str] = os.environ) -> None:
-    """Refuse an MCKMPI_* variable nothing reads (MCKMPI_MDOE=lwk would run in linux mode
-    without a word), naming the closest known one."""
+    """Refuse an MCKMPI_* variable nothing reads (a misspelt MCKMPI_MODE=lwk would run in
+    linux mode without a word), naming the closest known one."""
     known = known_variables()
     unknown = sorted(name for name in env if name.startswith("MCKMPI_") and name not in known)
     if unknown:
         raise UsageError(f"unknown environment variable {unknown[0]}"
-                         f"{did_you_mean(unknown[0], known, 'MCKMPI_')} (options are read from "
+                         f"{did_you_mean(unknown[0].upper(), known, 'MCKMPI_')} (options are read from "
                          f"MCKMPI_<OPTION>, e.g. MCKMPI_LINUX_CORES; see `mckmpi run --help`)")
 
 
@@ -391,8 +396,16 @@ CPUSET = option(
     help="plan inside the cpuset reservation NAME made by `mckmpi partition reserve` "
          "(lwk mode); each rank is moved into its lwk cpuset",
 )
+def _path(text: str) -> str:
+    """A path that is not empty: an empty value is an unset variable in a job script
+    (--out "$OUT"), not a wish to write into the working directory."""
+    if not text.strip():
+        raise UsageError("an empty path (an unset variable?): name a directory or a .h5 file")
+    return text
+
+
 OUT = option(
-    name="out", section="run", default="results", metavar="PATH",
+    name="out", section="run", default="results", type=_path, metavar="PATH",
     help="run file: a directory (a name is chosen) or a path ending in .h5",
 )
 TAG = option(

@@ -145,13 +145,14 @@ def from_fwq(
     k = max(1, round(work_ns / quantum))
     if k > ds.shape[1]:
         raise UsageError(
-            f"work of {work_ns / 1e3:g} us spans {k} FWQ quanta, more than the "
-            f"{ds.shape[1]} samples per rank of {run.path}"
+            f"work of {work_ns / 1e3:g} us is longer than the {ds.shape[1]} FWQ samples of "
+            f"{quantum / 1e3:g} us per rank of {run.path}"
         )
     windows, used = _fwq_windows(run, k, max_windows, block)
     window = k * quantum
     note = (
-        f"noise of {counted(k, 'consecutive FWQ quantum', 'consecutive FWQ quanta')} of {fmt(quantum / 1e3)} us = {fmt(window / 1e3)} us "
+        f"noise of {counted(k, 'consecutive FWQ quantum', 'consecutive FWQ quanta')} of "
+        f"{fmt(quantum / 1e3)} us = {fmt(window / 1e3)} us "
         "of work"
     )
     if abs(window - work_ns) > 0.05 * work_ns:
@@ -241,8 +242,8 @@ def load(
 ) -> NoiseDistribution:
     """The noise distribution of `run` for `source` ('fwq', 'detours', or 'auto': FWQ when
     recorded, else detours)."""
-    if work_ns <= 0:
-        raise UsageError(f"--work-us must be positive, got {work_ns / 1e3:g}")
+    if not (math.isfinite(work_ns) and work_ns > 0):
+        raise UsageError(f"--work-us must be a positive number, got {work_ns / 1e3:g}")
     if source == "auto":
         source = "fwq" if FWQ in run else "detours" if DETOURS in run else ""
         if not source:
@@ -327,6 +328,8 @@ def tree_text(sim: Simulation, tree: list[tuple[int, float]], round_ns: float,
 #: The most ranks a prediction is made for: a thousand times the largest machines' cores,
 #: where the slowest rank has long met the largest noise ever measured.
 MAX_RANKS = 10**10
+#: The most Monte Carlo iterations: 8 MB per draw, far past a converged p99.
+MAX_ITERATIONS = 10**6
 
 
 def parse_ranks(text: str) -> list[int]:
@@ -351,8 +354,9 @@ def simulate(
     dist: NoiseDistribution, ranks: Iterable[int], iterations: int, seed: int = 0, path: str = ""
 ) -> Simulation:
     """Predictions for every rank count (a 1-rank reference row first)."""
-    if iterations < 1:
-        raise UsageError(f"--iterations must be at least 1, got {iterations}")
+    if not 1 <= iterations <= MAX_ITERATIONS:
+        raise UsageError(f"--iterations must be from 1 to {MAX_ITERATIONS:,} (each draws one "
+                         f"number per rank count), got {iterations}")
     rng = np.random.default_rng(seed)
     mean = dist.mean()
     w = dist.window_ns

@@ -255,6 +255,19 @@ def _build_demo(p: argparse.ArgumentParser) -> None:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from mckmpi.demo import demo
 
-    if args.samples < 1 or not args.detour_s > 0:
-        raise UsageError("--samples and --detour-s must be positive")
+    from mckmpi.utility.outputs import output_dir
+
+    if not 1 <= args.samples <= DEMO_MAX_SAMPLES:
+        raise UsageError(f"--samples must be from 1 to {DEMO_MAX_SAMPLES:,} (1 ms each), "
+                         f"got {args.samples}")
+    if not 0 < args.detour_s <= DEMO_MAX_DETOUR_S:
+        raise UsageError(f"--detour-s must be more than 0 and at most {DEMO_MAX_DETOUR_S:g} "
+                         f"seconds, got {args.detour_s:g}")
+    output_dir(args.out, "--out")  # a file or an unwritable place, found before the runs
     return demo(args.out, samples=args.samples, detour_s=args.detour_s)
+
+
+#: Bounds of the demo's runs: a day of FWQ samples, an hour of detour (the arrays of a run
+#: are held in memory: 10^8 samples are 800 MB per rank).
+DEMO_MAX_SAMPLES = 86_400_000
+DEMO_MAX_DETOUR_S = 3600.0

@@ -90,6 +90,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         repeats=args.repeats, axes=tuple(study.parse_axis(a) for a in args.axis),
         combine=args.combine)
     out = args.out or f"results/study-{args.app}" + (f"-{args.scaling}" if args.scaling else "")
+    for level in (Path(out), *Path(out).parents):  # a file in the way: one line, nothing made
+        if level.exists() and not level.is_dir():
+            raise study.StudyError(f"--out {out}: {level} is a file, not a directory")
     manifest = study.plan(req, out, argv=["mckmpi", *sys.argv[1:]])
     cluster = manifest["cluster"]
     where = (f"Slurm partition {cluster['partition']} ({cluster['nodes']}: "

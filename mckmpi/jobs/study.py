@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import re
 import shlex
@@ -277,6 +278,14 @@ def parse_run_args(args: Sequence[str]) -> dict[str, Any]:
         raise StudyError(msg if msg.startswith("--run-args") else f"--run-args: {msg}") from None
 
 
+#: The most runs (points x repeats) one study plans: each is a job or an array task, and
+#: Slurm refuses larger job arrays by default (MaxArraySize 1001).
+MAX_RUNS = 1000
+#: sbatch --time: minutes, minutes:seconds, hours:minutes:seconds, days-hours,
+#: days-hours:minutes, days-hours:minutes:seconds, or no limit.
+_SLURM_TIME = re.compile(r"\d+(:\d+){0,2}|\d+-\d+(:\d+){0,2}|UNLIMITED|INFINITE|unlimited|infinite")
+
+
 def check_request(req: Request) -> None:
     """Mistakes visible without a cluster: one clear line each."""
     if req.app not in SCALING_APPS and req.app not in SIZE_OPTION:
@@ -290,8 +299,11 @@ def check_request(req: Request) -> None:
         raise StudyError(f"--ranks-per-node must be at least 1, got {req.ranks_per_node}")
     if not (APPS_DIR / f"{req.app}.py").is_file():
         raise StudyError(f"app {req.app} not found at {APPS_DIR}: run from a source checkout")
-    if req.repeats < 1:
-        raise StudyError(f"--repeats must be at least 1, got {req.repeats}")
+    if not 1 <= req.repeats <= MAX_RUNS:
+        raise StudyError(f"--repeats must be from 1 to {MAX_RUNS}, got {req.repeats}")
+    if not _SLURM_TIME.fullmatch(req.time.strip()):
+        raise StudyError(f"--time {req.time!r} is not a Slurm time limit (MINUTES, MM:SS, "
+                         "HH:MM:SS, DAYS-HH, DAYS-HH:MM[:SS] or UNLIMITED)")
     if req.combine not in ("cross", "zip"):
         raise StudyError(f"--combine cross or zip, got {req.combine!r}")
     labels = [a.label for a in req.axes]
@@ -461,6 +473,12 @@ def plan(req: Request, out: str | os.PathLike[str], env: Mapping[str, str] | Non
                          "shell characters (job script directives cannot quote it)")
     if (study_dir / MANIFEST).exists():
         raise StudyError(f"{study_dir} already holds a study ({MANIFEST}): choose another --out")
+    values = [len(a.values) for a in req.axes]
+    combos_count = math.prod(values) if req.combine == "cross" else min(values, default=1)
+    runs = len(req.modes) * len(req.nodes) * combos_count * req.repeats
+    if runs > MAX_RUNS:
+        raise StudyError(f"the study has {runs:,} runs (modes x node counts x axis values x "
+                         f"repeats), more than {MAX_RUNS}: plan it as several studies")
     combos = axis_points(req.axes, req.combine)
     variants = []  # (axis values, run args, app args, given) per combination
     for values in combos:
