@@ -281,9 +281,9 @@ def check_environment(env: Mapping[str, str] = os.environ) -> None:
     known = known_variables()
     unknown = sorted(name for name in env if name.startswith("MCKMPI_") and name not in known)
     if unknown:
-        raise UsageError(f"unknown environment variable {unknown[0]}"
-                         f"{did_you_mean(unknown[0].upper(), known, 'MCKMPI_')} (options are read from "
-                         f"MCKMPI_<OPTION>, e.g. MCKMPI_LINUX_CORES; see `mckmpi run --help`)")
+        hint = did_you_mean(unknown[0].upper(), known, "MCKMPI_")
+        raise UsageError(f"unknown environment variable {unknown[0]}{hint} (options are read "
+                         f"from MCKMPI_<OPTION>, e.g. MCKMPI_LINUX_CORES; see `mckmpi run --help`)")
 
 
 def to_env(settings: Settings) -> dict[str, str]:
@@ -343,6 +343,14 @@ def _tag(text: str) -> str:
     return text
 
 
+def _path(text: str) -> str:
+    """A path that is not empty: an empty value is an unset variable in a job script
+    (--out "$OUT"), not a wish to write into the working directory."""
+    if not text.strip():
+        raise UsageError("an empty path (an unset variable?): name a directory or a .h5 file")
+    return text
+
+
 def _size(text: str) -> int:
     from mckmpi.utility.units import parse_size
 
@@ -396,14 +404,6 @@ CPUSET = option(
     help="plan inside the cpuset reservation NAME made by `mckmpi partition reserve` "
          "(lwk mode); each rank is moved into its lwk cpuset",
 )
-def _path(text: str) -> str:
-    """A path that is not empty: an empty value is an unset variable in a job script
-    (--out "$OUT"), not a wish to write into the working directory."""
-    if not text.strip():
-        raise UsageError("an empty path (an unset variable?): name a directory or a .h5 file")
-    return text
-
-
 OUT = option(
     name="out", section="run", default="results", type=_path, metavar="PATH",
     help="run file: a directory (a name is chosen) or a path ending in .h5",

@@ -212,6 +212,7 @@ BAD_VALUES: dict[str, st.SearchStrategy[str]] = {
     "vnodes": _junk.filter(_not_a_whole_number),
     "oversubscribe": _junk.filter(
         lambda t: t.strip().lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off", "")),
+    "out": st.text(" \t", max_size=3),  # "$UNSET" in a job script
 }
 for _opt in config.options("partition", "lwk", "offload", "run"):
     if _opt.choices is not None:

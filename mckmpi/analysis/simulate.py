@@ -145,7 +145,7 @@ def from_fwq(
     k = max(1, round(work_ns / quantum))
     if k > ds.shape[1]:
         raise UsageError(
-            f"work of {work_ns / 1e3:g} us is longer than the {ds.shape[1]} FWQ samples of "
+            f"work of {work_ns / 1e3:g} us spans more than the {ds.shape[1]} FWQ samples of "
             f"{quantum / 1e3:g} us per rank of {run.path}"
         )
     windows, used = _fwq_windows(run, k, max_windows, block)
@@ -243,7 +243,7 @@ def load(
     """The noise distribution of `run` for `source` ('fwq', 'detours', or 'auto': FWQ when
     recorded, else detours)."""
     if not (math.isfinite(work_ns) and work_ns > 0):
-        raise UsageError(f"--work-us must be a positive number, got {work_ns / 1e3:g}")
+        raise UsageError(f"--work-us must be positive (and finite), got {work_ns / 1e3:g}")
     if source == "auto":
         source = "fwq" if FWQ in run else "detours" if DETOURS in run else ""
         if not source:
@@ -355,8 +355,8 @@ def simulate(
 ) -> Simulation:
     """Predictions for every rank count (a 1-rank reference row first)."""
     if not 1 <= iterations <= MAX_ITERATIONS:
-        raise UsageError(f"--iterations must be from 1 to {MAX_ITERATIONS:,} (each draws one "
-                         f"number per rank count), got {iterations}")
+        raise UsageError(f"--iterations must be at least 1 and at most {MAX_ITERATIONS:,} (each "
+                         f"draws one number per rank count), got {iterations}")
     rng = np.random.default_rng(seed)
     mean = dist.mean()
     w = dist.window_ns
@@ -408,7 +408,8 @@ def text(sim: Simulation) -> str:
     ]
     return "\n".join(
         [
-            f"noise source  {sim.source} trace of {sim.path}: {counted(sim.ranks_measured, 'measured rank')}, "
+            f"noise source  {sim.source} trace of {sim.path}: "
+            f"{counted(sim.ranks_measured, 'measured rank')}, "
             f"{counted(sim.windows, 'window')} ({sim.independent_windows} without overlap)",
             f"window        {sim.note}",
             f"one rank      noise per iteration: mean {fmt(sim.mean_noise_ns / 1e3)} us, "
