@@ -403,6 +403,8 @@ def _end(world: Any, run_file: Any, tracer: Tracer, end: dict[str, Any],
         # Rank 0 speaks for the job (apps report usage errors there): when it exits too,
         # its abort, not ours, ends the job, so its line is not lost in the teardown.
         time.sleep(ABORT_GRACE_S)
+        if end["ending"] == "exit" and end["error"]:  # still here: rank 0 did not exit
+            print(f"mckmpi: {end['error']}", file=sys.stderr, flush=True)
     world.Abort(end["exit_status"] if 0 < end["exit_status"] < 256 else 1)
     return 1  # not reached
 
@@ -415,7 +417,7 @@ def _run_app(app: App, rank: int, offset_ns: int) -> dict[str, Any]:
         if app.kind == "binary":
             status = subprocess.run([app.target, *app.args], check=False).returncode
             end = endings.of_child(status, app.target, rank, offset_ns)
-            if status:
+            if status and rank == 0:  # other ranks: after the grace, see `_end`
                 print(f"mckmpi: {end['error']}", file=sys.stderr, flush=True)
             return end
         if app.kind == "module":
@@ -426,9 +428,10 @@ def _run_app(app: App, rank: int, offset_ns: int) -> dict[str, Any]:
             sys.path[0] = str(Path(app.target).resolve().parent)
             runpy.run_path(app.target, run_name="__main__")
     except SystemExit as exc:
-        if exc.code is not None and not isinstance(exc.code, int):
+        if exc.code is not None and not isinstance(exc.code, int) and rank == 0:
             print(exc.code, file=sys.stderr, flush=True)
-        elif exc.code:  # the app's status is passed on: said, so that 2 is not read as ours
+        elif isinstance(exc.code, int) and exc.code and rank == 0:  # the status is passed on: said, so that 2 is not
+            # read as mckmpi's own; other ranks say it after the grace, see `_end`
             print(f"mckmpi: rank {rank}: {app.target} exited with status {exc.code}",
                   file=sys.stderr, flush=True)
         return endings.of_exception(exc, rank, offset_ns)

@@ -488,6 +488,19 @@ def test_the_apps_exit_status_is_passed_on_and_said(tmp_path, kind):
     assert "mckmpi: error:" not in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_a_status_of_another_rank_is_said_by_that_rank(tmp_path):
+    """Rank 1 alone exits 3 while rank 0 waits for it: rank 1 says so, and the job's
+    status is 3 (rank 0, when it exits too, speaks first and ends the job)."""
+    app = tmp_path / "one_fails.py"
+    app.write_text("import sys\nfrom mpi4py import MPI\n"
+                   "if MPI.COMM_WORLD.Get_rank() == 1:\n    sys.exit(3)\n"
+                   "MPI.COMM_WORLD.Barrier()\n")
+    proc = mpirun(2, "run", "--out", str(tmp_path), "--", str(app), timeout=60)
+    assert proc.returncode == 3, proc.stderr
+    assert "mckmpi: rank 1 exited with status 3" in proc.stderr.splitlines(), proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 @pytest.mark.parametrize("name,match", [
     ("MCKMPI_" + "MDOE", "did you mean 'MCKMPI_MODE'?"),
     ("MCKMPI_" + "LINUX_CORE", "did you mean 'MCKMPI_LINUX_CORES'?"),
