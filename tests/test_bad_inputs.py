@@ -591,6 +591,10 @@ def test_counts_agree_with_their_nouns(tmp_path):
     (["--work-us", "inf"], "--work-us must be positive (and finite)"),
     (["--work-us", "1e300"], "spans more than the 1000 FWQ samples"),
     (["--work-us", "1", "--iterations", str(10**11)], "at most 1,000,000"),
+    (["--work-us", "1", "--seed", "-1"], "--seed must be a whole number from 0"),  # traceback
+    (["--work-us", "1", "--allreduce-round-us", "1", "--allreduces", str(10**9)],
+     "at most 100"),  # once: hours of rounds
+    (["--work-us", "1", "--allreduce-round-us", "inf"], "--allreduce-round-us must be positive"),
 ])
 def test_simulate_numbers_are_bounded(tmp_path, extra, match):
     """nan and inf work gave a traceback, 10^11 iterations a 745 GiB MemoryError, 1e300 us
@@ -652,6 +656,24 @@ def test_proxy_options_are_checked_before_it_starts(tmp_path, extra, match):
     outcome.check()
     assert match in outcome.stderr
     assert not socket_dir.exists()
+
+
+def test_run_args_name_the_closest_run_option(tmp_path):
+    outcome = invoke(["study", "plan", "--app", "fwq", "--nodes", "1", "--ranks-per-node", "1",
+                      "--local", "--run-args", "--memm 1M", "--out", str(tmp_path / "s")])
+    outcome.check()
+    assert "did you mean '--mem'?" in outcome.stderr
+
+
+def test_partition_errors_count_in_agreement():
+    """'1 ranks', '1 LWK cores' in the partition's refusals."""
+    outcome = invoke(["partition", "show", "--mode", "lwk", "--ranks", "1", "--mem", "1000T"])
+    outcome.check()
+    assert "x 1 rank =" in outcome.stderr, outcome.stderr
+    outcome = invoke(["partition", "show", "--mode", "lwk", "--ranks", "5", "--lwk-cores",
+                      "1-1", "--linux-cores", "0-0"])
+    outcome.check()
+    assert "5 ranks need 5 cores but the node has 1 LWK core " in outcome.stderr, outcome.stderr
 
 
 def test_an_empty_out_is_refused(app):

@@ -357,6 +357,8 @@ def simulate(
     if not 1 <= iterations <= MAX_ITERATIONS:
         raise UsageError(f"--iterations must be at least 1 and at most {MAX_ITERATIONS:,} (each "
                          f"draws one number per rank count), got {iterations}")
+    if seed < 0:
+        raise UsageError(f"--seed must be a whole number from 0, got {seed}")
     rng = np.random.default_rng(seed)
     mean = dist.mean()
     w = dist.window_ns

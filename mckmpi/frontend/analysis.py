@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -185,15 +186,22 @@ def _build_simulate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the prediction as JSON")
 
 
+#: The most allreduces per iteration `simulate --allreduce-round-us` models (a CG iteration
+#: has two or three; every one adds log2(ranks) rounds of draws).
+MAX_ALLREDUCES = 100
+
+
 @_build_simulate.run
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from mckmpi.analysis import simulate
     from mckmpi.trace.reader import open_run
 
     ranks = simulate.parse_ranks(args.ranks)
-    if args.allreduce_round_us is not None and (not args.allreduce_round_us > 0
-                                                or args.allreduces < 1):
-        raise UsageError("--allreduce-round-us must be positive and --allreduces at least 1")
+    if args.allreduce_round_us is not None and (
+            not 0 < args.allreduce_round_us < math.inf
+            or not 1 <= args.allreduces <= MAX_ALLREDUCES):
+        raise UsageError("--allreduce-round-us must be positive and --allreduces at least 1 "
+                         f"and at most {MAX_ALLREDUCES} (the model's time grows with each)")
     with open_run(args.run_file) as run:
         dist = simulate.load(run, args.work_us * 1e3, args.source)
         attrs, provenance = run.attrs, run.provenance

@@ -266,7 +266,10 @@ def parse_run_args(args: Sequence[str]) -> dict[str, Any]:
     except argparse.ArgumentError as exc:
         raise StudyError(f"--run-args: {exc}") from None
     if extra:
-        raise StudyError(f"--run-args: not options of mckmpi run: {shlex.join(extra)}")
+        flags = [f for o in config.options(*config.RUN_SECTIONS) for f in o.cli_flags]
+        hint = next(filter(None, (did_you_mean(t.split("=", 1)[0], flags, "--")
+                                  for t in extra if t.startswith("--"))), "")
+        raise StudyError(f"--run-args: not options of mckmpi run: {shlex.join(extra)}{hint}")
     own = [f"--{n.replace('_', '-')}" for n in OWN_RUN_OPTIONS if n in vars(ns)]
     if own:
         raise StudyError(f"--run-args: {', '.join(own)} is set by the plan for every point")

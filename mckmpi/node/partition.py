@@ -103,9 +103,11 @@ def plan_node(
         )
     shared_pool = lwk or linux
     if nranks > len(shared_pool) and not oversubscribe:
-        side = "CPUs" if mode == "linux" else f"LWK cores (of {len(facts.cpus)} CPUs, {len(linux)} kept for Linux)"
+        side = ("CPU", "CPUs") if mode == "linux" else ("LWK core", "LWK cores")
+        where = "" if mode == "linux" else f" (of {len(facts.cpus)} CPUs, {len(linux)} kept for Linux)"
         raise PartitionError(
-            f"{nranks} ranks need {nranks} cores but the node has {len(shared_pool)} {side}: "
+            f"{counted(nranks, 'rank')} need {counted(nranks, 'core')} but the node has "
+            f"{counted(len(shared_pool), *side)}{where}: "
             "use --oversubscribe, fewer ranks per node"
             + (" or fewer --linux-cores" if mode == "lwk" else "")
         )
@@ -126,7 +128,8 @@ def plan_node(
         )
     if mode == "lwk" and facts.mem_available and nranks * mem > facts.mem_available:
         raise PartitionError(
-            f"--mem {format_size(mem)} x {nranks} ranks = {format_size(nranks * mem)} exceeds the "
+            f"--mem {format_size(mem)} x {counted(nranks, 'rank')} = {format_size(nranks * mem)} "
+            f"exceeds the "
             f"{format_size(facts.mem_available)} available on this node"
         )
     return NodePlan(
