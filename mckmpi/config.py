@@ -473,7 +473,8 @@ OFFLOAD = option(
 OFFLOAD_PROXY = option(
     name="offload_proxy", section="offload", default="", metavar="SOCKET",
     help="attach to a proxy started by hand (`mckmpi proxy --socket SOCKET`, e.g. one srun "
-         "task per node) instead of starting one per node",
+         "task per node) instead of starting one per node; a path no proxy can listen on is "
+         "refused at once, one not listening yet is waited for (up to 30 s, said on stderr)",
 )
 OFFLOAD_INCLUDE = option(
     name="offload_include", section="offload", default="", metavar="PREFIXES",

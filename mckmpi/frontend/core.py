@@ -33,7 +33,11 @@ rank with your launcher:
 Python files and -m modules run in-process (an unhandled exception aborts the whole job);
 other executables run as the rank's child (pinned, offloaded, traced; a failure aborts the
 job); an MPI executable runs as the rank's child after pinning, and its run file holds its
-placement, time and exit only. One HDF5 run file per job goes to --out.""")
+placement, time and exit only. One HDF5 run file per job goes to --out.
+
+An app's exit status N becomes mckmpi's (as srun and mpiexec pass a task's on), said in one
+line `mckmpi: rank R: APP exited with status N`; mckmpi's own mistakes are the lines
+`mckmpi: error: ...` (status 2: the command; 1: the run).""")
 def _build_run(p: argparse.ArgumentParser) -> None:
     config.add_arguments(p, *config.RUN_SECTIONS)
     p.add_argument("-m", dest="module", metavar="MODULE", help="run a Python module as the app")
