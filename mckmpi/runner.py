@@ -417,7 +417,8 @@ def _run_app(app: App, rank: int, offset_ns: int) -> dict[str, Any]:
         if app.kind == "binary":
             status = subprocess.run([app.target, *app.args], check=False).returncode
             end = endings.of_child(status, app.target, rank, offset_ns)
-            if status and rank == 0:  # other ranks: after the grace, see `_end`
+            if status < 0 or (status and rank == 0):
+                # a signal at once; another rank's exit status after the grace (`_end`)
                 print(f"mckmpi: {end['error']}", file=sys.stderr, flush=True)
             return end
         if app.kind == "module":
@@ -430,8 +431,9 @@ def _run_app(app: App, rank: int, offset_ns: int) -> dict[str, Any]:
     except SystemExit as exc:
         if exc.code is not None and not isinstance(exc.code, int) and rank == 0:
             print(exc.code, file=sys.stderr, flush=True)
-        elif isinstance(exc.code, int) and exc.code and rank == 0:  # the status is passed on: said, so that 2 is not
-            # read as mckmpi's own; other ranks say it after the grace, see `_end`
+        elif isinstance(exc.code, int) and exc.code and rank == 0:
+            # the status is passed on: said, so that 2 is not read as mckmpi's own (another
+            # rank says it after the grace, see `_end`)
             print(f"mckmpi: rank {rank}: {app.target} exited with status {exc.code}",
                   file=sys.stderr, flush=True)
         return endings.of_exception(exc, rank, offset_ns)
