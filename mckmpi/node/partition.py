@@ -104,7 +104,8 @@ def plan_node(
     shared_pool = lwk or linux
     if nranks > len(shared_pool) and not oversubscribe:
         side = ("CPU", "CPUs") if mode == "linux" else ("LWK core", "LWK cores")
-        where = "" if mode == "linux" else f" (of {len(facts.cpus)} CPUs, {len(linux)} kept for Linux)"
+        where = ("" if mode == "linux"
+                 else f" (of {len(facts.cpus)} CPUs, {len(linux)} kept for Linux)")
         raise PartitionError(
             f"{counted(nranks, 'rank')} need {counted(nranks, 'core')} but the node has "
             f"{counted(len(shared_pool), *side)}{where}: "
