@@ -237,7 +237,7 @@ def fwq_table(s: RunSummary) -> str:
         facts.append(f"timer cost {a['timer_cost_ns']} ns")
     missing = len(s.fwq) - len(recorded)
     if missing:
-        facts.append(f"{missing} rank(s) recorded no samples")
+        facts.append(f"{counted(missing, 'rank')} recorded no samples")
     lines.append(
         "excess = sample - the rank's smallest sample (min sample); excess percentiles are "
         "exact values of the rank's excess (no interpolation); noise % = sum(excess) / sum(samples)"

@@ -32,8 +32,7 @@ from mckmpi.analysis.report import fmt, num
 from mckmpi.analysis.stats import moments, order_index
 from mckmpi.errors import UsageError
 from mckmpi.trace.reader import BLOCK_ELEMENTS, Run, RunFileError
-from mckmpi.utility.table import counted
-from mckmpi.utility.table import render
+from mckmpi.utility.table import counted, render
 
 #: Upper bound on the noise windows kept from a trace (all ranks), to bound memory.
 MAX_WINDOWS = 10_000_000
@@ -317,7 +316,8 @@ def tree_text(sim: Simulation, tree: list[tuple[int, float]], round_ns: float,
             for p, (_, t) in zip(sim.predictions, tree, strict=True)]
     return "\n".join([
         render(("ranks", "barrier us", "tree us", "tree slowdown", "tree / barrier"), rows,
-               title=f"{allreduces} allreduce(s) per iteration as recursive-doubling trees, "
+               title=f"{counted(allreduces, 'allreduce')} per iteration as recursive-doubling "
+                     "trees, "
                      f"{fmt(round_ns / 1e3)} us per round (LogGP: L + 2o + sG)"),
         "barrier: W + E[max] (above); tree: per-rank simulation, ceil(log2 P) rounds per "
         "allreduce, each waiting for its partner, noise also hitting the message overheads "

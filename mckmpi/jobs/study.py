@@ -49,6 +49,7 @@ from mckmpi.jobs.launchers import Job, Launch, job_env
 from mckmpi.node.host import NodeFacts, read_host
 from mckmpi.node.partition import core_spec_linux_cores, node_facts, plan_node
 from mckmpi.utility.units import format_cpulist, parse_cpulist
+from mckmpi.utility.table import counted
 
 SCHEMA = "mckmpi.study-plan"
 VERSION = 2
@@ -635,8 +636,10 @@ def render_script(manifest: Mapping[str, Any], points: Sequence[Mapping[str, Any
         srun.append("--cpu-bind=none")
     base = first["script"][5:-7]
     title = (f"{first['app']} {first['scaling'] + ' scaling, ' if first['scaling'] else ''}"
-             f"{first['mode']} mode, {first['nodes']} node(s) x {first['ranks_per_node']} ranks"
-             + (f", {len(points)} points x {len(tasks) // len(points)} repeats as a job array"
+             f"{first['mode']} mode, {counted(first['nodes'], 'node')} x "
+             f"{counted(first['ranks_per_node'], 'rank')}"
+             + (f", {counted(len(points), 'point')} x "
+                f"{counted(len(tasks) // len(points), 'repeat')} as a job array"
                 if len(tasks) > 1 else ""))
     mckmpi = shlex.join([manifest["python"], "-m", "mckmpi"])
     app = shlex.quote(manifest["app_path"])
