@@ -24,6 +24,7 @@ from mpi4py import MPI
 import mckmpi
 from mckmpi import appkit
 from mckmpi.appkit import clock
+from mckmpi.utility.table import counted
 
 ROW_DTYPE = np.dtype([("bytes", "i8"), ("iter", "i4"), ("ns", "i8"), ("work_ns", "i8")])
 ITEM = 8  # float64
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
                  warmup=args.warmup, work_quantum_ns=quantum_ns, verified=verified)
     inj.record(tracer)
     if rank == 0:
-        lines = [f"allreduce: {size} ranks, {n} calls per size"
+        lines = [f"allreduce: {counted(size, 'rank')}, {counted(n, 'call')} per size"
                  + (f" after {quantum_ns} ns of work each" if quantum_ns else "")
                  + ", rank 0 latency median / p99 / max:"]
         for s, nbytes in enumerate(args.sizes):

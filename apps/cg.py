@@ -30,6 +30,7 @@ from mpi4py import MPI
 import mckmpi
 from mckmpi import appkit
 from mckmpi.appkit import clock
+from mckmpi.utility.table import counted
 
 
 def parse(argv: list[str]) -> tuple[appkit.AppParser, argparse.Namespace]:
@@ -180,8 +181,9 @@ def main(argv: list[str] | None = None) -> None:
                  tolerance=args.tol, converged=converged, verified=verified, error=error)
     inj.record(tracer)
     if cart.Get_rank() == 0:
-        print(f"cg: {grid.scaling} scaling, {cart.Get_size()} ranks ({grid.text(grid.dims)}), "
-              f"global {grid.text(grid.global_shape)}: {n} iterations, residual {residual:.2e}, "
+        print(f"cg: {grid.scaling} scaling, {counted(cart.Get_size(), 'rank')} "
+              f"({grid.text(grid.dims)}), global {grid.text(grid.global_shape)}: "
+              f"{counted(n, 'iteration')}, residual {residual:.2e}, "
               f"error {error:.2e} (cond {kappa:.0f}); median iteration "
               f"{appkit.ms(np.median(iter_ns[:n]))} (compute {appkit.ms(np.median(compute_ns[:n]))}, "
               f"allreduce {appkit.ms(np.median(comm_ns[:n]))}, halo "

@@ -50,6 +50,7 @@ from mpi4py import MPI
 import mckmpi
 from mckmpi import appkit
 from mckmpi.appkit import clock
+from mckmpi.utility.table import counted
 
 RATE = 3.9  # the logistic map's parameter: chaotic, values stay in (0, 1)
 CKPT_DTYPE = np.dtype([("iter", "i4"), ("start_ns", "i8"), ("bytes", "i8"), ("write_ns", "i8"),
@@ -443,7 +444,8 @@ def main(argv: list[str] | None = None) -> None:
     inj.record(tracer)
     if rank == 0:
         mib = args.elements * 8 / 2**20
-        print(f"checkpoint: {comm.Get_size()} ranks x {mib:.1f} MiB, {count} checkpoints ({mode}): "
+        print(f"checkpoint: {counted(comm.Get_size(), 'rank')} x {mib:.1f} MiB, "
+              f"{counted(count, 'checkpoint')} ({mode}): "
               f"{base_rate:.1f} it/s without, {ckpt_rate:.1f} it/s with "
               f"({(base_rate / ckpt_rate - 1) * 100:+.1f} % time); median write "
               f"{appkit.ms(np.median(writer.log['write_ns']))}, verify "

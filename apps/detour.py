@@ -28,6 +28,7 @@ from mpi4py import MPI
 import mckmpi
 from mckmpi import appkit
 from mckmpi.appkit import NEVER, clock
+from mckmpi.utility.table import counted
 
 DETOUR_DTYPE = np.dtype([("start_ns", "i8"), ("duration_ns", "i8")])
 
@@ -123,7 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     fractions = comm.gather(fraction, root=0)
     counts = comm.gather(n, root=0)
     if comm.Get_rank() == 0:
-        print(f"detour: {comm.Get_size()} ranks x {measured / 1e9:.2f} s, threshold {threshold} ns "
+        print(f"detour: {counted(comm.Get_size(), 'rank')} x {measured / 1e9:.2f} s, "
+              f"threshold {threshold} ns "
               f"(rank 0 loop {loop_ns} ns); detours per rank {counts}, noise fraction per rank "
               + " ".join(f"{f:.2e}" for f in fractions))
 

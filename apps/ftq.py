@@ -28,6 +28,7 @@ from mpi4py import MPI
 import mckmpi
 from mckmpi import appkit
 from mckmpi.appkit import clock
+from mckmpi.utility.table import counted
 
 
 def parse(argv: list[str]) -> tuple[appkit.AppParser, argparse.Namespace]:
@@ -104,7 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     inj.record(tracer)
     low = comm.reduce(int(counts.min()), op=MPI.MIN, root=0)
     if comm.Get_rank() == 0:
-        print(f"ftq: {comm.Get_size()} ranks x {args.intervals} intervals of {interval_ns} ns, "
+        print(f"ftq: {counted(comm.Get_size(), 'rank')} x {counted(args.intervals, 'interval')} "
+              f"of {interval_ns} ns, "
               f"unit {unit_ns:.0f} ns; rank 0 median {int(np.median(counts))} units, max "
               f"{int(counts.max())}, min over ranks {low}")
 

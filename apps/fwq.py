@@ -25,6 +25,7 @@ from mpi4py import MPI
 import mckmpi
 from mckmpi import appkit
 from mckmpi.appkit import clock
+from mckmpi.utility.table import counted
 
 
 def parse(argv: list[str]) -> tuple[appkit.AppParser, argparse.Namespace]:
@@ -73,7 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     inj.record(ctx.tracer)
     worst = comm.reduce(int(samples.max()), op=MPI.MAX, root=0)
     if comm.Get_rank() == 0:
-        print(f"fwq: {comm.Get_size()} ranks x {args.samples} samples, quantum {quantum_ns} ns "
+        print(f"fwq: {counted(comm.Get_size(), 'rank')} x {counted(args.samples, 'sample')}, "
+              f"quantum {quantum_ns} ns "
               f"({reps} x {unit_ns:.0f} ns), rank 0 median {int(np.median(samples))} ns, "
               f"max over ranks {worst} ns; timer {timer.cost_ns} ns/read, "
               f"resolution {timer.resolution_ns} ns, min quantum {timer.min_quantum_ns} ns")

@@ -31,6 +31,7 @@ from mpi4py import MPI
 import mckmpi
 from mckmpi import appkit
 from mckmpi.appkit import clock
+from mckmpi.utility.table import counted
 
 LOCAL_DEFAULT = {2: 512, 3: 64}
 SIZE_DEFAULT = {2: 1024, 3: 128}
@@ -172,8 +173,9 @@ def main(argv: list[str] | None = None) -> None:
     slowest = cart.reduce(float(np.median(iter_ns)), op=MPI.MAX, root=0)
     floor = cart.reduce(int(iter_ns.min()), op=MPI.MAX, root=0)
     if cart.Get_rank() == 0:
-        print(f"stencil: {ndim}D {grid.scaling} scaling, {cart.Get_size()} ranks "
-              f"({grid.text(grid.dims)}), global {grid.text(grid.global_shape)}, {n} iterations: "
+        print(f"stencil: {ndim}D {grid.scaling} scaling, {counted(cart.Get_size(), 'rank')} "
+              f"({grid.text(grid.dims)}), global {grid.text(grid.global_shape)}, "
+              f"{counted(n, 'iteration')}: "
               f"median iteration {appkit.ms(np.median(iter_ns))} on rank 0 (compute "
               f"{appkit.ms(np.median(compute_ns))}, halo {appkit.ms(np.median(comm_ns))}), "
               f"slowest rank {appkit.ms(slowest)}, best iterations up to {appkit.ms(floor)}; "

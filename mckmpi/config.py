@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import difflib
 import os
 import re
 import tomllib
@@ -28,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mckmpi.errors import UsageError
+from mckmpi.errors import UsageError, did_you_mean
 
 
 @dataclass(frozen=True)
@@ -177,6 +176,9 @@ def config_file(env: Mapping[str, str] = os.environ) -> Path | None:
         path = Path(env["MCKMPI_CONFIG"])
         if path.is_dir():
             raise UsageError(f"MCKMPI_CONFIG names a directory, not a TOML file: {path}")
+        if path.exists() and not path.is_file():
+            raise UsageError(f"MCKMPI_CONFIG names {path}, which is not a regular file "
+                             "(unset MCKMPI_CONFIG to use no file)")
         if not path.is_file():
             raise UsageError(f"MCKMPI_CONFIG names a missing file: {path}")
         return path
@@ -204,7 +206,7 @@ def read_file(path: Path | None) -> dict[str, dict[str, Any]]:
     sections = {o.section for o in _REGISTRY.values()}
     for section, values in table.items():
         if section not in sections:
-            raise UsageError(f"{path}: unknown section [{section}]{_did_you_mean(section, sections)}"
+            raise UsageError(f"{path}: unknown section [{section}]{did_you_mean(section, sections)}"
                              f" (sections: {', '.join(sorted(sections))})")
         if not isinstance(values, dict):
             raise UsageError(f"{path}: {section} must be a table ([{section}] with keys under it), "
@@ -214,14 +216,9 @@ def read_file(path: Path | None) -> dict[str, dict[str, Any]]:
             if key not in keys:
                 elsewhere = [o.section for o in _REGISTRY.values() if o.name == key]
                 hint = (f": {key} belongs in [{elsewhere[0]}]" if elsewhere
-                        else _did_you_mean(key, keys))
+                        else did_you_mean(key, keys))
                 raise UsageError(f"{path}: unknown key {key!r} in [{section}]{hint}")
     return table
-
-
-def _did_you_mean(word: str, known: Any) -> str:
-    close = difflib.get_close_matches(word, sorted(known), n=1, cutoff=0.6)
-    return f": did you mean {close[0]!r}?" if close else ""
 
 
 def resolve(
@@ -231,6 +228,7 @@ def resolve(
     file: Path | None = None,
 ) -> Settings:
     """Values of the sections' options: CLI > environment > file > default."""
+    check_environment(env)
     path = file if file is not None else config_file(env)
     table = read_file(path)
     settings = Settings()
@@ -252,6 +250,40 @@ def resolve(
         settings.values[opt.name] = opt.convert(raw, where)
         settings.origins[opt.name] = origin
     return settings
+
+
+#: The MCKMPI_* variables that are not options: read by mckmpi or its tools, or handed by
+#: them to their children. Every other MCKMPI_* name is a typo to refuse (like an unknown
+#: key of the configuration file), not a setting to ignore silently.
+OTHER_VARIABLES = {
+    "MCKMPI_CONFIG": "the configuration file",
+    "MCKMPI_STUDY_POINT": "a study job's point (set by the job script, recorded as provenance)",
+    "MCKMPI_STUDY_REPEAT": "a study job's repeat (set by the job script)",
+    "MCKMPI_STUDY_AXES": "a study job's axis values (set by the job script)",
+    "MCKMPI_NOTIF_FLOOR_SRC": "mckmpi bench offload: where notif-floor.c is",
+    "MCKMPI_SLURM_DIR": "the Slurm test cluster's directory (launch/slurm/env.in)",
+    "MCKMPI_FUZZ_PROFILE": "the test suite's fuzzing profile",
+    "MCKMPI_SOAK_OPS": "the soak test's operation count",
+    "MCKMPI_SOAK_RECORD": "where the soak test records its numbers",
+    "MCKMPI_VENV": "launch/setup: where the virtual environment goes",
+    "MCKMPI_PYTHON": "launch/setup: the interpreter that builds it",
+}
+
+
+def known_variables() -> set[str]:
+    """Every MCKMPI_* name mckmpi accepts: the options' and `OTHER_VARIABLES`."""
+    return {o.env for o in _REGISTRY.values()} | set(OTHER_VARIABLES)
+
+
+def check_environment(env: Mapping[str, str] = os.environ) -> None:
+    """Refuse an MCKMPI_* variable nothing reads (a misspelt MCKMPI_MODE=lwk would run in
+    linux mode without a word), naming the closest known one."""
+    known = known_variables()
+    unknown = sorted(name for name in env if name.startswith("MCKMPI_") and name not in known)
+    if unknown:
+        hint = did_you_mean(unknown[0].upper(), known, "MCKMPI_")
+        raise UsageError(f"unknown environment variable {unknown[0]}{hint} (options are read "
+                         f"from MCKMPI_<OPTION>, e.g. MCKMPI_LINUX_CORES; see `mckmpi run --help`)")
 
 
 def to_env(settings: Settings) -> dict[str, str]:
@@ -311,6 +343,14 @@ def _tag(text: str) -> str:
     return text
 
 
+def _path(text: str) -> str:
+    """A path that is not empty: an empty value is an unset variable in a job script
+    (--out "$OUT"), not a wish to write into the working directory."""
+    if not text.strip():
+        raise UsageError("an empty path (an unset variable?): name a directory or a .h5 file")
+    return text
+
+
 def _size(text: str) -> int:
     from mckmpi.utility.units import parse_size
 
@@ -365,7 +405,7 @@ CPUSET = option(
          "(lwk mode); each rank is moved into its lwk cpuset",
 )
 OUT = option(
-    name="out", section="run", default="results", metavar="PATH",
+    name="out", section="run", default="results", type=_path, metavar="PATH",
     help="run file: a directory (a name is chosen) or a path ending in .h5",
 )
 TAG = option(
@@ -433,7 +473,8 @@ OFFLOAD = option(
 OFFLOAD_PROXY = option(
     name="offload_proxy", section="offload", default="", metavar="SOCKET",
     help="attach to a proxy started by hand (`mckmpi proxy --socket SOCKET`, e.g. one srun "
-         "task per node) instead of starting one per node",
+         "task per node) instead of starting one per node; a path no proxy can listen on is "
+         "refused at once, one not listening yet is waited for (up to 30 s, said on stderr)",
 )
 OFFLOAD_INCLUDE = option(
     name="offload_include", section="offload", default="", metavar="PREFIXES",

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from mckmpi.errors import UsageError
 from mckmpi.jobs.launchers import Job
+from mckmpi.utility.table import counted
 
 if TYPE_CHECKING:
     from mckmpi.background import NoiseSource
@@ -155,7 +156,7 @@ def demo(out: str, samples: int = 3000, detour_s: float = 3.0) -> int:
         where = "anywhere" if job.mode == "linux" else f"CPU {','.join(map(str, linux_cpus))}"
         print(f"[{i}/{len(jobs)} {time.monotonic() - started:5.1f}s] {job.app}, {job.mode} mode"
               f"{', isolated' if job.isolate else ''}{', without isolation' if job.twin else ''}, "
-              f"{job.ranks} rank(s){', oversubscribed' if job.oversubscribe else ''}; "
+              f"{counted(job.ranks, 'rank')}{', oversubscribed' if job.oversubscribe else ''}; "
               f"noise {where}", flush=True)
         with demo_noise(None if job.mode == "linux" else linux_cpus):
             proc = launch(job.job(path), quiet=True)

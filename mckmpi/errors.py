@@ -7,6 +7,9 @@ and 1 for a `RunError` (the command was right, the run failed: a proxy died, a f
 not be written). Anything else is a bug or an application failure and keeps its traceback.
 """
 
+import difflib
+from collections.abc import Iterable
+
 #: The prefix of every error line mckmpi prints.
 PREFIX = "mckmpi: error: "
 
@@ -67,3 +70,15 @@ def error_line(message: str) -> str:
     while text.startswith(PREFIX) or text.startswith("mckmpi: "):
         text = text[len(PREFIX):] if text.startswith(PREFIX) else text[len("mckmpi: "):]
     return PREFIX + (text or "failed")
+
+
+def did_you_mean(word: str, known: Iterable[str], prefix: str = "") -> str:
+    """': did you mean 'X'?' for the known name closest to a mistyped `word`, else ''.
+    A `prefix` all names share ('--', 'MCKMPI_') is left out of the likeness, so that it
+    does not make every name look close."""
+    def bare(name: str) -> str:
+        return name[len(prefix):] if prefix and name.startswith(prefix) else name
+
+    names = {bare(name): name for name in known}
+    close = difflib.get_close_matches(bare(word), sorted(names), n=1, cutoff=0.6)
+    return f": did you mean {names[close[0]]!r}?" if close else ""

@@ -171,6 +171,9 @@ def run_external(settings: Any, app: Any, argv: list[str], placement: Any, plan:
 
     path = run_file_path(settings, app, placement)
     status, wall, start_unix, end_unix = run_binary(app.target, app.args)
+    if status:  # passed on as this rank's status: said, so that 2 is not read as ours
+        print(f"mckmpi: rank {placement.rank}: {app.target} exited with status {status}",
+              file=sys.stderr, flush=True)
     if path is None:
         announce(None, [], placement.rank)
         return status

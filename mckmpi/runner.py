@@ -92,6 +92,61 @@ def refuse(exc: MckmpiError) -> int:
     return exc.exit_code
 
 
+def check_hand_started_proxy(settings: Settings, policy: Policy) -> None:
+    """--offload-proxy, before MPI starts: refused at once where no proxy can ever listen
+    (a file that is not a socket, a socket nobody listens on, a directory the proxy cannot
+    create); where one may still come (its `mckmpi proxy` starts beside the ranks), the
+    node's rank 0 says that it waits, and how long."""
+    import socket
+    import stat
+
+    from mckmpi.offload.session import HAND_STARTED_WAIT_S
+
+    path = Path(settings.offload_proxy)
+    name = f"--offload-proxy {path}"
+    if not policy.active:
+        if announces_errors():
+            print(f"mckmpi: note: {settings.blame(name)} is not used: nothing is offloaded "
+                  f"(--offload {settings.offload} in {settings.mode} mode)", file=sys.stderr,
+                  flush=True)
+        return
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise UsageError(settings.blame(f"{name}: {exc.strerror}")) from None
+    if st is not None and not stat.S_ISSOCK(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a file"
+        raise UsageError(settings.blame(f"{name} is {kind}, not the socket of a proxy (`mckmpi "
+                                        f"proxy --socket PATH` creates it)"))
+    if st is not None:
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            probe.connect(str(path))
+        except ConnectionRefusedError:
+            raise UsageError(settings.blame(
+                f"{name}: no proxy listens on this socket (left by a proxy that ended?): "
+                f"start `mckmpi proxy --socket {path}` first")) from None
+        except OSError as exc:
+            raise UsageError(settings.blame(f"{name}: {exc.strerror}")) from None
+        finally:
+            probe.close()
+        return
+    parent = path.absolute().parent
+    if parent.exists() and not parent.is_dir():
+        raise UsageError(settings.blame(f"{name}: {parent} is not a directory"))
+    if not parent.exists() and not (parent.parent.is_dir()
+                                    and os.access(parent.parent, os.W_OK | os.X_OK)):
+        raise UsageError(settings.blame(
+            f"{name}: no proxy can listen there: {parent} does not exist and cannot be "
+            f"created in {parent.parent}"))
+    if announces_errors():
+        print(f"mckmpi: waiting up to {HAND_STARTED_WAIT_S:g} s for the offload proxy at {path} "
+              f"(--offload-proxy; started by `mckmpi proxy --socket {path}`)",
+              file=sys.stderr, flush=True)
+
+
 def vnode_plan(settings: Settings, vnode: int, nranks: int) -> NodePlan:
     """The plan of virtual node `vnode` of this host with `nranks` ranks, as `settings` ask:
     within the host's cpuset, or within the reservation named by --cpuset (its Linux and
@@ -194,6 +249,8 @@ def run(settings: Settings, app: App, argv: list[str]) -> int:
     if settings.tag:  # every process of the job carries it: its proxy, the app's children
         os.environ["MCKMPI_TAG"] = settings.tag
     policy = policy_of(settings)  # a bad prefix is a usage error before MPI, on every rank
+    if settings.offload_proxy:
+        check_hand_started_proxy(settings, policy)
     if settings.isolate:
         require_isolatable(plan)
     run_file_target(settings.out)  # an --out that cannot be written, found before the job
@@ -360,6 +417,8 @@ def _end(world: Any, run_file: Any, tracer: Tracer, end: dict[str, Any],
         # its abort, not ours, ends the job, so its line is not lost in the teardown (and
         # an I/O error all ranks met is said once).
         time.sleep(ABORT_GRACE_S)
+        if end["ending"] == "exit" and end["error"]:  # still here: rank 0 did not exit
+            print(f"mckmpi: {end['error']}", file=sys.stderr, flush=True)
     if end["ending"] == "io-error" and not (placement.rank != 0 and catcher.caught):
         # (a rank signalled meanwhile: another rank's abort is ending the job, it spoke)
         print(f"mckmpi: error: {end['error']}", file=sys.stderr, flush=True)
@@ -375,7 +434,8 @@ def _run_app(app: App, rank: int, offset_ns: int) -> dict[str, Any]:
         if app.kind == "binary":
             status = subprocess.run([app.target, *app.args], check=False).returncode
             end = endings.of_child(status, app.target, rank, offset_ns)
-            if status:
+            if status < 0 or (status and rank == 0):
+                # a signal at once; another rank's exit status after the grace (`_end`)
                 print(f"mckmpi: {end['error']}", file=sys.stderr, flush=True)
             return end
         if app.kind == "module":
@@ -386,8 +446,13 @@ def _run_app(app: App, rank: int, offset_ns: int) -> dict[str, Any]:
             sys.path[0] = str(Path(app.target).resolve().parent)
             runpy.run_path(app.target, run_name="__main__")
     except SystemExit as exc:
-        if exc.code is not None and not isinstance(exc.code, int):
+        if exc.code is not None and not isinstance(exc.code, int) and rank == 0:
             print(exc.code, file=sys.stderr, flush=True)
+        elif isinstance(exc.code, int) and exc.code and rank == 0:
+            # the status is passed on: said, so that 2 is not read as mckmpi's own (another
+            # rank says it after the grace, see `_end`)
+            print(f"mckmpi: rank {rank}: {app.target} exited with status {exc.code}",
+                  file=sys.stderr, flush=True)
         return endings.of_exception(exc, rank, offset_ns)
     except (endings.JobSignal, StorageError) as exc:
         return endings.of_exception(exc, rank, offset_ns)

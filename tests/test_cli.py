@@ -1,6 +1,7 @@
 """User errors end with one clear line and exit 2: no traceback, no hang."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -75,3 +76,28 @@ def test_parallel_errors_print_once_per_node():
     proc = mpirun(2, "run", "--", "apps/missing.py", timeout=60)
     assert proc.returncode != 0
     assert proc.stderr.count("mckmpi: error: app not found") == 1
+
+
+def test_report_fwq_columns_say_sample_or_excess(tmp_path):
+    """The FWQ table mixed a sample (min) and excess values (percentiles, max) under
+    look-alike headers: each header now says which, as results/README.md defines them."""
+    import re
+
+    import numpy as np
+
+    from test_analysis import write_synthetic
+
+    samples = np.array([2000, 2500, 2000, 12000, 3000], dtype=np.int64)
+    path = write_synthetic(tmp_path / "run.h5", fwq=samples)
+    proc = mckmpi("report", str(path))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    at = lines.index("FWQ noise") + 1
+    table = dict(zip(re.split(r"\s{2,}", lines[at].strip()), lines[at + 2].split()))
+    assert float(table["min sample us"]) == samples.min() / 1e3
+    assert float(table["excess max us"]) == (samples.max() - samples.min()) / 1e3
+    assert float(table["excess p50 us"]) == (np.sort(samples)[2] - samples.min()) / 1e3
+    assert not any(h in table for h in ("min us", "p50 us", "max us"))
+    assert "excess = sample - the rank's smallest sample" in lines[at + 3]
+    readme = (Path(__file__).resolve().parents[1] / "results" / "README.md").read_text()
+    assert "sample - the rank's smallest sample" in readme

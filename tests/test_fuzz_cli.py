@@ -212,6 +212,7 @@ BAD_VALUES: dict[str, st.SearchStrategy[str]] = {
     "vnodes": _junk.filter(_not_a_whole_number),
     "oversubscribe": _junk.filter(
         lambda t: t.strip().lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off", "")),
+    "out": st.text(" \t", max_size=3),  # "$UNSET" in a job script
 }
 for _opt in config.options("partition", "lwk", "offload", "run"):
     if _opt.choices is not None:
@@ -511,3 +512,17 @@ def test_launcher_environment(env):
         assert "\n" not in str(exc)
     else:
         assert 0 <= p.rank < p.size and 0 <= p.local_rank < p.local_size
+
+
+@settings(FUZZ)
+@given(suffix=st.text(st.sampled_from("ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcxyz019"), max_size=24),
+       command=st.sampled_from([["partition", "show"], ["run", "--", "/bin/true"]]))
+def test_unknown_mckmpi_variables(suffix, command):
+    """Any MCKMPI_* name that is not mckmpi's is refused in one line naming it, before
+    anything runs; the known ones never are."""
+    name = "MCKMPI_" + suffix
+    assume(name not in config.known_variables())
+    outcome = invoke(command, {name: "1"})
+    outcome.check()
+    assert f"unknown environment variable {name}" in outcome.stderr
+    config.check_environment({known: "" for known in config.known_variables()})

@@ -97,9 +97,28 @@ def test_tasks_are_attributed_to_their_last_cpu_and_owner():
 
 
 def test_osnoise_status_names_what_is_missing(tmp_path: Path):
-    assert "not mounted" in kn.osnoise_status([tmp_path / "nothing"])
+    assert "not mounted" in kn.osnoise_status([tmp_path / "nothing"], kernel_configs=[])
     (tmp_path / "available_tracers").write_text("blk function nop\n")
     assert "no osnoise tracer" in kn.osnoise_status([tmp_path])
+
+
+def test_osnoise_status_tells_a_kernel_without_the_tracer_from_an_unmounted_tracefs(
+        tmp_path: Path):
+    """Without tracefs mounted, the kernel's build configuration says which one it is."""
+    import gzip
+
+    nothing = [tmp_path / "no-tracefs"]
+    without = tmp_path / "config.gz"
+    with gzip.open(without, "wt") as fh:
+        fh.write("CONFIG_TRACING=y\n# CONFIG_OSNOISE_TRACER is not set\n")
+    status = kn.osnoise_status(nothing, kernel_configs=[tmp_path / "missing", without])
+    assert "built without the osnoise tracer" in status and str(without) in status
+    assert "not mounted" not in status
+    built = tmp_path / "config-release"
+    built.write_text("CONFIG_OSNOISE_TRACER=y\n")
+    status = kn.osnoise_status(nothing, kernel_configs=[built])
+    assert "tracefs is not mounted" in status and "the kernel has the osnoise tracer" in status
+    assert "is unknown" in kn.osnoise_status(nothing, kernel_configs=[tmp_path / "missing"])
 
 
 def test_proc_files_read_the_current_text_each_time():

@@ -116,7 +116,7 @@ def test_record_and_report_say_when_nodes_share_a_host(capsys):
     assert prov.nodes_of(attrs) == nodes
     text = "\n".join(provenance_lines(attrs))
     assert "job 5 step 0" in text and "commit abc" in text and "MCKMPI_MODE=lwk" in text
-    assert "2 nodes on 1 host(s) (box)" in text
+    assert "2 nodes on 1 host (box)" in text
     apart = [prov.NodeProvenance("n1", "a", "", "", ""), prov.NodeProvenance("n2", "b", "", "", "")]
     assert not prov.shared_hosts(apart) and prov.shared_hosts_note(apart) == ""
     assert "mckmpi: note: nodes n1, n2 on box share one machine" in capsys.readouterr().err

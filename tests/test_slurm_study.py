@@ -380,7 +380,7 @@ def test_retry_failed_submits_exactly_the_points_that_did_not_complete(cluster, 
     assert rows[manifest["points"][0]["name"]][1:4] == ["COMPLETED", "0", "completed"]
     assert rows[manifest["points"][1]["name"]][1] == "CANCELLED"
     res = mck("study", "submit", "--retry", "failed", str(out), env=env)
-    assert res.returncode == 0 and "1 jobs submitted" in res.stdout, res.stdout + res.stderr
+    assert res.returncode == 0 and "1 job submitted" in res.stdout, res.stdout + res.stderr
     points = json.loads((out / "study.json").read_text())["points"]
     assert points[0]["job_id"] == first[0] and "attempts" not in points[0]
     assert points[1]["job_id"] not in (None, first[1])
@@ -517,7 +517,7 @@ def test_core_spec_and_map_cpu_by_hand(cluster, tmp_path):
         assert res.returncode == 0, res.stderr
         assert note in res.stderr
         with open_run(path) as r:
-            assert r.provenance["node_plans"] == ["lwk: linux cpus 1, lwk cpus 0, 1 ranks, "
+            assert r.provenance["node_plans"] == ["lwk: linux cpus 1, lwk cpus 0, 1 rank, "
                                                   "mem/rank 32M"]
             assert r.ranks["cpus"][0] == b"0"
 

@@ -18,7 +18,7 @@ from mckmpi.analysis import kernel
 from mckmpi.analysis.report import num
 from mckmpi.analysis.stats import order_index
 from mckmpi.analysis.summary import RunSummary
-from mckmpi.utility.table import render
+from mckmpi.utility.table import counted, render
 
 #: Counters whose growth means noise (faults, preemptions, fallbacks out of the arena).
 _NOISY_COUNTERS = ("flt", "involuntary", "fallback")
@@ -199,7 +199,8 @@ def text(a: RunSummary, b: RunSummary) -> str:
         app = s.app.name if s.app is not None and s.app.name else s.attrs.get("app", "")
         lines.append(
             f"{tag} = {name:<8} {s.path}  ({s.attrs.get('mode')} mode, "
-            f"{s.attrs.get('world_size')} ranks, {s.attrs.get('nnodes')} nodes, app {app})"
+            f"{_count(s.attrs.get('world_size'), 'rank')}, "
+            f"{_count(s.attrs.get('nnodes'), 'node')}, app {app})"
         )
     if not rows:
         lines.append("\nnothing to compare: the two runs recorded no common data")
@@ -254,3 +255,11 @@ def to_json(a: RunSummary, b: RunSummary) -> dict[str, Any]:
         "b": {"label": names[1], "path": str(b.path)},
         "metrics": [m.to_json() for m in metrics(a, b)],
     }
+
+
+def _count(value: object, noun: str) -> str:
+    """A count read from a run file's attributes ('2 ranks'; '? ranks' when missing)."""
+    try:
+        return counted(int(value), noun)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return f"? {noun}s"

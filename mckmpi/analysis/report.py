@@ -18,7 +18,7 @@ from mckmpi.analysis.app import TimeArray
 from mckmpi.analysis.summary import RunSummary, summarize
 from mckmpi.provenance import nodes_of, shared_hosts
 from mckmpi.trace.reader import Run
-from mckmpi.utility.table import render
+from mckmpi.utility.table import counted, render
 from mckmpi.utility.units import format_size
 
 MAX_RANK_ROWS = 16
@@ -120,7 +120,7 @@ def provenance_lines(prov: dict[str, Any]) -> list[str]:
             lines.append(f"kernel command line ({names}): {cmdline or '-'}")
         if shared_hosts(nodes):
             hosts = sorted({n.hostname for n in nodes})
-            lines.append(f"NOTE: {len(nodes)} nodes on {len(hosts)} host(s) "
+            lines.append(f"NOTE: {counted(len(nodes), 'node')} on {counted(len(hosts), 'host')} "
                          f"({', '.join(hosts)}): nodes of one host share its CPUs, so their "
                          "noise and timings are not independent")
     return lines
@@ -216,12 +216,12 @@ def fwq_table(s: RunSummary) -> str:
             (
                 "rank",
                 "samples",
-                "min us",
-                "p50 us",
-                "p99 us",
-                "p99.9 us",
-                "max us",
-                "mean us",
+                "min sample us",
+                "excess p50 us",
+                "excess p99 us",
+                "excess p99.9 us",
+                "excess max us",
+                "excess mean us",
                 "noise %",
             ),
             rows,
@@ -232,15 +232,15 @@ def fwq_table(s: RunSummary) -> str:
     if "fwq_quantum_ns" in a:
         facts.append(f"target quantum {us(a['fwq_quantum_ns'])} us")
     if "fwq_reps" in a:
-        facts.append(f"{a['fwq_reps']} kernel repetitions per sample")
+        facts.append(f"{counted(int(a['fwq_reps']), 'kernel repetition')} per sample")
     if "timer_cost_ns" in a:
         facts.append(f"timer cost {a['timer_cost_ns']} ns")
     missing = len(s.fwq) - len(recorded)
     if missing:
-        facts.append(f"{missing} rank(s) recorded no samples")
+        facts.append(f"{counted(missing, 'rank')} recorded no samples")
     lines.append(
-        "excess = sample - the rank's smallest sample (min); percentiles are samples "
-        "(no interpolation); noise % = sum(excess) / sum(samples)"
+        "excess = sample - the rank's smallest sample (min sample); excess percentiles are "
+        "exact values of the rank's excess (no interpolation); noise % = sum(excess) / sum(samples)"
     )
     if facts:
         lines.append("; ".join(facts))
@@ -396,7 +396,8 @@ def app_table(s: RunSummary) -> str:
         facts.append(f"wall time  {fmt(a.wall_ns / 1e9)} s (slowest rank)")
     if a.iterations:
         facts.append(
-            f"iteration  {a.iterations} iterations; time of the slowest rank per iteration: "
+            f"iteration  {counted(a.iterations, 'iteration')}; "
+            "time of the slowest rank per iteration: "
             f"p50 {fmt(a.iter_p50_ns / 1e3)} us, mean {fmt(a.iter_mean_ns / 1e3)} us, "
             f"p99 {fmt(a.iter_p99_ns / 1e3)} us, max {fmt(a.iter_max_ns / 1e3)} us"
         )

@@ -32,7 +32,7 @@ from mckmpi.analysis.report import fmt, num
 from mckmpi.analysis.stats import moments, order_index
 from mckmpi.errors import UsageError
 from mckmpi.trace.reader import BLOCK_ELEMENTS, Run, RunFileError
-from mckmpi.utility.table import render
+from mckmpi.utility.table import counted, render
 
 #: Upper bound on the noise windows kept from a trace (all ranks), to bound memory.
 MAX_WINDOWS = 10_000_000
@@ -144,13 +144,14 @@ def from_fwq(
     k = max(1, round(work_ns / quantum))
     if k > ds.shape[1]:
         raise UsageError(
-            f"work of {work_ns / 1e3:g} us spans {k} FWQ quanta, more than the "
-            f"{ds.shape[1]} samples per rank of {run.path}"
+            f"work of {work_ns / 1e3:g} us spans more than the {ds.shape[1]} FWQ samples of "
+            f"{quantum / 1e3:g} us per rank of {run.path}"
         )
     windows, used = _fwq_windows(run, k, max_windows, block)
     window = k * quantum
     note = (
-        f"noise of {k} consecutive FWQ quanta of {fmt(quantum / 1e3)} us = {fmt(window / 1e3)} us "
+        f"noise of {counted(k, 'consecutive FWQ quantum', 'consecutive FWQ quanta')} of "
+        f"{fmt(quantum / 1e3)} us = {fmt(window / 1e3)} us "
         "of work"
     )
     if abs(window - work_ns) > 0.05 * work_ns:
@@ -240,8 +241,8 @@ def load(
 ) -> NoiseDistribution:
     """The noise distribution of `run` for `source` ('fwq', 'detours', or 'auto': FWQ when
     recorded, else detours)."""
-    if work_ns <= 0:
-        raise UsageError(f"--work-us must be positive, got {work_ns / 1e3:g}")
+    if not (math.isfinite(work_ns) and work_ns > 0):
+        raise UsageError(f"--work-us must be positive (and finite), got {work_ns / 1e3:g}")
     if source == "auto":
         source = "fwq" if FWQ in run else "detours" if DETOURS in run else ""
         if not source:
@@ -315,7 +316,8 @@ def tree_text(sim: Simulation, tree: list[tuple[int, float]], round_ns: float,
             for p, (_, t) in zip(sim.predictions, tree, strict=True)]
     return "\n".join([
         render(("ranks", "barrier us", "tree us", "tree slowdown", "tree / barrier"), rows,
-               title=f"{allreduces} allreduce(s) per iteration as recursive-doubling trees, "
+               title=f"{counted(allreduces, 'allreduce')} per iteration as recursive-doubling "
+                     "trees, "
                      f"{fmt(round_ns / 1e3)} us per round (LogGP: L + 2o + sG)"),
         "barrier: W + E[max] (above); tree: per-rank simulation, ceil(log2 P) rounds per "
         "allreduce, each waiting for its partner, noise also hitting the message overheads "
@@ -323,8 +325,15 @@ def tree_text(sim: Simulation, tree: list[tuple[int, float]], round_ns: float,
     ])
 
 
+#: The most ranks a prediction is made for: a thousand times the largest machines' cores,
+#: where the slowest rank has long met the largest noise ever measured.
+MAX_RANKS = 10**10
+#: The most Monte Carlo iterations: 8 MB per draw, far past a converged p99.
+MAX_ITERATIONS = 10**6
+
+
 def parse_ranks(text: str) -> list[int]:
-    """'1e3,1e4,1e5' -> [1000, 10000, 100000]; whole positive numbers only."""
+    """'1e3,1e4,1e5' -> [1000, 10000, 100000]; whole numbers from 1 to `MAX_RANKS`."""
     out = []
     for part in text.split(","):
         part = part.strip()
@@ -334,6 +343,9 @@ def parse_ranks(text: str) -> list[int]:
             raise UsageError(f"--ranks: not a number: {part!r} (use e.g. 1e3,1e4,1e5)") from None
         if not math.isfinite(value) or value < 1 or value != int(value):
             raise UsageError(f"--ranks: {part!r} is not a whole number of ranks >= 1")
+        if value > MAX_RANKS:
+            raise UsageError(f"--ranks: {part!r} is more than {MAX_RANKS:,} ranks, beyond any "
+                             "machine (the largest have about 1e7 cores)")
         out.append(int(value))
     return out
 
@@ -342,8 +354,11 @@ def simulate(
     dist: NoiseDistribution, ranks: Iterable[int], iterations: int, seed: int = 0, path: str = ""
 ) -> Simulation:
     """Predictions for every rank count (a 1-rank reference row first)."""
-    if iterations < 1:
-        raise UsageError(f"--iterations must be at least 1, got {iterations}")
+    if not 1 <= iterations <= MAX_ITERATIONS:
+        raise UsageError(f"--iterations must be at least 1 and at most {MAX_ITERATIONS:,} (each "
+                         f"draws one number per rank count), got {iterations}")
+    if seed < 0:
+        raise UsageError(f"--seed must be a whole number from 0, got {seed}")
     rng = np.random.default_rng(seed)
     mean = dist.mean()
     w = dist.window_ns
@@ -395,8 +410,9 @@ def text(sim: Simulation) -> str:
     ]
     return "\n".join(
         [
-            f"noise source  {sim.source} trace of {sim.path}: {sim.ranks_measured} measured ranks, "
-            f"{sim.windows} windows ({sim.independent_windows} without overlap)",
+            f"noise source  {sim.source} trace of {sim.path}: "
+            f"{counted(sim.ranks_measured, 'measured rank')}, "
+            f"{counted(sim.windows, 'window')} ({sim.independent_windows} without overlap)",
             f"window        {sim.note}",
             f"one rank      noise per iteration: mean {fmt(sim.mean_noise_ns / 1e3)} us, "
             f"p99 {fmt(sim.p99_noise_ns / 1e3)} us, max {fmt(sim.max_noise_ns / 1e3)} us",

@@ -31,7 +31,7 @@ from mckmpi.trace.labels import label
 from mckmpi.trace.layout import write_table
 from mckmpi.trace.reader import RunFileError, as_recorded, is_complete, open_run
 from mckmpi.trace.schema import PARTIAL_SUFFIX
-from mckmpi.utility.table import render
+from mckmpi.utility.table import counted, render
 
 STUDY_SCHEMA = "mckmpi.study"
 STUDY_VERSION = 3
@@ -211,7 +211,7 @@ def collect(directory: str | Path) -> Collected:
                 skipped.append((path, str(exc).removeprefix(f"{path}: ")))
     if not rows:
         why = (
-            f" ({len(skipped)} files skipped, e.g. {skipped[0][0]}: {skipped[0][1]})"
+            f" ({counted(len(skipped), 'file')} skipped, e.g. {skipped[0][0]}: {skipped[0][1]})"
             if skipped
             else ""
         )
@@ -416,8 +416,8 @@ def text(rows: np.ndarray) -> str:
             "file",
         ),
         table,
-        title=f"study: {len(rows)} runs (speedup and efficiency against linux mode's fewest "
-        f"ranks of each problem, else the series' own; partial runs of jobs that did not "
+        title=f"study: {counted(len(rows), 'run')} (speedup and efficiency against linux mode's "
+        f"fewest ranks of each problem, else the series' own; partial runs of jobs that did not "
         f"finish are not counted)",
     )
 

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mckmpi.errors import UsageError
 from mckmpi.frontend.registry import command
+from mckmpi.utility.table import counted
 
 
 def _plots_option(p: argparse.ArgumentParser) -> None:
@@ -183,22 +186,28 @@ def _build_simulate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the prediction as JSON")
 
 
+#: The most allreduces per iteration `simulate --allreduce-round-us` models (a CG iteration
+#: has two or three; every one adds log2(ranks) rounds of draws).
+MAX_ALLREDUCES = 100
+
+
 @_build_simulate.run
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from mckmpi.analysis import simulate
     from mckmpi.trace.reader import open_run
 
     ranks = simulate.parse_ranks(args.ranks)
+    if args.allreduce_round_us is not None and (
+            not 0 < args.allreduce_round_us < math.inf
+            or not 1 <= args.allreduces <= MAX_ALLREDUCES):
+        raise UsageError("--allreduce-round-us must be positive and --allreduces at least 1 "
+                         f"and at most {MAX_ALLREDUCES} (the model's time grows with each)")
     with open_run(args.run_file) as run:
         dist = simulate.load(run, args.work_us * 1e3, args.source)
         attrs, provenance = run.attrs, run.provenance
     sim = simulate.simulate(dist, ranks, args.iterations, args.seed, path=args.run_file)
     tree = None
     if args.allreduce_round_us is not None:
-        if args.allreduce_round_us <= 0 or args.allreduces < 1:
-            from mckmpi.errors import UsageError
-
-            raise UsageError("--allreduce-round-us must be positive and --allreduces at least 1")
         tree = simulate.tree_predictions(dist, sim, args.allreduce_round_us * 1e3, args.allreduces)
     plots: list[Path] = []
     if args.plots:
@@ -315,7 +324,7 @@ def _build_study(p: argparse.ArgumentParser) -> None:
     for action in STUDY_ACTIONS:
         ap = sub.add_parser(action.name, help=action.summary, description=action.summary)
         action.build(ap)
-        ap.set_defaults(study_handler=action.handler)
+        ap.set_defaults(study_handler=action.handler, command_parser=ap)
 
 
 @_build_study.run
@@ -348,7 +357,8 @@ def _cmd_collect(args: argparse.Namespace) -> int:
     for skipped, why in collected.skipped:
         print(f"mckmpi: skipped {skipped}: {why}", file=sys.stderr)
     print(
-        f"\nstudy file {path}: {len(collected.rows)} runs, {len(collected.skipped)} files skipped"
+        f"\nstudy file {path}: {counted(len(collected.rows), 'run')}, "
+        f"{counted(len(collected.skipped), 'file')} skipped"
     )
     return 0
 
@@ -365,8 +375,8 @@ def _cmd_study_plot(args: argparse.Namespace) -> int:
     from mckmpi.analysis import study
 
     rows = study.read(args.study_file)
+    written, notes = study.plot(args.study_file, rows, _plots_dir(args))  # before any output
     print(study.text(rows))
-    written, notes = study.plot(args.study_file, rows, _plots_dir(args))
     for note in notes:
         print(note)
     _print_plots(written)

@@ -14,11 +14,11 @@ import os
 import pkgutil
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import mckmpi.frontend
 from mckmpi import __version__
-from mckmpi.errors import MckmpiError, error_line
+from mckmpi.errors import MckmpiError, did_you_mean, error_line
 from mckmpi.frontend.registry import COMMANDS
 
 _MODULES = sorted((m.name for m in pkgutil.iter_modules(mckmpi.frontend.__path__)
@@ -38,6 +38,22 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, error_line(f"{message} (see `{self.prog} --help`)") + "\n")
+
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        """argparse's check of a choice, with the closest choice named (`runs qurey`:
+        did you mean 'query'?)."""
+        if action.choices is not None and value not in action.choices:
+            choices = [str(c) for c in action.choices]
+            raise argparse.ArgumentError(
+                action, f"invalid choice: {value!r}{did_you_mean(str(value), choices)} "
+                        f"(choose from {', '.join(choices)})")
+
+    def unknown_arguments(self, extra: Sequence[str]) -> NoReturn:
+        """`unrecognized arguments`, with the closest option named for a mistyped one."""
+        options = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
+        hints = [did_you_mean(t.split("=", 1)[0], options, "--") for t in extra
+                 if t.startswith("--")]
+        self.error(f"unrecognized arguments: {' '.join(extra)}{next(filter(None, hints), '')}")
 
 
 # --- entry point -----------------------------------------------------------------------------
@@ -92,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # named by the command's parser, so the line points at its --help
-        args.command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.command_parser.unknown_arguments(extra)
     try:
         status = int(args.handler(args) or 0)
         sys.stdout.flush()  # a closed pipe is found here, not at the interpreter's exit

@@ -33,7 +33,11 @@ rank with your launcher:
 Python files and -m modules run in-process (an unhandled exception aborts the whole job);
 other executables run as the rank's child (pinned, offloaded, traced; a failure aborts the
 job); an MPI executable runs as the rank's child after pinning, and its run file holds its
-placement, time and exit only. One HDF5 run file per job goes to --out.""")
+placement, time and exit only. One HDF5 run file per job goes to --out.
+
+An app's exit status N becomes mckmpi's (as srun and mpiexec pass a task's on), said in one
+line `mckmpi: rank R: APP exited with status N`; mckmpi's own mistakes are the lines
+`mckmpi: error: ...` (status 2: the command; 1: the run).""")
 def _build_run(p: argparse.ArgumentParser) -> None:
     config.add_arguments(p, *config.RUN_SECTIONS)
     p.add_argument("-m", dest="module", metavar="MODULE", help="run a Python module as the app")
@@ -255,6 +259,19 @@ def _build_demo(p: argparse.ArgumentParser) -> None:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from mckmpi.demo import demo
 
-    if args.samples < 1 or not args.detour_s > 0:
-        raise UsageError("--samples and --detour-s must be positive")
+    from mckmpi.utility.outputs import output_dir
+
+    if not 1 <= args.samples <= DEMO_MAX_SAMPLES:
+        raise UsageError(f"--samples must be from 1 to {DEMO_MAX_SAMPLES:,} (1 ms each), "
+                         f"got {args.samples}")
+    if not 0 < args.detour_s <= DEMO_MAX_DETOUR_S:
+        raise UsageError(f"--detour-s must be more than 0 and at most {DEMO_MAX_DETOUR_S:g} "
+                         f"seconds, got {args.detour_s:g}")
+    output_dir(args.out, "--out")  # a file or an unwritable place, found before the runs
     return demo(args.out, samples=args.samples, detour_s=args.detour_s)
+
+
+#: Bounds of the demo's runs: a day of FWQ samples, an hour of detour (the arrays of a run
+#: are held in memory: 10^8 samples are 800 MB per rank).
+DEMO_MAX_SAMPLES = 86_400_000
+DEMO_MAX_DETOUR_S = 3600.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mckmpi.errors import UsageError
 from mckmpi.frontend.registry import command
 
 
@@ -44,8 +45,36 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
     from mckmpi.offload.server import serve
     from mckmpi.offload.spawn import prepare_run_dir
 
+    cpus = _checked(args)
     created = prepare_run_dir(Path(args.socket).parent)  # private, created when missing
-    return serve(args.socket, cpus=[int(c) for c in args.cpus.split(",") if c] or None,
+    return serve(args.socket, cpus=cpus,
                  expected=args.expect, parent_pid=args.parent_pid, records_dir=args.records_dir,
                  idle_timeout=args.idle_timeout, remove_dir=args.remove_dir or created,
                  spin_us=args.spin_us, compiled=not args.interpreted)
+
+
+def _checked(args: argparse.Namespace) -> list[int] | None:
+    """The proxy's options, checked before it creates anything; its CPUs as a list."""
+    import math
+    import os
+
+    from mckmpi.utility.units import format_cpulist, parse_cpulist
+
+    try:
+        cpus = list(parse_cpulist(args.cpus)) if args.cpus.strip() else None
+    except UsageError as exc:
+        raise UsageError(f"--cpus: {exc}") from None
+    allowed = os.sched_getaffinity(0)
+    if cpus and not set(cpus) <= allowed:
+        raise UsageError(f"--cpus {args.cpus}: CPU {min(set(cpus) - allowed)} is not among this "
+                         f"process's CPUs {format_cpulist(sorted(allowed))}")
+    if args.expect is not None and args.expect < 1:
+        raise UsageError(f"--expect must be at least 1, got {args.expect}")
+    if args.parent_pid is not None and args.parent_pid < 1:
+        raise UsageError(f"--parent-pid must be a process id, got {args.parent_pid}")
+    if not (math.isfinite(args.idle_timeout) and args.idle_timeout > 0):
+        raise UsageError(f"--idle-timeout must be a positive number of seconds, "
+                         f"got {args.idle_timeout:g}")
+    if not (math.isfinite(args.spin_us) and args.spin_us >= 0):
+        raise UsageError(f"--spin-us must be a number of microseconds from 0, got {args.spin_us:g}")
+    return cpus

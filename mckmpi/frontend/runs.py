@@ -11,6 +11,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from mckmpi.frontend.registry import command
+from mckmpi.utility.table import counted, render
 
 if TYPE_CHECKING:
     from mckmpi.analysis.catalogue import Filters, Trend
@@ -139,29 +140,26 @@ def _cmd_runs(args: argparse.Namespace) -> int:
             print(f"plot  {trend(args.metric, trends, plots / f'trend-{args.metric}.png')}")
     elif args.action == "export":
         n = catalogue.export(args.directory, args.output, args.format, filters)
-        print(f"{args.output}: {n} runs")
+        print(f"{args.output}: {counted(n, 'run')}")
     return 0
 
 
 def _print_list(runs: list[dict]) -> None:
-    from mckmpi.utility.table import render
-
     headline = ("wall_s", "iter_us", "fwq_p999_us", "noise_pct")
     rows = [[r["created"], r["app"], r["mode"], r["ranks"], r["nodes"], r["system"],
              (r["ending"] or "complete") if r["complete"] else "partial",
              *[r["metrics"].get(m, "-") for m in headline], r["path"]] for r in runs]
     print(render(("created", "app", "mode", "ranks", "nodes", "system", "state", *headline,
-                  "file"), rows, title=f"{len(runs)} runs"))
+                  "file"), rows, title=counted(len(runs), 'run')))
 
 
 def _print_trends(metric: str, trends: list[Trend]) -> None:
-    from mckmpi.utility.table import render
-
     for t in trends:
         rows = [[p.created, p.value,
                  "-" if math.isnan(p.low) else f"{p.low:.4g} .. {p.high:.4g}",
                  p.flag.upper() or "-", p.path] for p in t.points]
         flagged = sum(1 for p in t.points if p.flag)
         print(render(("created", metric, "band of earlier repeats", "outside", "file"), rows,
-                     title=f"{t.system}: {t.label} ({len(t.points)} runs, {flagged} outside)"))
+                     title=f"{t.system}: {t.label} ({counted(len(t.points), 'run')}, "
+                           f"{flagged} outside)"))
         print()

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from mckmpi.frontend.analysis import study_action
-from mckmpi.utility.table import render
+from mckmpi.utility.table import counted, render
 
 
 @study_action("plan", "write the job scripts and the manifest of a study (checked against "
@@ -90,6 +90,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         repeats=args.repeats, axes=tuple(study.parse_axis(a) for a in args.axis),
         combine=args.combine)
     out = args.out or f"results/study-{args.app}" + (f"-{args.scaling}" if args.scaling else "")
+    for level in (Path(out), *Path(out).parents):  # a file in the way: one line, nothing made
+        if level.exists() and not level.is_dir():
+            raise study.StudyError(f"--out {out}: {level} is a file, not a directory")
     manifest = study.plan(req, out, argv=["mckmpi", *sys.argv[1:]])
     cluster = manifest["cluster"]
     where = (f"Slurm partition {cluster['partition']} ({cluster['nodes']}: "
@@ -102,9 +105,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             for p in manifest["points"]]
     arrays = sum(1 for j in manifest["jobs"] if len(j["tasks"]) > 1)
     print(render(("point", "mode", "nodes", "ranks", "axes", "repeats", "job script", "added"),
-                 rows, title=f"study of {req.app}: {len(rows)} points for {where}"))
-    print(f"{len(manifest['jobs'])} job scripts" + (f" ({arrays} job arrays: one task per "
-                                                    "point and repeat of one shape)" if arrays else ""))
+                 rows, title=f"study of {req.app}: {counted(len(rows), 'point')} for {where}"))
+    print(counted(len(manifest["jobs"]), "job script")
+          + (f" ({counted(arrays, 'job array')}: one task per point and repeat of one shape)"
+             if arrays else ""))
     notes: dict[str, list[str]] = {}
     for p in manifest["points"]:
         for note in p["notes"]:
@@ -146,7 +150,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     if not submitted:
         print(f"every point of {args.directory} is already submitted")
     else:
-        print(f"{len(submitted)} jobs submitted; follow them with: mckmpi study status "
+        print(f"{counted(len(submitted), 'job')} submitted; follow them with: mckmpi study status "
               f"{args.directory}")
     return 0
 
@@ -171,7 +175,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
              s.detail or ""]
             for s in states]
     print(render(("point", "job", "state", "exit", "ending", "log", "note"), rows,
-                 title=f"study {Path(args.directory)}: {len(rows)} points"))
+                 title=f"study {Path(args.directory)}: {counted(len(rows), 'point')}"))
     bad = [s for s in states if s.failed]
     waiting = [s for s in states if not s.final]
     if bad:
@@ -197,6 +201,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     states = study.run_local(args.directory, echo=lambda line: print(line, flush=True),
                              timeout=args.timeout)
     failed = [s for s in states if not s.ok]
-    print(f"{len(states) - len(failed)} of {len(states)} points completed; gather them with: "
-          f"mckmpi study collect {args.directory} -o {args.directory}/study.h5")
+    print(f"{len(states) - len(failed)} of {counted(len(states), 'point')} completed; "
+          f"gather them with: mckmpi study collect {args.directory} -o {args.directory}/study.h5")
     return 1 if failed else 0

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import re
 import shlex
@@ -42,12 +43,13 @@ from string import Template
 from typing import Any
 
 from mckmpi import config
-from mckmpi.errors import PartitionError, UsageError
+from mckmpi.errors import PartitionError, UsageError, did_you_mean
 from mckmpi.jobs import slurm
 from mckmpi.jobs.launchers import Job, Launch, job_env
 from mckmpi.node.host import NodeFacts, read_host
 from mckmpi.node.partition import core_spec_linux_cores, node_facts, plan_node
 from mckmpi.utility.units import format_cpulist, parse_cpulist
+from mckmpi.utility.table import counted
 
 SCHEMA = "mckmpi.study-plan"
 VERSION = 2
@@ -189,14 +191,21 @@ def parse_axis(text: str) -> Axis:
         option = "--" + name.lstrip("-").replace("_", "-")
         known = {f: o for o in config.options("partition", "lwk", "run") for f in o.cli_flags}
         if option not in known:
-            raise StudyError(f"--axis {name}: not an option of mckmpi run (known: "
-                             f"{', '.join(sorted(k.lstrip('-') for k in known))})")
+            hint = did_you_mean(option[2:], [k[2:] for k in known])
+            app_form = "" if hint else f"; an option of the app is app:--{name.lstrip('-')}=V1,V2"
+            raise StudyError(f"--axis {name}: not an option of mckmpi run{hint} (known: "
+                             f"{', '.join(sorted(k.lstrip('-') for k in known))}{app_form})")
         if known[option].name in OWN_RUN_OPTIONS:
             raise StudyError(f"--axis {name}: set by the plan for every point")
         if known[option].flag:
             if set(parts) - {"on", "off"}:
                 raise StudyError(f"--axis {name}: a switch takes the values on and off")
             return Axis(target, option, parts, switch=True)
+        for value in parts:  # a bad value is named by the option the user typed, --axis
+            try:
+                known[option].convert(value, f"--axis {name}")
+            except UsageError as exc:
+                raise StudyError(str(exc)) from None
     else:
         if not name.startswith("-"):
             raise StudyError(f"--axis {text!r}: an app axis names the app's option, e.g. "
@@ -258,7 +267,10 @@ def parse_run_args(args: Sequence[str]) -> dict[str, Any]:
     except argparse.ArgumentError as exc:
         raise StudyError(f"--run-args: {exc}") from None
     if extra:
-        raise StudyError(f"--run-args: not options of mckmpi run: {shlex.join(extra)}")
+        flags = [f for o in config.options(*config.RUN_SECTIONS) for f in o.cli_flags]
+        hint = next(filter(None, (did_you_mean(t.split("=", 1)[0], flags, "--")
+                                  for t in extra if t.startswith("--"))), "")
+        raise StudyError(f"--run-args: not options of mckmpi run: {shlex.join(extra)}{hint}")
     own = [f"--{n.replace('_', '-')}" for n in OWN_RUN_OPTIONS if n in vars(ns)]
     if own:
         raise StudyError(f"--run-args: {', '.join(own)} is set by the plan for every point")
@@ -268,6 +280,14 @@ def parse_run_args(args: Sequence[str]) -> dict[str, Any]:
     except UsageError as exc:
         msg = str(exc)
         raise StudyError(msg if msg.startswith("--run-args") else f"--run-args: {msg}") from None
+
+
+#: The most runs (points x repeats) one study plans: each is a job or an array task, and
+#: Slurm refuses larger job arrays by default (MaxArraySize 1001).
+MAX_RUNS = 1000
+#: sbatch --time: minutes, minutes:seconds, hours:minutes:seconds, days-hours,
+#: days-hours:minutes, days-hours:minutes:seconds, or no limit.
+_SLURM_TIME = re.compile(r"\d+(:\d+){0,2}|\d+-\d+(:\d+){0,2}|UNLIMITED|INFINITE|unlimited|infinite")
 
 
 def check_request(req: Request) -> None:
@@ -283,8 +303,11 @@ def check_request(req: Request) -> None:
         raise StudyError(f"--ranks-per-node must be at least 1, got {req.ranks_per_node}")
     if not (APPS_DIR / f"{req.app}.py").is_file():
         raise StudyError(f"app {req.app} not found at {APPS_DIR}: run from a source checkout")
-    if req.repeats < 1:
-        raise StudyError(f"--repeats must be at least 1, got {req.repeats}")
+    if not 1 <= req.repeats <= MAX_RUNS:
+        raise StudyError(f"--repeats must be from 1 to {MAX_RUNS}, got {req.repeats}")
+    if not _SLURM_TIME.fullmatch(req.time.strip()):
+        raise StudyError(f"--time {req.time!r} is not a Slurm time limit (MINUTES, MM:SS, "
+                         "HH:MM:SS, DAYS-HH, DAYS-HH:MM[:SS] or UNLIMITED)")
     if req.combine not in ("cross", "zip"):
         raise StudyError(f"--combine cross or zip, got {req.combine!r}")
     labels = [a.label for a in req.axes]
@@ -454,6 +477,12 @@ def plan(req: Request, out: str | os.PathLike[str], env: Mapping[str, str] | Non
                          "shell characters (job script directives cannot quote it)")
     if (study_dir / MANIFEST).exists():
         raise StudyError(f"{study_dir} already holds a study ({MANIFEST}): choose another --out")
+    values = [len(a.values) for a in req.axes]
+    combos_count = math.prod(values) if req.combine == "cross" else min(values, default=1)
+    runs = len(req.modes) * len(req.nodes) * combos_count * req.repeats
+    if runs > MAX_RUNS:
+        raise StudyError(f"the study has {runs:,} runs (modes x node counts x axis values x "
+                         f"repeats), more than {MAX_RUNS}: plan it as several studies")
     combos = axis_points(req.axes, req.combine)
     variants = []  # (axis values, run args, app args, given) per combination
     for values in combos:
@@ -607,8 +636,10 @@ def render_script(manifest: Mapping[str, Any], points: Sequence[Mapping[str, Any
         srun.append("--cpu-bind=none")
     base = first["script"][5:-7]
     title = (f"{first['app']} {first['scaling'] + ' scaling, ' if first['scaling'] else ''}"
-             f"{first['mode']} mode, {first['nodes']} node(s) x {first['ranks_per_node']} ranks"
-             + (f", {len(points)} points x {len(tasks) // len(points)} repeats as a job array"
+             f"{first['mode']} mode, {counted(first['nodes'], 'node')} x "
+             f"{counted(first['ranks_per_node'], 'rank')}"
+             + (f", {counted(len(points), 'point')} x "
+                f"{counted(len(tasks) // len(points), 'repeat')} as a job array"
                 if len(tasks) > 1 else ""))
     mckmpi = shlex.join([manifest["python"], "-m", "mckmpi"])
     app = shlex.quote(manifest["app_path"])

@@ -423,8 +423,11 @@ def start_on_node(plan: NodePlan, node_comm: Any) -> KernelNoise | None:
 
 
 def osnoise_status(tracefs: Iterable[Path] = (Path("/sys/kernel/tracing"),
-                                              Path("/sys/kernel/debug/tracing"))) -> str:
-    """Whether the kernel's osnoise tracer could add its per-CPU summary, and why not."""
+                                              Path("/sys/kernel/debug/tracing")),
+                   kernel_configs: Iterable[Path] | None = None) -> str:
+    """Whether the kernel's osnoise tracer could add its per-CPU summary, and why not: a
+    kernel built without it is told from a tracefs that is only not mounted (the kernel's
+    build configuration says which, where the kernel exposes it)."""
     for root in tracefs:
         tracers = root / "available_tracers"
         if tracers.exists():
@@ -436,4 +439,31 @@ def osnoise_status(tracefs: Iterable[Path] = (Path("/sys/kernel/tracing"),
                 return "available, not recorded: mckmpi does not run the tracer yet"
             return (f"unavailable: the kernel offers no osnoise tracer (CONFIG_OSNOISE_TRACER; "
                     f"{tracers}: {' '.join(names)})")
-    return "unavailable: tracefs is not mounted (mount -t tracefs nodev /sys/kernel/tracing)"
+    built = kernel_option("CONFIG_OSNOISE_TRACER", kernel_configs)
+    if built is not None and built[0] != "y":
+        return (f"unavailable: the kernel is built without the osnoise tracer "
+                f"(CONFIG_OSNOISE_TRACER is not set in {built[1]})")
+    mount = "tracefs is not mounted (mount -t tracefs nodev /sys/kernel/tracing)"
+    if built is None:
+        return f"unavailable: {mount}; whether the kernel has the osnoise tracer is unknown"
+    return f"unavailable: {mount}; the kernel has the osnoise tracer ({built[1]})"
+
+
+def kernel_option(name: str, configs: Iterable[Path] | None = None) -> tuple[str, Path] | None:
+    """The value of a kernel build option (``y``, ``m``, ``n`` when not set) and the file that
+    says so (/proc/config.gz, /boot/config-RELEASE), or None where no such file is readable."""
+    import gzip
+
+    if configs is None:
+        configs = (Path("/proc/config.gz"), Path("/boot") / f"config-{os.uname().release}")
+    for path in configs:
+        try:
+            opener = gzip.open if path.suffix == ".gz" else open
+            with opener(path, "rt", errors="replace") as fh:
+                for line in fh:
+                    if line.startswith(name + "="):
+                        return line.split("=", 1)[1].strip(), path
+            return "n", path
+        except (OSError, EOFError):
+            continue
+    return None

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from mckmpi.errors import PartitionError
 from mckmpi.node.host import NodeFacts
 from mckmpi.utility.units import format_cpulist, format_size, parse_cpulist
+from mckmpi.utility.table import counted
 
 
 #: The smallest LWK arena a rank may ask for: below it no app's buffers fit, and a size
@@ -59,7 +60,7 @@ class NodePlan:
         """One line for logs and the run file."""
         return (
             f"{self.mode}: linux cpus {format_cpulist(self.linux_cpus)}, lwk cpus "
-            f"{format_cpulist(self.lwk_cpus) or '-'}, {len(self.ranks)} ranks, "
+            f"{format_cpulist(self.lwk_cpus) or '-'}, {counted(len(self.ranks), 'rank')}, "
             f"mem/rank {format_size(self.mem_per_rank) if self.mem_per_rank else '-'}"
             + (", oversubscribed" if self.oversubscribed else "")
         )
@@ -102,9 +103,12 @@ def plan_node(
         )
     shared_pool = lwk or linux
     if nranks > len(shared_pool) and not oversubscribe:
-        side = "CPUs" if mode == "linux" else f"LWK cores (of {len(facts.cpus)} CPUs, {len(linux)} kept for Linux)"
+        side = ("CPU", "CPUs") if mode == "linux" else ("LWK core", "LWK cores")
+        where = ("" if mode == "linux"
+                 else f" (of {len(facts.cpus)} CPUs, {len(linux)} kept for Linux)")
         raise PartitionError(
-            f"{nranks} ranks need {nranks} cores but the node has {len(shared_pool)} {side}: "
+            f"{counted(nranks, 'rank')} need {counted(nranks, 'core')} but the node has "
+            f"{counted(len(shared_pool), *side)}{where}: "
             "use --oversubscribe, fewer ranks per node"
             + (" or fewer --linux-cores" if mode == "lwk" else "")
         )
@@ -125,7 +129,8 @@ def plan_node(
         )
     if mode == "lwk" and facts.mem_available and nranks * mem > facts.mem_available:
         raise PartitionError(
-            f"--mem {format_size(mem)} x {nranks} ranks = {format_size(nranks * mem)} exceeds the "
+            f"--mem {format_size(mem)} x {counted(nranks, 'rank')} = {format_size(nranks * mem)} "
+            f"exceeds the "
             f"{format_size(facts.mem_available)} available on this node"
         )
     return NodePlan(

@@ -5,6 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """'1 run', '2 runs', '0 runs': a count with its noun in agreement (`plural` for nouns
+    that do not just take an s: counted(n, "index", "indices"))."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
 def render(headers: Sequence[str], rows: Sequence[Sequence[object]], title: str = "") -> str:
     """Left-aligned text, right-aligned numbers, one space-padded column per header."""
     cells = [[_cell(v) for v in row] for row in rows]
