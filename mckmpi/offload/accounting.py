@@ -20,6 +20,7 @@ ZERO_COPY = 4   # data moved straight through the proxy's mapping of the rank's 
 CHANNEL = 8     # submitted through the asynchronous channel, not trapped
 LEFT = 16       # the descriptor left the offload: it got a number below the offload range
 NATIVE_TASK = 32  # the caller's process runs natively from this call on (identity changed)
+FAILED = 64     # the proxy itself failed on this call (see `failures`); it was answered anyway
 #: the bits a continued call keeps
 MARKS = LEFT | NATIVE_TASK
 

@@ -1,0 +1,281 @@
+"""The proxy's serving never dies silently: faults injected into a proxy (forked from this
+process, patched before it serves) leave every rank call answered within seconds, each
+failure logged once with the rank and counted in the records (`accounting.FAILED`)."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from test_offload_support import Child, attach, fork, records_of, scratch
+
+from mckmpi.lwk.arena import Arena
+from mckmpi.offload import (
+    accounting,
+    client,
+    loop,
+    ring_server,
+    server,
+    spawn,
+    syscalls,
+)
+from mckmpi.offload.seccomp import IOCTL_NOTIF_RECV
+from mckmpi.offload.syscalls import FD_BASE
+
+pytestmark = [pytest.mark.offload, pytest.mark.timeout(120)]
+
+MiB = 1 << 20
+OPENAT = syscalls.table()["openat"].nr
+WRITE = syscalls.table()["write"].nr
+ANSWER_S = 10  # every answer the rank waits for must come within this
+
+
+class Injected(RuntimeError):
+    """The fault a test makes the proxy raise."""
+
+
+def _proxy(conn, sock: str, fault: Callable[[], None]) -> None:
+    conn.close()
+    fault()  # patches this forked proxy only
+    os._exit(server.serve(sock, expected=1, parent_pid=os.getppid(), idle_timeout=30))
+
+
+@pytest.fixture
+def children() -> Iterator[list[Child]]:
+    """Forked proxies and ranks: whatever a failing test left running is killed."""
+    started: list[Child] = []
+    yield started
+    for child in started:
+        if child.status is None:
+            child.kill()
+
+
+def _start(d: Path, fault: Callable[[], None], children: list[Child]):
+    run_dir = d / "run"
+    run_dir.mkdir(mode=0o700)
+    path = spawn.socket_path(run_dir)
+    log = d / "proxy.log"
+    proxy = fork(_proxy, str(path), fault, stderr_path=str(log))
+    children.append(proxy)
+    spawn.wait_for_socket(path, 10)
+    return proxy, path, log
+
+
+def _rank(children: list[Child], fn: Callable[..., None], *args: Any) -> Child:
+    child = fork(fn, *args)
+    children.append(child)
+    return child
+
+
+def _failing_record(times: int | None, call: int) -> Callable[[], None]:
+    """Records.add raises for rows of `call`, `times` times (None: always)."""
+    def fault() -> None:
+        real = accounting.Records.add
+        left = [times]
+
+        def add(self, trap_ns, done_ns, nbytes, result, pid, fd, err, c, how):
+            if c == call and not how & accounting.FAILED and left[0] != 0:
+                if left[0] is not None:
+                    left[0] -= 1
+                raise Injected("the record buffer is full")
+            return real(self, trap_ns, done_ns, nbytes, result, pid, fd, err, c, how)
+
+        accounting.Records.add = add
+    return fault
+
+
+def _opener(conn, sock: str, path: str, n: int) -> None:
+    s = attach(sock)
+    fds = [os.open(f"{path}.{i}", os.O_CREAT | os.O_RDWR, 0o600) for i in range(n)]
+    conn.send("opened")
+    for i, fd in enumerate(fds):
+        os.write(fd, f"file {i}\n".encode())
+        os.lseek(fd, 0, os.SEEK_SET)
+    conn.send((fds, [os.read(fd, 100).decode() for fd in fds], s.detach().tobytes()))
+
+
+def _log_lines(log: Path, text: str) -> list[str]:
+    return [ln for ln in log.read_text().splitlines() if text in ln]
+
+
+def test_a_failed_record_after_the_call_ran_answers_its_result_once(children: list[Child]) -> None:
+    """The open ran in the proxy (a descriptor installed in the rank), then the record
+    failed: the rank gets that descriptor, not a second, native open."""
+    with scratch() as d:
+        proxy, sock, log = _start(d, _failing_record(1, OPENAT), children)
+        rank = _rank(children, _opener, str(sock), str(d / "f"), 1)
+        assert rank.recv(ANSWER_S) == "opened"
+        fds, contents, raw = rank.recv(ANSWER_S)
+        assert rank.wait() == 0 and proxy.wait(10) == 0
+        assert fds[0] >= FD_BASE and contents == ["file 0\n"]
+        failed = _log_lines(log, "the proxy failed on")
+        assert len(failed) == 1 and failed[0].startswith(f"mckmpi proxy[{proxy.pid}]: rank 0: "), \
+            log.read_text()
+        assert "openat (Injected: the record buffer is full); answered it with its result" \
+            in failed[0]
+    rec = records_of(raw)
+    row = rec[(rec["how"] & accounting.FAILED) != 0]
+    assert len(row) == 1 and row["call"][0] == OPENAT and row["result"][0] == fds[0]
+    assert row["how"][0] & accounting.EMULATED
+
+
+def test_a_lasting_failure_is_logged_once_counted_per_call_and_every_call_answered(
+        children: list[Child]) -> None:
+    with scratch() as d:
+        proxy, sock, log = _start(d, _failing_record(None, OPENAT), children)
+        rank = _rank(children, _opener, str(sock), str(d / "f"), 40)
+        assert rank.recv(ANSWER_S) == "opened"
+        fds, contents, raw = rank.recv(ANSWER_S)
+        assert rank.wait() == 0 and proxy.wait(10) == 0
+        assert contents == [f"file {i}\n" for i in range(40)]
+        assert len(_log_lines(log, "the proxy failed on openat")) == 1, log.read_text()
+        assert len(_log_lines(log, "rank 0: the proxy failed on 40 calls in all")) == 1, \
+            log.read_text()
+    rec = records_of(raw)
+    failed = rec[(rec["how"] & accounting.FAILED) != 0]
+    assert len(failed) == 40 and set(failed["call"]) == {OPENAT}
+    assert sorted(failed["result"]) == sorted(fds)
+
+
+class _ReceiveThenFail:
+    """The compiled path as if it failed after receiving a call: it takes the next
+    notification off the listener and raises, leaving the call unanswered in `buf`."""
+
+    def __init__(self, real) -> None:
+        self.real = real
+        self.armed = False
+
+    def serve(self, emulator, buf, consts):
+        if not self.armed:
+            return self.real.serve(emulator, buf, consts)
+        self.armed = False
+        buf[:] = bytes(len(buf))
+        fcntl.ioctl(consts[0], IOCTL_NOTIF_RECV, buf)
+        raise Injected("a bug in the compiled path")
+
+
+def _fail_compiled_at_first_write() -> None:
+    flaky = _ReceiveThenFail(loop._fastpath)
+    real_open = loop.Emulator._sys_openat
+
+    def openat(self, *args):  # arm once the rank's file is open: its write is next
+        fd = real_open(self, *args)
+        flaky.armed = True
+        return fd
+
+    loop.Emulator._sys_openat = openat
+    loop._fastpath = flaky
+
+
+def test_a_call_received_but_not_executed_runs_natively(children: list[Child]) -> None:
+    """The failure came before the proxy did the write: CONTINUE, and the kernel writes the
+    same bytes through the rank's own descriptor (same open file description)."""
+    def rank_fn(conn, sock, path):
+        s = attach(sock)
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+        n = os.write(fd, b"written once\n")
+        m = os.write(fd, b"and again\n")
+        conn.send((fd, n, m, os.pread(fd, 100, 0), s.detach().tobytes()))
+
+    with scratch() as d:
+        proxy, sock, log = _start(d, _fail_compiled_at_first_write, children)
+        rank = _rank(children, rank_fn, str(sock), str(d / "f"))
+        fd, n, m, back, raw = rank.recv(ANSWER_S)
+        assert rank.wait() == 0 and proxy.wait(10) == 0
+        assert (d / "f").read_bytes() == b"written once\nand again\n"
+        failed = _log_lines(log, "the proxy failed on")
+        assert len(failed) == 1 and "rank 0: the proxy failed on write (Injected: a bug in the " \
+            "compiled path); answered it with CONTINUE" in failed[0], log.read_text()
+    assert fd >= FD_BASE and (n, m) == (13, 10) and back == b"written once\nand again\n"
+    rec = records_of(raw)
+    writes = rec[rec["call"] == WRITE]
+    assert [int(h) & (accounting.FAILED | accounting.CONTINUED | accounting.EMULATED)
+            for h in writes["how"]] == [accounting.FAILED | accounting.CONTINUED,
+                                        accounting.EMULATED]
+
+
+def _fail_one_channel_request() -> None:
+    real = ring_server.ChannelServer._execute
+    left = [1]
+
+    def execute(self, seq, dups):
+        if left[0]:
+            left[0] = 0
+            raise Injected("a channel bug")
+        return real(self, seq, dups)
+
+    ring_server.ChannelServer._execute = execute
+
+
+def test_a_channel_request_the_proxy_failed_on_completes_with_eio(children: list[Child]) -> None:
+    def rank_fn(conn, sock, path):
+        arena = Arena(4 * MiB, hugepages="never", lock="never")
+        s = attach(sock, arena_memfd=arena.memfd, arena_address=arena.address)
+        ch = s.channel(slots=4)
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+        a, b = arena.full(1024, 1.0), arena.full(1024, 2.0)
+        first = ch.write(fd, 0, a)
+        ch.wait(first, timeout=ANSWER_S)
+        second = ch.write(fd, 0, b)
+        ch.wait(second, timeout=ANSWER_S)
+        conn.send((ch.result(first), ch.result(second), s.detach().tobytes()))
+        ch.close()
+
+    with scratch() as d:
+        proxy, sock, log = _start(d, _fail_one_channel_request, children)
+        rank = _rank(children, rank_fn, str(sock), str(d / "ckpt"))
+        first, second, raw = rank.recv(ANSWER_S)
+        assert rank.wait() == 0 and proxy.wait(10) == 0
+        assert (np.fromfile(d / "ckpt") == 2.0).all()
+        failed = _log_lines(log, "the proxy failed on")
+        assert len(failed) == 1 and "rank 0: the proxy failed on a channel request " \
+            "(Injected: a channel bug); answered it with EIO" in failed[0], log.read_text()
+    assert (first, second) == (-errno.EIO, 8192)
+    rec = records_of(raw)
+    failed_rows = rec[(rec["how"] & accounting.FAILED) != 0]
+    assert len(failed_rows) == 1 and failed_rows["errno"][0] == errno.EIO
+
+
+def _serving_thread_dies() -> None:
+    def serve(self):
+        raise Injected("the serving thread broke")
+
+    loop.Emulator.serve = serve
+
+
+def test_a_rank_whose_serving_thread_died_is_told_and_ends_instead_of_hanging(
+        children: list[Child]) -> None:
+    """The last line of defence: a serving thread that ends anyway makes the server close
+    the rank's listener and its connection, so the kernel answers the rank's calls (ENOSYS)
+    and the rank's watcher reports the lost proxy and ends the rank (EXIT_PROXY_DIED), as
+    when the proxy dies."""
+    def rank_fn(conn, sock, path):
+        attach(sock, on_proxy_death=lambda message: conn.send(("told", message)))
+        try:
+            os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+            conn.send(("open", "succeeded"))
+        except OSError as e:
+            conn.send(("open", errno.errorcode[e.errno]))
+        time.sleep(60)  # the watcher ends this process
+
+    with scratch() as d:
+        proxy, sock, log = _start(d, _serving_thread_dies, children)
+        rank = _rank(children, rank_fn, str(sock), str(d / "f"))
+        deadline = time.monotonic() + ANSWER_S
+        heard = {}
+        while "told" not in heard:
+            kind, what = rank.recv(max(deadline - time.monotonic(), 0.01))
+            heard[kind] = what
+        assert rank.wait(ANSWER_S) == client.EXIT_PROXY_DIED
+        assert proxy.wait(10) == 0
+        assert heard.get("open", "ENOSYS") == "ENOSYS", heard
+        assert "the offload proxy" in heard["told"]
+        assert len(_log_lines(log, "rank 0: its serving thread failed")) == 1, log.read_text()
+        assert "Injected: the serving thread broke" in log.read_text()
