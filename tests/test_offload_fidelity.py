@@ -172,8 +172,8 @@ def _prepare_quota(base: Path, owner: tuple[int, int]) -> tuple[list[Path], str 
     uid, gid = owner
     os.chown(d, uid, gid)
     try:
-        _mount(["-t", "tmpfs", "-o", f"size=8m,mode=0755,uid={uid},gid={gid},quota,"
-                "usrquota_block_hardlimit=1m", "tmpfs", str(q)])
+        options = f"size=8m,mode=0755,uid={uid},gid={gid},quota,usrquota_block_hardlimit=1m"
+        _mount(["-t", "tmpfs", "-o", options, "tmpfs", str(q)])
         return [q], None
     except subprocess.CalledProcessError:
         tmpfs_why = "this kernel's tmpfs has no quota options (CONFIG_TMPFS_QUOTA, Linux >= 6.6)"

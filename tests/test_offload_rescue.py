@@ -201,6 +201,81 @@ def test_a_call_received_but_not_executed_runs_natively(children: list[Child]) -
                                         accounting.EMULATED]
 
 
+def _receive_fails(times: int | None) -> Callable[[], None]:
+    """The receive fails with EINVAL `times` times (None: always): once in the compiled
+    path, then in the Python one, which takes over."""
+    def fault() -> None:
+        left = [times]
+        real_ioctl = fcntl.ioctl
+
+        class CompiledFails:
+            def serve(self, emulator, buf, consts):
+                left[0] = left[0] - 1 if left[0] else left[0]
+                return errno.EINVAL
+
+        def ioctl(fd, request, *args):
+            if request == IOCTL_NOTIF_RECV and left[0] != 0:
+                if left[0] is not None:
+                    left[0] -= 1
+                raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+            return real_ioctl(fd, request, *args)
+
+        loop._fastpath = CompiledFails()
+        fcntl.ioctl = ioctl
+    return fault
+
+
+def test_a_receive_that_fails_a_few_times_is_retried_and_logged_once(
+        children: list[Child]) -> None:
+    with scratch() as d:
+        proxy, sock, log = _start(d, _receive_fails(3), children)
+        rank = _rank(children, _opener, str(sock), str(d / "f"), 2)
+        assert rank.recv(ANSWER_S) == "opened"
+        _, contents, _ = rank.recv(ANSWER_S)
+        assert rank.wait() == 0 and proxy.wait(10) == 0
+        assert contents == ["file 0\n", "file 1\n"]
+        failed = _log_lines(log, "the proxy failed on receiving")
+        assert len(failed) == 1 and failed[0].startswith(f"mckmpi proxy[{proxy.pid}]: rank 0: "), \
+            log.read_text()
+        assert "answered it with nothing (no call was received)" in failed[0]
+
+
+def test_a_receive_that_always_fails_ends_the_rank_instead_of_hanging(
+        children: list[Child]) -> None:
+    """After loop.RECEIVE_FAILURES the serving thread gives up; the server closes the
+    listener and the connection, and the rank is told (as if its proxy died)."""
+    def rank_fn(conn, sock, path):
+        attach(sock, on_proxy_death=lambda message: conn.send(("told", message)))
+        try:
+            os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+            conn.send(("open", "succeeded"))
+        except OSError as e:
+            conn.send(("open", errno.errorcode[e.errno]))
+        time.sleep(60)  # the watcher ends this process
+
+    with scratch() as d:
+        proxy, sock, log = _start(d, _receive_fails(None), children)
+        rank = _rank(children, rank_fn, str(sock), str(d / "f"))
+        heard = _until_told(rank)
+        assert rank.wait(ANSWER_S) == client.EXIT_PROXY_DIED
+        assert proxy.wait(10) == 0
+        assert heard.get("open", "ENOSYS") == "ENOSYS", heard
+        text = log.read_text()
+        assert len(_log_lines(log, "the proxy failed on receiving")) == 1, text
+        assert len(_log_lines(log, "rank 0: its serving thread failed")) == 1, text
+        assert f"receiving failed {loop.RECEIVE_FAILURES + 1} times" in text
+
+
+def _until_told(rank: Child) -> dict[str, str]:
+    """What the rank sent until its watcher said the proxy is lost (within ANSWER_S)."""
+    deadline = time.monotonic() + ANSWER_S
+    heard: dict[str, str] = {}
+    while "told" not in heard:
+        kind, what = rank.recv(max(deadline - time.monotonic(), 0.01))
+        heard[kind] = what
+    return heard
+
+
 def _fail_one_channel_request() -> None:
     real = ring_server.ChannelServer._execute
     left = [1]
@@ -268,11 +343,7 @@ def test_a_rank_whose_serving_thread_died_is_told_and_ends_instead_of_hanging(
     with scratch() as d:
         proxy, sock, log = _start(d, _serving_thread_dies, children)
         rank = _rank(children, rank_fn, str(sock), str(d / "f"))
-        deadline = time.monotonic() + ANSWER_S
-        heard = {}
-        while "told" not in heard:
-            kind, what = rank.recv(max(deadline - time.monotonic(), 0.01))
-            heard[kind] = what
+        heard = _until_told(rank)
         assert rank.wait(ANSWER_S) == client.EXIT_PROXY_DIED
         assert proxy.wait(10) == 0
         assert heard.get("open", "ENOSYS") == "ENOSYS", heard

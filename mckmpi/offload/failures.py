@@ -27,12 +27,15 @@ class Failures:
         self._kinds: set[tuple[str, str, int]] = set()
         self._lock = threading.Lock()
 
-    def report(self, call: str, exc: BaseException, answer: str) -> None:
-        """Count a failure on `call` that was answered with `answer`; log its kind once."""
-        frames = traceback.extract_tb(exc.__traceback__)
-        last = frames[-1] if frames else None
-        name = type(exc).__name__
-        kind = (name, last.filename, last.lineno or 0) if last else (name, "", 0)
+    def report(self, call: str, exc: BaseException, answer: str,
+               kind: tuple[str, str, int] | None = None) -> None:
+        """Count a failure on `call` that was answered with `answer`; log its kind once.
+        The kind is the exception's type and the line that raised it, unless given."""
+        if kind is None:
+            frames = traceback.extract_tb(exc.__traceback__)
+            last = frames[-1] if frames else None
+            name = type(exc).__name__
+            kind = (name, last.filename, last.lineno or 0) if last else (name, "", 0)
         with self._lock:
             self.count += 1
             if kind in self._kinds:

@@ -279,9 +279,10 @@ class Emulator(PathCalls, DataCalls):
 
     def _receive_failed(self, exc: OSError) -> None:
         """A receive that failed for another reason than the kernel's two (EINTR, ENOENT):
-        nothing was received, so nothing is owed; the failure is counted and logged, the
-        compiled receive (if that was it) gives way to the Python one, and the next receive
-        comes after a pause so that a lasting failure cannot spin a Linux core. After
+        nothing was received, so nothing is owed; the failure is counted and logged (one
+        kind per errno, whichever path received), the compiled receive (if that was it)
+        gives way to the Python one, and the next receive comes after a pause so that a
+        lasting failure cannot spin a Linux core. After
         RECEIVE_FAILURES of them the thread gives up (raises): the server then closes the
         rank's listener, and the kernel fails the rank's trapped calls with ENOSYS from then
         on, which the rank reports, instead of waiting for an answer forever."""
@@ -291,7 +292,8 @@ class Emulator(PathCalls, DataCalls):
             raise OSError(exc.errno, f"receiving failed {self._receive_failures} times, last: "
                           f"{exc.strerror}") from exc
         with contextlib.suppress(Exception):  # as in _rescue
-            self.failures.report("receiving", exc, "nothing (no call was received)")
+            self.failures.report("receiving", exc, "nothing (no call was received)",
+                                 kind=("receiving", "OSError", exc.errno or 0))
         time.sleep(0.01)
 
     def _identity_change(self, name: str, nid, tid, a0, a1, a2, a3, a4, a5):
