@@ -144,6 +144,45 @@ def test_a_lasting_failure_is_logged_once_counted_per_call_and_every_call_answer
     assert sorted(failed["result"]) == sorted(fds)
 
 
+def _mkdir_handlers_fail() -> None:
+    def broken(self, *args):
+        raise Injected("a handler bug")
+
+    for name in ("_sys_mkdir", "_sys_mkdirat"):
+        if hasattr(loop.Emulator, name):
+            setattr(loop.Emulator, name, broken)
+
+
+def test_a_handler_that_fails_lets_the_kernel_run_the_call(children: list[Child]) -> None:
+    def rank_fn(conn, sock, path):
+        s = attach(sock)
+        os.mkdir(f"{path}.1")
+        os.mkdir(f"{path}.2")
+        try:
+            os.mkdir(f"{path}.2")
+            again = "made"
+        except OSError as e:
+            again = errno.errorcode[e.errno]
+        conn.send((again, s.detach().tobytes()))
+
+    with scratch() as d:
+        proxy, sock, log = _start(d, _mkdir_handlers_fail, children)
+        rank = _rank(children, rank_fn, str(sock), str(d / "dir"))
+        again, raw = rank.recv(ANSWER_S)
+        assert rank.wait() == 0 and proxy.wait(10) == 0
+        assert again == "EEXIST" and (d / "dir.1").is_dir() and (d / "dir.2").is_dir()
+        failed = _log_lines(log, "the proxy failed on mkdir")
+        assert len(failed) == 1 and "(Injected: a handler bug); answered it with CONTINUE" \
+            in failed[0], log.read_text()
+        assert len(_log_lines(log, "rank 0: the proxy failed on 3 calls in all")) == 1
+    rec = records_of(raw)
+    mkdirs = rec[np.isin(rec["call"], [syscalls.table()[n].nr for n in ("mkdir", "mkdirat")
+                                       if n in syscalls.table()])]
+    assert len(mkdirs) == 3
+    assert all(h & (accounting.FAILED | accounting.CONTINUED)
+               == accounting.FAILED | accounting.CONTINUED for h in mkdirs["how"])
+
+
 class _ReceiveThenFail:
     """The compiled path as if it failed after receiving a call: it takes the next
     notification off the listener and raises, leaving the call unanswered in `buf`."""

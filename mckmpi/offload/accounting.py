@@ -22,7 +22,7 @@ LEFT = 16       # the descriptor left the offload: it got a number below the off
 NATIVE_TASK = 32  # the caller's process runs natively from this call on (identity changed)
 FAILED = 64     # the proxy itself failed on this call (see `failures`); it was answered anyway
 #: the bits a continued call keeps
-MARKS = LEFT | NATIVE_TASK
+MARKS = LEFT | NATIVE_TASK | FAILED
 
 _LAYOUT = struct.Struct("<qqqqiiiihBx")
 _SIZE = _LAYOUT.size

@@ -39,7 +39,6 @@ import resource
 import select
 import struct
 import time
-import traceback
 from collections.abc import Callable
 from functools import partial
 
@@ -219,10 +218,10 @@ class Emulator(PathCalls, DataCalls):
                     continue
                 except OSError as e:
                     res = -e.errno
-                except Exception:  # noqa: BLE001 -- a bug must not hang the rank: log, run natively
-                    self.log(f"rank {self.rank}: {syscalls.name_of(nr)} failed in the proxy, "
-                             f"running it natively:\n{traceback.format_exc()}")
-                    res = CONTINUE
+                except Exception as e:  # noqa: BLE001 -- a handler's bug: run it natively
+                    res = CONTINUE  # (see _rescue); counted and logged like the loop's own
+                    self._how |= accounting.FAILED
+                    self.failures.report(syscalls.name_of(nr), e, "CONTINUE")
                 # the record goes in before the answer: once answered, the rank may detach
                 t1 = now()
                 if res == CONTINUE:
