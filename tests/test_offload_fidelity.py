@@ -33,6 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from fixtures import ROOT, job_env, mpirun
 
@@ -378,6 +379,25 @@ def test_run_file_records_native_processes_and_descriptors_that_left(runs: Runs)
     left = {c.decode() for c in calls["call"][(how & 16) != 0]}
     assert {"dup", "fcntl"} <= left, left
     assert ((how & 1) != 0).sum() > 2000
+
+
+@ROOT_ONLY
+@pytest.mark.privileged
+def test_the_proxy_served_the_large_file_beyond_4_gib(runs: Runs) -> None:
+    """The > 4 GiB comparison is about the offload: the proxy itself executed the write
+    at 5 GiB, the seek to the end beyond it, the truncation and the read at 4 GiB."""
+    import h5py
+
+    lwk = runs.side("scenarios", "lwk", "root")
+    with h5py.File(lwk.run_path, "r") as f:  # type: ignore[attr-defined]
+        calls = f["offload/calls"][()]
+    served = calls[(calls["how"] & 1) != 0]
+    name = np.char.decode(served["call"].astype("S"))
+    far = (5 << 30) + 7
+    assert ((name == "pwrite64") & (served["result"] == 8)).any()
+    assert ((name == "lseek") & (served["result"] == far + 8)).any()
+    assert ((name == "lseek") & (served["result"] == 4 << 30)).any()
+    assert (name == "ftruncate").any()
 
 
 @ROOT_ONLY
