@@ -357,6 +357,45 @@ def test_a_channel_request_the_proxy_failed_on_completes_with_eio(children: list
     assert len(failed_rows) == 1 and failed_rows["errno"][0] == errno.EIO
 
 
+def _doorbell_fails_once() -> None:
+    real = os.eventfd_read
+    left = [1]
+
+    def eventfd_read(fd):
+        value = real(fd)
+        if left[0]:
+            left[0] = 0
+            raise OSError(errno.EIO, "the doorbell broke")
+        return value
+
+    os.eventfd_read = eventfd_read
+
+
+def test_a_channel_that_fails_between_requests_still_completes_them(
+        children: list[Child]) -> None:
+    """The doorbell read fails after the rank rang: the thread looks at the ring anyway."""
+    def rank_fn(conn, sock, path):
+        arena = Arena(4 * MiB, hugepages="never", lock="never")
+        s = attach(sock, arena_memfd=arena.memfd, arena_address=arena.address)
+        ch = s.channel(slots=4)
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+        ticket = ch.write(fd, 0, arena.full(1024, 3.0))
+        ch.wait(ticket, timeout=ANSWER_S)
+        conn.send(ch.result(ticket))
+        ch.close()
+        s.detach()
+
+    with scratch() as d:
+        proxy, sock, log = _start(d, _doorbell_fails_once, children)
+        rank = _rank(children, rank_fn, str(sock), str(d / "ckpt"))
+        assert rank.recv(ANSWER_S) == 8192
+        assert rank.wait() == 0 and proxy.wait(10) == 0
+        assert (np.fromfile(d / "ckpt") == 3.0).all()
+        failed = _log_lines(log, "the proxy failed on the channel")
+        assert len(failed) == 1 and "rank 0:" in failed[0] and "the doorbell broke" in failed[0], \
+            log.read_text()
+
+
 def _serving_thread_dies() -> None:
     def serve(self):
         raise Injected("the serving thread broke")

@@ -52,13 +52,17 @@ class ChannelServer:
     def _run(self) -> None:
         """Drain the ring until `stop`. Every request submitted gets a completion: a
         failure of this thread on one request is answered there (`_rescue`), and one
-        outside a request (the doorbell, a bug) is counted and logged and the thread goes
-        on, after a pause, so that a rank waiting for completions never waits forever. A
+        outside a request (the doorbell, a bug) is counted and logged, and after a pause
+        the thread looks at the ring again without waiting for the doorbell, so that a rank
+        waiting for completions never waits forever. A
         head the rank corrupted ends the channel (the rank broke its own ring)."""
         done = ring.HEAD.unpack_from(self._ring, 8)[0]
+        retry = False  # after a failure: look at the ring again without waiting for a ring
         while not self._stopping:
             try:
-                os.eventfd_read(self._doorbell)
+                if not retry:
+                    os.eventfd_read(self._doorbell)
+                retry = False
                 if self._stopping:
                     return
                 head = ring.HEAD.unpack_from(self._ring, 0)[0]
@@ -82,8 +86,10 @@ class ChannelServer:
                             os.close(dup)
                 os.eventfd_write(self._completion, 1)
             except Exception as e:  # noqa: BLE001 -- the channel must outlive its own bugs
-                self.emulator.failures.report("the channel", e, "nothing (between requests)")
+                with contextlib.suppress(Exception):  # a log that cannot be written
+                    self.emulator.failures.report("the channel", e, "nothing (between requests)")
                 time.sleep(0.01)
+                retry = True
 
     def _rescue(self, seq: int, exc: Exception) -> None:
         """Complete request `seq` that this thread failed on: with its result if that was
