@@ -105,11 +105,31 @@ def _log_lines(log: Path, text: str) -> list[str]:
     return [ln for ln in log.read_text().splitlines() if text in ln]
 
 
-def test_a_failed_record_after_the_call_ran_answers_its_result_once(children: list[Child]) -> None:
-    """The open ran in the proxy (a descriptor installed in the rank), then the record
-    failed: the rank gets that descriptor, not a second, native open."""
+def _failing_answer() -> None:
+    """The first answer to an openat raises (a bug in the answer) after its record."""
+    real = loop.Emulator._send
+    left = [1]
+
+    def send(self, nid, res, nr, flags=0):
+        if nr == OPENAT and left[0]:
+            left[0] = 0
+            raise Injected("the answer broke")
+        return real(self, nid, res, nr, flags)
+
+    loop.Emulator._send = send
+
+
+@pytest.mark.parametrize("fault, reason", [
+    (_failing_record(1, OPENAT), "the record buffer is full"),
+    (_failing_answer, "the answer broke"),
+], ids=["record", "answer"])
+def test_a_failure_after_the_call_ran_answers_its_result_once(
+        children: list[Child], fault: Callable[[], None], reason: str) -> None:
+    """The open ran in the proxy (a descriptor installed in the rank), then its record or
+    its answer failed: the rank gets that descriptor, not a second, native open, and the
+    call has one record, marked failed."""
     with scratch() as d:
-        proxy, sock, log = _start(d, _failing_record(1, OPENAT), children)
+        proxy, sock, log = _start(d, fault, children)
         rank = _rank(children, _opener, str(sock), str(d / "f"), 1)
         assert rank.recv(ANSWER_S) == "opened"
         fds, contents, raw = rank.recv(ANSWER_S)
@@ -118,12 +138,12 @@ def test_a_failed_record_after_the_call_ran_answers_its_result_once(children: li
         failed = _log_lines(log, "the proxy failed on")
         assert len(failed) == 1 and failed[0].startswith(f"mckmpi proxy[{proxy.pid}]: rank 0: "), \
             log.read_text()
-        assert "openat (Injected: the record buffer is full); answered it with its result" \
-            in failed[0]
+        assert f"openat (Injected: {reason}); answered it with its result {fds[0]}" in failed[0]
     rec = records_of(raw)
-    row = rec[(rec["how"] & accounting.FAILED) != 0]
-    assert len(row) == 1 and row["call"][0] == OPENAT and row["result"][0] == fds[0]
-    assert row["how"][0] & accounting.EMULATED
+    opens = rec[rec["call"] == OPENAT]
+    assert len(opens) == 1 and opens["result"][0] == fds[0]
+    assert opens["how"][0] & (accounting.FAILED | accounting.EMULATED) \
+        == accounting.FAILED | accounting.EMULATED
 
 
 def test_a_lasting_failure_is_logged_once_counted_per_call_and_every_call_answered(

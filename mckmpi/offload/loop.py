@@ -271,8 +271,9 @@ class Emulator(PathCalls, DataCalls):
             except OSError:
                 pass  # the caller is gone
         with contextlib.suppress(Exception):  # the record buffer itself may be what failed
-            result, err = (0, 0) if res is None else (res, 0) if res >= 0 else (-1, -res)
-            self.records.add(t0, time.monotonic_ns(), 0, result, tid, self._fd, err, nr, how)
+            if not self.records.mark(t0, tid, failed):  # else recorded before it failed
+                result, err = (0, 0) if res is None else (res, 0) if res >= 0 else (-1, -res)
+                self.records.add(t0, time.monotonic_ns(), 0, result, tid, self._fd, err, nr, how)
         with contextlib.suppress(Exception):  # a log that cannot be written must not stop serving
             self.failures.report(syscalls.name_of(nr), exc, answer)
 
