@@ -40,14 +40,18 @@ OTHER_UID = 4242  # owner of "another user's" files; needs no passwd entry
 SCENARIOS: dict[str, Callable[[Path, int, int], list[Any]]] = {}
 #: scenarios that need root (privilege drops, mounts); the others run as any user
 PRIVILEGED: set[str] = set()
+#: scenarios that mean something only for an unprivileged user (root is exempt from quotas)
+USER_ONLY: set[str] = set()
 
 
-def scenario(privileged: bool = False) -> Callable:
+def scenario(privileged: bool = False, user_only: bool = False) -> Callable:
     def register(fn: Callable) -> Callable:
         name = fn.__name__.removeprefix("s_")
         SCENARIOS[name] = fn
         if privileged:
             PRIVILEGED.add(name)
+        if user_only:
+            USER_ONLY.add(name)
         return fn
     return register
 
@@ -167,6 +171,9 @@ def file_ops(obs: Obs, d: Path) -> None:
     c("read group", read_file, d / "group", keep=digest)
     c("read /etc/shadow", read_file, "/etc/shadow", keep=ok)
     c("open /etc/shadow for append", os.open, "/etc/shadow", os.O_WRONLY | os.O_APPEND, keep=ok)
+    c("write other", lambda: os.write(os.open(d / "other", os.O_WRONLY | os.O_APPEND), b"w\n"))
+    c("write rootfile", lambda: os.write(os.open(d / "rootfile", os.O_WRONLY | os.O_APPEND),
+                                         b"w\n"))
     c("stat closed/f", os.stat, d / "closed" / "f", keep=lambda s: s.st_size)
     c("access other R_OK", os.access, d / "other", os.R_OK)
     c("access rootfile W_OK", os.access, d / "rootfile", os.W_OK)
@@ -306,7 +313,8 @@ def s_capsh(d: Path, uid: int, gid: int) -> list[Any]:
     protected_tree(d, gid)
     os.chmod(d / "rootdir", 0o555)
     return [sh("capsh --drop=cap_dac_override,cap_dac_read_search -- -c "
-               "'cat other; echo $?; touch rootdir/new; echo $?'", d)]
+               "'cat other; echo $?; touch rootdir/new; echo $?; echo x >> other; echo $?; "
+               "echo y >> rootfile; echo $?'", d)]
 
 
 @scenario(privileged=True)
@@ -329,6 +337,10 @@ def s_chroot(d: Path, uid: int, gid: int) -> list[Any]:
         obs.call("stat /etc/shadow", os.stat, "/etc/shadow", keep=ok)
         obs.call("mkdir /made", os.mkdir, "/made")
         obs.call("relative ../../outside", read_file, "../../outside", keep=digest)
+        obs.call("append to outside by its real path", os.open, str(d / "outside"),
+                 os.O_WRONLY | os.O_APPEND, keep=ok)
+        obs.call("append to the jail's /etc/hostname",
+                 lambda: os.write(os.open("/etc/hostname", os.O_WRONLY | os.O_APPEND), b"more\n"))
         return obs
 
     return in_child(run)
@@ -927,9 +939,43 @@ def s_enospc_erofs(d: Path, uid: int, gid: int) -> list[Any]:
     return in_child(run)
 
 
+@scenario(user_only=True)
+def s_edquot(d: Path, uid: int, gid: int) -> list[Any]:
+    """A user over its disk quota (the test mounts `quota`, limited to 1 MiB): writes, an
+    allocation and a creation fail with EDQUOT after the same bytes."""
+    def run() -> list[Any]:
+        obs = Obs()
+        q = d / "quota"
+        if not q.is_mount():
+            obs.note("quota mount missing", True)
+            return obs
+        fd = os.open(q / "fill", os.O_WRONLY | os.O_CREAT, 0o644)
+        total, chunk, err = 0, b"q" * 65536, None
+        while True:
+            try:
+                n = os.write(fd, chunk)
+            except OSError as e:
+                err = errno.errorcode[e.errno]
+                break
+            total += n
+        obs.note("written until", [total, err])
+        obs.call("one byte more", os.write, fd, b"q")
+        obs.call("pwrite beyond the end", os.pwrite, fd, b"p" * 8192, total + 4096)
+        obs.call("fallocate beyond", os.posix_fallocate, fd, 0, 4 << 20)
+        obs.call("create another", lambda: os.write(os.open(q / "g", os.O_WRONLY | os.O_CREAT,
+                                                            0o644), b"g" * 8192))
+        obs.call("fsync", os.fsync, fd)
+        obs.call("size", lambda: os.fstat(fd).st_size)
+        os.close(fd)
+        return obs
+
+    return in_child(run)
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--list"]:
-        print(json.dumps({"all": sorted(SCENARIOS), "privileged": sorted(PRIVILEGED)}))
+        print(json.dumps({"all": sorted(SCENARIOS), "privileged": sorted(PRIVILEGED),
+                          "user_only": sorted(USER_ONLY)}))
         return 0
     if len(argv) < 3 or argv[0] != "--user":
         print(__doc__, file=sys.stderr)

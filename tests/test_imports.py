@@ -31,7 +31,7 @@ ROOT = Path(mckmpi.__file__).parent
 #: The two halves of the offload (mckmpi/offload/__init__.py lists them)
 OFFLOAD_RANK_SIDE = {f"mckmpi.offload.{m}" for m in ("session", "client", "spawn")}
 OFFLOAD_PROXY_SIDE = {f"mckmpi.offload.{m}" for m in (
-    "server", "loop", "paths", "data", "tracee", "remote", "ring_server")}
+    "server", "loop", "paths", "data", "tracee", "remote", "ring_server", "failures")}
 
 #: What post-processing (analysis/, trace/) must never import, directly or not
 RUNTIME = ("mckmpi.lwk", "mckmpi.offload", "mpi4py", "mckmpi.runner")

@@ -33,6 +33,7 @@ Proxy side (each module imports only those below it):
 * `kernel_abi` -- Linux x86-64 ABI facts those handlers share;
 * `tracee`     -- the rank's processes (identity, descriptors, memory) as the proxy
                   tracks them;
+* `failures`   -- the proxy's own failures while serving: counted, logged once per kind;
 * `remote`     -- remote memory: the arena mapping, /proc/<pid>/mem, process_vm_writev.
 
 How a runner uses it (lwk mode), after MPI init:

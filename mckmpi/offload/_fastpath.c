@@ -16,7 +16,10 @@
  * true `native` attribute of its process) -- is left in `buf`
  * and serve() returns 0: the Python loop dispatches it to the handlers, which decide
  * everything about it (so their semantics stay the only semantics). A failed receive
- * returns its errno (EINTR: a stop request; ENOENT: the caller died).
+ * returns its errno (EINTR: a stop request; ENOENT: the caller died). Every call it
+ * receives is answered here or left in `buf`; when it raises (the record could not be
+ * appended) after answering a call, it zeroes the id in `buf`, so the loop, which answers a
+ * call left there with CONTINUE, never answers one twice.
  *
  * The steps and results are those of `data.DataCalls._write_from/_read_to` for such a
  * call; tests compare the two paths call by call.
@@ -293,6 +296,8 @@ static int vector_call(struct rank_consts *c, struct seccomp_notif *req, int nr,
     Py_BEGIN_ALLOW_THREADS
     answer(c->listener, req->id, res >= 0 ? res : 0, res >= 0 ? 0 : (int32_t)res, 0);
     Py_END_ALLOW_THREADS
+    if (failed)
+        req->id = 0;  /* answered: the caller's rescue must not answer it again */
     return failed ? -1 : 1;
 }
 
@@ -427,8 +432,10 @@ static PyObject *serve(PyObject *self, PyObject *args) {
         Py_BEGIN_ALLOW_THREADS
         answer(c.listener, req->id, res >= 0 ? res : 0, res >= 0 ? 0 : (int32_t)res, 0);
         Py_END_ALLOW_THREADS
-        if (failed)
-            goto done;  /* answered; the exception tells the loop to stop using this path */
+        if (failed) {  /* answered (zeroed id: the loop knows); the exception tells the loop */
+            req->id = 0;  /* to stop using this path */
+            goto done;
+        }
     }
     out = PyLong_FromLong(result_errno);
 done:

@@ -20,12 +20,14 @@ ZERO_COPY = 4   # data moved straight through the proxy's mapping of the rank's 
 CHANNEL = 8     # submitted through the asynchronous channel, not trapped
 LEFT = 16       # the descriptor left the offload: it got a number below the offload range
 NATIVE_TASK = 32  # the caller's process runs natively from this call on (identity changed)
+FAILED = 64     # the proxy itself failed on this call (see `failures`); it was answered anyway
 #: the bits a continued call keeps
-MARKS = LEFT | NATIVE_TASK
+MARKS = LEFT | NATIVE_TASK | FAILED
 
 _LAYOUT = struct.Struct("<qqqqiiiihBx")
 _SIZE = _LAYOUT.size
 _pack_into = _LAYOUT.pack_into
+_HOW_AT = _SIZE - 2  # the how byte (then one pad byte)
 RECORD_DTYPE = np.dtype({
     "names": ["trap_ns", "done_ns", "bytes", "result", "rank", "pid", "fd", "errno", "call", "how"],
     "formats": ["<i8", "<i8", "<i8", "<i8", "<i4", "<i4", "<i4", "<i4", "<i2", "u1"],
@@ -58,6 +60,18 @@ class Records:
         _pack_into(self._buf, off, trap_ns, done_ns, nbytes, result, self.rank, pid, fd, err,
                    call, how)
         self._n += 1
+
+    def mark(self, trap_ns: int, pid: int, bits: int) -> bool:
+        """Add `bits` to the `how` of the last row if it is the call `pid` made at
+        `trap_ns` (a failure after the call was recorded); False if that row is not last."""
+        if not self._n:
+            return False
+        off = (self._n - 1) * _SIZE
+        row = _LAYOUT.unpack_from(self._buf, off)
+        if row[0] != trap_ns or row[5] != pid:
+            return False
+        self._buf[off + _HOW_AT] |= bits
+        return True
 
     def __len__(self) -> int:
         return self._n

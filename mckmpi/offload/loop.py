@@ -31,6 +31,7 @@ task with credentials of its own leaves the offload instead.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -38,7 +39,6 @@ import resource
 import select
 import struct
 import time
-import traceback
 from collections.abc import Callable
 from functools import partial
 
@@ -73,6 +73,8 @@ _PWRITE64, _WRITE = SYS["pwrite64"], SYS["write"]
 _U64 = struct.Struct("<Q")
 _UNLIMITED = 0xFFFFFFFFFFFFFFFF  # RLIM_INFINITY as the kernel stores it
 SMALL_WRITE = 64 << 10
+#: unexpected receive failures after which a serving thread gives up (see _receive_failed)
+RECEIVE_FAILURES = 100
 
 
 def _nofile(pid: int) -> int:
@@ -94,6 +96,7 @@ class Emulator(PathCalls, DataCalls):
         self.spin_ns = 0           # set by the server (see `serve`)
         self.compiled = _fastpath is not None  # hot calls in C (see `serve`)
         self.closing = False
+        self._receive_failures = 0
         self._resp = bytearray(NOTIF_RESP.size)
         self._handlers: list[Callable[..., int] | None] = [None] * 512
         for row in syscalls.trapped():
@@ -155,79 +158,143 @@ class Emulator(PathCalls, DataCalls):
                     return  # no task uses the filter any more: RECV would fail at once forever
                 if e.errno in (errno.EINTR, errno.ENOENT):
                     continue
-                raise
+                self._receive_failed(e)
+                continue
             t0 = now()
             nid, tid, _, nr, _, _, a0, a1, a2, a3, a4, a5 = unpack_from(buf)
-            if (nr == _PWRITE64 or nr == _WRITE) and not self.passthrough:
-                # Fast path for the commonest call, a small write from ordinary memory to a
-                # known descriptor: the same steps as _sys_pwrite64/_write_from, without
-                # their call frames (a microsecond per call). Anything else falls through.
-                proc = tids.get(tid)
-                fd = a0 & 0xFFFFFFFF
-                entry = proc.fds.get(fd) if proc is not None else None
-                if (entry is not None and entry[1] and 0 < a2 <= SMALL_WRITE
-                        and (nr == _WRITE or not a3 >> 63)
-                        and (arena is None or not arena.address <= a1 < arena.end)):
-                    view = bview[:a2]
-                    try:
-                        got = preadv(proc.mem, [view], a1)
-                    except OSError:
-                        got = 0
-                    if got == a2:
-                        pack_id(idbuf, 0, nid)
-                        try:
-                            ioctl(lfd, IOCTL_NOTIF_ID_VALID, idbuf)
-                        except OSError:
-                            self._continue(nid)  # the caller is gone (or let the kernel try)
-                            continue
-                        try:
-                            res = pwrite(entry[0], view, a3) if nr == _PWRITE64 else write(entry[0], view)
-                        except OSError as e:
-                            res = -e.errno
-                        t1 = now()
-                        if res >= 0:
-                            add(t0, t1, res, res, tid, fd, 0, nr, emulated)
-                            pack_resp(resp, 0, nid, res, 0, 0)
-                        else:
-                            add(t0, t1, 0, -1, tid, fd, -res, nr, emulated)
-                            pack_resp(resp, 0, nid, 0, res, 0)
-                        try:  # the answer, as _send gives it
-                            ioctl(lfd, IOCTL_NOTIF_SEND, resp)
-                        except OSError as e:
-                            if e.errno != errno.ENOENT:
-                                self.log(f"rank {self.rank}: answering "
-                                         f"{syscalls.name_of(nr)}: {e}")
-                        continue
-            handler = handlers[nr] if 0 <= nr < 512 else None
-            if self.passthrough or handler is None:
-                self._continue(nid)
-                continue
-            self._fd, self._how, self._moved = -1, emulated, False
+            res = None  # the call's result once the proxy executed it (see _rescue)
             try:
-                proc = tids.get(tid) or self._proc(nid, tid)
-                res = CONTINUE if proc.native else handler(nid, tid, a0, a1, a2, a3, a4, a5)
-            except Gone:  # the caller vanished; if it did not, let the kernel run the call
-                self._continue(nid)
-                continue
-            except OSError as e:
-                res = -e.errno
-            except Exception:  # noqa: BLE001 -- a bug must not hang the rank: log, run natively
-                self.log(f"rank {self.rank}: {syscalls.name_of(nr)} failed in the proxy, "
-                         f"running it natively:\n{traceback.format_exc()}")
-                res = CONTINUE
-            # the record goes in before the answer: once answered, the rank may detach
-            t1 = now()
-            if res == CONTINUE:
-                records.add(t0, t1, 0, 0, tid, self._fd, 0, nr,
-                            continued | (self._how & accounting.MARKS))
-                self._continue(nid)
-                continue
-            if res >= 0:
-                records.add(t0, t1, res if self._moved else 0, res, tid, self._fd, 0, nr,
-                            self._how)
+                if (nr == _PWRITE64 or nr == _WRITE) and not self.passthrough:
+                    # Fast path for the commonest call, a small write from ordinary memory to
+                    # a known descriptor: the same steps as _sys_pwrite64/_write_from, without
+                    # their call frames (a microsecond per call). Anything else falls through.
+                    proc = tids.get(tid)
+                    fd = a0 & 0xFFFFFFFF
+                    entry = proc.fds.get(fd) if proc is not None else None
+                    if (entry is not None and entry[1] and 0 < a2 <= SMALL_WRITE
+                            and (nr == _WRITE or not a3 >> 63)
+                            and (arena is None or not arena.address <= a1 < arena.end)):
+                        view = bview[:a2]
+                        try:
+                            got = preadv(proc.mem, [view], a1)
+                        except OSError:
+                            got = 0
+                        if got == a2:
+                            pack_id(idbuf, 0, nid)
+                            try:
+                                ioctl(lfd, IOCTL_NOTIF_ID_VALID, idbuf)
+                            except OSError:
+                                self._continue(nid)  # the caller is gone (or let the kernel try)
+                                continue
+                            try:
+                                res = (pwrite(entry[0], view, a3) if nr == _PWRITE64
+                                       else write(entry[0], view))
+                            except OSError as e:
+                                res = -e.errno
+                            t1 = now()
+                            if res >= 0:
+                                add(t0, t1, res, res, tid, fd, 0, nr, emulated)
+                                pack_resp(resp, 0, nid, res, 0, 0)
+                            else:
+                                add(t0, t1, 0, -1, tid, fd, -res, nr, emulated)
+                                pack_resp(resp, 0, nid, 0, res, 0)
+                            try:  # the answer, as _send gives it
+                                ioctl(lfd, IOCTL_NOTIF_SEND, resp)
+                            except OSError as e:
+                                if e.errno != errno.ENOENT:
+                                    self.log(f"rank {self.rank}: answering "
+                                             f"{syscalls.name_of(nr)}: {e}")
+                            continue
+                handler = handlers[nr] if 0 <= nr < 512 else None
+                if self.passthrough or handler is None:
+                    self._continue(nid)
+                    continue
+                self._fd, self._how, self._moved = -1, emulated, False
+                try:
+                    proc = tids.get(tid) or self._proc(nid, tid)
+                    res = CONTINUE if proc.native else handler(nid, tid, a0, a1, a2, a3, a4, a5)
+                except Gone:  # the caller vanished; if it did not, let the kernel run the call
+                    self._continue(nid)
+                    continue
+                except OSError as e:
+                    res = -e.errno
+                except Exception as e:  # noqa: BLE001 -- a handler's bug: run it natively
+                    res = CONTINUE  # (see _rescue); counted and logged like the loop's own
+                    self._how |= accounting.FAILED
+                    self.failures.report(syscalls.name_of(nr), e, "CONTINUE")
+                # the record goes in before the answer: once answered, the rank may detach
+                t1 = now()
+                if res == CONTINUE:
+                    records.add(t0, t1, 0, 0, tid, self._fd, 0, nr,
+                                continued | (self._how & accounting.MARKS))
+                    self._continue(nid)
+                    continue
+                if res >= 0:
+                    records.add(t0, t1, res if self._moved else 0, res, tid, self._fd, 0, nr,
+                                self._how)
+                else:
+                    records.add(t0, t1, 0, -1, tid, self._fd, -res, nr, self._how)
+                self._send(nid, res, nr)
+            except Exception as e:  # noqa: BLE001 -- the loop's own failure: answer, go on
+                self._rescue(e, nid, tid, nr, t0, res)
+
+    def _rescue(self, exc: Exception, nid: int, tid: int, nr: int, t0: int,
+                res: int | None) -> None:
+        """Answer a call the loop itself failed on (outside the handlers' own error
+        handling: the record buffer, the answer, a bug), then count and log the failure.
+
+        The answer is the call's result when the proxy had executed the call: its effects
+        happened (bytes written, a descriptor installed in the caller), and running it again
+        natively would repeat them. Otherwise it is CONTINUE: the kernel runs the call in
+        the caller, with the caller's identity, on the caller's own descriptors (an
+        offloaded descriptor is installed in the rank and shares its open file description
+        with the proxy's copy), which is what the caller could do natively -- always
+        correct, only not offloaded. An error reply instead would fail a call that works
+        natively. A result that cannot be sent at all (a handler bug that gave something
+        else than an integer) is answered with EIO: the call may have run, and EIO is the
+        errno of an I/O whose outcome is unknown. If the caller is gone, the answer is
+        refused with ENOENT, which is harmless.
+        """
+        failed = accounting.FAILED
+        try:
+            if res is None or res == CONTINUE:
+                res, answer, how = None, "CONTINUE", accounting.CONTINUED | failed
+                self._continue(nid, nr)
             else:
-                records.add(t0, t1, 0, -1, tid, self._fd, -res, nr, self._how)
-            self._send(nid, res, nr)
+                answer, how = f"its result {res}", accounting.EMULATED | failed
+                self._send(nid, res, nr)
+        except Exception:  # noqa: BLE001 -- even the answer failed: the error that is honest
+            res, answer, how = -errno.EIO, "EIO", failed
+            NOTIF_RESP.pack_into(self._resp, 0, nid, 0, res, 0)
+            try:
+                fcntl.ioctl(self.listener, IOCTL_NOTIF_SEND, self._resp)
+            except OSError:
+                pass  # the caller is gone
+        with contextlib.suppress(Exception):  # the record buffer itself may be what failed
+            if not self.records.mark(t0, tid, failed):  # else recorded before it failed
+                result, err = (0, 0) if res is None else (res, 0) if res >= 0 else (-1, -res)
+                self.records.add(t0, time.monotonic_ns(), 0, result, tid, self._fd, err, nr, how)
+        with contextlib.suppress(Exception):  # a log that cannot be written must not stop serving
+            self.failures.report(syscalls.name_of(nr), exc, answer)
+
+    def _receive_failed(self, exc: OSError) -> None:
+        """A receive that failed for another reason than the kernel's two (EINTR, ENOENT):
+        nothing was received, so nothing is owed; the failure is counted and logged (one
+        kind per errno, whichever path received), the compiled receive (if that was it)
+        gives way to the Python one, and the next receive comes after a pause so that a
+        lasting failure cannot spin a Linux core. After
+        RECEIVE_FAILURES of them the thread gives up (raises): the server then closes the
+        rank's listener, and the kernel fails the rank's trapped calls with ENOSYS from then
+        on, which the rank reports, instead of waiting for an answer forever."""
+        self.compiled = False
+        self._receive_failures += 1
+        if self._receive_failures > RECEIVE_FAILURES:
+            raise OSError(exc.errno, f"receiving failed {self._receive_failures} times, last: "
+                          f"{exc.strerror}") from exc
+        with contextlib.suppress(Exception):  # as in _rescue
+            self.failures.report("receiving", exc, "nothing (no call was received)",
+                                 kind=("receiving", "OSError", exc.errno or 0))
+        time.sleep(0.01)
 
     def _identity_change(self, name: str, nid, tid, a0, a1, a2, a3, a4, a5):
         """A call that changes what the task may do with files: native from now on.
@@ -264,13 +331,14 @@ class Emulator(PathCalls, DataCalls):
                   arena.view if arena else None, self._bounce)
         try:
             err = _fastpath.serve(self, buf, consts)
-        except Exception:  # noqa: BLE001 -- a bug must not stop the serving: log, go on in Python
-            self.log(f"rank {self.rank}: the compiled path failed, serving in Python from "
-                     f"now on:\n{traceback.format_exc()}")
+        except Exception as e:  # noqa: BLE001 -- a bug must not stop the serving: go on in Python
             self.compiled = False
-            nid = NOTIF.unpack_from(buf)[0]
-            if nid:  # a call it may have received but not answered: the kernel runs it
-                self._continue(nid)
+            nid, tid, _, nr = NOTIF.unpack_from(buf)[:4]
+            if nid:  # a call it received but did not answer: the kernel runs it
+                self._rescue(e, nid, tid, nr, time.monotonic_ns(), None)
+            else:  # answered with its result (zeroed id), or none received
+                self.failures.report("the compiled path", e, "its result, if a call was "
+                                     "received; every further call is served in Python")
             raise OSError(errno.EINTR, "compiled path stopped") from None
         if err:
             raise OSError(err, os.strerror(err))

@@ -38,6 +38,7 @@ import stat
 import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,6 @@ from mckmpi.offload.ring_server import ChannelServer
 from mckmpi.offload.seccomp import peer_credentials, peer_groups, pidfd_open
 from mckmpi.offload.syscalls import FD_LIMIT
 from mckmpi.offload.tracee import Gone
-
 
 #: How long a terminated proxy keeps serving the ranks it told to go.
 TERM_GRACE_S = 5.0
@@ -100,8 +100,8 @@ class Server:
         self.term_asked = 0  # the SIGTERM or SIGINT that came
         self.terminating: float | None = None  # since when the proxy ends in order
         self.ep = select.epoll()
-        self.wakeup_fd, wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        signal.set_wakeup_fd(wakeup_w, warn_on_full_buffer=False)
+        self.wakeup_fd, self.wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self.wakeup_w, warn_on_full_buffer=False)
         self.ep.register(self.wakeup_fd, select.EPOLLIN)
         self.conns: dict[int, _Conn] = {}
         self.served: dict[int, _Served] = {}   # by listener fd
@@ -129,6 +129,7 @@ class Server:
                 events = self.ep.poll(1.0)
                 for fd, mask in events:
                     self._event(fd, mask)
+                self._reap()
                 if self.term_asked and self.terminating is None:
                     self.terminate()
                 if not events:
@@ -325,11 +326,28 @@ class Server:
             served.emulator.spin_ns = spin
 
     def _serve(self, emu: Emulator) -> None:
+        """A rank's serving thread. `Emulator.serve` answers every call it receives and
+        survives its own failures; should it still end while the rank is served, the main
+        loop hears of it at once (`_reap`) and closes the rank's listener, so the rank's
+        calls fail with ENOSYS (and the rank reports it) rather than wait forever."""
         try:
             emu.serve()
-        except BaseException as e:  # the rank would hang: say why before it aborts
-            self.log(f"rank {emu.rank}: serving thread failed: {e!r}")
-            raise
+        except BaseException:  # noqa: BLE001 -- said here once; _reap releases the rank
+            if not emu.closing:
+                self.log(f"rank {emu.rank}: its serving thread failed; its calls fail with "
+                         f"ENOSYS from now on:\n{traceback.format_exc().rstrip()}")
+        finally:
+            try:
+                os.write(self.wakeup_w, b"\0")  # wake the main loop: _reap
+            except OSError:
+                pass  # full (the loop is awake anyway) or closed at shutdown
+
+    def _reap(self) -> None:
+        """Release every rank whose serving thread ended: its tasks are gone (the thread saw
+        the listener hang up) or the thread failed (see `_serve`)."""
+        for listener, served in list(self.served.items()):
+            if not served.thread.is_alive():
+                self._rank_gone(listener)
 
     def _rank_gone(self, listener: int) -> None:
         served = self.served.pop(listener)
@@ -341,6 +359,9 @@ class Server:
                 self._drop(conn)
         self._stop(served)
         emu = served.emulator
+        summary = emu.failures.summary()
+        if summary:
+            self.log(summary)
         if not served.detached and self.records_dir:
             path = Path(self.records_dir) / f"offload-rank{emu.rank}-pid{emu.pid}.npy"
             try:

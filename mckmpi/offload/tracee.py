@@ -35,6 +35,7 @@ import threading
 from collections.abc import Callable
 
 from mckmpi.offload import accounting
+from mckmpi.offload.failures import Failures
 from mckmpi.offload.kernel_abi import TASK_SIZE
 from mckmpi.offload.policy import Policy
 from mckmpi.offload.remote import (
@@ -244,6 +245,7 @@ class Tracee:
         self.arena = arena
         self.log = log
         self.records = accounting.Records(rank)  # written by the serving thread only
+        self.failures = Failures(rank, log)  # the proxy's own, on this rank's calls
         self.procs: dict[int, Proc] = {}
         self.tids: dict[int, Proc] = {}
         self.lock = threading.Lock()  # guards descriptor caches against the channel thread
