@@ -518,30 +518,36 @@ def _capacity_phase(workdir: Path, quick: bool, compiled: bool = True,
 
 def _isolated_phase(workdir: Path, floor_exe: Path | None, rounds: int, n: int) -> dict[str, Any]:
     """Rank on the LWK core, proxy on the Linux core (woken per call, no spinning), the LWK
-    core isolated; rounds alternate with the floor on one CPU (the rank's)."""
+    core isolated; rounds alternate with the floor on one CPU (the rank's) and with the same
+    rank on a proxy that spins (the default of a proxy with cores of its own)."""
     proxy_cpus, rank_cpu, placement = _partition()
     if rank_cpu is None:
         return {"skipped": placement}
     if os.geteuid() != 0:
         return {"skipped": "isolating the LWK core needs root"}
-    offl, floors, ratios = [], [], []
+    offl, floors, ratios, spun, spun_ratios = [], [], [], [], []
     with isolated(proxy_cpus, [rank_cpu]) as applied:
         handle = spawn.start_node_proxy(workdir / "run-isolated", proxy_cpus, expected=1, spin_us=0)
         pid, conn = _fork_rank(handle.socket_path, workdir, rank_cpu, ARENA)
+        spinning = spawn.start_node_proxy(workdir / "run-isolated-spin", proxy_cpus, expected=1)
+        spin_pid, spin_conn = _fork_rank(spinning.socket_path, workdir, rank_cpu, ARENA)
         for _ in range(rounds):
             if floor_exe is not None:
                 floors.append(_run_floor(floor_exe, n, str(workdir / "floor.dat"), rank_cpu))
-            conn.send(("small", n))
-            lat = np.frombuffer(conn.recv(), np.int64).reshape(3, n)
-            offl.append(lat[1])
-            if floors:
-                ratios.append(float(np.percentile(lat[1], 50)) / 1e3
+            for c, got, rs in ((conn, offl, ratios), (spin_conn, spun, spun_ratios)):
+                c.send(("small", n))
+                lat = np.frombuffer(c.recv(), np.int64).reshape(3, n)
+                got.append(lat[1])
+                if floors:
+                    rs.append(float(np.percentile(lat[1], 50)) / 1e3
                               / floors[-1]["offloaded_pwrite64_p50_us"])
-        records = _finish(pid, conn, handle)
+        records = _finish(pid, conn, handle) + _finish(spin_pid, spin_conn, spinning)
     out: dict[str, Any] = {
-        "placement": f"{placement}; proxy not spinning; floor on CPU {rank_cpu}",
+        "placement": f"{placement}; proxy not spinning (proxy_spinning: the same rank on a "
+                     f"spinning proxy); floor on CPU {rank_cpu}",
         "isolation": applied.describe(), "iterations_per_round": n, "rounds": rounds,
         "offloaded_pwrite64": _pct(np.concatenate(offl)), "records": records,
+        "proxy_spinning": {"offloaded_pwrite64": _pct(np.concatenate(spun))},
     }
     if floors:
         out["floor_same_cpu_p50_us"] = round(float(np.median(
@@ -550,6 +556,10 @@ def _isolated_phase(workdir: Path, floor_exe: Path | None, rounds: int, n: int) 
         out["ratio_p50_over_floor"] = round(float(np.median(ratios)), 3)
         out["goal_p50_over_floor"] = ISOLATED_GOAL
         out["goal_met"] = out["ratio_p50_over_floor"] <= ISOLATED_GOAL
+        spin = out["proxy_spinning"]
+        spin["ratio_p50_over_floor_per_round"] = [round(r, 3) for r in spun_ratios]
+        spin["ratio_p50_over_floor"] = round(float(np.median(spun_ratios)), 3)
+        spin["goal_met"] = spin["ratio_p50_over_floor"] <= ISOLATED_GOAL
     return out
 
 
@@ -775,6 +785,9 @@ def run(out_dir: Path, quick: bool = False) -> dict:
             "ratio_p50_over_floor", "no floor"),
         "small_isolated_ratio_over_same_cpu_floor": result["small_call_isolated"].get(
             "ratio_p50_over_floor", result["small_call_isolated"].get("skipped", "no floor")),
+        "small_isolated_spinning_ratio_over_same_cpu_floor": result["small_call_isolated"].get(
+            "proxy_spinning", {}).get("ratio_p50_over_floor", result["small_call_isolated"].get(
+                "skipped", "no floor")),
         "bulk_arena_over_native": part["bulk_1mib"]["ratio_arena_over_native"],
         "bulk_arena_read_over_native": part["bulk_1mib"]["ratio_arena_read_over_native"],
         "channel_compute_loss": part["channel"]["loss_channel"],
