@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fixtures import APPS, ROOT, mckmpi, mpirun
 
+from fixtures import APPS, ROOT, mckmpi, mpirun
 from mckmpi.errors import FeatureUnavailable, UsageError
 from mckmpi.node import cpuset, isolation
 from mckmpi.node.isolation import KernelFiles, Paths

@@ -10,11 +10,11 @@
   everything unpinned as notif-floor ships (on a VM an idle CPU's wake-up then dominates
   both). Rounds of floor, native and offloaded alternate so a change in the machine's load
   hits all three. With the LWK core isolated (root; mckmpi/node/isolation.py: IRQs and
-  kernel threads on the Linux core, no deep idle) and the proxy not spinning, the small call
-  against the same-CPU floor measured in the same rounds (goal: p50 <= 1.25x).
+  kernel threads on the Linux core, no deep idle) and the proxy not spinning (and spinning),
+  the small call against the same-CPU floor of the same rounds (goal: p50 <= 1.25x).
 * A partitioned node (proxy on a Linux core, rank on an LWK core), each round once without
-  and (root) once with the idle policy an LWK job holds (no idle state with an exit latency
-  on either core: per-CPU PM QoS, else /dev/cpu_dma_latency), in alternating order: the
+  and (root) once with the idle policy an isolated LWK job holds (no idle state with an
+  exit latency on either core: per-CPU PM QoS, else /dev/cpu_dma_latency), in turns: the
   same-CPU floor, the cross-CPU floor (notif-floor-ranks.c, one rank), the small call with
   the proxy spinning (the default of a proxy with cores of its own) and not spinning
   (goal: p50 <= 2x the same-CPU floor of the same round), and 1 MiB writes from the rank's
