@@ -48,10 +48,12 @@ def test_bulk_ratios_are_taken_per_pair_of_blocks_so_the_order_cancels():
     got = {"lat_spinning": [lat],
            "bulk_native": [first, second] * 4, "bulk_arena": [second, first] * 4,
            "bulk_plain": [2 * first, 2 * second] * 4,
-           "bulk_native_read": [first, second] * 4, "bulk_arena_read": [second * 1.25, first * 1.25] * 4}
+           "bulk_native_read": [first, second] * 4, "bulk_arena_read": [second * 1.25, first * 1.25] * 4,
+           "bulk_native_readv": [first, second] * 4, "bulk_arena_readv": [second, first] * 4}
     bulk = _partitioned_case(got, rounds=1, n=10)["bulk_1mib"]
     assert bulk["blocks"] == 8
     assert bulk["ratio_arena_over_native"] == 1.0  # per block: 3.0 and 0.33
     assert bulk["ratio_plain_over_native"] == 0.5
     assert bulk["ratio_arena_read_over_native"] == 0.8
+    assert bulk["ratio_arena_readv_over_native"] == 1.0
     assert bulk["goal_met"] and not bulk["goal_read_met"]

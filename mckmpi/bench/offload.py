@@ -19,7 +19,8 @@
   the proxy spinning (the default of a proxy with cores of its own) and not spinning
   (goal: p50 <= 2x the same-CPU floor of the same round), and 1 MiB writes from the rank's
   arena (the proxy writes straight from its mapping) and from ordinary memory (copied once
-  into the proxy) and 1 MiB reads into the arena, each against the same calls native
+  into the proxy) and 1 MiB reads into the arena (pread64, as C I/O libraries read, and
+  preadv), each against the same calls native
   (goal >= 0.9x): in blocks of 4 calls that take turns, same offsets of the same file from
   the same source rows, every page in place before timing, the order reversed every block
   and the median of the ratios per pair of blocks (`_bulk`).
@@ -60,9 +61,11 @@ import numpy as np
 
 from mckmpi.bench import write_result
 from mckmpi.errors import UsageError
+from mckmpi.linux import syscall
 from mckmpi.lwk.arena import Arena
 from mckmpi.node.isolation import isolated
 from mckmpi.offload import accounting, client, seccomp, spawn
+from mckmpi.offload.kernel_abi import SYS
 from mckmpi.offload.policy import Policy
 
 MiB = 1 << 20
@@ -224,14 +227,17 @@ def _bulk(blocks: int, block: int, span: int, native_fd: int, offl_fd: int,
     for all of them."""
     writes = {"native": (native_fd, arena_buf), "arena": (offl_fd, arena_buf),
               "plain": (offl_fd, plain_buf)}
-    reads = {"native_read": native_fd, "arena_read": offl_fd}  # into the arena
+    # into the arena: pread64, as C I/O libraries (HDF5, stdio) read, and preadv, the only
+    # read into a buffer Python has
+    reads = {"native_read": (native_fd, _pread), "arena_read": (offl_fd, _pread),
+             "native_readv": (native_fd, _preadv), "arena_readv": (offl_fd, _preadv)}
     rows = len(arena_buf)
     for fd, buf in writes.values():  # warm: every row of the sources, every page of the file
         for i in range(max(rows, span)):
             os.pwrite(fd, buf[i % rows], (i % span) * MiB)
-    for fd in reads.values():
+    for fd, read in reads.values():
         for i in range(max(rows, span)):
-            os.preadv(fd, [arena_buf[i % rows]], (i % span) * MiB)
+            read(fd, arena_buf[i % rows], (i % span) * MiB)
     out: dict[str, list[int]] = {k: [] for k in (*writes, *reads)}
     clock = time.perf_counter_ns
     for b in range(blocks):
@@ -243,12 +249,26 @@ def _bulk(blocks: int, block: int, span: int, native_fd: int, offl_fd: int,
                 os.pwrite(fd, buf[i % rows], (i % span) * MiB)
             out[name].append(clock() - t)
         for name in reads if b % 2 == 0 else reversed(reads):
-            fd = reads[name]
+            fd, read = reads[name]
             t = clock()
             for i in range(first, first + block):
-                os.preadv(fd, [arena_buf[i % rows]], (i % span) * MiB)
+                read(fd, arena_buf[i % rows], (i % span) * MiB)
             out[name].append(clock() - t)
     return out
+
+
+_PREAD64 = SYS["pread64"]
+
+
+def _pread(fd: int, buf: np.ndarray, offset: int) -> None:
+    """pread64(2) into `buf` (a raw system call: Python's os.pread returns new bytes)."""
+    r = syscall(_PREAD64, fd, buf.ctypes.data, buf.nbytes, offset)
+    if r != buf.nbytes:
+        raise OSError(-r if r < 0 else 0, f"pread64 returned {r}")
+
+
+def _preadv(fd: int, buf: np.ndarray, offset: int) -> None:
+    os.preadv(fd, [buf], offset)
 
 
 def _kernel(x: np.ndarray, y: np.ndarray) -> None:
@@ -729,12 +749,14 @@ def _partitioned_case(got: dict[str, list], rounds: int, n: int) -> dict[str, An
 
     bulk = {
         "blocks": len(t["native"]), "MiB_per_block": BULK_BLOCK,
-        "order": "native, arena, plain writes then native, arena reads, in turns per block "
-                 "(reversed every other block); ratios per pair of blocks",
+        "order": "native, arena, plain writes, then native and arena reads with pread64 and "
+                 "with preadv, in turns per block (reversed every other block); ratios per "
+                 "pair of blocks",
         **{f"{k}_MBps": round(block / float(np.median(t[k])) * 1e3, 1) for k in t},
         "ratio_arena_over_native": ratio("arena", "native"),
         "ratio_plain_over_native": ratio("plain", "native"),
         "ratio_arena_read_over_native": ratio("arena_read", "native_read"),
+        "ratio_arena_readv_over_native": ratio("arena_readv", "native_readv"),
         "ratio_arena_over_native_quartiles": [round(float(x), 3) for x in np.percentile(
             pair["native"] / pair["arena"], [25, 75])],
         "ratio_arena_read_over_native_quartiles": [round(float(x), 3) for x in np.percentile(
