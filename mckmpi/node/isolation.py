@@ -14,7 +14,7 @@ run-time settings take away what else Linux would do there:
   Linux cores (no idle state with an exit latency: a core wakes at once for the proxy); on a
   kernel without those files, a request of 0 us on ``/dev/cpu_dma_latency`` (every CPU: the
   only scope it has), which lasts as long as its file stays open: a holder process keeps it
-  open until the isolation is restored (`idle_policy` applies this part alone).
+  open until the isolation is restored (`apply(idle_only=True)`: this part alone).
 
 What only the kernel command line can do (nohz_full, rcu_nocbs, isolcpus, irqaffinity) is
 detected and reported with the exact parameters (`boot_advice`), never faked.
@@ -288,7 +288,10 @@ def _release(entry: dict) -> bool:
         return True
     mine = _HOLDERS.pop(pid, None)
     if mine is not None:
-        mine.wait(10)
+        try:
+            mine.wait(10)
+        except subprocess.TimeoutExpired:
+            return False
         return True
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -532,8 +535,7 @@ def _guard(name: str, state_dir: Path, owner: int) -> None:
 
 @contextmanager
 def isolated(linux_cpus: Iterable[int], lwk_cpus: Iterable[int], name: str | None = None,
-             state_dir: Path | None = None, idle_only: bool = False,
-             paths: Paths = Paths()) -> Iterator[Isolation]:
+             state_dir: Path | None = None, idle_only: bool = False) -> Iterator[Isolation]:
     """`lwk_cpus` isolated (`idle_only`: only kept out of deep idle, with the Linux cores)
     for the duration of a `with` block (a benchmark's case), owned by this process and
     restored in any case; a failed restore is an error."""
@@ -546,11 +548,11 @@ def isolated(linux_cpus: Iterable[int], lwk_cpus: Iterable[int], name: str | Non
         return
     name = name or f"pid-{os.getpid()}"
     applied = apply(name, linux_cpus, lwk_cpus, state_dir=state_dir, owner=os.getpid(),
-                    idle_only=idle_only, paths=paths)
+                    idle_only=idle_only)
     try:
         yield applied
     finally:
-        summary = restore(name, state_dir=state_dir, paths=paths)
+        summary = restore(name, state_dir=state_dir)
         if not summary.ok:
             raise RuntimeError(summary.describe())
 
