@@ -3,11 +3,13 @@ every setting it touches on this host (also after SIGKILL at any point, and for 
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import glob
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -161,6 +163,66 @@ def test_sweep_restores_isolations_whose_owner_is_gone(tmp_path: Path, root_only
     assert isolation.sweep(tmp_path / "s2", paths=paths, fs=fs) == []  # no owner: a reservation's
     isolation.restore("mine", state_dir=tmp_path / "s2", paths=paths, fs=fs)
     assert _files(paths.proc) == before
+
+
+def _openers(file: Path) -> list[int]:
+    """The processes that have `file` open."""
+    found = []
+    for link in glob.glob("/proc/[0-9]*/fd/*"):
+        try:
+            if os.readlink(link) == str(file):
+                found.append(int(link.split("/")[2]))
+        except OSError:
+            pass  # gone meanwhile
+    return found
+
+
+def _without_per_cpu_qos(tmp_path: Path) -> Paths:
+    paths = _fake_tree(tmp_path)
+    (paths.cpu / "cpu1" / "power" / "pm_qos_resume_latency_us").unlink()
+    dma = tmp_path / "cpu_dma_latency"
+    dma.write_bytes(b"")
+    return dataclasses.replace(paths, dma_latency=dma)
+
+
+def test_idle_policy_falls_back_to_a_held_cpu_dma_latency_request(tmp_path: Path, root_only):
+    paths, fs = _without_per_cpu_qos(tmp_path), FakeKernel()
+    before = _files(paths.cpu)
+    irqs = _files(paths.proc)
+    done = isolation.apply("t", [0, 1], [2, 3], state_dir=tmp_path / "s", paths=paths, fs=fs,
+                           idle_only=True)
+    what = f"PM QoS of every CPU ({paths.dma_latency} held at 0 us)"
+    assert done.changed == [what] and done.refused == [] and done.scope == "idle"
+    assert paths.dma_latency.read_bytes() == struct.pack("=i", 0)  # the request: 0 us
+    holders = _openers(paths.dma_latency)
+    assert len(holders) == 1  # held open while the isolation lasts
+    assert _files(paths.cpu) == before and _files(paths.proc) == irqs  # per-CPU files untouched
+    # an idle-only isolation does not stand in for a full one, and stacks with one
+    assert isolation.covering(tmp_path / "s", [0, 1], [2, 3]) is None
+    assert isolation.covering(tmp_path / "s", [0, 1], [2, 3], idle_only=True).name == "t"
+    full = isolation.apply("u", [0, 1], [2, 3], state_dir=tmp_path / "s", paths=paths, fs=fs)
+    assert "unbound workqueues" in full.changed and what in full.changed  # its own holder
+    assert isolation.restore("u", state_dir=tmp_path / "s", paths=paths, fs=fs).ok
+    assert len(_openers(paths.dma_latency)) == 1
+    summary = isolation.restore("t", state_dir=tmp_path / "s", paths=paths, fs=fs)
+    assert summary.ok and summary.restored == [what], summary.describe()
+    assert _openers(paths.dma_latency) == [] and not Path(f"/proc/{holders[0]}").exists()
+
+
+def test_idle_policy_fallback_refused_is_recorded_and_holds_nothing(tmp_path: Path, root_only):
+    paths, fs = _without_per_cpu_qos(tmp_path), FakeKernel()
+    paths.dma_latency.unlink()
+    paths.dma_latency.mkdir()  # a file the holder cannot write
+    done = isolation.apply("t", [0, 1], [2, 3], state_dir=tmp_path / "s", paths=paths, fs=fs)
+    what = f"PM QoS of every CPU ({paths.dma_latency} held at 0 us)"
+    assert [w for w, _ in done.refused] == ["IRQ 30 (nvme0q1)", what]
+    assert "Is a directory" in done.refused[1][1]
+    paths.dma_latency.rmdir()
+    done = isolation.apply("u", [0, 1], [2, 3], state_dir=tmp_path / "s2", paths=paths, fs=fs,
+                           idle_only=True)
+    assert [w for w, _ in done.refused] == ["idle policy"] and done.changed == []
+    assert isolation.restore("t", state_dir=tmp_path / "s", paths=paths, fs=fs).ok
+    assert isolation.restore("u", state_dir=tmp_path / "s2", paths=paths, fs=fs).ok
 
 
 # --- on this host -----------------------------------------------------------------------------

@@ -11,7 +11,9 @@
  *
  * Build: cc -O2 -pthread -o notif-floor-ranks notif-floor-ranks.c
  * Run:   ./notif-floor-ranks RANKS SECONDS FILE SUPERVISOR_CPU RANK_CPU
- * Prints: calls_per_s, supervisor_cpu_per_call_us, errors (one "name value" a line).
+ * Prints: calls_per_s, supervisor_cpu_per_call_us, errors, and the round trip of one call:
+ * p50_us (the median of the ranks' medians) and p99_us (the worst rank's 99th percentile),
+ * one "name value" a line.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -35,11 +37,17 @@
 #include <unistd.h>
 
 #define MAX_RANKS 1024
+#define MAX_SAMPLES (1 << 20)  /* per rank: the first calls of the window are timed */
 
 static double now(void) {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
     return t.tv_sec + t.tv_nsec * 1e-9;
+}
+
+static int cmp(const void *a, const void *b) {
+    float x = *(const float *)a, y = *(const float *)b;
+    return (x > y) - (x < y);
 }
 
 static void pin(int cpu) {
@@ -72,6 +80,11 @@ static int recv_fd(int sock) {
 }
 
 static int out_fd;
+
+struct report {
+    long calls, bad;
+    float p50_us, p99_us;
+};
 
 /* serve one listener (until the process exits) */
 static void *serve(void *arg) {
@@ -135,14 +148,21 @@ int main(int argc, char **argv) {
             close(nfd);
             char g;
             if (read(go[0], &g, 1) != 1) _exit(1);
+            float *lat = malloc(sizeof(float) * MAX_SAMPLES);
+            if (lat == NULL) _exit(1);
             long calls = 0, bad = 0;
-            double end = now() + seconds;
-            while (now() < end) {
+            double end = now() + seconds, t = now();
+            while (t < end) {
                 if (pwrite(fd, buf, sizeof buf, 0) != sizeof buf) bad++;
+                double t2 = now();
+                if (calls < MAX_SAMPLES) lat[calls] = (float)((t2 - t) * 1e6);
+                t = t2;
                 calls++;
             }
-            long report[2] = {calls, bad};
-            if (write(counts[1], report, sizeof report) != sizeof report) _exit(1);
+            long timed = calls < MAX_SAMPLES ? calls : MAX_SAMPLES;
+            qsort(lat, timed, sizeof *lat, cmp);
+            struct report r = {calls, bad, timed ? lat[timed / 2] : 0, timed ? lat[(long)(timed * 0.99)] : 0};
+            if (write(counts[1], &r, sizeof r) != sizeof r) _exit(1);
             _exit(0);
         }
     }
@@ -158,18 +178,22 @@ int main(int argc, char **argv) {
     for (int i = 0; i < n; i++)
         if (write(go[1], "g", 1) != 1) { perror("write"); return 1; }
     long calls = 0, bad = 0;
+    float p50[MAX_RANKS], p99 = 0;
     for (int i = 0; i < n; i++) {
-        long report[2];
-        if (read(counts[0], report, sizeof report) != sizeof report) { perror("read"); return 1; }
-        calls += report[0];
-        bad += report[1];
+        struct report r;
+        if (read(counts[0], &r, sizeof r) != sizeof r) { perror("read"); return 1; }
+        calls += r.calls;
+        bad += r.bad;
+        p50[i] = r.p50_us;
+        if (r.p99_us > p99) p99 = r.p99_us;
     }
+    qsort(p50, n, sizeof *p50, cmp);
     clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &c1);
     double cpu = (c1.tv_sec - c0.tv_sec) + (c1.tv_nsec - c0.tv_nsec) * 1e-9;
     while (wait(NULL) > 0)
         ;
     unlink(path);  /* the serving threads may wait in RECV for good: exit ends them */
-    printf("calls_per_s %.1f\nsupervisor_cpu_per_call_us %.3f\nerrors %ld\n",
-           calls / seconds, calls ? cpu / calls * 1e6 : 0.0, bad);
+    printf("calls_per_s %.1f\nsupervisor_cpu_per_call_us %.3f\nerrors %ld\np50_us %.3f\np99_us %.3f\n",
+           calls / seconds, calls ? cpu / calls * 1e6 : 0.0, bad, p50[n / 2], p99);
     return bad != 0;
 }

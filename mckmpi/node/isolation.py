@@ -11,7 +11,10 @@ run-time settings take away what else Linux would do there:
   on the LWK cpuset and its ancestors (the Linux cpuset keeps balancing), cgroup v2 the LWK
   cpuset as an ``isolated`` partition (given a reservation);
 - idle: ``/sys/devices/system/cpu/cpuN/power/pm_qos_resume_latency_us = n/a`` on the LWK and
-  Linux cores (no idle state with an exit latency: a core wakes at once for the proxy).
+  Linux cores (no idle state with an exit latency: a core wakes at once for the proxy); on a
+  kernel without those files, a request of 0 us on ``/dev/cpu_dma_latency`` (every CPU: the
+  only scope it has), which lasts as long as its file stays open: a holder process keeps it
+  open until the isolation is restored (`apply(idle_only=True)`: this part alone).
 
 What only the kernel command line can do (nohz_full, rcu_nocbs, isolcpus, irqaffinity) is
 detected and reported with the exact parameters (`boot_advice`), never faked.
@@ -27,6 +30,8 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
+import struct
 import subprocess
 import sys
 import time
@@ -84,6 +89,8 @@ class Paths:
     proc: Path = Path("/proc")
     cpu: Path = Path("/sys/devices/system/cpu")
     workqueue: Path = Path("/sys/devices/virtual/workqueue/cpumask")
+    #: the system-wide PM QoS request (used when the per-CPU files are missing)
+    dma_latency: Path = Path("/dev/cpu_dma_latency")
 
 
 @dataclass
@@ -98,11 +105,14 @@ class Isolation:
     complete: bool
     changed: list[str]
     refused: list[tuple[str, str]]
+    #: "full", or "idle": only the idle policy (`apply(idle_only=True)`)
+    scope: str = "full"
 
     def describe(self) -> str:
         owner = f", for process {self.owner}" if self.owner else ""
         state = "" if self.complete else "; INCOMPLETE: stopped before finishing"
-        head = (f"isolation '{self.name}': lwk cpus {format_cpulist(self.lwk_cpus)} quiet, "
+        quiet = "quiet" if self.scope == "full" else "kept out of deep idle (idle policy only)"
+        head = (f"isolation '{self.name}': lwk cpus {format_cpulist(self.lwk_cpus)} {quiet}, "
                 f"linux cpus {format_cpulist(self.linux_cpus)} take the rest{owner}: "
                 f"{len(self.changed)} settings changed, {len(self.refused)} refused{state}")
         lines = [head]
@@ -113,7 +123,7 @@ class Isolation:
         return {"name": self.name, "state_file": str(self.state_file),
                 "linux_cpus": format_cpulist(self.linux_cpus),
                 "lwk_cpus": format_cpulist(self.lwk_cpus), "owner": self.owner,
-                "complete": self.complete, "changed": self.changed,
+                "complete": self.complete, "scope": self.scope, "changed": self.changed,
                 "refused": [{"what": w, "reason": r} for w, r in self.refused]}
 
 
@@ -147,12 +157,12 @@ def state_path(name: str, state_dir: Path) -> Path:
 
 def apply(name: str, linux_cpus: Iterable[int], lwk_cpus: Iterable[int], *, state_dir: Path,
           cpusets: tuple[int, Path, Path, Path] | None = None, owner: int | None = None,
-          paths: Paths = Paths(), fs: KernelFiles = KERNEL) -> Isolation:
+          paths: Paths = Paths(), fs: KernelFiles = KERNEL, idle_only: bool = False) -> Isolation:
     """Quiet `lwk_cpus`: move IRQs, workqueues and kernel threads to `linux_cpus`, stop load
     balancing on the LWK cpuset (`cpusets` = (cgroup version, hierarchy mount, the
     reservation's directory, its LWK cpuset) when there is a reservation) and keep both
-    sides out of deep idle. Refusals are recorded, not errors; anything else undoes what was
-    done and raises."""
+    sides out of deep idle (`idle_only`: only that). Refusals are recorded, not errors;
+    anything else undoes what was done and raises."""
     if os.geteuid() != 0:
         raise UsageError("isolating LWK cores needs root: IRQ affinities, workqueue masks and "
                          "PM QoS files are writable by root only")
@@ -164,7 +174,10 @@ def apply(name: str, linux_cpus: Iterable[int], lwk_cpus: Iterable[int], *, stat
     with locked(state_dir):
         if path.exists():
             raise UsageError(f"isolation '{name}' is already applied (state file {path})")
-        others = sorted(p.name[:-len(SUFFIX)] for p in state_dir.glob(f"*{SUFFIX}"))
+        # an idle policy alone stacks with anything: it only ever sets the PM QoS files to
+        # the one value "n/a" and records a file only when it changes it, so whichever
+        # finishes first, none restores a value another one wrote
+        others = [] if idle_only else [i.name for i in status(state_dir) if i.scope == "full"]
         if others:
             # two isolations restored out of order would leave the second one's settings
             raise UsageError(f"isolation '{others[0]}' is already applied on this host (state "
@@ -175,23 +188,125 @@ def apply(name: str, linux_cpus: Iterable[int], lwk_cpus: Iterable[int], *, stat
                                 "lwk_cpus": format_cpulist(lwk), "owner": owner,
                                 "owner_start": _start_time(paths.proc, owner) if owner else None,
                                 "started": time.time(), "complete": False, "files": [],
-                                "threads": [], "refused": []}
+                                "threads": [], "holders": [], "refused": [],
+                                "scope": "idle" if idle_only else "full"}
         statefile.save(path, data)
         try:
-            _irqs(data, path, paths, linux, fs)
-            _set_file(data, path, fs, paths.workqueue, _mask(linux), "unbound workqueues")
-            _kthreads(data, path, paths, linux, fs)
-            if cpusets is not None:
-                _load_balance(data, path, fs, cpusets, lwk)
-            for cpu in linux + lwk:
-                _set_file(data, path, fs, paths.cpu / f"cpu{cpu}" / "power" /
-                          "pm_qos_resume_latency_us", QOS_NO_LATENCY, f"PM QoS of cpu{cpu}")
+            if not idle_only:
+                _irqs(data, path, paths, linux, fs)
+                _set_file(data, path, fs, paths.workqueue, _mask(linux), "unbound workqueues")
+                _kthreads(data, path, paths, linux, fs)
+                if cpusets is not None:
+                    _load_balance(data, path, fs, cpusets, lwk)
+            _idle(data, path, paths, fs, linux + lwk)
         except BaseException:
             _undo(path, data, fs)
             raise
         data["complete"] = True
         statefile.save(path, data)
     return _isolation(path, data)
+
+
+def _idle(data: dict, path: Path, paths: Paths, fs: KernelFiles, cpus: tuple[int, ...]) -> None:
+    """No idle state with an exit latency on `cpus`: their per-CPU PM QoS files, else (a
+    kernel without them) a 0 us request on /dev/cpu_dma_latency held for as long as the
+    isolation lasts."""
+    files = {cpu: paths.cpu / f"cpu{cpu}" / "power" / "pm_qos_resume_latency_us" for cpu in cpus}
+    if all(fs.exists(f) for f in files.values()):
+        for cpu, f in files.items():
+            _set_file(data, path, fs, f, QOS_NO_LATENCY, f"PM QoS of cpu{cpu}")
+        return
+    what = f"PM QoS of every CPU ({paths.dma_latency} held at 0 us)"
+    if not fs.exists(paths.dma_latency):
+        per_cpu = paths.cpu / "cpuN" / "power" / "pm_qos_resume_latency_us"
+        why = f"neither per-CPU PM QoS ({per_cpu}) nor {paths.dma_latency} exists on this kernel"
+        data["refused"].append(["idle policy", why])
+        statefile.save(path, data)
+        return
+    _hold(data, path, paths.dma_latency, what)
+
+
+#: holder processes this process started, by pid (reaped when restored from here)
+_HOLDERS: dict[int, subprocess.Popen] = {}
+
+
+def _hold(data: dict, path: Path, file: Path, what: str) -> None:
+    """Start a process that holds `file`'s 0 us request open; it is recorded before it asks
+    (it waits for a go that only comes once the state file names it), so a crash never leaves
+    an unrecorded request behind."""
+    code = ("import sys; from mckmpi.node.isolation import _hold_request; "
+            "_hold_request(sys.argv[1])")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(file)], start_new_session=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    data["holders"].append({"pid": holder.pid, "start": _start_time(Path("/proc"), holder.pid),
+                            "file": str(file), "what": what})
+    statefile.save(path, data)
+    assert holder.stdin is not None and holder.stdout is not None
+    holder.stdin.write(b"go")
+    holder.stdin.close()
+    reply = holder.stdout.readline().decode().strip()
+    holder.stdout.close()
+    if reply == "held":
+        _HOLDERS[holder.pid] = holder
+        return
+    holder.wait(10)
+    data["holders"].pop()
+    data["refused"].append([what, reply or "the holder process exited"])
+    statefile.save(path, data)
+
+
+def _hold_request(file: str) -> None:
+    """The holder process: once told to go, write a 0 us request and keep the file open
+    until killed (the kernel drops the request when the file closes, also on a crash)."""
+    if sys.stdin.buffer.read(2) != b"go":
+        return  # the process that started this one died before recording it
+    try:
+        fd = os.open(file, os.O_WRONLY)
+        os.write(fd, struct.pack("=i", 0))
+    except OSError as exc:
+        print(f"writing {file}: {os.strerror(exc.errno) if exc.errno else exc}", flush=True)
+        return
+    print("held", flush=True)
+    null = os.open(os.devnull, os.O_RDWR)
+    for std in (0, 1):
+        os.dup2(null, std)
+    while True:
+        signal.pause()
+
+
+def _release(entry: dict) -> bool:
+    """End a holder process (its request goes with its file); False if it would not end."""
+    pid, proc = entry["pid"], Path("/proc")
+    if _start_time(proc, pid) != entry["start"] or _zombie(proc, pid):
+        _HOLDERS.pop(pid, None)
+        return True  # gone already: its request went with it
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return True
+    mine = _HOLDERS.pop(pid, None)
+    if mine is not None:
+        try:
+            mine.wait(10)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if _start_time(proc, pid) != entry["start"] or _zombie(proc, pid):
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def _zombie(proc: Path, pid: int) -> bool:
+    try:
+        text = (proc / str(pid) / "stat").read_text()
+    except OSError:
+        return True
+    return text[text.rindex(")") + 2:].split()[0] in ("Z", "X")
 
 
 def _mask(cpus: Iterable[int]) -> str:
@@ -338,6 +453,11 @@ def restore(name: str, *, state_dir: Path, paths: Paths = Paths(),
 
 def _undo(path: Path, data: dict, fs: KernelFiles, paths: Paths = Paths()) -> RestoreSummary:
     s = RestoreSummary(data["name"], path, found=True)
+    for entry in reversed(data.get("holders", [])):
+        if _release(entry):
+            s.restored.append(entry["what"])
+        else:
+            s.problems.append(f"ending process {entry['pid']}, which holds {entry['file']}")
     for entry in reversed(data["files"]):
         file = Path(entry["file"])
         try:
@@ -415,18 +535,20 @@ def _guard(name: str, state_dir: Path, owner: int) -> None:
 
 @contextmanager
 def isolated(linux_cpus: Iterable[int], lwk_cpus: Iterable[int], name: str | None = None,
-             state_dir: Path | None = None) -> Iterator[Isolation]:
-    """`lwk_cpus` isolated for the duration of a `with` block (a benchmark's case), owned by
-    this process and restored in any case; a failed restore is an error."""
+             state_dir: Path | None = None, idle_only: bool = False) -> Iterator[Isolation]:
+    """`lwk_cpus` isolated (`idle_only`: only kept out of deep idle, with the Linux cores)
+    for the duration of a `with` block (a benchmark's case), owned by this process and
+    restored in any case; a failed restore is an error."""
     from mckmpi.node.cpuset import default_state_dir
 
     state_dir = state_dir or default_state_dir()
-    held = covering(state_dir, linux_cpus, lwk_cpus)
+    held = covering(state_dir, linux_cpus, lwk_cpus, idle_only)
     if held is not None:  # another owner's isolation of the same split: use it as it is
         yield held
         return
     name = name or f"pid-{os.getpid()}"
-    applied = apply(name, linux_cpus, lwk_cpus, state_dir=state_dir, owner=os.getpid())
+    applied = apply(name, linux_cpus, lwk_cpus, state_dir=state_dir, owner=os.getpid(),
+                    idle_only=idle_only)
     try:
         yield applied
     finally:
@@ -435,13 +557,16 @@ def isolated(linux_cpus: Iterable[int], lwk_cpus: Iterable[int], name: str | Non
             raise RuntimeError(summary.describe())
 
 
-def covering(state_dir: Path, linux_cpus: Iterable[int], lwk_cpus: Iterable[int]) -> Isolation | None:
+def covering(state_dir: Path, linux_cpus: Iterable[int], lwk_cpus: Iterable[int],
+             idle_only: bool = False) -> Isolation | None:
     """An applied, complete isolation that already quiets `lwk_cpus` with the same Linux
-    cores (concurrent jobs of one split share it instead of stacking a second one)."""
+    cores (concurrent jobs of one split share it instead of stacking a second one); one that
+    holds only the idle policy covers only what asks for no more (`idle_only`)."""
     sweep(state_dir)
     linux, lwk = set(linux_cpus), set(lwk_cpus)
     for found in status(state_dir):
-        if found.complete and set(found.linux_cpus) == linux and lwk <= set(found.lwk_cpus):
+        if (found.complete and set(found.linux_cpus) == linux and lwk <= set(found.lwk_cpus)
+                and (idle_only or found.scope == "full")):
             return found
     return None
 
@@ -582,6 +707,8 @@ def facts(linux_cpus: Iterable[int], lwk_cpus: Iterable[int], paths: Paths = Pat
     out["run time: workqueue cpumask"] = (paths.workqueue.read_text().strip()
                                           if paths.workqueue.exists() else "not offered")
     out["run time: per-CPU PM QoS"] = "offered" if qos.exists() else "not offered"
+    out["run time: /dev/cpu_dma_latency"] = ("offered (the idle policy's fallback)"
+                                             if paths.dma_latency.exists() else "not offered")
     out["osnoise tracer"] = osnoise_status()
     if state_dir is not None and state_dir.is_dir():
         active = status(state_dir)
@@ -605,6 +732,7 @@ def _load(path: Path) -> dict | None:
 def _isolation(path: Path, data: dict) -> Isolation:
     return Isolation(data["name"], path, parse_cpulist(data["linux_cpus"]),
                      parse_cpulist(data["lwk_cpus"]), data.get("owner"), data["complete"],
-                     [e["what"] for e in data["files"]] + [f"kernel thread {t['comm']}"
-                                                           for t in data["threads"]],
-                     [tuple(r) for r in data["refused"]])
+                     [e["what"] for e in data["files"]]
+                     + [f"kernel thread {t['comm']}" for t in data["threads"]]
+                     + [h["what"] for h in data.get("holders", [])],
+                     [tuple(r) for r in data["refused"]], data.get("scope", "full"))
