@@ -386,11 +386,11 @@ def test_run_file_records_native_processes_and_descriptors_that_left(runs: Runs)
 def test_the_proxy_served_the_large_file_beyond_4_gib(runs: Runs) -> None:
     """The > 4 GiB comparison is about the offload: the proxy itself executed the write
     at 5 GiB, the seek to the end beyond it, the truncation and the read at 4 GiB."""
-    import h5py
+    from mckmpi.trace.reader import open_run
 
     lwk = runs.side("scenarios", "lwk", "root")
-    with h5py.File(lwk.run_path, "r") as f:  # type: ignore[attr-defined]
-        calls = f["offload/calls"][()]
+    with open_run(lwk.run_path) as run:  # type: ignore[attr-defined]
+        calls = run.read("offload/calls")
     served = calls[(calls["how"] & 1) != 0]
     name = np.char.decode(served["call"].astype("S"))
     far = (5 << 30) + 7
@@ -407,7 +407,7 @@ def test_a_user_over_quota_gets_edquot_from_the_proxy(runs: Runs) -> None:
     1 MiB quota with EDQUOT, and under the offload the proxy executed writes that failed
     with EDQUOT (how bit 1 with errno EDQUOT in the run file): passed through, not run
     natively."""
-    import h5py
+    from mckmpi.trace.reader import open_run
 
     native = runs.side("scenarios", "native", "user")
     lwk = runs.side("scenarios", "lwk", "user")
@@ -418,8 +418,8 @@ def test_a_user_over_quota_gets_edquot_from_the_proxy(runs: Runs) -> None:
     assert err == "EDQUOT" and 0 < total <= 1 << 20, obs
     assert obs["one byte more"] == ["err", "EDQUOT"], obs
     assert (native.base / "edquot" / "quota" / "fill").stat().st_size == total
-    with h5py.File(lwk.run_path, "r") as f:  # type: ignore[attr-defined]
-        calls = f["offload/calls"][()]
+    with open_run(lwk.run_path) as run:  # type: ignore[attr-defined]
+        calls = run.read("offload/calls")
     passed = calls[(calls["errno"] == errno.EDQUOT) & ((calls["how"] & 1) != 0)]
     assert "write" in {c.decode() for c in passed["call"]}, passed
 
