@@ -182,7 +182,8 @@ def test_kill_9_keeps_an_apps_streamed_arrays_but_the_last_flush(tmp_path):
 @pytest.mark.parametrize("app,key", [
     (["stencil.py", "--local", "64x64", "--iterations", "200000"], "app/comm_ns"),
     (["cg.py", "--local", "64", "--tol", "1e-300", "--max-iter", "100000"], "app/halo_ns"),
-    (["allreduce.py", "--sizes", "8", "--iterations", "1000000"], "app/allreduce"),
+    (["allreduce.py", "--sizes", "8", "--iterations", "1000000", "--work-us", "20"],
+     "app/allreduce"),
     (["detour.py", "--duration-s", "600"], "noise/detours"),
 ], ids=["stencil", "cg", "allreduce", "detour"])
 def test_kill_9_keeps_every_apps_series_and_tables(tmp_path, app, key):
