@@ -1,7 +1,8 @@
 """Run files read by generic tools, without mckmpi: xarray through h5netcdf and netCDF-C's
 ncdump see every dataset, tables included (one variable per column), with named dimensions
-and units. This module imports nothing from mckmpi; the reading happens in a fresh
-interpreter that checks it never loaded mckmpi."""
+and units, and every attribute (booleans are int8 0/1, named in ``boolean_attributes``).
+This module imports nothing from mckmpi; the reading happens in a fresh interpreter that
+checks it never loaded mckmpi."""
 
 from __future__ import annotations
 
@@ -194,3 +195,36 @@ def test_ncdump_shows_both_tables_of_a_study_file(result_runs, tmp_path):
     assert shown["points/median"] == shown["points/metric"] == ["point_metric"]
     with h5py.File(out, "r") as f:
         assert not _typed(f)
+
+
+def _enum_attributes(f: h5py.File) -> list[str]:
+    """Attributes netCDF-C leaves out: HDF5 enums (h5py's booleans)."""
+    found = []
+
+    def visit(name, obj):
+        for key in obj.attrs:
+            if obj.attrs.get_id(key).get_type().get_class() == h5py.h5t.ENUM:
+                found.append(f"{name}:{key}")
+
+    visit("/", f)
+    f.visititems(visit)
+    return found
+
+
+def test_ncdump_shows_boolean_attributes(result_runs):
+    path = result_runs["cg-linux"]
+    proc = subprocess.run(["ncdump", "-h", str(path)], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    root = out.split("group: ", 1)[0]
+    assert ":complete = 1b ;" in root and 'string :boolean_attributes = "complete" ;' in root
+    app = out.split("group: app {", 1)[1].split("} // group app", 1)[0]
+    assert ":verified = 1b ;" in app and ":converged = 1b ;" in app
+    listed = re.search(r'string :boolean_attributes = (.*) ;', app)
+    assert listed and set(re.findall(r'"(\w+)"', listed.group(1))) == {"converged", "verified"}
+    provenance = out.split("group: provenance {", 1)[1].split("} // group provenance", 1)[0]
+    assert ":shared_hosts = 0b ;" in provenance
+    for name, path in result_runs.items():
+        with h5py.File(path, "r") as f:
+            assert not _enum_attributes(f), name

@@ -24,7 +24,7 @@ from mckmpi.analysis import study
 from mckmpi.analysis.repeats import CI_METHOD
 from mckmpi.trace import writer
 from mckmpi.trace.labels import unlabel
-from mckmpi.trace.reader import RunFileError
+from mckmpi.trace.reader import RunFileError, is_complete
 from mckmpi.trace.schema import RANKS_DTYPE, SCHEMA_VERSION
 from mckmpi.trace.tracer import Tracer
 
@@ -208,3 +208,62 @@ def test_study_files_of_version_2_read_as_before_and_version_3_holds_the_same(tm
     old, new = mckmpi.open_study(V2_STUDY), mckmpi.open_study(again)
     assert old.to_pandas().equals(new.to_pandas())
     assert old.to_pandas("points").equals(new.to_pandas("points"))
+
+
+def test_boolean_attributes_of_a_fresh_run_read_as_bool(result_runs):
+    path = result_runs["cg-linux"]
+    with h5py.File(path, "r") as f:
+        assert f.attrs["complete"].dtype == np.int8 and f["app"].attrs["verified"] == 1
+    assert is_complete(path, h5py.File(path, "r").attrs)
+    with mckmpi.open_run(path) as run:
+        assert run.attrs["complete"] is True and "boolean_attributes" not in run.attrs
+        app = run.group_attrs("app")
+        assert app["verified"] is True and app["converged"] is True
+        assert isinstance(app["tolerance"], float) and "boolean_attributes" not in app
+        assert run.provenance["shared_hosts"] is False
+        attrs = run.to_xarray("app").attrs
+        assert attrs["complete"] is True and attrs["verified"] is True
+        assert attrs["provenance_shared_hosts"] is False
+
+
+def test_version_2_boolean_attributes_still_read_as_bool():
+    with h5py.File(V2_FILE, "r") as f:
+        assert f.attrs.get_id("complete").get_type().get_class() == h5py.h5t.ENUM
+        assert "boolean_attributes" not in f.attrs
+    with mckmpi.open_run(V2_FILE) as run:
+        assert run.attrs["complete"] is True
+
+
+def test_an_apps_own_boolean_attributes_read_back_as_bool(tmp_path):
+    path = write_synthetic(tmp_path / "own.h5", app_attrs={
+        "name": "own", "verified": False, "converged": np.bool_(True),
+        "flags": [True, False], "count": 1, "none": None})
+    with h5py.File(path, "r") as f:
+        app = f["app"].attrs
+        assert app["converged"].dtype == np.int8 and list(app["flags"]) == [1, 0]
+        assert sorted(app["boolean_attributes"]) == ["converged", "flags", "verified"]
+    with mckmpi.open_run(path) as run:
+        app = run.group_attrs("app")
+        assert app["verified"] is False and app["converged"] is True
+        assert app["flags"] == [True, False]
+        assert app["count"] == 1 and not isinstance(app["count"], bool)
+        assert app["none"] == ""
+
+
+def test_enum_boolean_attributes_of_earlier_files_read_as_bool(v3):
+    with h5py.File(v3, "r+") as f:  # as the first version 3 files stored them
+        f.attrs["complete"] = True
+        del f.attrs["boolean_attributes"]
+        f.require_group("app").attrs["verified"] = False
+        assert f.attrs.get_id("complete").get_type().get_class() == h5py.h5t.ENUM
+    with mckmpi.open_run(v3) as run:
+        assert run.attrs["complete"] is True and run.group_attrs("app")["verified"] is False
+
+
+@pytest.mark.parametrize("value", [2, -1, "yes"])
+def test_a_boolean_attribute_of_another_value_is_one_line(v3, value):
+    with h5py.File(v3, "r+") as f:
+        f.require_group("app").attrs["verified"] = value
+    with mckmpi.open_run(v3) as run:
+        with pytest.raises(RunFileError, match="attribute 'verified' of /app is .*expected a boolean"):
+            run.group_attrs("app")

@@ -61,7 +61,7 @@ def _write(path: pathlib.Path, tracer: Tracer, compound: bool) -> None:
                                   compression_opts=1, shuffle=True)
             ds.attrs["kind"] = lay.kind
             f.attrs["schema_version"] = 2
-        f.attrs["complete"] = True
+        layout.write_attrs(f, {"complete": True})
 
 
 def _read(path: pathlib.Path, column: bool) -> int:

@@ -20,6 +20,7 @@ import numpy as np
 from mckmpi.trace.labels import label
 from mckmpi.trace.schema import (
     ARRAY,
+    BOOL_ATTRS,
     BOOL_STORED,
     FLAG_MEANINGS,
     SCALAR,
@@ -202,9 +203,36 @@ def _write_record(ds: h5py.Dataset | Columns, lay: Layout, rank: int, data: np.n
         ds[rank, a:b] = data[a:b]
 
 
-def _write_attrs(obj: h5py.HLObject, values: dict[str, Any]) -> None:
+def _is_bool(value: Any) -> bool:
+    if isinstance(value, (bool, np.bool_)):
+        return True
+    if isinstance(value, (list, tuple, np.ndarray)) and len(value):
+        return all(isinstance(v, (bool, np.bool_)) for v in np.asarray(value, dtype=object).flat)
+    return False
+
+
+def write_attrs(obj: h5py.HLObject, values: dict[str, Any]) -> None:
+    """The one way attributes reach a file: None is "", booleans (and lists of them) are
+    int8 0/1 named in the object's `BOOL_ATTRS` list, since netCDF-C leaves HDF5 enum
+    attributes out. Deterministic, so every rank of a parallel writer makes the same calls."""
+    stored = obj.attrs.get(BOOL_ATTRS)
+    before = [] if stored is None else [n.decode() if isinstance(n, bytes) else str(n)
+                                         for n in np.atleast_1d(stored)]
+    flags = list(before)
     for k, v in values.items():
-        obj.attrs[k] = "" if v is None else v
+        if _is_bool(v):
+            obj.attrs[k] = np.asarray(v, dtype=BOOL_STORED)
+            if k not in flags:
+                flags.append(k)
+        else:
+            obj.attrs[k] = "" if v is None else v
+            if k in flags:
+                flags.remove(k)
+    if flags != before:
+        if flags:
+            obj.attrs[BOOL_ATTRS] = flags
+        elif stored is not None:
+            del obj.attrs[BOOL_ATTRS]
 
 
 def write_header(
@@ -216,14 +244,12 @@ def write_header(
     compress: bool,
 ) -> list[h5py.Dataset | Columns]:
     """Attributes and every dataset, created empty (collectively when parallel)."""
-    f.attrs["schema"] = SCHEMA
-    f.attrs["schema_version"] = SCHEMA_VERSION
-    f.attrs["complete"] = False
-    _write_attrs(f, root_attrs)
-    _write_attrs(f.require_group("provenance"), provenance)
+    write_attrs(f, {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "complete": False})
+    write_attrs(f, root_attrs)
+    write_attrs(f.require_group("provenance"), provenance)
     datasets = [create_dataset(f, lay, compress) for lay in layouts]
     for group, values in sorted(group_attrs.items()):
-        _write_attrs(f.require_group(group), values)
+        write_attrs(f.require_group(group), values)
     label(f)
     return datasets
 

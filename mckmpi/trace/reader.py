@@ -29,6 +29,7 @@ from mckmpi.trace.layout import merge, write_header, write_records
 from mckmpi.trace.schema import (
     OLDEST_SCHEMA_VERSION,
     ATTR_TYPES,
+    BOOL_ATTRS,
     DATASET_ATTR_TYPES,
     DATASET_LAYOUTS,
     MAX_RANKS,
@@ -142,6 +143,17 @@ def _text(value: Any) -> Any:
     return value
 
 
+def _flag(value: Any) -> Any:
+    """A boolean attribute as `bool` whichever way it is stored (an HDF5 enum up to schema
+    version 2 and in early version 3 files, int8 0/1 since); any other value unchanged."""
+    value = _text(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, list) and value and all(isinstance(_flag(v), bool) for v in value):
+        return [bool(v) for v in value]
+    return value
+
+
 _KIND = {int: "an integer >= 0", bool: "a boolean", str: "a string", list: "a list"}
 
 
@@ -164,6 +176,11 @@ def read_attrs(path: Path, obj: h5py.HLObject | Flags | Fields, group: str) -> d
         raise RunFileError(f"{path}: cannot read the attributes of {obj.name} ({exc})") from None
     recorded = isinstance(obj, (h5py.Dataset, Flags, Fields))
     types = DATASET_ATTR_TYPES if recorded else ATTR_TYPES.get(group, {})
+    listed = values.pop(BOOL_ATTRS, [])
+    flags = {n for n, kind in types.items() if kind is bool}
+    flags.update(n for n in (listed if isinstance(listed, list) else [listed]) if isinstance(n, str))
+    for name in flags & values.keys():
+        values[name] = _flag(values[name])
     for name, value in values.items():
         kind = types.get(name.partition(":")[0] if recorded else name)
         if kind is not None and not _typed(value, kind):
@@ -369,7 +386,7 @@ def _is_recorded(obj: Any) -> bool:
 
 def is_complete(path: Path, attrs: Any) -> bool:
     """Complete means both: the attribute says so and the name is final."""
-    return _text(attrs.get("complete", False)) is True and not path.name.endswith(PARTIAL_SUFFIX)
+    return _flag(attrs.get("complete", False)) is True and not path.name.endswith(PARTIAL_SUFFIX)
 
 
 def _check_layout(path: Path, key: str, ds: Recorded) -> None:
@@ -482,7 +499,7 @@ def _recover(path: Path, header: h5py.File) -> Run:
             group_attrs.setdefault(group, {}).update(values)  # rank 0's values win
     ending = job_ending([None if sp is None else sp.ending for sp in spools])
     root = {k: v for k, v in header.attrs.items() if k not in ("schema", "schema_version",
-                                                                "complete")}
+                                                                "complete", BOOL_ATTRS)}
     root.update(ending)
     f = h5py.File(f"{path}#recovered-{id(spools)}", "w", driver="core", backing_store=False)
     for name in header:

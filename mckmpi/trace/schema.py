@@ -22,8 +22,11 @@ by `DIMENSIONS` below) and every numeric value has units (`UNITS`, else inferred
 Version 3 stores nothing netCDF-C cannot show: records with fields, which v2 stored as one
 HDF5 compound dataset, are one dataset per field sharing the row dimension (a flat table
 with its rank column), and booleans, which v2 stored as HDF5 enums, are int8 with CF's
-``flag_values``/``flag_meanings``. Versions 1 (unlabelled) and 2 are read as before: the
-reader gives every version's records the same structured arrays.
+``flag_values``/``flag_meanings``. Boolean attributes (``complete``, ``app.verified``, an
+app's own) are int8 0/1 too, and every object that has any names them in its
+``boolean_attributes`` attribute, so the reader gives them back as `bool`. Versions 1
+(unlabelled) and 2 are read as before: the reader gives every version's records the same
+structured arrays and its enum attributes the same `bool`s.
 """
 
 from __future__ import annotations
@@ -122,6 +125,9 @@ DIMENSIONS: dict[str, tuple[str, ...]] = {
 #: Booleans as netCDF reads them (CF flags): int8 0/1 with these attributes.
 BOOL_STORED = np.dtype("i1")
 FLAG_MEANINGS = "false true"
+#: The attribute that names an object's boolean attributes (stored as int8 0/1: netCDF-C
+#: leaves HDF5 enum attributes out), so readers give them back as booleans.
+BOOL_ATTRS = "boolean_attributes"
 
 #: Units of data recorded without them (UDUNITS spelling; "1" is a pure number). Table
 #: fields are ``KEY:FIELD``. Anything else numeric: "ns" for names ending in ``_ns``, "B" for

@@ -55,6 +55,7 @@ from mckmpi.trace.layout import (
     current,
     manifest,
     merge,
+    write_attrs,
     write_header,
     write_records,
 )
@@ -398,7 +399,7 @@ class RunFile:
                 write_header(f, layouts, root, self.provenance, group_attrs, compress=False))))
             agree(comm, _attempt(final, write_records, layouts, datasets, rank, records))
             agree(comm, _attempt(final, f.flush))
-            agree(comm, _attempt(final, f.attrs.__setitem__, "complete", True))
+            agree(comm, _attempt(final, write_attrs, f, {"complete": True}))
             datasets.clear()  # no dataset left open when the file closes
             agree(comm, _attempt(final, f.close))
         except StorageError:
@@ -445,7 +446,7 @@ class RunFile:
                 received = comm.recv(source=peer, tag=GATHER_TAG)
                 write_records(layouts, datasets, peer, received)
             f.flush()
-            f.attrs["complete"] = True
+            write_attrs(f, {"complete": True})
             del datasets
             f.close()
         except BaseException:
@@ -462,7 +463,7 @@ class RunFile:
             rename_noreplace(final, self.path)
         except OSError:
             with h5py.File(final, "r+") as f:
-                f.attrs["complete"] = False
+                write_attrs(f, {"complete": False})
             raise
         self.partial.unlink()
         shutil.rmtree(self.spool, ignore_errors=True)
@@ -535,7 +536,7 @@ def write_assembled(path: Path, tracers: list[Tracer], root_attrs: dict[str, Any
                                     compress=True)
             for rank, tracer in enumerate(tracers):
                 write_records(layouts, datasets, rank, current(tracer.records))
-            f.attrs["complete"] = True
+            write_attrs(f, {"complete": True})
             del datasets
         rename_noreplace(partial, path)
     except OSError as exc:
