@@ -15,7 +15,9 @@ One `mckmpi run` per rank, started by mpiexec or srun. The stages, in order:
    exception or a failed child on any rank aborts COMM_WORLD, like ``python -m mpi4py``.
    An MPI executable is the rank itself: it runs as the child of a pinned rank that never
    initialises MPI, recorded from outside (placement, time, exit; `mckmpi.external`);
-7. the run file, written collectively by all ranks.
+7. the run file, written collectively by all ranks. It is reserved (``NAME.h5.partial``)
+   before the LWK runtime of 5 boots; a refusal before the app starts removes it, so a job
+   that never ran leaves no file (what can be checked before MPI is checked there).
 """
 
 from __future__ import annotations
@@ -253,6 +255,10 @@ def run(settings: Settings, app: App, argv: list[str]) -> int:
         check_hand_started_proxy(settings, policy)
     if settings.isolate:
         require_isolatable(plan)
+    if settings.mode == "lwk":
+        from mckmpi.lwk.runtime import LwkOptions, preflight
+
+        preflight(LwkOptions.of(settings), plan)
     run_file_target(settings.out)  # an --out that cannot be written, found before the job
     # Open MPI's help text on the ranks (MPI_ABORT's banner after our one line) is noise
     # here; mpiexec's own messages (no slots, no such program) are not affected.
@@ -278,14 +284,18 @@ def run(settings: Settings, app: App, argv: list[str]) -> int:
         return exc.exit_code
     except MckmpiError as exc:
         endings.on_mpi_abort(None)  # the harness's own abort below is not the app's
-        if _proxy_lost(exc):
-            # a request to the proxy failed because it is gone: the offload's watcher says
-            # so in one line (the node's rank 0 first) and aborts the job
-            time.sleep(PROXY_LOST_WAIT_S + offload_grace())
-        elif placement.local_rank != 0:
-            # the node's rank 0 finds the same error and aborts the job meanwhile; a rank
-            # still here found one of its own, and says so
-            time.sleep(ABORT_GRACE_S)
+        try:
+            if _proxy_lost(exc):
+                # a request to the proxy failed because it is gone: the offload's watcher
+                # says so in one line (the node's rank 0 first) and aborts the job
+                time.sleep(PROXY_LOST_WAIT_S + offload_grace())
+            elif placement.local_rank != 0:
+                # the node's rank 0 finds the same error and aborts the job meanwhile; a
+                # rank still here found one of its own, and says so
+                time.sleep(ABORT_GRACE_S)
+        except endings.JobSignal as signalled:
+            # the launcher ends the job meanwhile (another rank's abort said why)
+            return 128 + signalled.signum
         print(exc.line(), file=sys.stderr, flush=True)
         world.Abort(exc.exit_code)
     except BaseException:
@@ -341,21 +351,28 @@ def _run_in_mpi(settings: Settings, app: App, argv: list[str], placement: Placem
     ctx = Context(placement=placement, mode=settings.mode, harness=True, tracer=tracer,
                   node_plan=plan, comm=world)
     runtime = None
-    if settings.mode == "lwk":
-        from mckmpi.lwk.runtime import LwkOptions, boot
+    try:
+        # Refusals from here to the app's start are what only the set-up finds (the
+        # options were checked before MPI): the reserved run file recorded nothing, so
+        # it goes (a refusal must leave no file behind).
+        if settings.mode == "lwk":
+            from mckmpi.lwk.runtime import LwkOptions, boot
 
-        runtime = boot(LwkOptions.of(settings), plan, rp)
-        ctx.mem, ctx.scheduler = runtime.arena, runtime.scheduler
-    if offloaded is not None:
-        ctx.offload = offloaded.attach(
-            placement, node_comm, world, None if runtime is None else runtime.arena,
-            before_abort=lambda message: run_file.abandon(endings.ending(
-                "proxy", placement.rank, offset_ns, offload.EXIT_PROXY_DIED, error=message)))
-        pin(plan, placement.local_rank)  # the offload's watcher thread joins MPI's helpers
-        run_file.add_source(lambda: offloaded.snapshot(tracer))  # calls stream as they happen
-    set_context(ctx)
-    isolated = isolate_job(settings.isolate, plan, node_comm, settings.cpuset)
-    ctx.phase_marks = kernel = start_on_node(plan, node_comm)  # the kernel's doings from here
+            runtime = boot(LwkOptions.of(settings), plan, rp)
+            ctx.mem, ctx.scheduler = runtime.arena, runtime.scheduler
+        if offloaded is not None:
+            ctx.offload = offloaded.attach(
+                placement, node_comm, world, None if runtime is None else runtime.arena,
+                before_abort=lambda message: run_file.abandon(endings.ending(
+                    "proxy", placement.rank, offset_ns, offload.EXIT_PROXY_DIED, error=message)))
+            pin(plan, placement.local_rank)  # the offload's watcher thread joins MPI's helpers
+            run_file.add_source(lambda: offloaded.snapshot(tracer))  # calls stream as they happen
+        set_context(ctx)
+        isolated = isolate_job(settings.isolate, plan, node_comm, settings.cpuset)
+        ctx.phase_marks = kernel = start_on_node(plan, node_comm)  # the kernel's doings from here
+    except MckmpiError:
+        run_file.discard()
+        raise
     started = time.monotonic_ns()
 
     def aborted(errorcode: int) -> None:

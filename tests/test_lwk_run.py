@@ -1,9 +1,14 @@
 """`mckmpi run --mode lwk` end to end: arena, scheduler, GC control and pinning in a real job."""
 
+import os
+import shutil
+import subprocess
+
 import h5py
 import pytest
 
 from fixtures import APPS, mckmpi, mpirun
+from mckmpi.jobs.launchers import Job
 from mckmpi.utility.units import format_cpulist
 
 PROBE = r'''
@@ -102,12 +107,34 @@ def test_lwk_single_rank_gets_fifo_when_it_owns_its_core(tmp_path):
     (["--mem", "zero"], "not a size"),
     (["--hugepages", "require", "--mem", "64M"], "huge"),
 ])
-def test_lwk_bad_input_is_one_line(args, match):
-    proc = mckmpi("run", "--mode", "lwk", *args, "--", str(APPS / "fwq.py"), "--samples", "5", timeout=60)
+def test_lwk_bad_input_is_one_line(args, match, tmp_path):
+    proc = mckmpi("run", "--mode", "lwk", *args, "--out", str(tmp_path), "--",
+                  str(APPS / "fwq.py"), "--samples", "5", timeout=60)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     lines = [l for l in proc.stderr.splitlines() if l.startswith("mckmpi: error:")]
     assert len(lines) == 1 and match in lines[0].lower(), proc.stderr
+    assert not list(tmp_path.iterdir())  # refused before the run file was reserved
+
+
+@pytest.mark.skipif(not shutil.which("prlimit") or not shutil.which("setpriv"),
+                    reason="needs util-linux's prlimit and setpriv")
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_a_refusal_found_at_boot_leaves_no_run_file(tmp_path, ranks):
+    """mlock failing is only found when the arena locks its memory, after the run file was
+    reserved: the reserved file and its spools go, nothing having been recorded."""
+    launch = Job(("-m", "mckmpi", "run", "--mode", "lwk", "--oversubscribe", "--memlock",
+                  "require", "--mem", "16M", "--out", str(tmp_path), "--", str(APPS / "fwq.py"),
+                  "--samples", "5"), ranks, options=None,
+                 oversubscribe=True).render("mpiexec" if ranks > 1 else "local")
+    # no CAP_IPC_LOCK (root's way around the limit) and a hard RLIMIT_MEMLOCK below 16M
+    drop = ["setpriv", "--bounding-set", "-ipc_lock", "--inh-caps", "-ipc_lock"] \
+        if os.geteuid() == 0 else []
+    proc = subprocess.run([*drop, "prlimit", "--memlock=65536:65536", *launch.argv],
+                          capture_output=True, text=True, timeout=90, env=launch.env)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert "mckmpi: error: arena locking required but mlock failed" in proc.stderr, proc.stderr
+    assert not list(tmp_path.iterdir())
 
 
 def test_rank_runs_inside_a_reserved_cpuset(tmp_path):

@@ -22,10 +22,12 @@ import time
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from mckmpi.errors import FeatureUnavailable
 from mckmpi.lwk.arena import Arena
 from mckmpi.lwk import quiet as quiet_module
 from mckmpi.lwk.quiet import QuietState
 from mckmpi.lwk.scheduler import Scheduler
+from mckmpi.node.host import meminfo, shmem_thp
 from mckmpi.node.partition import NodePlan, RankPlan
 from mckmpi.trace.tracer import Tracer
 
@@ -134,6 +136,24 @@ class LwkRuntime:
         stays mapped: arrays of the app may still be alive, and it ends with the process."""
         self.quiet.restore()
         self.counters.close()
+
+
+def preflight(options: LwkOptions, plan: NodePlan) -> None:
+    """Refuse, before the job starts (so it leaves no run file), what the arena's boot would
+    refuse from the node's settings alone: huge pages required where the node has neither
+    enough free hugetlb pages for a rank's arena nor shmem THP. What only the boot can find
+    (MFD_HUGETLB or mlock failing, THP not given) is still refused there."""
+    mem = max((r.mem for r in plan.ranks), default=0)
+    if options.hugepages != "require" or mem <= 0:
+        return
+    info = meminfo()
+    huge, pool = info.get("Hugepagesize", 0), info.get("HugePages_Free", 0)
+    need = -(-mem // huge) if huge else 0
+    thp_possible, thp_setting = shmem_thp()
+    if not (huge and pool >= need) and not thp_possible:
+        raise FeatureUnavailable(f"huge pages required but unavailable: no hugetlb pages "
+                                 f"reserved (HugePages_Free={pool}, need {need}); shmem THP "
+                                 f"disabled ({thp_setting})")
 
 
 def boot(options: LwkOptions, plan: NodePlan, rank: RankPlan) -> LwkRuntime:

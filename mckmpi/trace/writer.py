@@ -35,6 +35,7 @@ rank's records at a time instead of gathering the whole job into rank 0.
 
 from __future__ import annotations
 
+import contextlib
 import errno as errnos
 import os
 import select
@@ -60,7 +61,7 @@ from mckmpi.trace.layout import (
     write_records,
 )
 from mckmpi.trace.schema import PARTIAL_SUFFIX, job_ending
-from mckmpi.trace.spool import SpoolWriter, plain, spool_dir, spool_path
+from mckmpi.trace.spool import SpoolWriter, plain, reserve_path, spool_dir, spool_path
 from mckmpi.trace.tracer import Record, Tracer
 
 if TYPE_CHECKING:
@@ -482,6 +483,26 @@ class RunFile:
             self.streamer.stop()
             self.streamer.ending(ending)
             self.streamer.close()
+
+
+    def discard(self) -> None:
+        """The job was refused before its app started, by a check only a rank's set-up could
+        make (the LWK boot, the offload filter): nothing was recorded, so this rank's spool
+        goes, and on rank 0 the header and the spool directory: a run that never ran leaves
+        no file. A rank whose ending was already recorded keeps it."""
+        if self.ended:
+            return
+        self.ended = True
+        with contextlib.suppress(OSError):
+            if self.streamer is not None:
+                self.streamer.stop()
+                self.streamer.close()
+                path = self.streamer.spool.path
+                path.unlink(missing_ok=True)
+                reserve_path(path).unlink(missing_ok=True)
+            if self.comm.Get_rank() == 0:
+                shutil.rmtree(self.spool, ignore_errors=True)
+                self.partial.unlink(missing_ok=True)
 
 
 def _drop(f: h5py.File, final: Path, truncate: bool = True) -> None:
