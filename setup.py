@@ -1,7 +1,9 @@
 """The compiled parts of mckmpi (see pyproject.toml for everything else): the offload proxy's
-per-call hot path, and the MPI_Abort wrapper that records an app's own abort (built against
-the MPI library mpi4py uses, with its compiler wrapper's flags). A C compiler and the MPI
-development files are needed to install mckmpi; launch/setup installs both."""
+per-call hot path, the MPI_Abort wrapper that records a Python app's own abort (built against
+the MPI library mpi4py uses, with its compiler wrapper's flags), and the MPI_Abort recorder
+preloaded into an MPI executable (mpi.h's types only: not linked to MPI, so it loads into any
+process). A C compiler and the MPI development files are needed to install mckmpi;
+launch/setup installs both."""
 
 import shlex
 import subprocess
@@ -30,9 +32,14 @@ def mpi_flags() -> dict[str, list[str]]:
                      "(Debian: libopenmpi-dev), as launch/setup does")
 
 
+MPI = mpi_flags()
 setup(ext_modules=[
     Extension("mckmpi.offload._fastpath", ["mckmpi/offload/_fastpath.c"],
               extra_compile_args=["-O2", "-Wall"]),
     Extension("mckmpi._mpiabort", ["mckmpi/_mpiabort.c"], extra_compile_args=["-O2", "-Wall"],
-              **mpi_flags()),
+              **MPI),
+    # A plain shared library (no module init): LD_PRELOADed, never imported (mckmpi.external).
+    Extension("mckmpi._abortrecord", ["mckmpi/_abortrecord.c"],
+              extra_compile_args=["-O2", "-Wall"], libraries=["dl"],
+              include_dirs=MPI["include_dirs"]),
 ])

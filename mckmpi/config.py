@@ -267,6 +267,8 @@ OTHER_VARIABLES = {
     "MCKMPI_SOAK_RECORD": "where the soak test records its numbers",
     "MCKMPI_VENV": "launch/setup: where the virtual environment goes",
     "MCKMPI_PYTHON": "launch/setup: the interpreter that builds it",
+    "MCKMPI_ABORT_RECORD": "where an MPI executable's MPI_Abort records its errorcode (set by "
+                           "mckmpi run for the program only, see mckmpi/_abortrecord.c)",
 }
 
 

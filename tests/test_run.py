@@ -1,6 +1,8 @@
 """`mckmpi run` end to end under mpiexec: run files, vnodes, failures that end the job."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -10,6 +12,8 @@ import h5py
 
 from fixtures import APPS, job_env, mckmpi, mpirun
 from mckmpi import app as app_module
+from mckmpi import external
+from mckmpi.jobs.launchers import Job
 from mckmpi.trace.reader import open_run
 from mckmpi.utility.units import format_cpulist
 
@@ -178,6 +182,112 @@ def test_an_mpi_binary_is_the_rank_itself(tmp_path):
     assert proc.returncode != 0
     with open_run(out) as r:
         assert r.read("app/exit_code").tolist() == [0, 3]
+
+
+MPI_ABORT = """
+#include <mpi.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    int rank;
+    MPI_Init(&argc, &argv);
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    if (rank == 1)
+        MPI_Abort(MPI_COMM_WORLD, 5);
+    MPI_Barrier(MPI_COMM_WORLD);  /* rank 0 waits here until the job is torn down */
+    MPI_Finalize();
+    return 0;
+}
+"""
+
+
+def _mpicc(tmp_path: Path, name: str, source: str) -> Path:
+    src, exe = tmp_path / f"{name}.c", tmp_path / name
+    src.write_text(source)
+    subprocess.run(["mpicc", "-O1", "-o", str(exe), str(src)], check=True, timeout=60)
+    return exe
+
+
+def test_an_mpi_binarys_own_abort_is_recorded_with_its_errorcode_and_rank(tmp_path):
+    exe = _mpicc(tmp_path, "aborts", MPI_ABORT)
+    out = tmp_path / "aborts.h5"
+    proc = mpirun(2, "run", "--out", str(out), "--", str(exe), timeout=90)
+    assert proc.returncode == 5, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert "mckmpi: error: rank 1 called MPI_Abort with errorcode 5" in lines, proc.stderr
+    # Rank 0 outlived the launcher's SIGTERM and wrote the complete run file.
+    assert not list(tmp_path.glob(".*.ranks")) and not list(tmp_path.glob("*.partial"))
+    with open_run(out) as r:
+        a = r.attrs
+        assert (a["ending"], a["exit_status"], a["ending_rank"]) == ("aborted", 5, 1), a
+        assert a["error"] == "rank 1 called MPI_Abort with errorcode 5"
+        assert a["missing_ranks"] == ""
+        assert r.read("app/exit_code").tolist()[1] == 5
+
+
+MPI_SLEEP = """
+#include <mpi.h>
+#include <stdio.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    MPI_Init(&argc, &argv);
+    MPI_Barrier(MPI_COMM_WORLD);
+    fclose(fopen(argv[1], "w"));  /* every rank is in: the test may signal the job */
+    sleep(60);
+    MPI_Finalize();
+    return 0;
+}
+"""
+
+
+def test_an_mpi_binary_job_terminated_by_sigterm_keeps_its_run_file(tmp_path):
+    exe = _mpicc(tmp_path, "sleeps", MPI_SLEEP)
+    out, started = tmp_path / "sleeps.h5", tmp_path / "started"
+    launch = Job(("-m", "mckmpi", "run", "--out", str(out), "--", str(exe), str(started)), 2,
+                 options=None).render("mpiexec")
+    proc = subprocess.Popen(launch.argv, env=launch.env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not started.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert started.exists(), proc.stderr.read() if proc.poll() is not None else "no start"
+        proc.send_signal(signal.SIGTERM)  # as Ctrl-C or a batch system's cancel does
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    assert proc.returncode != 0
+    # Every rank noted the signal instead of dying of it; rank 0 wrote the file in time.
+    with open_run(out) as r:
+        a = r.attrs
+        assert (a["ending"], a["signal"], a["exit_status"]) == ("signal", "SIGTERM", 143), err
+        assert r.read("app/exit_code").tolist() == [143, 143] and a["missing_ranks"] == ""
+    assert not list(tmp_path.glob(".*.ranks")) and not list(tmp_path.glob("*.partial"))
+
+
+def test_the_abort_recorder_is_preloaded_for_the_program_only(tmp_path):
+    recorder = external.abort_recorder()
+    assert recorder is not None and recorder.is_file(), "build it: setup.py build_ext --inplace"
+    # Ahead of the user's own preload, which stays.
+    env = external.child_env(tmp_path, {"LD_PRELOAD": "/usr/lib/libuser.so", "PATH": "/bin"})
+    assert env["LD_PRELOAD"] == f"{recorder}:/usr/lib/libuser.so"
+    assert env[external.ABORT_RECORD_VARIABLE] == str(tmp_path)
+    # A process that is not an MPI program loads it (no libmpi needed, every symbol bound
+    # at once) and runs as without it; nothing is recorded.
+    env = external.child_env(tmp_path, {"PATH": "/usr/bin:/bin", "LD_BIND_NOW": "1"})
+    for argv, status in ((["/bin/true"], 0), (["/bin/sh", "-c", "exit 3"], 3)):
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30,
+                              check=False)
+        assert (done.returncode, done.stdout, done.stderr) == (status, "", "")
+    maps = subprocess.run(["/bin/cat", "/proc/self/maps"], env=env, capture_output=True,
+                          text=True, timeout=30, check=True).stdout
+    assert str(recorder) in maps  # it was loaded
+    assert list(tmp_path.iterdir()) == []
+    # Another process's record (a program the MPI program started) is not this child's.
+    (tmp_path / "12345").write_text("9\n")
+    assert external.read_abort_record(tmp_path, 12345) == 9
+    assert external.read_abort_record(tmp_path, 12346) is None
 
 
 def test_bare_app_runs_without_harness():
