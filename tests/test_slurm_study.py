@@ -211,7 +211,7 @@ def test_local_plan_with_offload_run_args(tmp_path):
     (["--app", "fwq", "--nodes", "1", "--axis", "mem"], "--axis wants NAME=V1,V2"),
     (["--app", "fwq", "--nodes", "1", "--axis", "mem=1G,2G", "--axis", "app:--samples=1,2,3",
       "--combine", "zip"], "--combine zip needs axes with the same number of values"),
-    (["--app", "fwq", "--nodes", "1", "--repeats", "0"], "--repeats must be at least 1"),
+    (["--app", "fwq", "--nodes", "1", "--repeats", "0"], "--repeats must be from 1 to 1000, got 0"),
 ])
 def test_bad_plans_are_one_line_and_create_nothing(tmp_path, argv, message):
     env = job_env(PATH=str(tmp_path))  # no Slurm on PATH
