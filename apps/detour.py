@@ -3,7 +3,9 @@
 Each rank spins reading the clock for a fixed duration. A gap between two consecutive reads
 above the threshold is a detour: the rank was away doing something else (an interrupt,
 another thread, the kernel, the interpreter). Every detour is recorded with its start and
-duration; the noise fraction is the sum of the durations over the measured span.
+duration; the noise fraction is the sum of the durations over the measured span. The time
+spent recording a detour is not counted as the next one; it is also the loop's safe point,
+where a due flush of the trace runs (see `mckmpi.trace.tracer.FlushTurn`).
 
 The threshold defaults to 5x the minimum loop time, measured on each rank with the same
 loop just before the run. The loop is Python (a clock read, a subtraction, a comparison),
@@ -75,8 +77,9 @@ def spin(events: np.ndarray, span_ns: int, threshold: int, inj: appkit.Injector,
             if n < cap:
                 starts[n] = last
                 durations[n] = now - last
-                kept.filled = n + 1
+                kept.filled = n + 1  # a safe point: a due flush of the trace runs here
             n += 1
+            now = c()  # the recording (and a flush) is not a detour of the next read
         if now >= next_event:
             if now >= end:
                 return first, now, n

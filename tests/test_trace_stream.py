@@ -315,3 +315,55 @@ def test_the_main_threads_counters_are_read_from_another_thread():
         assert before.ru_nivcsw <= seen["involuntary_switches"] <= after.ru_nivcsw
     finally:
         counters.close()
+
+
+def _sample_in_python(ns: int) -> None:
+    """Hold the GIL for about `ns` (a measured sample of an app in Python)."""
+    end = time.monotonic_ns() + ns
+    while time.monotonic_ns() < end:
+        pass
+
+
+def test_flushes_run_at_the_apps_safe_points_not_inside_a_sample(tmp_path):
+    """A due flush waits for the app to set a stream's ``filled`` (between two samples) and
+    runs there, while the app waits: no flush sees the app inside a sample. Without the
+    safe points the streamer would take the GIL at any switch, mostly inside one."""
+    t = Tracer()
+    samples = t.stream("noise", "fwq_ns", np.zeros(100_000, dtype=np.int64), units="ns")
+    state = {"in_sample": False}
+    seen: list[bool] = []
+    streamer = writer.Streamer(t, SpoolWriter(tmp_path / "s.spool"), flush_s=0.15)
+    streamer.sources.append(lambda: seen.append(state["in_sample"]))
+    streamer.start()
+    try:
+        end = time.monotonic() + 1.5
+        i = 0
+        while time.monotonic() < end:
+            state["in_sample"] = True
+            _sample_in_python(300_000)
+            state["in_sample"] = False
+            samples.filled = i = i + 1
+    finally:
+        streamer.stop()
+        streamer.close()
+    assert len(seen) >= 5 and not any(seen[:-1]), seen  # the last is stop's own flush
+    assert read_spool(tmp_path / "s.spool").records["noise/fwq_ns"][1].size == i
+
+
+def test_an_app_without_safe_points_is_still_flushed(tmp_path):
+    """An app that never sets ``filled`` (one long sample) is flushed anyway, at most
+    SAFE_POINT_WAIT_S after the flush was due."""
+    t = Tracer()
+    t.stream("noise", "fwq_ns", np.zeros(10, dtype=np.int64), units="ns")
+    flushed: list[float] = []
+    streamer = writer.Streamer(t, SpoolWriter(tmp_path / "s.spool"), flush_s=0.2)
+    streamer.sources.append(lambda: flushed.append(time.monotonic()))
+    start = time.monotonic()
+    streamer.start()
+    try:
+        _sample_in_python(1_200_000_000)
+    finally:
+        streamer.stop()
+        streamer.close()
+    assert len(flushed) >= 4, flushed
+    assert flushed[0] - start < 0.2 + writer.SAFE_POINT_WAIT_S + 0.5

@@ -27,6 +27,7 @@ the harness) accepts the same calls and keeps nothing.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,13 +35,72 @@ import numpy as np
 
 from mckmpi.trace.schema import ARRAY, SCALAR, STRING_BYTES, TABLE
 
+#: How long the app's thread waits at a safe point for the flush it let run (a flush that
+#: takes longer, e.g. on a stalled file system, goes on without holding the app).
+SAFE_POINT_HOLD_S = 5.0
 
-@dataclass
+
+class FlushTurn:
+    """A flush taken where the app allows it. In one interpreter the streamer's Python work
+    needs the GIL, which the app's thread holds while it measures: a flush that takes it at
+    a random moment stops the app in the middle of a sample, for the interpreter's switch
+    interval plus the flush. So the streamer asks (`wanted`) and waits briefly; the app's
+    thread, at its next safe point (setting a stream's ``filled``: between two
+    measurements), lets the flush run and waits for it. The app pays the flush between
+    samples, where no measurement sees it."""
+
+    def __init__(self) -> None:
+        self.wanted = False
+        self._cond = threading.Condition()
+        self._given = False
+        self._flushes = 0
+
+    def give(self) -> None:
+        """At a safe point of the app's thread: let a wanted flush run, and wait for it."""
+        with self._cond:
+            if not self.wanted:
+                return
+            self._given = True
+            flushes = self._flushes
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: self._flushes != flushes, SAFE_POINT_HOLD_S)
+
+    def take(self, timeout: float) -> bool:
+        """In the streamer: ask for a safe point and wait up to `timeout` for it; whether
+        the app gave one (else the flush goes ahead anyway: an app without safe points)."""
+        with self._cond:
+            self.wanted = True
+            return self._cond.wait_for(lambda: self._given, timeout)
+
+    def done(self) -> None:
+        """In the streamer, after the flush: the app's thread goes on."""
+        with self._cond:
+            self.wanted = self._given = False
+            self._flushes += 1
+            self._cond.notify_all()
+
+
 class Stream:
-    """A preallocated buffer that fills while the app runs: rows [0, filled) are data."""
+    """A preallocated buffer that fills while the app runs: rows [0, filled) are data.
+    Setting ``filled`` is the app's safe point for a flush (see `FlushTurn`)."""
 
-    data: np.ndarray
-    filled: int = 0
+    __slots__ = ("data", "_filled", "turn")
+
+    def __init__(self, data: np.ndarray, filled: int = 0, turn: FlushTurn | None = None) -> None:
+        self.data = data
+        self._filled = filled
+        self.turn = turn
+
+    @property
+    def filled(self) -> int:
+        return self._filled
+
+    @filled.setter
+    def filled(self, rows: int) -> None:
+        self._filled = rows
+        turn = self.turn
+        if turn is not None and turn.wanted:
+            turn.give()
 
 
 @dataclass
@@ -62,6 +122,14 @@ class Tracer:
     enabled: bool = True
     records: dict[str, Record] = field(default_factory=dict)
     group_attrs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    turn: FlushTurn | None = None  # set while a streamer flushes this tracer
+
+    def take_turns(self, turn: FlushTurn | None) -> None:
+        """Let every stream, registered or to come, offer `turn` its safe points."""
+        self.turn = turn
+        for record in self.records.values():
+            if record.stream is not None:
+                record.stream.turn = turn
 
     def scalar(self, group: str, name: str, value: Any, units: str = "") -> None:
         """One number (or short string) per rank. Strings become fixed-width bytes, so every
@@ -105,7 +173,7 @@ class Tracer:
             kind, unit_map = TABLE, dict(units) if isinstance(units, dict) else {}
         else:
             kind, unit_map = ARRAY, ({"": units} if units and isinstance(units, str) else {})
-        stream = along if along is not None else Stream(buffer)
+        stream = along if along is not None else Stream(buffer, turn=self.turn)
         self._put(group, name, kind, buffer, unit_map, stream)
         return stream
 

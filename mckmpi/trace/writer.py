@@ -62,7 +62,7 @@ from mckmpi.trace.layout import (
 )
 from mckmpi.trace.schema import PARTIAL_SUFFIX, job_ending
 from mckmpi.trace.spool import SpoolWriter, plain, reserve_path, spool_dir, spool_path
-from mckmpi.trace.tracer import Record, Tracer
+from mckmpi.trace.tracer import FlushTurn, Record, Tracer
 
 if TYPE_CHECKING:
     from mpi4py import MPI
@@ -71,6 +71,9 @@ if TYPE_CHECKING:
 GATHER_TAG = 0x6D636C
 #: Default and bound of how far the spool may lag behind what was recorded.
 FLUSH_S = 1.0
+#: How long a due flush waits for a safe point of the app (`tracer.FlushTurn`) before it
+#: goes ahead anyway; taken out of the interval, so a flush is still at most FLUSH_S late.
+SAFE_POINT_WAIT_S = 0.1
 MAX_BEHIND = 64 << 20
 #: Name of the final file while it is written, inside the spool directory.
 FINAL_NAME = "final.h5"
@@ -159,12 +162,14 @@ class Streamer:
     sent: dict[str, tuple[Record, int]] = field(default_factory=dict)
     attrs_sent: str = ""
     _stop: threading.Event = field(default_factory=threading.Event)
+    _turn: FlushTurn = field(default_factory=FlushTurn)
     _thread: threading.Thread | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _stop_fds: tuple[int, int] = (-1, -1)
 
     def start(self) -> None:
         self._stop_fds = os.pipe2(os.O_CLOEXEC)
+        self.tracer.take_turns(self._turn)
         self._thread = threading.Thread(target=self._loop, name="mckmpi-trace-streamer",
                                         daemon=True)
         self._thread.start()
@@ -172,10 +177,15 @@ class Streamer:
     def _loop(self) -> None:
         wait = self.flush_s
         while True:
-            signum = self._sleep(wait)
+            signum = self._sleep(max(wait - SAFE_POINT_WAIT_S, 0.0))
             if self._stop.is_set():
                 return
-            moved = self.flush()
+            try:
+                if not signum:  # a signal's flush does not wait for the app
+                    self._turn.take(SAFE_POINT_WAIT_S)
+                moved = self.flush()
+            finally:
+                self._turn.done()
             wait = self.flush_s if moved <= MAX_BEHIND else self.flush_s * MAX_BEHIND / moved
             if signum and self.on_signal is not None:
                 self.on_signal(signum)
@@ -263,6 +273,7 @@ class Streamer:
             os.write(self._stop_fds[1], b"x")
             self._thread.join()
             self._thread = None
+            self.tracer.take_turns(None)
             for fd in self._stop_fds:
                 os.close(fd)
         self.flush()
