@@ -299,22 +299,25 @@ def test_a_receive_that_fails_a_few_times_is_retried_and_logged_once(
         assert "answered it with nothing (no call was received)" in failed[0]
 
 
+def _open_until_told(conn, sock, path):
+    """A rank that opens one file, says how that went and waits to be told its proxy is
+    lost (its watcher then ends the process)."""
+    attach(sock, on_proxy_death=lambda message: conn.send(("told", message)))
+    try:
+        os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+        conn.send(("open", "succeeded"))
+    except OSError as e:
+        conn.send(("open", errno.errorcode[e.errno]))
+    time.sleep(60)
+
+
 def test_a_receive_that_always_fails_ends_the_rank_instead_of_hanging(
         children: list[Child]) -> None:
     """After loop.RECEIVE_FAILURES the serving thread gives up; the server closes the
     listener and the connection, and the rank is told (as if its proxy died)."""
-    def rank_fn(conn, sock, path):
-        attach(sock, on_proxy_death=lambda message: conn.send(("told", message)))
-        try:
-            os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
-            conn.send(("open", "succeeded"))
-        except OSError as e:
-            conn.send(("open", errno.errorcode[e.errno]))
-        time.sleep(60)  # the watcher ends this process
-
     with scratch() as d:
         proxy, sock, log = _start(d, _receive_fails(None), children)
-        rank = _rank(children, rank_fn, str(sock), str(d / "f"))
+        rank = _rank(children, _open_until_told, str(sock), str(d / "f"))
         heard = _until_told(rank)
         assert rank.wait(ANSWER_S) == client.EXIT_PROXY_DIED
         assert proxy.wait(10) == 0
@@ -429,18 +432,9 @@ def test_a_rank_whose_serving_thread_died_is_told_and_ends_instead_of_hanging(
     the rank's listener and its connection, so the kernel answers the rank's calls (ENOSYS)
     and the rank's watcher reports the lost proxy and ends the rank (EXIT_PROXY_DIED), as
     when the proxy dies."""
-    def rank_fn(conn, sock, path):
-        attach(sock, on_proxy_death=lambda message: conn.send(("told", message)))
-        try:
-            os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
-            conn.send(("open", "succeeded"))
-        except OSError as e:
-            conn.send(("open", errno.errorcode[e.errno]))
-        time.sleep(60)  # the watcher ends this process
-
     with scratch() as d:
         proxy, sock, log = _start(d, _serving_thread_dies, children)
-        rank = _rank(children, rank_fn, str(sock), str(d / "f"))
+        rank = _rank(children, _open_until_told, str(sock), str(d / "f"))
         heard = _until_told(rank)
         assert rank.wait(ANSWER_S) == client.EXIT_PROXY_DIED
         assert proxy.wait(10) == 0
