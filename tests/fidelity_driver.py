@@ -907,6 +907,21 @@ def s_name_lengths(d: Path, uid: int, gid: int) -> list[Any]:
     return in_child(run)
 
 
+def fill(obs: Obs, path: Path, byte: bytes) -> tuple[int, int]:
+    """Write 64 KiB chunks to a new `path` until the file system refuses; the observation
+    "written until" [bytes, errno name], and the open descriptor and byte count."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    total, chunk, err = 0, byte * 65536, None
+    while True:
+        try:
+            total += os.write(fd, chunk)
+        except OSError as e:
+            err = errno.errorcode[e.errno]
+            break
+    obs.note("written until", [total, err])
+    return fd, total
+
+
 @scenario()
 def s_enospc_erofs(d: Path, uid: int, gid: int) -> list[Any]:
     """A full file system and a read-only one (both mounted by the test as `small`, `ro`)."""
@@ -915,16 +930,7 @@ def s_enospc_erofs(d: Path, uid: int, gid: int) -> list[Any]:
         if not (d / "small").is_mount() or not (d / "ro").is_mount():
             obs.note("mounts missing", True)
             return obs
-        fd = os.open(d / "small" / "fill", os.O_WRONLY | os.O_CREAT, 0o644)
-        total, chunk, err = 0, b"z" * 65536, None
-        while True:
-            try:
-                n = os.write(fd, chunk)
-            except OSError as e:
-                err = errno.errorcode[e.errno]
-                break
-            total += n
-        obs.note("written until", [total, err])
+        fd, _ = fill(obs, d / "small" / "fill", b"z")
         obs.call("fallocate beyond", os.posix_fallocate, fd, 0, 1 << 30)
         obs.call("create another", lambda: os.write(os.open(d / "small" / "g", os.O_WRONLY | os.O_CREAT, 0o644), b"x" * 8192))
         obs.call("create on ro", os.open, d / "ro" / "new", os.O_WRONLY | os.O_CREAT, 0o644, keep=ok)
@@ -949,16 +955,7 @@ def s_edquot(d: Path, uid: int, gid: int) -> list[Any]:
         if not q.is_mount():
             obs.note("quota mount missing", True)
             return obs
-        fd = os.open(q / "fill", os.O_WRONLY | os.O_CREAT, 0o644)
-        total, chunk, err = 0, b"q" * 65536, None
-        while True:
-            try:
-                n = os.write(fd, chunk)
-            except OSError as e:
-                err = errno.errorcode[e.errno]
-                break
-            total += n
-        obs.note("written until", [total, err])
+        fd, total = fill(obs, q / "fill", b"q")
         obs.call("one byte more", os.write, fd, b"q")
         obs.call("pwrite beyond the end", os.pwrite, fd, b"p" * 8192, total + 4096)
         obs.call("fallocate beyond", os.posix_fallocate, fd, 0, 4 << 20)
