@@ -7,6 +7,7 @@ MPI.COMM_SELF, so each step can be stopped where a killed job would stop.
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import time
 
@@ -367,3 +368,34 @@ def test_an_app_without_safe_points_is_still_flushed(tmp_path):
         streamer.close()
     assert len(flushed) >= 4, flushed
     assert flushed[0] - start < 0.2 + writer.SAFE_POINT_WAIT_S + 0.5
+
+
+def test_the_apps_lwk_safepoint_is_a_safe_point_for_the_flush(tmp_path):
+    """`mckmpi.lwk.safepoint()`, the point an app chooses for the harness's deferred work,
+    lets a due flush run too: an app that calls it (and never sets ``filled``) is flushed
+    there, never inside its measured work."""
+    import mckmpi.lwk
+    from mckmpi.context import Context, current_context, set_context
+    from mckmpi.node.placement import from_env
+
+    t = Tracer()
+    state = {"in_sample": False}
+    seen: list[bool] = []
+    before = current_context()
+    set_context(Context(placement=from_env({}), tracer=t))
+    streamer = writer.Streamer(t, SpoolWriter(tmp_path / "s.spool"), flush_s=0.15)
+    streamer.sources.append(lambda: seen.append(state["in_sample"]))
+    streamer.start()
+    try:
+        end = time.monotonic() + 1.2
+        while time.monotonic() < end:
+            state["in_sample"] = True
+            _sample_in_python(2_000_000)
+            state["in_sample"] = False
+            mckmpi.lwk.safepoint()
+    finally:
+        streamer.stop()
+        streamer.close()
+        set_context(before)
+        gc.unfreeze()  # the safepoint froze this test process's objects
+    assert len(seen) >= 4 and not any(seen[:-1]), seen
