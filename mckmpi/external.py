@@ -147,17 +147,24 @@ def read_abort_record(records: Path, pid: int) -> int | None:
         return None
 
 
-def run_binary(target: str, args: tuple[str, ...]) -> ChildEnd:
-    """Run the program with the MPI_Abort recorder preloaded; how it ended."""
+def run_binary(target: str, args: tuple[str, ...], beside: Path | None) -> ChildEnd:
+    """Run the program with the MPI_Abort recorder preloaded; how it ended. The recorder
+    writes into a directory in `beside` (the run's fragment directory, so a job killed
+    outright leaves nothing anywhere else), or in the temporary directory without a run
+    file."""
     # A path as the user gave it ('./a.out' is stored as 'a.out'): never a PATH search.
     exe = str(Path(target).resolve())
-    with tempfile.TemporaryDirectory(prefix="mckmpi-abort-") as tmp:
-        records = Path(tmp)
+    if beside is not None:
+        beside.mkdir(parents=True, exist_ok=True)
+    records = Path(tempfile.mkdtemp(prefix="abort-", dir=beside))
+    try:
         start_unix, started = time.time_ns(), time.monotonic_ns()
         child = subprocess.Popen([exe, *args], env=child_env(records))
         returncode = child.wait()
         wall, end_unix = time.monotonic_ns() - started, time.time_ns()
         abort_code = read_abort_record(records, child.pid)
+    finally:
+        shutil.rmtree(records, ignore_errors=True)
     return ChildEnd(returncode, abort_code, wall, start_unix, end_unix)
 
 
@@ -298,7 +305,7 @@ def run_external(settings: Any, app: Any, argv: list[str], placement: Any, plan:
         tracer.attrs("node_facts", **{k: v for k, v in vars(prov.node_facts(node)).items()})
     job = job_records(settings, app, argv, plan) if path and placement.rank == 0 else None
     with signals_noted(endings.parse_signals(settings.signal)) as caught:
-        child = run_binary(app.target, app.args)
+        child = run_binary(app.target, app.args, None if path is None else fragment_dir(path))
         end = child_ending(child, app.target, placement.rank, caught)
         say(end)
         if path is None:
